@@ -1,0 +1,1 @@
+"""mlx-intent: travel intent classification with small local LLMs on MLX."""
