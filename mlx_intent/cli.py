@@ -87,3 +87,21 @@ def models_convert(gguf: Path, name: str, force: bool) -> None:
     except GGUFError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"converted {gguf} -> {out}")
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option("--from-source", is_flag=True, help="Download the original weights and convert them to 4-bit.")
+def models_pull(name: str, from_source: bool) -> None:
+    """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
+
+    Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
+    from mlx_intent import hub
+
+    try:
+        path = hub.pull(name, from_source=from_source)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+    except hub.PullError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{name} is ready in {path}")

@@ -1,0 +1,30 @@
+"""Shared fixtures.  The bundled model is converted and loaded once per test session,
+into a session-wide models folder, so the suite stays fast and never touches the
+developer's own models/ folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def models_home(tmp_path_factory) -> str:
+    """A fresh MLX_INTENT_HOME for the whole session (set before any model is resolved)."""
+    path = tmp_path_factory.mktemp("models_home")
+    old = os.environ.get("MLX_INTENT_HOME")
+    os.environ["MLX_INTENT_HOME"] = str(path)
+    yield str(path)
+    if old is None:
+        os.environ.pop("MLX_INTENT_HOME", None)
+    else:
+        os.environ["MLX_INTENT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def bundled(models_home):
+    """(model, tokenizer) of the bundled SmolLM2-135M, converted and loaded once."""
+    from mlx_intent.loading import load
+
+    return load("smollm2-135m")
