@@ -88,6 +88,8 @@ FALLBACK = "tinyllama"
 BUNDLED = "smollm2-135m"
 
 STATES = ("missing", "downloaded", "converted", "ready")
+# The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
 
 
 class UnknownModelError(KeyError):
@@ -149,8 +151,10 @@ def pulled_dir(spec: ModelSpec) -> Path | None:
         return None
     from huggingface_hub import snapshot_download
 
-    try:
-        path = Path(snapshot_download(spec.mlx_repo, cache_dir=hub_cache(), local_files_only=True))
+    try:  # same patterns as the pull, or the snapshot looks incomplete (README.md was never fetched)
+        path = Path(
+            snapshot_download(spec.mlx_repo, cache_dir=hub_cache(), local_files_only=True, allow_patterns=HUB_PATTERNS)
+        )
     except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
         return None
     return path if is_mlx_folder(path) else None
