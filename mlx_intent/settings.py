@@ -1,0 +1,297 @@
+"""Settings: defaults, then a ``.env`` file, then the process environment, then command-line flags.
+
+Later layers win.  One frozen object is built at start-up and passed down, so no module reads
+``os.environ`` behind the caller's back and ``mlx-intent config`` can say where every value came from.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+# The seed's calibrated confidence levels; `low` is the default threshold for moving to the next tier.
+CONFIDENCE_LEVELS: dict[str, float] = {"high": 0.85, "medium": 0.70, "low": 0.50}
+MODES: tuple[str, ...] = ("score", "generate")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the variable, its source and the bad value."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective configuration; ``sources`` maps each field name to where its value came from."""
+
+    home: Path | None = None
+    model: str | None = None
+    fallback_model: str | None = None
+    chain: tuple[str, ...] | None = None
+    mode: str = "score"
+    latency_budget_ms: float = 800.0
+    min_confidence: float = CONFIDENCE_LEVELS["low"]
+    cache_size: int = 1024
+    max_loaded_models: int = 2
+    retry_after_s: float = 60.0
+    batch_size: int = 8
+    log: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def as_rows(self) -> list[tuple[str, str, str]]:
+        """(name, value as text, source) per setting, in declaration order, for display."""
+        return [
+            (name, _show(name, getattr(self, name)), self.sources.get(name, "default")) for name in _SPECS
+        ]
+
+
+def _optional(parse: Callable[[object], object]) -> Callable[[object], object]:
+    """Blank means unset, so ``LLM_MODEL=`` in the environment can clear a value set in ``.env``."""
+
+    def wrapped(value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parse(value)
+
+    return wrapped
+
+
+def _path(value: object) -> Path:
+    return Path(str(value).strip()).expanduser()
+
+
+def _text(value: object) -> str:
+    return str(value).strip()
+
+
+def _chain(value: object) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    names = tuple(n for n in (str(i).strip() for i in items) if n)
+    if not names:
+        raise ValueError("expected comma-separated tier names")
+    if len(set(names)) != len(names):
+        raise ValueError("a tier is listed twice")
+    return names
+
+
+def _mode(value: object) -> str:
+    mode = str(value).strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable:
+    """A parser for an int or float in [low, high] (or (low, high] when low_open); text or a number."""
+    what = "an integer" if kind is int else "a number"
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+    if high < math.inf:
+        bound = f"between {low:g} and {high:g}"
+
+    def parse(value: object) -> int | float:
+        if isinstance(value, bool) or (kind is int and not isinstance(value, (int, str))):
+            raise ValueError(f"expected {what}")
+        try:
+            x = kind(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"expected {what}") from None
+        if not (math.isfinite(x) and (x > low if low_open else x >= low) and x <= high):
+            raise ValueError(f"must be {bound}")
+        return x
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _Spec:
+    env: str
+    parse: Callable[[object], object]
+    unset: str  # how None reads in `mlx-intent config`
+    metavar: str
+    help: str
+
+
+_SPECS: dict[str, _Spec] = {
+    "home": _Spec("MLX_INTENT_HOME", _optional(_path), "(registry default models/)", "DIR", "model folder"),
+    "model": _Spec("LLM_MODEL", _optional(_text), "(none)", "NAME", "primary LLM tier model"),
+    "fallback_model": _Spec(
+        "LLM_FALLBACK_MODEL", _optional(_text), "(none)", "NAME", "fallback LLM tier model"
+    ),
+    "chain": _Spec(
+        "MLX_INTENT_CHAIN", _optional(_chain), "(default chain)", "TIER,...", "comma-separated tiers"
+    ),
+    "mode": _Spec("MLX_INTENT_MODE", _mode, "", "MODE", f"LLM decoding: {'|'.join(MODES)}"),
+    "latency_budget_ms": _Spec(
+        "MLX_INTENT_LATENCY_BUDGET_MS",
+        _number(float, 0, low_open=True),
+        "",
+        "MS",
+        "latency budget per query (ms)",
+    ),
+    "min_confidence": _Spec(
+        "MLX_INTENT_MIN_CONFIDENCE", _number(float, 0, 1), "", "P", "below this the chain tries the next tier"
+    ),
+    "cache_size": _Spec("MLX_INTENT_CACHE_SIZE", _number(int, 0), "", "N", "result cache entries (0: off)"),
+    "max_loaded_models": _Spec("MLX_INTENT_MAX_LOADED", _number(int, 1), "", "N", "models kept in memory"),
+    "retry_after_s": _Spec(
+        "MLX_INTENT_RETRY_AFTER_S",
+        _number(float, 0),
+        "",
+        "S",
+        "back-off before retrying a tier that failed to load",
+    ),
+    "batch_size": _Spec("MLX_INTENT_BATCH_SIZE", _number(int, 1), "", "N", "queries per batch"),
+    "log": _Spec("MLX_INTENT_LOG", _optional(_path), "(off)", "FILE", "JSON-lines classification log"),
+}
+
+# Setting name -> environment variable, for documentation and display.
+ENV_VARS: dict[str, str] = {name: spec.env for name, spec in _SPECS.items()}
+
+
+def _show(name: str, value: object) -> str:
+    if value is None:
+        return _SPECS[name].unset
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*")
+_DOUBLE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*(?:#.*)?')
+_SINGLE = re.compile(r"'([^']*)'\s*(?:#.*)?")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse KEY=VALUE lines: optional ``export``, single or double quotes, ``#`` comments.
+
+    An unquoted ``#`` starts a comment at the start of a value or after whitespace (``a#b`` stays whole);
+    double quotes understand backslash escapes, single quotes take the text literally.
+    A line that is not KEY=VALUE raises SettingsError naming the file and line.
+    """
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"cannot read {path}: {e}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _LINE.fullmatch(line)
+        if m is None:
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line.strip()!r}")
+        key, raw = m.groups()
+        if raw.startswith('"'):
+            q = _DOUBLE.fullmatch(raw)
+            if q is None:
+                raise SettingsError(f"{path}:{number}: unterminated double quote in {key}")
+            values[key] = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e[1], e[1]), q[1])
+        elif raw.startswith("'"):
+            q = _SINGLE.fullmatch(raw)
+            if q is None:
+                raise SettingsError(f"{path}:{number}: unterminated single quote in {key}")
+            values[key] = q[1]
+        else:
+            values[key] = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].rstrip()
+    return values
+
+
+def load_settings(
+    cli: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = None,
+) -> Settings:
+    """Build the settings: defaults < ``.env`` < environment < ``cli`` (field names; None values ignored).
+
+    ``environ`` defaults to ``os.environ``; ``dotenv`` to ``./.env`` when that file exists (an explicit
+    path must exist).  Only the winning value of each setting is parsed, so a later layer can fix a bad
+    earlier one.
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(cli or ()) - set(_SPECS))
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+
+    layers: list[tuple[str, Mapping[str, object]]] = []
+    path = dotenv if dotenv is not None else Path.cwd() / ".env"
+    if dotenv is not None or path.is_file():
+        if not path.is_file():
+            raise SettingsError(f"no .env file at {path}")
+        file_values = read_dotenv(path)
+        layers.append(
+            (f".env ({path})", {n: file_values[s.env] for n, s in _SPECS.items() if s.env in file_values})
+        )
+    layers.append(("environment", {n: environ[s.env] for n, s in _SPECS.items() if s.env in environ}))
+    layers.append(("command line", {n: v for n, v in (cli or {}).items() if v is not None}))
+
+    winners: dict[str, tuple[str, object]] = {}
+    for source, layer in layers:
+        winners.update({name: (source, raw) for name, raw in layer.items()})
+
+    values: dict[str, object] = {}
+    for name, (source, raw) in winners.items():
+        spec = _SPECS[name]
+        variable = _flag(name) if source == "command line" else spec.env
+        try:
+            values[name] = spec.parse(raw)
+        except ValueError as e:
+            raise SettingsError(f"{variable}={raw!r} (from {source}): {e}") from None
+    sources = {name: winners[name][0] if name in winners else "default" for name in _SPECS}
+    return Settings(**values, sources=sources)  # type: ignore[arg-type]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def settings_options(command: Callable) -> Callable:
+    """Add ``--env-file`` and one flag per setting to a click command, which then receives ``settings``.
+
+    Flags take text and are parsed by load_settings, so a bad flag fails with the same message as a bad
+    variable.  Their Python names are ``setting_<name>`` so they never clash with the command's own.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: object, setting_env_file: Path | None, **kwargs: object) -> object:
+        cli = {name: kwargs.pop(f"setting_{name}") for name in _SPECS}
+        try:
+            settings = load_settings(cli, dotenv=setting_env_file)
+        except SettingsError as e:
+            raise click.ClickException(str(e)) from None
+        return command(*args, settings=settings, **kwargs)
+
+    for name, spec in reversed(_SPECS.items()):
+        option = click.option(
+            _flag(name),
+            f"setting_{name}",
+            default=None,
+            metavar=spec.metavar,
+            help=f"{spec.help} [{spec.env}]",
+        )
+        wrapper = option(wrapper)
+    env_file = click.option(
+        "--env-file",
+        "setting_env_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=".env file to read (default: ./.env when present)",
+    )
+    return env_file(wrapper)
+
+
+@click.command("config")
+@settings_options
+def config_command(settings: Settings) -> None:
+    """Show the effective settings and where each came from: default, .env, environment or command line."""
+    rows = [("setting", "variable", "value", "source")]
+    rows += [(name, ENV_VARS[name], value, source) for name, value, source in settings.as_rows()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
