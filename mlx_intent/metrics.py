@@ -1,0 +1,297 @@
+"""In-process metrics for every classification, and the append-only JSON-lines classification log.
+
+Metrics keep bounded memory however long the process runs: counters over small key sets, fixed
+latency and confidence buckets, and a fixed-size reservoir sample of latencies for the percentiles.
+The log survives crashes: each record is one ``write`` of a whole line followed by ``fsync``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import random
+import sys
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+# Upper edges (ms) of the latency buckets, 1-2-5 spaced; one more bucket holds everything above the last.
+LATENCY_EDGES_MS: tuple[float, ...] = (
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+    10000,
+    20000,
+    50000,
+)
+CONFIDENCE_BINS = 10
+RESERVOIR_SIZE = 10_000  # percentiles are exact up to this many records, a uniform sample after
+MAX_REASONS = 100  # distinct fallback reasons kept; the rest are counted under "(other)"
+MB = 1024 * 1024
+
+
+def peak_memory_mb() -> float | None:
+    """Peak MLX memory of this process in MB (MiB), or None when this process has not imported MLX.
+
+    MLX is read only when already imported: a process that never loaded it has no MLX memory to report,
+    and importing it just to read zero would cost a noticeable start-up.  Never raises.
+    """
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return None
+    try:
+        get = getattr(mx, "get_peak_memory", None) or mx.metal.get_peak_memory
+        return get() / MB
+    except Exception:  # a backend without the counter: no figure rather than a failed classification
+        return None
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default), on sorted values."""
+    if not ordered:
+        return None
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class Metrics:
+    """Running figures over classification results; thread-safe, a few microseconds per record."""
+
+    def __init__(self, reservoir_size: int = RESERVOIR_SIZE, seed: int = 0, live_memory: bool = True) -> None:
+        """``live_memory``: read this process's MLX peak for results without peak_memory_mb; off when
+        summarizing a log written by another process."""
+        self._live_memory = live_memory
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._reservoir_size = reservoir_size
+        self._latencies: list[float] = []
+        self._latency_buckets = [0] * (len(LATENCY_EDGES_MS) + 1)
+        self._latency_sum = 0.0
+        self._latency_max = 0.0
+        self._confidence_bins = [0] * CONFIDENCE_BINS
+        self._intents: Counter[str] = Counter()
+        self._tiers: Counter[str] = Counter()
+        self._langs: Counter[str] = Counter()
+        self._models: Counter[str] = Counter()
+        self._tier_intents: dict[str, Counter[str]] = {}
+        self._reasons: Counter[str] = Counter()
+        self._count = self._fallbacks = self._invalid_json = self._cached = 0
+        self._labelled = self._correct = 0
+        self._peak_memory_mb: float | None = None
+
+    def record(self, result: Mapping[str, Any], lang: str | None = None, label: str | None = None) -> None:
+        """Count one result: primary_intent, confidence, tier and latency_ms are required; model, fallbacks,
+        cached, valid_json (True if absent) and peak_memory_mb (read from MLX if absent) are optional.
+        Fallback reasons are counted as "tier: reason"."""
+        intent = str(result["primary_intent"])
+        confidence = float(result["confidence"])
+        tier = str(result["tier"])
+        model = str(result.get("model") or "(none)")
+        latency = float(result["latency_ms"])
+        # Bins first: a bad value raises here, before anything is counted.
+        conf_bin = min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
+        latency_bucket = bisect.bisect_right(LATENCY_EDGES_MS, latency)
+        reasons = [f"{f.get('tier', '?')}: {f.get('reason', '?')}" for f in result.get("fallbacks") or ()]
+        memory = result.get("peak_memory_mb")
+        if memory is not None:
+            memory = float(memory)
+        elif self._live_memory:
+            memory = peak_memory_mb()
+        with self._lock:
+            n = self._count = self._count + 1
+            self._intents[intent] += 1
+            self._tiers[tier] += 1
+            self._langs[lang or "unknown"] += 1
+            self._models[model] += 1
+            self._tier_intents.setdefault(tier, Counter())[intent] += 1
+            self._confidence_bins[conf_bin] += 1
+            self._latency_buckets[latency_bucket] += 1
+            self._latency_sum += latency
+            self._latency_max = max(self._latency_max, latency)
+            if len(self._latencies) < self._reservoir_size:
+                self._latencies.append(latency)
+            else:  # Algorithm R: every latency seen so far stays in the sample with equal probability
+                slot = self._random.randrange(n)
+                if slot < self._reservoir_size:
+                    self._latencies[slot] = latency
+            if reasons:
+                self._fallbacks += 1
+                for reason in reasons:
+                    known = reason in self._reasons or len(self._reasons) < MAX_REASONS
+                    self._reasons[reason if known else "(other)"] += 1
+            self._invalid_json += not result.get("valid_json", True)
+            self._cached += bool(result.get("cached", False))
+            if label is not None:
+                self._labelled += 1
+                self._correct += intent == label
+            if memory is not None and (self._peak_memory_mb is None or memory > self._peak_memory_mb):
+                self._peak_memory_mb = memory
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain JSON-able summary; rates and percentiles are None when there is nothing to divide."""
+        with self._lock:
+            n = self._count
+            ordered = sorted(self._latencies)
+            return {
+                "count": n,
+                "by_intent": dict(self._intents),
+                "by_tier": dict(self._tiers),
+                "by_lang": dict(self._langs),
+                "by_model": dict(self._models),
+                "by_tier_intent": {tier: dict(c) for tier, c in self._tier_intents.items()},
+                "latency_ms": {
+                    "p50": _percentile(ordered, 50),
+                    "p95": _percentile(ordered, 95),
+                    "p99": _percentile(ordered, 99),
+                    "mean": self._latency_sum / n if n else None,
+                    "max": self._latency_max if n else None,
+                    "edges": list(LATENCY_EDGES_MS),
+                    "counts": list(self._latency_buckets),
+                },
+                "fallback": {
+                    "count": self._fallbacks,
+                    "rate": _rate(self._fallbacks, n),
+                    "reasons": dict(self._reasons.most_common()),
+                },
+                "valid_json_rate": _rate(n - self._invalid_json, n),
+                "confidence": {
+                    "edges": [i / CONFIDENCE_BINS for i in range(CONFIDENCE_BINS + 1)],
+                    "counts": list(self._confidence_bins),
+                },
+                "cache": {"hits": self._cached, "rate": _rate(self._cached, n)},
+                "peak_memory_mb": self._peak_memory_mb,
+                "accuracy": {
+                    "labelled": self._labelled,
+                    "correct": self._correct,
+                    "rate": _rate(self._correct, self._labelled),
+                },
+            }
+
+
+def log_record(
+    result: Mapping[str, Any], text: str, lang: str | None, label: str | None = None
+) -> dict[str, Any]:
+    """The log line for one classification: the result fields plus ts, text, lang, label, peak_memory_mb."""
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    record = {"ts": ts, **result, "text": text, "lang": lang}
+    if label is not None:
+        record["label"] = label
+    record.setdefault("peak_memory_mb", peak_memory_mb())
+    return record
+
+
+class LogError(ValueError):
+    """A classification log that cannot be read: corruption before the last line, or no such file."""
+
+
+class LogRecords(list):
+    """The records of a log; ``skipped`` counts the torn trailing line left by a crash (0 or 1)."""
+
+    skipped: int = 0
+
+
+class ClassificationLog:
+    """Append-only JSON-lines writer that loses no completed line in a crash, even SIGKILL.
+
+    Each record goes out as one ``os.write`` of the whole line on an O_APPEND descriptor, then ``fsync``.
+    Opening a log whose last line was torn by a crash first cuts that fragment off (or, if it is a whole
+    record only missing its newline, ends it), so new records never glue onto it.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._repair_tail()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _repair_tail(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
+            return
+        line_start = size
+        while line_start > 0:  # find where the last line begins, reading backwards in blocks
+            block_start = max(0, line_start - 65536)
+            newline = os.pread(self._fd, line_start - block_start, block_start).rfind(b"\n")
+            if newline >= 0:
+                line_start = block_start + newline + 1
+                break
+            line_start = block_start
+        try:
+            whole = isinstance(json.loads(os.pread(self._fd, size - line_start, line_start)), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            os.write(self._fd, b"\n")
+        else:
+            os.ftruncate(self._fd, line_start)
+        os.fsync(self._fd)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record as one line and fsync, so a returned call means a durable line."""
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            view = memoryview(line)
+            while view:  # a regular file takes the whole line at once; loop only for the rare short write
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> ClassificationLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_log(path: Path | str) -> LogRecords:
+    """Every record of a log, in order.  A torn or invalid last line (a crash mid-write) is skipped and
+    counted in ``.skipped``; an invalid line before it raises LogError naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise LogError(f"cannot read log {path}: {e.strerror or e}") from None
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records = LogRecords()
+    for i, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as e:
+            if i == len(numbered) - 1:
+                records.skipped = 1
+                break
+            raise LogError(
+                f"{path}:{number}: corrupt record ({e}); only a torn last line is tolerated"
+            ) from None
+        records.append(record)
+    return records
