@@ -1,0 +1,118 @@
+"""Accuracy and latency of the keyword tier on a labelled JSONL file.
+
+Run:  python benchmarks/bench_keyword.py [--data benchmarks/data/dev.jsonl] [--report benchmarks/reports/keyword.md]
+Accuracy is on primary_intent; greeting accuracy is over the queries labelled greeting.
+Latency is per query, time.perf_counter around classify_keywords, over several repeats
+after one warm-up pass (so the one-off lexicon load is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from mlx_intent.keyword import classify_keywords, default_lexicon
+from mlx_intent.schema import INTENTS, LANGUAGES, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def accuracy_table(title: str, groups: dict[str, list[bool]], order: list[str]) -> list[str]:
+    lines = [f"### {title}", "", "| | n | correct | accuracy |", "|---|---:|---:|---:|"]
+    for key in order:
+        hits = groups.get(key, [])
+        if hits:
+            lines.append(f"| {key} | {len(hits)} | {sum(hits)} | {sum(hits) / len(hits):.1%} |")
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks/data/dev.jsonl")
+    parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/reports/keyword.md")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the data")
+    args = parser.parse_args(argv)
+
+    rows = read_jsonl(args.data)
+    default_lexicon()  # load once, outside the timings
+    results = [classify_keywords(r["text"]) for r in rows]  # also the warm-up pass
+    for result in results:
+        validate(result)
+
+    by_lang: dict[str, list[bool]] = defaultdict(list)
+    by_intent: dict[str, list[bool]] = defaultdict(list)
+    hits, set_hits = [], []
+    confusions: dict[tuple[str, str], int] = defaultdict(int)
+    for row, result in zip(rows, results):
+        ok = result["primary_intent"] == row["primary_intent"]
+        hits.append(ok)
+        set_hits.append(set(result["all_intents"]) == set(row["all_intents"]))
+        by_lang[row["lang"]].append(ok)
+        by_intent[row["primary_intent"]].append(ok)
+        if not ok:
+            confusions[(row["primary_intent"], result["primary_intent"])] += 1
+
+    timings_us: list[float] = []
+    for _ in range(args.repeats):
+        for row in rows:
+            start = time.perf_counter()
+            classify_keywords(row["text"])
+            timings_us.append((time.perf_counter() - start) * 1e6)
+    timings_us.sort()
+
+    greeting = by_intent.get("greeting", [])
+    data_name = args.data.resolve().relative_to(ROOT) if args.data.resolve().is_relative_to(ROOT) else args.data
+    command = f"python benchmarks/bench_keyword.py --data {data_name} --repeats {args.repeats}"
+    lines = [
+        "# Keyword tier benchmark",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"Machine: {platform.platform()}, Python {platform.python_version()} ({platform.machine()})",
+        "",
+        f"Data: `{data_name}`, {len(rows)} queries.",
+        "",
+        "## Summary",
+        "",
+        f"- primary_intent accuracy: **{sum(hits) / len(hits):.1%}** ({sum(hits)}/{len(hits)})",
+        f"- greeting accuracy: **{sum(greeting) / max(1, len(greeting)):.1%}** ({sum(greeting)}/{len(greeting)})",
+        f"- all_intents exact set match: {sum(set_hits) / len(set_hits):.1%}",
+        f"- latency per query over {len(timings_us)} calls: p50 {percentile(timings_us, 50):.1f} µs, "
+        f"p95 {percentile(timings_us, 95):.1f} µs, p99 {percentile(timings_us, 99):.1f} µs, "
+        f"mean {statistics.fmean(timings_us):.1f} µs",
+        "",
+        *accuracy_table("Per language", by_lang, [*LANGUAGES, *sorted(set(by_lang) - set(LANGUAGES))]),
+        *accuracy_table("Per intent (by gold primary_intent)", by_intent, list(INTENTS)),
+        "### Most frequent confusions (gold → predicted)",
+        "",
+        "| gold | predicted | n |",
+        "|---|---|---:|",
+        *[f"| {g} | {p} | {n} |" for (g, p), n in sorted(confusions.items(), key=lambda kv: -kv[1])[:15]],
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

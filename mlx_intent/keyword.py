@@ -1,0 +1,258 @@
+"""Keyword tier: lexicon look-up plus the labelling guide's boundary rules, no model.
+
+It answers in well under a millisecond, so it serves as the first tier of the chain
+and as the fallback when no model is loaded.  The lexicons are the TSV files in
+``mlx_intent/lexicons`` (one per language, all merged so code-switched queries work).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_intent.normalize import tokens
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS
+
+LEXICON_DIR = Path(__file__).parent / "lexicons"
+
+# Evidence at or above this is a request of its own; below it a term only anchors
+# a request (a landmark or district named inside "best kebab in Kadıköy").
+REQUEST = 1.0
+NO_MATCH_CONFIDENCE = 0.25
+
+Weights = dict[str, float]
+
+# Ties go to the more specific intent; landmark and district names mostly anchor another need.
+_TIE_ORDER: tuple[str, ...] = (
+    "airport_transport",
+    "gps_route_planning",
+    "museum_route_planning",
+    "route_planning",
+    "nearby_locations",
+    "restaurant",
+    "shopping",
+    "events",
+    "weather",
+    "hidden_gems",
+    "transportation",
+    "attraction",
+    "neighborhood",
+    "greeting",
+    "general",
+)
+
+# Arabic glues the article and some prepositions to the word: المطار, للمطار, بالمطار.
+_AR_ARTICLES = ("وال", "بال", "فال", "كال", "لل", "ال")
+
+
+class LexiconError(ValueError):
+    """A lexicon line that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Normalized terms (tuples of words) mapped to the evidence they give each intent."""
+
+    exact: dict[tuple[str, ...], Weights]
+    stems: dict[tuple[str, ...], Weights]  # last word is a stem: ("muze",) matches "muzeleri"
+    max_words: int
+    stem_lengths: tuple[int, ...]  # lengths of the stem words, longest first
+
+
+def _strip_article(word: str) -> str:
+    """Drop a glued Arabic article so المطار and مطار match the same term."""
+    if "\u0621" <= word[0] <= "\u064a":
+        for article in _AR_ARTICLES:
+            if word.startswith(article) and len(word) - len(article) >= 2:
+                return word[len(article) :]
+    return word
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_strip_article(w) for w in tokens(text))
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...], bool, float]:
+    """One `intent<TAB>term[<TAB>weight]` line -> (intent, words, is_stem, weight)."""
+    where = f"{path}:{lineno}"
+    parts = line.split("\t")
+    if len(parts) not in (2, 3):
+        raise LexiconError(f"{where}: expected 'intent<TAB>term[<TAB>weight]', got {line!r}")
+    intent, term = parts[0].strip(), parts[1].strip()
+    if intent not in INTENTS:
+        raise LexiconError(f"{where}: unknown intent {intent!r} (known: {', '.join(INTENTS)})")
+    is_stem = term.endswith("*")
+    if "*" in term.rstrip("*"):
+        raise LexiconError(f"{where}: '*' may only end a term, got {term!r}")
+    words = _words(term.rstrip("*"))
+    if not words:
+        raise LexiconError(f"{where}: term {term!r} has no letters or digits")
+    weight = 1.0
+    if len(parts) == 3:
+        try:
+            weight = float(parts[2])
+        except ValueError:
+            raise LexiconError(f"{where}: bad weight {parts[2]!r}, expected a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise LexiconError(f"{where}: bad weight {parts[2]!r}, expected a finite number >= 0")
+    return intent, words, is_stem, weight
+
+
+def load_lexicons(folder: Path | None = None) -> Lexicon:
+    """Read every *.tsv in folder (default: the package's lexicons) into one Lexicon."""
+    folder = Path(folder) if folder is not None else LEXICON_DIR
+    files = sorted(folder.glob("*.tsv"))
+    if not files:
+        raise LexiconError(f"{folder}: no *.tsv lexicon files")
+    exact: dict[tuple[str, ...], Weights] = {}
+    stems: dict[tuple[str, ...], Weights] = {}
+    for path in files:
+        with path.open(encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.rstrip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                intent, words, is_stem, weight = _parse_line(path, lineno, line)
+                entry = (stems if is_stem else exact).setdefault(words, {})
+                # The same term in several languages ("metro") counts once, at its strongest.
+                entry[intent] = max(entry.get(intent, 0.0), weight)
+    keys = [*exact, *stems]
+    return Lexicon(
+        exact=exact,
+        stems=stems,
+        max_words=max(len(k) for k in keys),
+        stem_lengths=tuple(sorted({len(k[-1]) for k in stems}, reverse=True)),
+    )
+
+
+@functools.cache
+def default_lexicon() -> Lexicon:
+    """The package lexicons, loaded once on first use."""
+    return load_lexicons()
+
+
+def _lookup(lex: Lexicon, key: tuple[str, ...]) -> Weights | None:
+    """Exact term first, then the longest stem that the last word starts with."""
+    hit = lex.exact.get(key)
+    if hit is not None or not lex.stems:
+        return hit
+    head, last = key[:-1], key[-1]
+    for n in lex.stem_lengths:
+        if n <= len(last):
+            hit = lex.stems.get((*head, last[:n]))
+            if hit is not None:
+                return hit
+    return None
+
+
+def _matches(words: tuple[str, ...], lex: Lexicon) -> list[Weights]:
+    """Greedy longest match left to right, so "blue mosque" is one term, not "mosque" again."""
+    found: list[Weights] = []
+    i = 0
+    while i < len(words):
+        for n in range(min(lex.max_words, len(words) - i), 0, -1):
+            hit = _lookup(lex, words[i : i + n])
+            if hit is not None:
+                found.append(hit)
+                i += n
+                break
+        else:
+            i += 1
+    return found
+
+
+def _absorb(scores: dict[str, float], winner: str, losers: tuple[str, ...]) -> None:
+    """The winner of a boundary rule takes over the evidence of the intents it overrides."""
+    scores.setdefault(winner, 0.0)
+    for loser in losers:
+        if loser != winner and loser in scores:
+            scores[winner] += scores.pop(loser)
+
+
+def _decide(scores: dict[str, float], museums: float, sights: float) -> tuple[str, list[str], dict[str, float]]:
+    """Apply the boundary rules of shared/intents.md in order; return primary, all_intents, final scores."""
+    s = {i: v for i, v in scores.items() if v > 0}
+    greeting = s.pop("greeting", 0.0)  # rule 1: social words never outrank a request
+
+    def strong(intent: str) -> bool:
+        return s.get(intent, 0.0) >= REQUEST
+
+    if s.get("route_planning", 0.0) == 0 and not strong("museum_route_planning"):
+        s.pop("museum_route_planning", None)  # a museum named without a plan is a sight
+    forced: str | None = None
+    extras: list[str] = []
+    if strong("airport_transport"):  # rule 2
+        forced = "airport_transport"
+        _absorb(s, forced, ("transportation", "gps_route_planning"))
+    elif strong("gps_route_planning"):  # rule 3
+        forced = "gps_route_planning"
+        _absorb(s, forced, ("transportation", "attraction", "neighborhood"))
+    elif strong("route_planning") or strong("museum_route_planning"):  # rule 4
+        museum_led = museums > 0 or strong("museum_route_planning")
+        forced = "museum_route_planning" if museum_led and museums >= sights else "route_planning"
+        _absorb(s, forced, ("route_planning", "museum_route_planning", "attraction", "neighborhood"))
+    elif strong("nearby_locations"):  # rule 5
+        if s.get("restaurant", 0.0) >= 0.6 * REQUEST:
+            forced, extras = "restaurant", ["nearby_locations"]
+        else:
+            forced = "nearby_locations"
+            _absorb(s, forced, ("attraction", "neighborhood", "transportation", "shopping"))
+    if forced is not None and max(s.values()) >= max(2 * REQUEST, 1.5 * s[forced]):
+        forced = None  # an overwhelming other request (say, food at the airport) keeps its place
+    if forced is not None:
+        primary = forced
+    elif s:  # rules 6 and 7 fall out of the scores: a landmark alone is attraction
+        primary = min(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
+    else:
+        primary = "greeting" if greeting else FALLBACK_INTENT
+    ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
+    others = [i for i in ranked if s[i] >= REQUEST]
+    if greeting >= REQUEST:
+        others.append("greeting")
+    final = dict(s, greeting=greeting) if greeting else s
+    return primary, list(dict.fromkeys([primary, *extras, *others])), final
+
+
+def _confidence(primary: str, scores: dict[str, float]) -> float:
+    """More evidence and a wider lead over the runner-up give more confidence; never 1.0."""
+    top = scores.get(primary, 0.0)
+    if top <= 0:
+        return NO_MATCH_CONFIDENCE
+    second = max((v for i, v in scores.items() if i not in (primary, "greeting")), default=0.0)
+    strength = 1.0 - math.exp(-top)
+    margin = top / (top + second)
+    return round(min(0.95, 0.3 + 0.65 * strength * margin), 4)
+
+
+def classify_keywords(text: str, lexicon: Lexicon | None = None) -> dict[str, Any]:
+    """Classify one query; the first three keys follow schema.validate, `scores` shows the evidence."""
+    lex = lexicon if lexicon is not None else default_lexicon()
+    scores = dict.fromkeys(INTENTS, 0.0)
+    museums = sights = 0.0
+    for hit in _matches(_words(text), lex):
+        for intent, weight in hit.items():
+            scores[intent] += weight
+        if "museum_route_planning" in hit:
+            museums += hit.get("attraction", 0.0)
+        else:
+            sights += hit.get("attraction", 0.0)
+    primary, all_intents, final = _decide(scores, museums, sights)
+    return {
+        "primary_intent": primary,
+        "confidence": _confidence(primary, final),
+        "all_intents": all_intents,
+        "scores": {i: round(v, 4) for i, v in scores.items()},
+    }
+
+
+class KeywordClassifier:
+    """The keyword tier behind the same `classify(text) -> dict` call as the model tiers."""
+
+    def __init__(self, lexicon: Lexicon | None = None) -> None:
+        self.lexicon = lexicon if lexicon is not None else default_lexicon()
+
+    def classify(self, text: str) -> dict[str, Any]:
+        return classify_keywords(text, self.lexicon)
