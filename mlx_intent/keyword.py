@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,18 @@ LEXICON_DIR = Path(__file__).parent / "lexicons"
 # a request (a landmark or district named inside "best kebab in Kadıköy").
 REQUEST = 1.0
 NO_MATCH_CONFIDENCE = 0.25
+CUE = 0.8  # a single term this strong names a need of its own (a landmark does, a district does not)
+WEAK = 0.6  # below this nothing is asked: "ok" alone is general, "thanks, see you tomorrow" greeting
+LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times its evidence
+
+# Near X is nearby_locations unless the point is plainly one of these (food, shops, hidden spots).
+_NEAR_EXEMPT = ("restaurant", "shopping", "hidden_gems")
+# Sights and districts named inside a request about food, shops, hidden spots or events only
+# say where; they need a cue of their own ("opening hours") to compete.
+_ANCHORS = ("attraction", "neighborhood")
+_ANCHORED = ("restaurant", "shopping", "hidden_gems", "events")
+# Requests that stand on their own, not a way of getting somewhere or a place used as an anchor.
+_INDEPENDENT = ("restaurant", "shopping", "events", "weather", "hidden_gems", "general")
 
 Weights = dict[str, float]
 
@@ -43,6 +56,9 @@ _TIE_ORDER: tuple[str, ...] = (
     "greeting",
     "general",
 )
+
+# Uppercase IST is the airport; folded to "ist" it would be German for "is".
+_AIRPORT_CODE = re.compile(r"\bIST\b")
 
 # Arabic glues the article and some prepositions to the word: المطار, للمطار, بالمطار.
 _AR_ARTICLES = ("وال", "بال", "فال", "كال", "لل", "ال")
@@ -148,15 +164,16 @@ def _lookup(lex: Lexicon, key: tuple[str, ...]) -> Weights | None:
     return None
 
 
-def _matches(words: tuple[str, ...], lex: Lexicon) -> list[Weights]:
-    """Greedy longest match left to right, so "blue mosque" is one term, not "mosque" again."""
-    found: list[Weights] = []
+def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, Weights]]:
+    """(word position, evidence) of each term, greedy longest match left to right, so
+    "blue mosque" is one term and "mosque" does not count again."""
+    found: list[tuple[int, Weights]] = []
     i = 0
     while i < len(words):
         for n in range(min(lex.max_words, len(words) - i), 0, -1):
             hit = _lookup(lex, words[i : i + n])
             if hit is not None:
-                found.append(hit)
+                found.append((i, hit))
                 i += n
                 break
         else:
@@ -172,9 +189,37 @@ def _absorb(scores: dict[str, float], winner: str, losers: tuple[str, ...]) -> N
             scores[winner] += scores.pop(loser)
 
 
-def _decide(scores: dict[str, float], museums: float, sights: float) -> tuple[str, list[str], dict[str, float]]:
+@dataclass
+class _Evidence:
+    """What the matched terms say: summed weight per intent, where each intent is first
+    mentioned, its strongest single term, and how many museums versus other sights or
+    districts a plan names (rule 4)."""
+
+    scores: dict[str, float]
+    first: dict[str, int]
+    peak: dict[str, float]
+    museums: int = 0
+    other_stops: int = 0
+
+
+def _evidence(text: str, lex: Lexicon) -> _Evidence:
+    ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
+    for pos, hit in _matches(_words(_AIRPORT_CODE.sub("IST airport", text)), lex):
+        for intent, weight in hit.items():
+            if weight > 0:  # weight 0 only shields its words
+                ev.scores[intent] += weight
+                ev.first.setdefault(intent, pos)
+                ev.peak[intent] = max(ev.peak.get(intent, 0.0), weight)
+        if "museum_route_planning" in hit:
+            ev.museums += 1
+        elif "attraction" in hit or "neighborhood" in hit:
+            ev.other_stops += 1
+    return ev
+
+
+def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     """Apply the boundary rules of shared/intents.md in order; return primary, all_intents, final scores."""
-    s = {i: v for i, v in scores.items() if v > 0}
+    s = {i: v for i, v in ev.scores.items() if v > 0}
     greeting = s.pop("greeting", 0.0)  # rule 1: social words never outrank a request
 
     def strong(intent: str) -> bool:
@@ -182,6 +227,8 @@ def _decide(scores: dict[str, float], museums: float, sights: float) -> tuple[st
 
     if s.get("route_planning", 0.0) == 0 and not strong("museum_route_planning"):
         s.pop("museum_route_planning", None)  # a museum named without a plan is a sight
+    if max(s.values(), default=0.0) < WEAK:  # rule 7, or social talk only
+        s = {}
     forced: str | None = None
     extras: list[str] = []
     if strong("airport_transport"):  # rule 2
@@ -191,29 +238,43 @@ def _decide(scores: dict[str, float], museums: float, sights: float) -> tuple[st
         forced = "gps_route_planning"
         _absorb(s, forced, ("transportation", "attraction", "neighborhood"))
     elif strong("route_planning") or strong("museum_route_planning"):  # rule 4
-        museum_led = museums > 0 or strong("museum_route_planning")
-        forced = "museum_route_planning" if museum_led and museums >= sights else "route_planning"
+        museum_led = ev.museums > 0 and ev.museums >= ev.other_stops
+        forced = "museum_route_planning" if museum_led else "route_planning"
         _absorb(s, forced, ("route_planning", "museum_route_planning", "attraction", "neighborhood"))
-    elif strong("nearby_locations"):  # rule 5
-        if s.get("restaurant", 0.0) >= 0.6 * REQUEST:
-            forced, extras = "restaurant", ["nearby_locations"]
+    elif strong("nearby_locations"):  # rule 5: what is near, unless the point is food (or shops, gems)
+        plain = [i for i in _NEAR_EXEMPT if s.get(i, 0.0) >= WEAK]
+        if plain:
+            forced, extras = min(plain, key=lambda i: ev.first[i]), ["nearby_locations"]
         else:
             forced = "nearby_locations"
-            _absorb(s, forced, ("attraction", "neighborhood", "transportation", "shopping"))
-    if forced is not None and max(s.values()) >= max(2 * REQUEST, 1.5 * s[forced]):
-        forced = None  # an overwhelming other request (say, food at the airport) keeps its place
+            _absorb(s, forced, ("attraction", "neighborhood", "transportation"))
+    if forced is not None:
+        rivals = [s[i] for i in _INDEPENDENT if i in s and i != forced]
+        if max(rivals, default=0.0) >= max(2 * REQUEST, 1.5 * s[forced]):
+            forced = None  # an overwhelming separate request (say, food at the airport) keeps its place
     if forced is not None:
         primary = forced
-    elif s:  # rules 6 and 7 fall out of the scores: a landmark alone is attraction
-        primary = min(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
+    elif s:
+        primary = _first_request(s, ev)
     else:
-        primary = "greeting" if greeting else FALLBACK_INTENT
+        primary = "greeting" if greeting >= WEAK else FALLBACK_INTENT
     ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
     others = [i for i in ranked if s[i] >= REQUEST]
     if greeting >= REQUEST:
         others.append("greeting")
     final = dict(s, greeting=greeting) if greeting else s
     return primary, list(dict.fromkeys([primary, *extras, *others])), final
+
+
+def _first_request(s: dict[str, float], ev: _Evidence) -> str:
+    """Of the requests cued by a full term, the one asked first ("dinner, and will it rain?"),
+    unless another has far more evidence; with no cue, the best-supported anchor (rule 6)."""
+    needs = [i for i in _ANCHORED if s.get(i, 0.0) >= REQUEST]
+    cued = [i for i in s if ev.peak[i] >= (REQUEST if needs and i in _ANCHORS else CUE)]
+    if not cued:
+        return min(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
+    top = max(s[i] for i in cued)
+    return min((i for i in cued if s[i] >= LEAD * top), key=lambda i: (ev.first[i], _TIE_ORDER.index(i)))
 
 
 def _confidence(primary: str, scores: dict[str, float]) -> float:
@@ -229,22 +290,13 @@ def _confidence(primary: str, scores: dict[str, float]) -> float:
 
 def classify_keywords(text: str, lexicon: Lexicon | None = None) -> dict[str, Any]:
     """Classify one query; the first three keys follow schema.validate, `scores` shows the evidence."""
-    lex = lexicon if lexicon is not None else default_lexicon()
-    scores = dict.fromkeys(INTENTS, 0.0)
-    museums = sights = 0.0
-    for hit in _matches(_words(text), lex):
-        for intent, weight in hit.items():
-            scores[intent] += weight
-        if "museum_route_planning" in hit:
-            museums += hit.get("attraction", 0.0)
-        else:
-            sights += hit.get("attraction", 0.0)
-    primary, all_intents, final = _decide(scores, museums, sights)
+    ev = _evidence(text, lexicon if lexicon is not None else default_lexicon())
+    primary, all_intents, final = _decide(ev)
     return {
         "primary_intent": primary,
         "confidence": _confidence(primary, final),
         "all_intents": all_intents,
-        "scores": {i: round(v, 4) for i, v in scores.items()},
+        "scores": {i: round(v, 4) for i, v in ev.scores.items()},
     }
 
 

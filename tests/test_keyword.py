@@ -1,0 +1,200 @@
+"""The keyword tier: folding, lexicon loading, the boundary rules and six languages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_intent.keyword import (
+    LEXICON_DIR,
+    KeywordClassifier,
+    LexiconError,
+    classify_keywords,
+    load_lexicons,
+)
+from mlx_intent.normalize import normalize, tokens
+from mlx_intent.schema import INTENTS, LANGUAGES, validate
+
+# Any code point, surrogates and unassigned ones included.
+ANY_TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
+
+
+@settings(max_examples=500)
+@given(ANY_TEXT)
+def test_normalize_is_idempotent_and_total(text: str) -> None:
+    once = normalize(text)
+    assert normalize(once) == once
+    assert once == once.strip() and "  " not in once
+
+
+@settings(max_examples=300)
+@given(ANY_TEXT)
+def test_any_text_gives_a_schema_valid_result(text: str) -> None:
+    result = classify_keywords(text)
+    validate(result)
+    assert 0.0 < result["confidence"] < 1.0
+    assert set(result["scores"]) == set(INTENTS)
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [
+        ["İSTANBUL", "istanbul", "Istanbul", "ıstanbul"],
+        ["Kadıköy", "Kadikoy", "KADIKÖY", "kadıköy"],
+        ["Beşiktaş", "Besiktas", "BEŞİKTAŞ"],
+        ["Üsküdar", "Uskudar"],
+        ["café", "cafe", "CAFÉ"],
+        ["Straße", "strasse"],
+        ["أين", "اين", "إين"],
+        ["مَدْرَسَة", "مدرسه"],
+        ["مستشفى", "مستشفي"],
+        ["ещё", "еще", "ЕЩЁ"],
+        ["١٢٣", "123"],
+    ],
+)
+def test_spelling_variants_fold_together(variants: list[str]) -> None:
+    assert len({normalize(v) for v in variants}) == 1
+
+
+def test_punctuation_symbols_and_tatweel_go() -> None:
+    assert normalize("¿Dónde?  «bonjour» ، ؟ 🙂 hi_there!") == "donde bonjour hi there"
+    assert normalize("مـــرحبا") == normalize("مرحبا")
+    assert tokens("Kadıköy'de  balık, nerede?") == ["kadikoy", "de", "balik", "nerede"]
+
+
+def test_package_lexicons_cover_every_intent_in_every_language() -> None:
+    load_lexicons()  # raises on any malformed line
+    for lang in LANGUAGES:
+        lines = (LEXICON_DIR / f"{lang}.tsv").read_text(encoding="utf-8").splitlines()
+        used = {line.split("\t")[0] for line in lines if line.strip() and not line.startswith("#")}
+        assert used == set(INTENTS) - {"general"} or used == set(INTENTS), lang
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("restaurants\tkebab", "unknown intent"),
+        ("restaurant kebab", "expected 'intent<TAB>term"),
+        ("restaurant\tkebab\tmany", "bad weight"),
+        ("restaurant\tkebab\t-1", "bad weight"),
+        ("restaurant\t?!", "no letters or digits"),
+        ("restaurant\tke*bab", "may only end a term"),
+    ],
+)
+def test_malformed_lexicon_names_file_and_line(tmp_path: Path, line: str, problem: str) -> None:
+    path = tmp_path / "xx.tsv"
+    path.write_text(f"# comment\n\ngreeting\thello\n{line}\n", encoding="utf-8")
+    with pytest.raises(LexiconError) as info:
+        load_lexicons(tmp_path)
+    assert f"{path}:4" in str(info.value) and problem in str(info.value)
+
+
+def test_empty_lexicon_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LexiconError, match="no \\*.tsv"):
+        load_lexicons(tmp_path)
+
+
+def test_custom_lexicon_phrases_stems_and_weights(tmp_path: Path) -> None:
+    (tmp_path / "t.tsv").write_text(
+        "restaurant\tbalık ekmek\t2\nattraction\tmüze*\ngreeting\tmerhaba\n", encoding="utf-8"
+    )
+    lex = load_lexicons(tmp_path)
+    assert classify_keywords("BALIK EKMEK nerede?", lex)["primary_intent"] == "restaurant"
+    assert classify_keywords("Müzeleri açık mı", lex)["primary_intent"] == "attraction"
+    assert classify_keywords("balık", lex)["primary_intent"] == "general"  # half a phrase is no match
+    result = classify_keywords("Merhaba! balik ekmek", lex)
+    assert result["all_intents"] == ["restaurant", "greeting"]
+
+
+def top(text: str) -> str:
+    return classify_keywords(text)["primary_intent"]
+
+
+@pytest.mark.parametrize(
+    ("text", "primary", "also"),
+    [
+        # 1. social words plus a request: the request decides, greeting joins
+        ("Hi, where can I eat?", "restaurant", ["greeting"]),
+        ("Merhaba, where is the nearest ATM?", "nearby_locations", ["greeting"]),
+        ("Thanks a lot, bye!", "greeting", []),
+        # 2. an airport named: airport_transport, not transportation
+        ("How do I get from IST to Sultanahmet?", "airport_transport", []),
+        ("Havalimanından Taksim'e otobüs var mı?", "airport_transport", []),
+        # 3. from here / navigate: gps; both ends named: transportation
+        ("Navigate me to Taksim from here", "gps_route_planning", []),
+        ("Buradan Galata Kulesi'ne nasıl giderim?", "gps_route_planning", []),
+        ("How do I get from Kadıköy to Beşiktaş by ferry?", "transportation", []),
+        # 4. several stops: route_planning; all museums: museum_route_planning
+        ("Sultanahmet then Galata, best order?", "route_planning", []),
+        ("Plan a museum tour for tomorrow", "museum_route_planning", []),
+        ("Which museums in one day, in what order?", "museum_route_planning", []),
+        # 5. near X: nearby_locations, unless plainly food
+        ("What's near Galata Tower?", "nearby_locations", []),
+        ("Best restaurants near Taksim", "restaurant", ["nearby_locations"]),
+        # 6. a named landmark alone: attraction
+        ("Hagia Sophia", "attraction", []),
+        ("Is Hagia Sophia open on Mondays?", "attraction", []),
+        # 7. nothing fits: general
+        ("", "general", []),
+        ("asdf qwer", "general", []),
+        ("ok", "general", []),
+    ],
+)
+def test_boundary_rules(text: str, primary: str, also: list[str]) -> None:
+    result = classify_keywords(text)
+    assert result["primary_intent"] == primary
+    assert all(i in result["all_intents"] for i in also)
+
+
+@pytest.mark.parametrize(
+    ("text", "primary"),
+    [
+        ("Where to buy Turkish delight?", "shopping"),
+        ("Will it rain tomorrow?", "weather"),
+        ("Any concerts this weekend?", "events"),
+        ("What is Balat like as a neighbourhood?", "neighborhood"),
+        ("Somewhere locals go, not tourists", "hidden_gems"),
+        ("Do I need a visa?", "general"),
+        ("How does the Istanbulkart work?", "transportation"),
+        ("Merhaba, nasılsın?", "greeting"),
+        ("Kadıköy'de en iyi balık restoranı", "restaurant"),
+        ("Topkapı Sarayı bilet fiyatı", "attraction"),
+        ("Yarın hava nasıl olacak?", "weather"),
+        ("Gizli kalmış yerler", "hidden_gems"),
+        ("مرحبا، كيف حالك؟", "greeting"),
+        ("أين أجد مطعم كباب في تقسيم؟", "restaurant"),
+        ("كيف أذهب من المطار إلى السلطان أحمد؟", "airport_transport"),
+        ("ما هي أقرب صيدلية؟", "nearby_locations"),
+        ("هل أحتاج تأشيرة لدخول تركيا؟", "general"),
+        ("Où manger du poisson ?", "restaurant"),
+        ("Quel quartier pour loger ?", "neighborhood"),
+        ("Il va pleuvoir demain ?", "weather"),
+        ("Emmène-moi à la Mosquée bleue d'ici", "gps_route_planning"),
+        ("Wie warm ist es im Mai?", "weather"),
+        ("ATM in der Nähe", "nearby_locations"),
+        ("Wie komme ich vom Flughafen nach Taksim?", "airport_transport"),
+        ("Wo kann man Teppiche kaufen?", "shopping"),
+        ("Когда последний паром?", "transportation"),
+        ("Привет! Спасибо за помощь", "greeting"),
+        ("Где ближайшая аптека?", "nearby_locations"),
+        ("Составь маршрут на 3 дня", "route_planning"),
+        ("Какие концерты на выходных?", "events"),
+    ],
+)
+def test_clear_examples_in_six_languages(text: str, primary: str) -> None:
+    assert top(text) == primary
+
+
+def test_confidence_follows_evidence() -> None:
+    nothing = classify_keywords("hmm")["confidence"]
+    one = classify_keywords("kebab?")["confidence"]
+    strong = classify_keywords("Plan my day: 2 days, best order, itinerary please")["confidence"]
+    assert nothing < one < strong < 1.0
+
+
+def test_classifier_object_matches_function() -> None:
+    text = "Merhaba, Kadıköy'de kahvaltı nerede?"
+    assert KeywordClassifier().classify(text) == classify_keywords(text)
