@@ -1,0 +1,339 @@
+"""The LLM classifier: single-pass intent scoring (default) and constrained generation.
+
+Scoring mode runs one forward pass over the user's tokens (the system prompt's KV
+cache is computed once per loaded model), then reads the probability of every
+intent name from the sampler's token trie: the first branch point comes free with
+that pass, deeper branch points (names sharing a first token) are evaluated in one
+small batched pass.  The JSON is then written by the sampler in forced mode.
+Generation mode lets the constrained sampler write the JSON token by token, with
+jump-forward over forced stretches.  Both report the same calibrated confidence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mlx_intent import backend, loading, registry
+from mlx_intent.prompts import clean_user_text, split_prompt
+from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
+from mlx_intent.schema import INTENTS, validate
+
+MODES = ("score", "generate")
+CALIBRATION = "calibration.json"
+DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
+MAX_INTENTS = 3
+MAX_QUERY_TOKENS = 512  # longer queries are truncated (and flagged)
+_PAD = 0
+
+
+class EmptyTextError(ValueError):
+    """Text that is empty or only whitespace / control characters."""
+
+
+def _calibration(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        return json.loads((path / CALIBRATION).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class IntentClassifier:
+    """One loaded model, its system-prompt cache and its answer grammar.
+
+    ``IntentClassifier()`` picks the best available model (see
+    ``loading.select_best_model``); pass ``model_name`` to choose one, or an already
+    loaded ``model``/``tokenizer`` pair.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        *,
+        model=None,
+        tokenizer=None,
+        mode: str = "score",
+        temperature: float | None = None,
+        threshold: float | None = None,
+        adapter: Path | None = None,
+        cache_dir: Path | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.name = model_name or loading.select_best_model()
+        self.spec = registry.get_spec(self.name)
+        if model is None:
+            model, tokenizer = loading.load(self.name, adapter=adapter)
+        self.model, self.tokenizer = model, tokenizer
+        self.mode = mode
+        folder = registry.resolve_dir(self.name)
+        calib = _calibration(folder)
+        self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
+        self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
+        self.vocab = AnswerVocab(self.encode)
+        self._specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        parts = split_prompt(tokenizer, self.spec.chat_format)
+        self.prefix_ids = self.encode(parts.prefix)
+        self.suffix_ids = self.encode(parts.suffix)
+        self._chain, self._branch = self._root_chain()
+        self._system = self._system_cache(cache_dir or folder, adapter)
+
+    # ---- tokens -------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _root_chain(self) -> tuple[list[int], Node]:
+        """The tokens every answer starts with, up to the first branch between names."""
+        chain, node = list(self.vocab.prefix), self.vocab.primary
+        while len(node.children) == 1:
+            tok, node = next(iter(node.children.items()))
+            chain.append(tok)
+        return chain, node
+
+    def query_ids(self, text: str) -> tuple[list[int], bool]:
+        """Token ids of the cleaned user text, truncated to the budget, and whether it was."""
+        cleaned = clean_user_text(text, self._specials) if isinstance(text, str) else ""
+        if not cleaned:
+            raise EmptyTextError("text is empty")
+        ids = self.encode(cleaned)
+        budget = min(MAX_QUERY_TOKENS, self.spec.context - len(self.prefix_ids) - 64)
+        return ids[:budget], len(ids) > budget
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def _system_cache(self, folder: Path | None, adapter: Path | None) -> list[tuple]:
+        """KV of the system prompt: computed once, saved next to the model, reused."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+        dtype = str(self.model.model.embed_tokens.weight.dtype)
+        key = hashlib.sha256(json.dumps([self.prefix_ids, dtype, str(adapter)]).encode()).hexdigest()[:16]
+        path = folder / f"prompt_cache_{key}.safetensors" if folder else None
+        if path is not None and path.is_file():
+            try:
+                cache = load_prompt_cache(str(path))
+                return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+            except Exception:  # a stale or damaged file is recomputed
+                path.unlink(missing_ok=True)
+        cache = make_prompt_cache(self.model)
+        self.model(mx.array([self.prefix_ids]), cache=cache)
+        mx.eval([c.state for c in cache])
+        if path is not None:
+            try:
+                save_prompt_cache(str(path), cache)
+            except OSError:
+                pass  # a read-only models folder only costs the prefill next time
+        return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+
+    def _batch_cache(self, rows: int):
+        import mlx.core as mx
+        from mlx_lm.models.cache import BatchKVCache
+
+        caches = []
+        for keys, values in self._system:
+            c = BatchKVCache([0] * rows)
+            c.keys, c.values = mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0)
+            c._idx = keys.shape[2]
+            c.offset = mx.array([keys.shape[2]] * rows)
+            caches.append(c)
+        return caches
+
+    def _hidden(self, rows: list[list[int]], cache) -> tuple:
+        """Run right-padded ``rows`` through the model; the hidden state at each row's last token."""
+        import mlx.core as mx
+
+        width = max(len(r) for r in rows)
+        pad = [width - len(r) for r in rows]
+        x = mx.array([r + [_PAD] * p for r, p in zip(rows, pad)])
+        if max(pad):
+            for c in cache:
+                c.prepare(right_padding=pad)
+        h = self.model.model(x, cache=cache)
+        if max(pad):
+            for c in cache:
+                c.finalize()  # rolls the padding to the left so rows continue where they end
+        last = mx.array([len(r) - 1 for r in rows])
+        return h[mx.arange(len(rows)), last]
+
+    def _logits(self, h, tokens: list[int]) -> np.ndarray:
+        """Logits of ``tokens`` only (rows of the output matrix), for each hidden state."""
+        import mlx.core as mx
+
+        head = self.model.lm_head if "lm_head" in self.model else self.model.model.embed_tokens
+        weight = head.weight
+        if "scales" in head:  # quantized (Metal): full logits, then pick
+            full = head(h) if head is getattr(self.model, "lm_head", None) else head.as_linear(h)
+            out = full[:, mx.array(tokens)]
+        else:
+            out = h @ weight[mx.array(tokens)].T
+        return np.array(out.astype(mx.float32))
+
+    @staticmethod
+    def _fork(cache, index: list[int]):
+        import mlx.core as mx
+        from mlx_lm.models.cache import BatchKVCache
+
+        idx = mx.array(index)
+        forks = []
+        for c in cache:
+            f = BatchKVCache([0] * len(index))
+            f.keys, f.values = c.keys[idx, :, : c._idx], c.values[idx, :, : c._idx]
+            f.offset, f.left_padding, f._idx = c.offset[idx], c.left_padding[idx], c._idx
+            forks.append(f)
+        return forks
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    def distributions(self, texts: list[str]) -> list[dict[str, float]]:
+        """P(intent) for each text: the constrained sampler's probability of writing each name."""
+        import mlx.core as mx
+
+        rows = [self.query_ids(t)[0] + self.suffix_ids + self._chain for t in texts]
+        cache = self._batch_cache(len(rows))
+        h = self._hidden(rows, cache)
+        allowed = frozenset(INTENTS)
+        first = valid_children(self._branch, allowed)
+        probs = [{} for _ in rows]  # per row: node id -> child probabilities
+        for i, row_logits in enumerate(self._logits(h, first)):
+            probs[i][id(self._branch)] = dict(zip(first, branch_probs(row_logits, self.temperature)))
+        deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
+        if deeper:
+            index = [i for i in range(len(rows)) for _ in deeper]
+            paths = [path for _ in rows for _, path in deeper]
+            h = self._hidden(paths, self._fork(cache, index))
+            for j, (i, (node, _)) in enumerate(zip(index, deeper * len(rows))):
+                kids = valid_children(node, allowed)
+                logits = self._logits(h[j : j + 1], kids)[0]
+                probs[i][id(node)] = dict(zip(kids, branch_probs(logits, self.temperature)))
+        mx.clear_cache()
+        return [_leaf_probs(self._branch, p) for p in probs]
+
+    def _answer(self, dist: dict[str, float]) -> tuple[str, float, list[str]]:
+        ranked = sorted(dist, key=dist.get, reverse=True)
+        primary = ranked[0]
+        extra = [n for n in ranked[1:MAX_INTENTS] if dist[n] >= self.threshold]
+        return primary, dist[primary], [primary, *extra]
+
+    def classify_batch(self, texts: list[str], mode: str | None = None) -> list[dict]:
+        """Classify several texts together (one batched pass); same answers as one at a time."""
+        mode = mode or self.mode
+        if mode == "generate":
+            return [self.classify(t, mode="generate") for t in texts]
+        start = time.perf_counter()
+        truncated = [self.query_ids(t)[1] for t in texts]
+        dists = self.distributions(list(texts))
+        elapsed = (time.perf_counter() - start) * 1000
+        results = []
+        for dist, trunc in zip(dists, truncated):
+            primary, conf, all_intents = self._answer(dist)
+            machine = write_answer(self.vocab, primary, conf, all_intents)
+            results.append(self._result(machine, dist, elapsed, trunc, "score"))
+        return results
+
+    def classify(self, text: str, mode: str | None = None) -> dict:
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "score":
+            return self.classify_batch([text], mode)[0]
+        *_, result = self.stream(text)
+        return result
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def stream(self, text: str, temperature: float = 0.0, seed: int | None = None) -> Iterator[str | dict]:
+        """Constrained generation: yields pieces of JSON text as they are decided, then the result.
+
+        ``temperature`` 0 is greedy; above 0 samples among the valid tokens.  The
+        confidence is the calibrated probability of the primary's path, never typed."""
+        start = time.perf_counter()
+        ids, truncated = self.query_ids(text)
+        rng = np.random.default_rng(seed)
+        machine = JSONMachine(self.vocab, max_intents=MAX_INTENTS)
+        pending = ids + self.suffix_ids + machine.forced_run()
+        cache = self._batch_cache(1)
+        dist: dict[str, float] = {}
+        written = ""
+        while not machine.done:
+            h = self._hidden([pending], cache)
+            allowed = machine.allowed()
+            logits = self._logits(h, allowed)[0]
+            probs = branch_probs(logits, self.temperature)
+            if temperature > 0:
+                pick = int(rng.choice(len(allowed), p=branch_probs(logits, temperature)))
+            else:
+                pick = int(np.argmax(probs))
+            machine.advance(allowed[pick], float(probs[pick]))
+            pending = [allowed[pick]] + machine.forced_run()
+            partial = self.tokenizer.decode(machine.tokens)
+            if len(partial) > len(written) and "\ufffd" not in partial:
+                yield partial[len(written) :]
+                written = partial
+        if machine.primary:
+            dist = {machine.primary: machine.confidence}
+        elapsed = (time.perf_counter() - start) * 1000
+        if len(machine.text) > len(written):
+            yield machine.text[len(written) :]
+        yield self._result(machine, dist, elapsed, truncated, "generate")
+
+    def _result(self, machine: JSONMachine, dist: dict, elapsed_ms: float, truncated: bool, mode: str) -> dict:
+        answer = validate(json.loads(machine.text))
+        top = sorted(dist.items(), key=lambda kv: kv[1], reverse=True)[:5]
+        return {
+            **answer,
+            "model": self.name,
+            "tier": self.name,
+            "mode": mode,
+            "latency_ms": round(elapsed_ms, 2),
+            "truncated": truncated,
+            "json": machine.text,
+            "top": [[name, round(float(p), 4)] for name, p in top],
+        }
+
+    def peak_memory(self) -> int:
+        return backend.peak_memory()
+
+
+def _branch_nodes(node: Node, path: tuple[int, ...] = ()) -> Iterator[tuple[Node, list[int]]]:
+    """Every node with more than one child, and the tokens from ``node`` to it."""
+    if node.leaf is not None:
+        return
+    if len(node.children) > 1:
+        yield node, list(path)
+    for tok, child in node.children.items():
+        yield from _branch_nodes(child, (*path, tok))
+
+
+def _leaf_probs(root: Node, probs: dict[int, dict[int, float]]) -> dict[str, float]:
+    """Multiply child probabilities down the trie: P(name) for every leaf."""
+    out: dict[str, float] = {}
+
+    def walk(node: Node, p: float) -> None:
+        if node.leaf is not None:
+            out[node.leaf] = p
+            return
+        table = probs.get(id(node))
+        for tok, child in node.children.items():
+            walk(child, p * (table[tok] if table is not None else 1.0))
+
+    walk(root, 1.0)
+    return {name: out[name] for name in INTENTS}
+
+
+_DEFAULT: dict[str, IntentClassifier] = {}
+
+
+def classify(text: str, model: str | None = None, mode: str = "score") -> dict:
+    """Classify one text with a shared classifier (loaded on first use)."""
+    name = model or loading.select_best_model()
+    if name not in _DEFAULT:
+        _DEFAULT[name] = IntentClassifier(name)
+    return _DEFAULT[name].classify(text, mode=mode)
