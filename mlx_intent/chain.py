@@ -1,0 +1,235 @@
+"""The fallback chain: an ordered list of tiers; the first that answers well enough wins.
+
+A tier is passed over, with the reason recorded, when its model is not on disk,
+does not fit in memory, fails to load (then it is not retried until a back-off has
+passed), raises, runs past its latency budget, or is less confident than its
+threshold.  The last tier, ``general``, always answers.  Every result says which
+tier answered (``tier``, ``model``) and why the ones above it did not (``fallbacks``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mlx_intent import loading, registry
+from mlx_intent.langid import detect_language
+from mlx_intent.metrics import ClassificationLog, Metrics, log_record
+from mlx_intent.normalize import normalize
+from mlx_intent.schema import FALLBACK_INTENT, validate
+from mlx_intent.settings import Settings
+
+KEYWORD, GENERAL = "keyword", "general"
+GENERAL_CONFIDENCE = 0.1
+
+
+class PassOver(Exception):
+    """A tier declines to answer; the message is the reason recorded in ``fallbacks``."""
+
+
+@dataclass
+class Tier:
+    """A named classifier: ``run(texts) -> results`` (schema fields at least).
+    ``load`` readies it (raising PassOver); its time does not count against the budget."""
+
+    name: str
+    run: Callable[[list[str]], list[dict]]
+    load: Callable[[], object] = lambda: None
+    model: str | None = None
+    threshold: float = 0.0
+    budget_ms: float | None = None
+
+
+def keyword_tier() -> Tier:
+    from mlx_intent.keyword import classify_keywords, default_lexicon
+
+    default_lexicon()  # a broken lexicon file fails at start-up, naming file and line
+    return Tier(KEYWORD, lambda texts: [classify_keywords(t) for t in texts])
+
+
+def general_tier() -> Tier:
+    answer = {"primary_intent": FALLBACK_INTENT, "confidence": GENERAL_CONFIDENCE, "all_intents": [FALLBACK_INTENT]}
+    return Tier(GENERAL, lambda texts: [dict(answer) for _ in texts])
+
+
+@dataclass
+class ModelPool:
+    """Loads LLM classifiers lazily, keeps at most ``max_loaded`` in memory, and backs
+    off from a model that failed to load for ``retry_after_s`` seconds."""
+
+    max_loaded: int = 2
+    retry_after_s: float = 60.0
+    mode: str = "score"
+    memory: int | None = None  # bytes the device can give; None = ask the device
+    loaded: OrderedDict = field(default_factory=OrderedDict)
+    failed: dict[str, tuple[float, str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, name: str):
+        with self.lock:
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                return self.loaded[name]
+            if name in self.failed:
+                when, why = self.failed[name]
+                if time.monotonic() - when < self.retry_after_s:
+                    raise PassOver(f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})")
+            if not loading.is_available(name):
+                raise PassOver(f"not downloaded (get it with: {registry.how_to_get(name)})")
+            if not loading.fits(name, self.memory):
+                raise PassOver(f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)")
+            while len(self.loaded) >= self.max_loaded:
+                self.loaded.popitem(last=False)
+            try:
+                from mlx_intent.classifier import IntentClassifier
+
+                clf = IntentClassifier(name, mode=self.mode)
+            except Exception as e:  # corrupt weights, missing files, out of memory...
+                self.failed[name] = (time.monotonic(), f"{type(e).__name__}: {e}")
+                raise PassOver(f"load failed: {type(e).__name__}: {e}") from e
+            self.failed.pop(name, None)
+            self.loaded[name] = clf
+            return clf
+
+
+def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
+    registry.get_spec(name)  # unknown names fail when the chain is built
+
+    def run(texts: list[str]) -> list[dict]:
+        return pool.get(name).classify_batch(texts)
+
+    return Tier(name, run, lambda: pool.get(name), model=name, threshold=threshold, budget_ms=budget_ms)
+
+
+def default_chain_names(settings: Settings) -> list[str]:
+    names = [
+        settings.model or registry.PRIMARY,
+        settings.fallback_model or registry.FALLBACK,
+        registry.BUNDLED,
+        KEYWORD,
+        GENERAL,
+    ]
+    return list(dict.fromkeys(names))  # LLM_MODEL may repeat a later tier
+
+
+class Chain:
+    """Classify through the tiers, with an LRU cache, metrics and an optional log."""
+
+    def __init__(
+        self,
+        tiers: list[Tier],
+        cache_size: int = 1024,
+        metrics: Metrics | None = None,
+        log: ClassificationLog | None = None,
+        pool: ModelPool | None = None,
+    ):
+        if not tiers or tiers[-1].name != GENERAL:
+            tiers = [*tiers, general_tier()]
+        self.tiers = tiers
+        self.names = tuple(t.name for t in tiers)
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, dict] = OrderedDict()
+        self.cache_hits = 0
+        self.metrics = metrics or Metrics()
+        self.log = log
+        self.pool = pool
+        self._lock = threading.Lock()
+
+    def classify(self, text: str, label: str | None = None) -> dict:
+        return self.classify_batch([text], labels=[label])[0]
+
+    def classify_batch(self, texts: list[str], labels: list[str | None] | None = None) -> list[dict]:
+        """Answers in order; uncached texts go down the chain together, one batch per tier."""
+        start = time.perf_counter()
+        results: list[dict | None] = [None] * len(texts)
+        keys = [f"{self.names}|{normalize(t) if isinstance(t, str) else ''}" for t in texts]
+        todo = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                hit = self.cache.get(key)
+                if hit is not None:
+                    self.cache.move_to_end(key)
+                    self.cache_hits += 1
+                    results[i] = {**hit, "cached": True}
+                else:
+                    todo.append(i)
+        fallbacks: dict[int, list[dict]] = {i: [] for i in todo}
+        for tier in self.tiers:
+            if not todo:
+                break
+            todo = self._run_tier(tier, texts, todo, results, fallbacks)
+        elapsed = (time.perf_counter() - start) * 1000
+        labels = labels or [None] * len(texts)
+        for i, res in enumerate(results):
+            if not res.get("cached"):
+                res.update(fallbacks=fallbacks[i], cached=False, latency_ms=round(elapsed, 2))
+                with self._lock:
+                    self.cache[keys[i]] = res
+                    while len(self.cache) > self.cache_size:
+                        self.cache.popitem(last=False)
+            else:
+                res["latency_ms"] = round(elapsed, 3)
+            self._record(texts[i], res, labels[i])
+        return results
+
+    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> list[int]:
+        """Run ``tier`` on the texts still unanswered; return those it passed over."""
+        try:
+            tier.load()
+            t0 = time.perf_counter()
+            answers = tier.run([texts[i] for i in todo])
+        except PassOver as e:
+            return self._pass(tier, todo, str(e), fallbacks)
+        except Exception as e:  # a fault inside a tier never reaches the caller
+            return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks)
+        spent = (time.perf_counter() - t0) * 1000
+        if tier.budget_ms is not None and spent > tier.budget_ms:
+            return self._pass(tier, todo, f"timeout: {spent:.0f} ms > budget {tier.budget_ms:.0f} ms", fallbacks)
+        left = []
+        for i, raw in zip(todo, answers):
+            try:
+                answer = validate({k: raw[k] for k in ("primary_intent", "confidence", "all_intents")})
+            except Exception as e:
+                fallbacks[i].append({"tier": tier.name, "reason": f"invalid answer: {e}"})
+                left.append(i)
+                continue
+            if answer["confidence"] < tier.threshold:
+                reason = f"low confidence: {answer['confidence']:.2f} < {tier.threshold:.2f}"
+                fallbacks[i].append({"tier": tier.name, "reason": reason})
+                left.append(i)
+                continue
+            extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
+            results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
+        return left
+
+    @staticmethod
+    def _pass(tier: Tier, todo: list[int], reason: str, fallbacks) -> list[int]:
+        for i in todo:
+            fallbacks[i].append({"tier": tier.name, "reason": reason})
+        return todo
+
+    def _record(self, text: str, result: dict, label: str | None) -> None:
+        lang = detect_language(text) if isinstance(text, str) else None
+        result["lang"] = lang
+        self.metrics.record(result, lang=lang, label=label)
+        if self.log is not None:
+            self.log.write(log_record(result, text, lang, label=label))
+
+
+def build_chain(settings: Settings, names: list[str] | None = None, memory: int | None = None) -> Chain:
+    """The chain from settings: ``names`` (--chain) or MLX_INTENT_CHAIN, else the default."""
+    names = list(names or settings.chain or default_chain_names(settings))
+    pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory)
+    tiers = []
+    for name in names:
+        if name == KEYWORD:
+            tiers.append(keyword_tier())
+        elif name == GENERAL:
+            tiers.append(general_tier())
+        else:
+            tiers.append(llm_tier(name, pool, settings.min_confidence, settings.latency_budget_ms))
+    log = ClassificationLog(settings.log) if settings.log else None
+    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool)
