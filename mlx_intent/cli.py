@@ -1,22 +1,35 @@
 """The ``mlx-intent`` command line.
 
-Exit codes: 0 ok; 1 a failed check or error reported in words; 2 bad usage or bad
-input (click's own code for usage errors); 3 a model that is missing or unknown.
+Exit codes: 0 ok; 1 a failed check or an error reported in words; 2 bad usage or bad
+input (empty text, a malformed or non-UTF-8 JSONL line; click's own code for usage
+errors); 3 an unknown model, or one that is missing.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import click
 
 from mlx_intent import registry
+from mlx_intent.settings import Settings, config_command, settings_options
+from mlx_intent.stats import stats_command
 
+EXIT_INPUT = 2
 EXIT_MODEL = 3
+ANSWER_KEYS = ("primary_intent", "confidence", "all_intents")
+OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms")
 
 
 class ModelError(click.ClickException):
     exit_code = EXIT_MODEL
+
+
+class InputError(click.ClickException):
+    exit_code = EXIT_INPUT
 
 
 def _human(n: float) -> str:
@@ -31,6 +44,124 @@ def _human(n: float) -> str:
 @click.version_option(package_name="mlx-intent")
 def main() -> None:
     """Classify what a traveller wants (15 intents) with small local LLMs on MLX."""
+
+
+main.add_command(config_command)
+main.add_command(stats_command)
+
+
+def _apply_home(settings: Settings) -> None:
+    """MLX_INTENT_HOME may come from .env or a flag: the registry reads the environment."""
+    if settings.home is not None:
+        os.environ["MLX_INTENT_HOME"] = str(settings.home)
+
+
+def _build_chain(settings: Settings):
+    from mlx_intent.chain import build_chain
+
+    _apply_home(settings)
+    try:
+        chain = build_chain(settings)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+    if settings.sources.get("model") == "command line" and registry.state(settings.model) == "missing":
+        click.echo(
+            f"warning: {settings.model} is not downloaded; get it with: {registry.how_to_get(settings.model)}", err=True
+        )
+    return chain
+
+
+def _read_jsonl(path: str, done: set[str]):
+    """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
+    error naming the line at the first malformed one."""
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    with stream:
+        for n, raw in enumerate(stream, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                obj = json.loads(line)
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not valid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f'{path}:{n}: expected an object with a string "text"') from None
+            if not obj["text"].strip():
+                raise InputError(f"{path}:{n}: text is empty")
+            ident = str(obj.get("id", n))
+            if ident not in done:
+                yield n, ident, obj["text"]
+
+
+def _done_ids(output: Path) -> set[str]:
+    ids = set()
+    if output.is_file():
+        for line in output.read_text(encoding="utf-8").splitlines():
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from an interrupted run is redone
+    return ids
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--input", "input_path", metavar="IN.jsonl", help='JSONL of {"id", "text"} lines, or - for stdin.')
+@click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
+@click.option("--resume", is_flag=True, help="Skip ids already in --output.")
+@click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
+@settings_options
+def classify(text, input_path, output, resume, verbose, settings: Settings) -> None:
+    """Classify TEXT, or every line of --input, through the fallback chain.
+
+    \b
+    mlx-intent classify "Where can I eat fish in Kadıköy?"
+    mlx-intent classify --input queries.jsonl --output results.jsonl --resume
+    """
+    if (text is None) == (input_path is None):
+        raise click.UsageError("give either TEXT or --input")
+    if text is not None:
+        if not text.strip():
+            raise InputError("text is empty")
+        result = _build_chain(settings).classify(text)
+        shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
+        click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
+        return
+    if output is None:
+        raise click.UsageError("--input needs --output")
+    _classify_file(input_path, output, resume, settings)
+
+
+def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings) -> None:
+    """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
+    from tqdm import tqdm
+
+    if input_path != "-" and not Path(input_path).is_file():
+        raise InputError(f"{input_path}: no such file")
+    done = _done_ids(output) if resume else set()
+    chain = _build_chain(settings)
+    batch: list[tuple[int, str, str]] = []
+    with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
+
+        def flush() -> None:
+            results = chain.classify_batch([t for _, _, t in batch])
+            for (_, ident, _), res in zip(batch, results):
+                out.write(json.dumps({"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(batch))
+            batch.clear()
+
+        try:
+            for item in _read_jsonl(input_path, done):
+                batch.append(item)
+                if len(batch) >= settings.batch_size:
+                    flush()
+        finally:
+            if batch:
+                flush()
+    click.echo(f"wrote {output}", err=True)
 
 
 @main.group()
