@@ -27,8 +27,9 @@ CUE = 0.8  # a single term this strong names a need of its own (a landmark does,
 WEAK = 0.6  # below this nothing is asked: "ok" alone is general, "thanks, see you tomorrow" greeting
 LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times its evidence
 
-# Near X is nearby_locations unless the point is plainly one of these (food, shops, hidden spots).
-_NEAR_EXEMPT = ("restaurant", "shopping", "hidden_gems")
+# Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
+# much evidence: a cup of tea is food, but "market" alone may be the corner grocery.
+_NEAR_EXEMPT = {"restaurant": WEAK, "shopping": REQUEST, "hidden_gems": REQUEST}
 # Sights and districts named inside a request about food, shops, hidden spots or events only
 # say where; they need a cue of their own ("opening hours") to compete.
 _ANCHORS = ("attraction", "neighborhood")
@@ -60,8 +61,14 @@ _TIE_ORDER: tuple[str, ...] = (
 # Uppercase IST is the airport; folded to "ist" it would be German for "is".
 _AIRPORT_CODE = re.compile(r"\bIST\b")
 
-# Arabic glues the article and some prepositions to the word: المطار, للمطار, بالمطار.
+# Arabic glues the article and some particles to the word: المطار, للمطار, بالمطار, ومتحف.
 _AR_ARTICLES = ("وال", "بال", "فال", "كال", "لل", "ال")
+_AR_PARTICLES = ("و", "ب", "ل")
+
+# Emoji carry intent but normalize() drops symbols, so name the telling ones first.
+_EMOJI = str.maketrans(
+    dict.fromkeys("☔☂🌧🌦⛅☀🌤🌥☁❄🌨🌩⛈🌬🌡", " weather ") | dict.fromkeys("👋", " hello ") | {"🙏": " thanks "}
+)
 
 
 class LexiconError(ValueError):
@@ -84,6 +91,8 @@ def _strip_article(word: str) -> str:
         for article in _AR_ARTICLES:
             if word.startswith(article) and len(word) - len(article) >= 2:
                 return word[len(article) :]
+        if word[0] in _AR_PARTICLES and len(word) >= 4:
+            return word[1:]
     return word
 
 
@@ -204,7 +213,8 @@ class _Evidence:
 
 def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
-    for pos, hit in _matches(_words(_AIRPORT_CODE.sub("IST airport", text)), lex):
+    text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
+    for pos, hit in _matches(_words(text), lex):
         for intent, weight in hit.items():
             if weight > 0:  # weight 0 only shields its words
                 ev.scores[intent] += weight
@@ -238,11 +248,12 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
         forced = "gps_route_planning"
         _absorb(s, forced, ("transportation", "attraction", "neighborhood"))
     elif strong("route_planning") or strong("museum_route_planning"):  # rule 4
-        museum_led = ev.museums > 0 and ev.museums >= ev.other_stops
+        explicit = ev.peak.get("museum_route_planning", 0.0) >= REQUEST  # "museum tour"
+        museum_led = explicit or (ev.museums > 0 and ev.museums >= ev.other_stops)
         forced = "museum_route_planning" if museum_led else "route_planning"
         _absorb(s, forced, ("route_planning", "museum_route_planning", "attraction", "neighborhood"))
     elif strong("nearby_locations"):  # rule 5: what is near, unless the point is food (or shops, gems)
-        plain = [i for i in _NEAR_EXEMPT if s.get(i, 0.0) >= WEAK]
+        plain = [i for i, least in _NEAR_EXEMPT.items() if s.get(i, 0.0) >= least]
         if plain:
             forced, extras = min(plain, key=lambda i: ev.first[i]), ["nearby_locations"]
         else:
@@ -269,12 +280,14 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
 def _first_request(s: dict[str, float], ev: _Evidence) -> str:
     """Of the requests cued by a full term, the one asked first ("dinner, and will it rain?"),
     unless another has far more evidence; with no cue, the best-supported anchor (rule 6)."""
-    needs = [i for i in _ANCHORED if s.get(i, 0.0) >= REQUEST]
-    cued = [i for i in s if ev.peak[i] >= (REQUEST if needs and i in _ANCHORS else CUE)]
+    if s.get("hidden_gems", 0.0) >= REQUEST:  # "quiet mosques few tourists know": the mosque is the object
+        s = {i: v for i, v in s.items() if i not in _ANCHORS}
+    anchored = any(s.get(i, 0.0) >= REQUEST for i in _ANCHORED)
+    cued = [i for i in s if ev.peak[i] >= (REQUEST if anchored and i in _ANCHORS else CUE)]
     if not cued:
         return min(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
     top = max(s[i] for i in cued)
-    return min((i for i in cued if s[i] >= LEAD * top), key=lambda i: (ev.first[i], _TIE_ORDER.index(i)))
+    return min((i for i in cued if s[i] > LEAD * top), key=lambda i: (ev.first[i], _TIE_ORDER.index(i)))
 
 
 def _confidence(primary: str, scores: dict[str, float]) -> float:
