@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_intent.normalize import tokens
+from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
@@ -58,6 +58,8 @@ _TIE_ORDER: tuple[str, ...] = (
     "general",
 )
 
+_ELONGATED = re.compile(r"([^\W\d_])\1{2,}")
+
 # Uppercase IST is the airport; folded to "ist" it would be German for "is".
 _AIRPORT_CODE = re.compile(r"\bIST\b")
 
@@ -97,7 +99,9 @@ def _strip_article(word: str) -> str:
 
 
 def _words(text: str) -> tuple[str, ...]:
-    return tuple(_strip_article(w) for w in tokens(text))
+    """Folded words, letters typed three or more times once ("hellooo", "günaydınnn"), Arabic
+    articles off."""
+    return tuple(_strip_article(w) for w in _ELONGATED.sub(r"\1", normalize(text)).split())
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...], bool, float]:

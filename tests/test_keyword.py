@@ -188,6 +188,15 @@ def test_clear_examples_in_six_languages(text: str, primary: str) -> None:
     assert top(text) == primary
 
 
+@pytest.mark.parametrize("text", ["hellooo 👋", "günaydınnn", "привееет", "merci beaucoup !!", "🙏"])
+def test_elongated_words_and_emoji_still_greet(text: str) -> None:
+    assert top(text) == "greeting"
+
+
+def test_weather_emoji_counts_as_weather() -> None:
+    assert top("☔ tomorrow?") == "weather"
+
+
 def test_confidence_follows_evidence() -> None:
     nothing = classify_keywords("hmm")["confidence"]
     one = classify_keywords("kebab?")["confidence"]
