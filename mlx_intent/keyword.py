@@ -207,13 +207,14 @@ def _absorb(scores: dict[str, float], winner: str, losers: tuple[str, ...]) -> N
 class _Evidence:
     """What the matched terms say: summed weight per intent, where each intent is first
     mentioned, its strongest single term, and how many museums versus other sights or
-    districts a plan names (rule 4)."""
+    districts a plan names (rule 4); a layover puts the plan before the airport (rule 2)."""
 
     scores: dict[str, float]
     first: dict[str, int]
     peak: dict[str, float]
     museums: int = 0
     other_stops: int = 0
+    stopover: bool = False  # a term naming both an airport and a plan: a layover to fill
 
 
 def _evidence(text: str, lex: Lexicon) -> _Evidence:
@@ -225,6 +226,7 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
                 ev.scores[intent] += weight
                 ev.first.setdefault(intent, pos)
                 ev.peak[intent] = max(ev.peak.get(intent, 0.0), weight)
+        ev.stopover |= hit.get("airport_transport", 0.0) > 0 and hit.get("route_planning", 0.0) > 0
         if "museum_route_planning" in hit:
             ev.museums += 1
         elif "attraction" in hit or "neighborhood" in hit:
@@ -248,7 +250,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
         s = {}
     forced: str | None = None
     extras: list[str] = []
-    if strong("airport_transport"):  # rule 2
+    if strong("airport_transport") and not (ev.stopover and strong("route_planning")):  # rule 2
         forced = "airport_transport"
         _absorb(s, forced, ("transportation", "gps_route_planning"))
     elif strong("gps_route_planning"):  # rule 3

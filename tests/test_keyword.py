@@ -122,6 +122,7 @@ def top(text: str) -> str:
         ("Thanks a lot, bye!", "greeting", []),
         # 2. an airport named: airport_transport, not transportation
         ("How do I get from IST to Sultanahmet?", "airport_transport", []),
+        ("10 hour layover at IST, can I see the old city?", "route_planning", []),
         ("Havalimanından Taksim'e otobüs var mı?", "airport_transport", []),
         # 3. from here / navigate: gps; both ends named: transportation
         ("Navigate me to Taksim from here", "gps_route_planning", []),
@@ -174,6 +175,7 @@ def test_boundary_rules(text: str, primary: str, also: list[str]) -> None:
         ("Il va pleuvoir demain ?", "weather"),
         ("Emmène-moi à la Mosquée bleue d'ici", "gps_route_planning"),
         ("Wie warm ist es im Mai?", "weather"),
+        ("La mosquée restaurée est-elle ouverte ?", "attraction"),
         ("ATM in der Nähe", "nearby_locations"),
         ("Wie komme ich vom Flughafen nach Taksim?", "airport_transport"),
         ("Wo kann man Teppiche kaufen?", "shopping"),
