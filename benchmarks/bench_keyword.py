@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             classify_keywords(row["text"])
             timings_us.append((time.perf_counter() - start) * 1e6)
     timings_us.sort()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     greeting = by_intent.get("greeting", [])
     data_name = args.data.resolve().relative_to(ROOT) if args.data.resolve().is_relative_to(ROOT) else args.data
@@ -85,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Reproduce: `{command}`",
         "",
-        f"Machine: {platform.platform()}, Python {platform.python_version()} ({platform.machine()})",
+        f"Machine: {platform.platform()}, Python {platform.python_version()} ({platform.machine()}), "
+        f"{os.cpu_count()} CPUs, 1-minute load average {load:.1f} after the timed passes "
+        "(a busy machine inflates p99).",
         "",
-        f"Data: `{data_name}`, {len(rows)} queries.",
+        f"Data: `{data_name}`, {len(rows)} queries. The lexicons and rules are tuned on "
+        "`benchmarks/data/train.jsonl` only; dev is held out for measurement.",
         "",
         "## Summary",
         "",

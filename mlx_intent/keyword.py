@@ -25,7 +25,7 @@ REQUEST = 1.0
 NO_MATCH_CONFIDENCE = 0.25
 CUE = 0.8  # a single term this strong names a need of its own (a landmark does, a district does not)
 WEAK = 0.6  # below this nothing is asked: "ok" alone is general, "thanks, see you tomorrow" greeting
-SOCIAL = 0.7  # hello/thanks beat other evidence this weak: "thanks, see you tonight", "hi from Moda"
+SOCIAL = 0.7  # hello/thanks beat cues this weak and a place named in passing: "thanks, Moda was lovely"
 LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times its evidence
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
@@ -244,9 +244,10 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
 
     if s.get("route_planning", 0.0) == 0 and not strong("museum_route_planning"):
         s.pop("museum_route_planning", None)  # a museum named without a plan is a sight
-    if max(s.values(), default=0.0) < WEAK or (
-        greeting >= REQUEST and max(ev.peak[i] for i in s) < SOCIAL
-    ):  # rule 7, or social talk with no real request ("thanks, see you tonight")
+    social = greeting >= REQUEST and all(
+        s[i] < REQUEST and ev.peak[i] < (REQUEST if i in _ANCHORS else SOCIAL) for i in s
+    )
+    if social or max(s.values(), default=0.0) < WEAK:  # rule 7, or social talk with no request
         s = {}
     forced: str | None = None
     extras: list[str] = []

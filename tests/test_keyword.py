@@ -120,6 +120,8 @@ def top(text: str) -> str:
         ("Hi, where can I eat?", "restaurant", ["greeting"]),
         ("Merhaba, where is the nearest ATM?", "nearby_locations", ["greeting"]),
         ("Thanks a lot, bye!", "greeting", []),
+        ("Thanks, see you tonight!", "greeting", []),
+        ("Hi! Is Topkapı open today?", "attraction", ["greeting"]),
         # 2. an airport named: airport_transport, not transportation
         ("How do I get from IST to Sultanahmet?", "airport_transport", []),
         ("10 hour layover at IST, can I see the old city?", "route_planning", []),
