@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_intent import backend, loading, registry
-from mlx_intent.prompts import clean_user_text, split_prompt
+from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, validate
 
@@ -62,13 +62,19 @@ class IntentClassifier:
         mode: str = "score",
         temperature: float | None = None,
         threshold: float | None = None,
-        adapter: Path | None = None,
+        use_adapter: bool = True,
         cache_dir: Path | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.name = model_name or loading.select_best_model()
         self.spec = registry.get_spec(self.name)
+        # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
+        adapter = registry.adapter_dir(self.name) if use_adapter and registry.has_adapter(self.name) else None
+        self.adapter = adapter
+        style = (
+            json.loads((adapter / "adapter_config.json").read_text()).get("prompt_style", "full") if adapter else "full"
+        )
         if model is None:
             model, tokenizer = loading.load(self.name, adapter=adapter)
         self.model, self.tokenizer = model, tokenizer
@@ -79,7 +85,7 @@ class IntentClassifier:
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)
         self._specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        parts = split_prompt(tokenizer, self.spec.chat_format)
+        parts = split_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
         self.prefix_ids = self.encode(parts.prefix)
         self.suffix_ids = self.encode(parts.suffix)
         self._chain, self._branch = self._root_chain()
@@ -115,7 +121,8 @@ class IntentClassifier:
         from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
         dtype = str(self.model.model.embed_tokens.weight.dtype)
-        key = hashlib.sha256(json.dumps([self.prefix_ids, dtype, str(adapter)]).encode()).hexdigest()[:16]
+        stamp = (adapter / "adapters.safetensors").stat().st_mtime if adapter else None
+        key = hashlib.sha256(json.dumps([self.prefix_ids, dtype, str(adapter), stamp]).encode()).hexdigest()[:16]
         path = folder / f"prompt_cache_{key}.safetensors" if folder else None
         if path is not None and path.is_file():
             try:

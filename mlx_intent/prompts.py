@@ -65,6 +65,15 @@ def system_prompt() -> str:
     return "\n".join(lines)
 
 
+def compact_system_prompt() -> str:
+    """The short prompt of fine-tuned adapters: the model has learnt the task, so the
+    prompt only names it; ~8x fewer tokens to train on and to attend to."""
+    return f"Classify the traveller's intent as JSON. Intents: {', '.join(INTENTS)}."
+
+
+PROMPT_STYLES = {"full": system_prompt, "compact": compact_system_prompt}
+
+
 @dataclass(frozen=True)
 class PromptParts:
     prefix: str  # system prompt and user header: identical for every query

@@ -169,6 +169,15 @@ def resolve_dir(name: str) -> Path | None:
     return pulled_dir(spec)
 
 
+def adapter_dir(name: str) -> Path:
+    """The LoRA adapter of ``name`` from ``mlx-intent train`` (small; committed for the bundled model)."""
+    return home() / "adapters" / get_spec(name).name
+
+
+def has_adapter(name: str) -> bool:
+    return (adapter_dir(name) / "adapters.safetensors").is_file()
+
+
 def source_dir(spec: ModelSpec) -> Path:
     return home() / f"{spec.name}.source"
 

@@ -1,0 +1,192 @@
+"""Fine-tune a registry model with a LoRA adapter (mlx-lm's tuner) so that, after the
+classifier's own prompt, it writes the right JSON.
+
+Each training row is exactly what the classifier feeds at run time: the prompt
+(compact style), the cleaned query tokens, and the answer tokens as the
+constrained sampler writes them; the loss covers the answer only.  A multi-intent
+row is seen once per intent (the primary twice), so the scored distribution puts
+real probability on the secondary intents and the all_intents threshold can find
+them.  The adapter lands in ``<home>/adapters/<model>/`` and classify loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mlx_intent import loading, registry
+from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
+from mlx_intent.sampler import AnswerVocab, write_answer
+
+LORA_KEYS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def answers_for(row: dict) -> list[tuple[str, float, list[str]]]:
+    """The target answers of a row: the primary twice, each secondary once."""
+    intents = list(row["all_intents"])
+    if len(intents) == 1:
+        return [(intents[0], 1.0, intents)]
+    share = 1.0 / (len(intents) + 1)
+    out = [(intents[0], 2 * share, intents)] * 2
+    for other in intents[1:]:
+        out.append((other, share, [other] + [i for i in intents if i != other]))
+    return out
+
+
+def answer_loss(width: int):
+    """mlx-lm's default loss, but the output layer (49k-way for SmolLM2, as costly as
+    several transformer blocks per position) only runs on the ``width`` positions
+    after each row's prompt, where the answer is."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    def loss(model, batch, lengths):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        hidden = model.model(inputs)
+        pos = mx.minimum(lengths[:, 0:1] - 1 + mx.arange(width)[None], targets.shape[1] - 1)
+        hidden = mx.take_along_axis(hidden, pos[..., None], axis=1)
+        head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+        mask = (pos + 1) <= lengths[:, 1:]
+        ce = nn.losses.cross_entropy(head(hidden), mx.take_along_axis(targets, pos, axis=1)) * mask
+        ntoks = mask.sum()
+        return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+    return loss
+
+
+def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) -> list[tuple[list[int], int]]:
+    """(tokens, prompt length) pairs, as mlx-lm's trainer takes them."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    parts = split_prompt(tokenizer, chat_format, PROMPT_STYLES[style]())
+    prefix, suffix = encode(parts.prefix), encode(parts.suffix)
+    vocab = AnswerVocab(encode)
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    examples = []
+    for row in rows:
+        prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix
+        for primary, conf, intents in answers_for(row):
+            answer = write_answer(vocab, primary, conf, intents).tokens
+            examples.append((prompt + answer, len(prompt)))
+    return examples
+
+
+def train_adapter(
+    name: str,
+    train_path: Path,
+    valid_path: Path | None = None,
+    iters: int | None = None,
+    epochs: float = 2.0,
+    batch_size: int = 16,
+    learning_rate: float = 3e-4,
+    num_layers: int = 8,
+    rank: int = 16,
+    style: str = "compact",
+    seed: int = 0,
+    out_dir: Path | None = None,
+    report: Callable[[str], None] = print,
+) -> dict:
+    """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    spec = registry.get_spec(name)
+    mx.random.seed(seed)
+    model, tokenizer = loading.load(name)  # float32 on the CPU, 4-bit on Metal (QLoRA)
+    model.freeze()
+    lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(LORA_KEYS)}
+    num_layers = min(num_layers, len(model.model.layers))
+    linear_to_lora_layers(model, num_layers, lora)
+    train_set = build_examples(read_rows(train_path), tokenizer, spec.chat_format, style)
+    valid_set = build_examples(read_rows(valid_path), tokenizer, spec.chat_format, style) if valid_path else None
+    batch_size = min(batch_size, len(train_set))
+    iters = iters or max(1, int(epochs * len(train_set) / batch_size))
+    out_dir = out_dir or registry.adapter_dir(name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    losses: dict[str, list] = {"train": [], "valid": []}
+
+    class Progress(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            losses["train"].append((info["iteration"], round(info["train_loss"], 4)))
+            report(f"iter {info['iteration']}/{iters}: train loss {info['train_loss']:.3f}")
+
+        def on_val_loss_report(self, info: dict) -> None:
+            losses["valid"].append((info["iteration"], round(info["val_loss"], 4)))
+            report(f"iter {info['iteration']}: valid loss {info['val_loss']:.3f}")
+
+    args = TrainingArgs(
+        batch_size=batch_size,
+        iters=iters,
+        val_batches=-1 if valid_set else 0,
+        steps_per_report=max(1, iters // 20),
+        steps_per_eval=iters if valid_set else iters + 1,
+        steps_per_save=iters + 1,
+        max_seq_length=1024,
+        adapter_file=str(tmp / "adapters.safetensors"),
+    )
+    start = time.perf_counter()
+    try:
+        schedule = optim.cosine_decay(learning_rate, iters, learning_rate * 0.1)
+        train(
+            model,
+            optim.Adam(learning_rate=schedule),
+            train_set,
+            valid_set,
+            args=args,
+            loss=answer_loss(max(len(t) - n for t, n in train_set + (valid_set or []))),
+            training_callback=Progress(),
+        )
+        seconds = time.perf_counter() - start
+        summary = {
+            "model": name,
+            "fine_tune_type": "lora",
+            "num_layers": num_layers,
+            "lora_parameters": lora,
+            "prompt_style": style,
+            "train": str(train_path),
+            "valid": str(valid_path) if valid_path else None,
+            "examples": len(train_set),
+            "iters": iters,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "train_seconds": round(seconds, 1),
+            "losses": losses,
+        }
+        (tmp / "adapter_config.json").write_text(json.dumps(summary, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
