@@ -180,7 +180,7 @@ class Chain:
         try:
             tier.load()
             t0 = time.perf_counter()
-            answers = tier.run([texts[i] for i in todo])
+            answers = list(tier.run([texts[i] for i in todo]))
         except PassOver as e:
             return self._pass(tier, todo, str(e), fallbacks)
         except Exception as e:  # a fault inside a tier never reaches the caller
@@ -188,6 +188,8 @@ class Chain:
         spent = (time.perf_counter() - t0) * 1000
         if tier.budget_ms is not None and spent > tier.budget_ms:
             return self._pass(tier, todo, f"timeout: {spent:.0f} ms > budget {tier.budget_ms:.0f} ms", fallbacks)
+        if len(answers) != len(todo):  # zip would silently leave texts unanswered
+            return self._pass(tier, todo, f"invalid answer: {len(answers)} answers for {len(todo)} texts", fallbacks)
         left = []
         for i, raw in zip(todo, answers):
             try:
