@@ -24,6 +24,9 @@ from mlx_intent.settings import Settings
 
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
+# Pass-over reasons that may not recur (a timeout under load, a crash, a load that may succeed after the
+# back-off): answers given because of them are not cached, or one bad moment would pin a worse answer.
+TRANSIENT = ("error:", "timeout:", "load failed")
 
 
 class PassOver(Exception):
@@ -166,10 +169,11 @@ class Chain:
         for i, res in enumerate(results):
             if not res.get("cached"):
                 res.update(fallbacks=fallbacks[i], cached=False, latency_ms=round(elapsed, 2))
-                with self._lock:
-                    self.cache[keys[i]] = res
-                    while len(self.cache) > self.cache_size:
-                        self.cache.popitem(last=False)
+                if self.cache_size and not any(f["reason"].startswith(TRANSIENT) for f in fallbacks[i]):
+                    with self._lock:
+                        self.cache[keys[i]] = res
+                        while len(self.cache) > self.cache_size:
+                            self.cache.popitem(last=False)
             else:
                 res["latency_ms"] = round(elapsed, 3)
             self._record(texts[i], res, labels[i])
