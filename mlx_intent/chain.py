@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mlx_intent import loading, registry
+from mlx_intent import backend, loading, registry
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.normalize import normalize
@@ -69,6 +69,7 @@ class ModelPool:
     memory: int | None = None  # bytes the device can give; None = ask the device
     loaded: OrderedDict = field(default_factory=OrderedDict)
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
+    unstamped: dict[str, int] = field(default_factory=dict)  # just loaded: MLX bytes in use before the load
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, name: str):
@@ -89,20 +90,47 @@ class ModelPool:
             try:
                 from mlx_intent.classifier import IntentClassifier
 
+                before = _start_peak()
                 clf = IntentClassifier(name, mode=self.mode)
             except Exception as e:  # corrupt weights, missing files, out of memory...
                 self.failed[name] = (time.monotonic(), f"{type(e).__name__}: {e}")
                 raise PassOver(f"load failed: {type(e).__name__}: {e}") from e
             self.failed.pop(name, None)
             self.loaded[name] = clf
+            self.unstamped[name] = before
             return clf
+
+    def stamp_peak(self, name: str) -> None:
+        """After a model's first run since its load, write the memory its load and run took (peak less what
+        was in use before) next to its weights: ``mlx-intent models list`` shows it as "peak seen"."""
+        before = self.unstamped.pop(name, None)
+        path = registry.resolve_dir(name) if before is not None else None
+        if path is None:
+            return
+        import mlx.core as mx
+
+        try:
+            registry.write_stamp(path, peak_memory=mx.get_peak_memory() - before)
+        except OSError:  # a read-only models folder costs the figure, not the answer
+            pass
+
+
+def _start_peak() -> int:
+    """Restart MLX's peak counter so the next reading belongs to the model about to load; the bytes in use."""
+    backend.use_openblas()  # before the first import of mlx.core
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
+    return mx.get_active_memory()
 
 
 def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
     registry.get_spec(name)  # unknown names fail when the chain is built
 
     def run(texts: list[str]) -> list[dict]:
-        return pool.get(name).classify_batch(texts)
+        answers = pool.get(name).classify_batch(texts)
+        pool.stamp_peak(name)
+        return answers
 
     return Tier(name, run, lambda: pool.get(name), model=name, threshold=threshold, budget_ms=budget_ms)
 
