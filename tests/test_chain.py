@@ -1,0 +1,466 @@
+"""The fallback chain: every pass-over reason ends in an answer from a lower tier, never an exception.
+
+Fake tiers cover the reasons one by one; the bundled model covers them through ModelPool and build_chain
+(not downloaded, does not fit, corrupt weights, a raising loader, a raising classify_batch, low confidence).
+Also: chain order from settings, LLM_MODEL / LLM_FALLBACK_MODEL, the LRU of loaded models, the query cache,
+metrics, the log, and the peak memory a loaded model leaves in its stamp for ``mlx-intent models list``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_intent import chain as chain_module
+from mlx_intent import loading, registry
+from mlx_intent.chain import (
+    GENERAL,
+    GENERAL_CONFIDENCE,
+    KEYWORD,
+    Chain,
+    ModelPool,
+    PassOver,
+    Tier,
+    build_chain,
+    default_chain_names,
+    keyword_tier,
+    llm_tier,
+)
+from mlx_intent.cli import _human, main
+from mlx_intent.metrics import ClassificationLog, read_log
+from mlx_intent.registry import BUNDLED, FALLBACK, GB, PRIMARY
+from mlx_intent.settings import ENV_VARS, Settings, load_settings
+
+ANSWER_KEYS = {"primary_intent", "confidence", "all_intents"}
+RESULT_KEYS = ANSWER_KEYS | {"tier", "model", "fallbacks", "cached", "latency_ms", "lang"}
+FISH = "Where can I eat fish in Kadıköy?"
+MB = 1024 * 1024
+
+
+def answer(intent: str = "restaurant", confidence: float = 0.9) -> dict:
+    return {"primary_intent": intent, "confidence": confidence, "all_intents": [intent]}
+
+
+def const_tier(name: str = "backup", intent: str = "restaurant", confidence: float = 0.9, **kw) -> Tier:
+    """A tier that always gives the same answer and counts the texts it was asked (``tier.asked``)."""
+    asked: list[str] = []
+
+    def run(texts: list[str]) -> list[dict]:
+        asked.extend(texts)
+        return [answer(intent, confidence) for _ in texts]
+
+    tier = Tier(name, run, model=f"{name}-model", **kw)
+    tier.asked = asked  # type: ignore[attr-defined]
+    return tier
+
+
+def rain_tier(name: str = "picky") -> Tier:
+    """Sure about rain (weather, 0.9), unsure about anything else (0.2), against a 0.5 threshold."""
+    return Tier(name, lambda texts: [answer("weather", 0.9 if "rain" in t else 0.2) for t in texts], threshold=0.5)
+
+
+def raise_(exc: BaseException):
+    raise exc
+
+
+def sleep_then(seconds: float, result: list[dict]) -> list[dict]:
+    time.sleep(seconds)
+    return result
+
+
+# (tier that fails, start of the reason it must record)
+FAULTS = {
+    "inference raises": (Tier("faulty", lambda t: raise_(RuntimeError("boom"))), "error: RuntimeError: boom"),
+    "over budget": (Tier("faulty", lambda t: sleep_then(0.2, [answer()]), budget_ms=50), "timeout: "),
+    "low confidence": (const_tier("faulty", confidence=0.3, threshold=0.5), "low confidence: 0.30 < 0.50"),
+    "unknown intent": (const_tier("faulty", intent="pizza"), "invalid answer: unknown primary_intent 'pizza'"),
+    "confidence out of range": (const_tier("faulty", confidence=1.5), "invalid answer: confidence 1.5 outside"),
+    "missing keys": (Tier("faulty", lambda t: [{"primary_intent": "weather"}]), "invalid answer: 'confidence'"),
+    "too few answers": (Tier("faulty", lambda t: []), "invalid answer: 0 answers for 1 texts"),
+    "not a list": (Tier("faulty", lambda t: None), "error: TypeError"),
+    "load passes over": (Tier("faulty", lambda t: [answer()], lambda: raise_(PassOver("not here"))), "not here"),
+    "load raises": (Tier("faulty", lambda t: [answer()], lambda: raise_(OSError("disk"))), "error: OSError: disk"),
+}
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """The chain module's monotonic clock, set by hand: ``clock[0] += 61`` passes a 60 s back-off."""
+    now = [1000.0]
+    monkeypatch.setattr(chain_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+    return now
+
+
+# ---- pass-over reasons, fake tiers ----------------------------------------------------------------
+
+
+def test_first_tier_that_answers_wins():
+    first, second = const_tier("first", "weather"), const_tier("second")
+    result = Chain([first, second]).classify("Will it rain tomorrow?")
+    assert set(result) >= RESULT_KEYS
+    assert (result["primary_intent"], result["tier"], result["model"]) == ("weather", "first", "first-model")
+    assert result["fallbacks"] == [] and result["cached"] is False and result["lang"] == "en"
+    assert isinstance(result["latency_ms"], float)
+    assert second.asked == []
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=list(FAULTS))
+def test_each_fault_falls_to_the_next_tier(fault):
+    faulty, reason = FAULTS[fault]
+    backup = const_tier("backup", "shopping")
+    result = Chain([faulty, backup]).classify("Where is the Grand Bazaar?")
+    assert set(result) >= RESULT_KEYS
+    assert (result["tier"], result["model"], result["primary_intent"]) == ("backup", "backup-model", "shopping")
+    assert len(result["fallbacks"]) == 1
+    assert result["fallbacks"][0]["tier"] == "faulty"
+    assert result["fallbacks"][0]["reason"].startswith(reason), result["fallbacks"][0]["reason"]
+
+
+def test_every_tier_failing_ends_in_general():
+    tiers = [tier for tier, _ in FAULTS.values()]
+    tiers = [Tier(f"t{i}", t.run, t.load, t.model, t.threshold, t.budget_ms) for i, t in enumerate(tiers)]
+    result = Chain(tiers).classify("Merhaba, nasılsın?")
+    assert (result["tier"], result["primary_intent"], result["confidence"]) == (GENERAL, "general", GENERAL_CONFIDENCE)
+    assert [f["tier"] for f in result["fallbacks"]] == [t.name for t in tiers]
+    assert result["lang"] == "tr"
+
+
+def test_chain_always_ends_with_general():
+    assert Chain([const_tier("a")]).names == ("a", GENERAL)
+    assert Chain([]).names == (GENERAL,)
+
+
+def test_confidence_at_the_threshold_is_enough():
+    result = Chain([const_tier("first", confidence=0.5, threshold=0.5)]).classify("a table for two")
+    assert result["tier"] == "first"
+
+
+def test_a_batch_moves_on_only_the_texts_a_tier_passed_over():
+    backup = const_tier("backup", "events")
+    results = Chain([rain_tier(), backup]).classify_batch(["rain today?", "concerts?", "rain?"])
+    assert [r["tier"] for r in results] == ["picky", "backup", "picky"]
+    assert backup.asked == ["concerts?"]
+    assert [len(r["fallbacks"]) for r in results] == [0, 1, 0]
+
+
+# ---- query cache ----------------------------------------------------------------------------------
+
+
+def test_cache_hit_on_normalized_text():
+    tier = const_tier("first")
+    chain = Chain([tier])
+    miss = chain.classify("Kadıköy?")
+    hit = chain.classify("kadikoy")
+    assert tier.asked == ["Kadıköy?"]
+    assert (miss["cached"], hit["cached"]) == (False, True)
+    assert {k: hit[k] for k in RESULT_KEYS - {"cached", "latency_ms"}} == {
+        k: miss[k] for k in RESULT_KEYS - {"cached", "latency_ms"}
+    }
+    assert chain.cache_hits == 1
+    assert chain.metrics.snapshot()["cache"]["hits"] == 1
+
+
+def test_cache_is_lru_and_bounded():
+    tier = const_tier("first")
+    chain = Chain([tier], cache_size=2)
+    for text in ("a", "b", "a", "c", "b", "a"):  # "c" evicts "b" (least recent); "b" then evicts "a"
+        chain.classify(text)
+    assert tier.asked == ["a", "b", "c", "b", "a"]
+    assert len(chain.cache) == 2 and chain.cache_hits == 1
+
+
+def test_cache_size_zero_disables_the_cache():
+    tier = const_tier("first")
+    chain = Chain([tier], cache_size=0)
+    results = [chain.classify("metro to Taksim") for _ in range(3)]
+    assert len(tier.asked) == 3 and not chain.cache and chain.cache_hits == 0
+    assert [r["cached"] for r in results] == [False] * 3
+
+
+def test_answers_given_because_of_a_fault_are_not_cached():
+    calls = []
+
+    def flaky(texts: list[str]) -> list[dict]:
+        calls.append(texts)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return [answer("weather") for _ in texts]
+
+    chain = Chain([Tier("flaky", flaky), const_tier("backup")])
+    assert chain.classify("rain?")["tier"] == "backup"
+    second = chain.classify("rain?")
+    assert (second["tier"], second["cached"]) == ("flaky", False)
+    assert chain.classify("rain?")["cached"] is True
+
+
+def test_answers_after_low_confidence_are_cached():
+    backup = const_tier("backup")
+    chain = Chain([const_tier("first", confidence=0.1, threshold=0.5), backup])
+    chain.classify("rain?")
+    hit = chain.classify("rain?")
+    assert (hit["tier"], hit["cached"], backup.asked) == ("backup", True, ["rain?"])
+    assert hit["fallbacks"][0]["reason"].startswith("low confidence")
+
+
+# ---- metrics and log ------------------------------------------------------------------------------
+
+
+def test_metrics_count_by_tier_and_intent():
+    chain = Chain([rain_tier("first"), const_tier("backup", "events")])
+    chain.classify_batch(["rain?", "concerts?", "rain tomorrow?"])
+    chain.classify("rain?")  # a cache hit is counted too
+    snap = chain.metrics.snapshot()
+    assert snap["count"] == 4
+    assert snap["by_tier"] == {"first": 3, "backup": 1}
+    assert snap["by_intent"] == {"weather": 3, "events": 1}
+    assert snap["by_tier_intent"] == {"first": {"weather": 3}, "backup": {"events": 1}}
+    assert snap["fallback"]["count"] == 1 and snap["cache"]["hits"] == 1
+
+
+def test_log_gets_one_line_per_classification(tmp_path):
+    path = tmp_path / "chain.log"
+    with ClassificationLog(path) as log:
+        chain = Chain([const_tier("first")], log=log)
+        chain.classify_batch(["Kadıköy fish", "kadikoy fish?"])  # one batch: neither is cached yet
+        chain.classify("KADIKÖY FISH")
+    records = read_log(path)
+    assert [r["text"] for r in records] == ["Kadıköy fish", "kadikoy fish?", "KADIKÖY FISH"]
+    assert [r["cached"] for r in records] == [False, False, True]
+    assert all(set(r) >= RESULT_KEYS | {"ts"} for r in records)
+
+
+# ---- settings: chain order, LLM_MODEL, LLM_FALLBACK_MODEL ----------------------------------------------
+
+
+@pytest.fixture
+def no_env(monkeypatch, tmp_path):
+    """No setting from the process environment or a stray ./.env."""
+    for variable in ENV_VARS.values():
+        if variable != "MLX_INTENT_HOME":
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_default_chain_names(no_env):
+    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, BUNDLED, KEYWORD, GENERAL]
+    settings = load_settings(environ={"LLM_MODEL": "tinyllama", "LLM_FALLBACK_MODEL": "llama-3.1-8b"})
+    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", BUNDLED, KEYWORD, GENERAL]
+    settings = load_settings(environ={"LLM_MODEL": BUNDLED})  # a repeated tier is listed once, first place
+    assert default_chain_names(settings) == [BUNDLED, FALLBACK, KEYWORD, GENERAL]
+
+
+def test_chain_setting_and_flag_set_the_order(no_env, models_home):
+    settings = load_settings(environ={"MLX_INTENT_CHAIN": f"{KEYWORD},{BUNDLED}"})
+    chain = build_chain(settings)
+    assert chain.names == (KEYWORD, BUNDLED, GENERAL)
+    result = chain.classify(FISH)
+    assert (result["tier"], result["fallbacks"]) == (KEYWORD, [])
+    assert not chain.pool.loaded  # the model after the keyword tier was never needed
+    assert build_chain(settings, names=[BUNDLED, KEYWORD]).names == (BUNDLED, KEYWORD, GENERAL)  # --chain wins
+    assert build_chain(load_settings(environ={"LLM_MODEL": "tinyllama"})).names[0] == "tinyllama"
+
+
+def test_unknown_tier_fails_when_the_chain_is_built():
+    with pytest.raises(registry.UnknownModelError):
+        build_chain(Settings(chain=("gpt-9", KEYWORD)))
+
+
+# ---- ModelPool: not downloaded, does not fit, load failures and back-off, LRU ----------------------------
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Names passed to loading.load, which still runs."""
+    calls: list[str] = []
+    real = loading.load
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load", counting)
+    return calls
+
+
+def test_model_not_downloaded_names_the_pull_command(models_home, loads):
+    result = build_chain(Settings(chain=(FALLBACK, KEYWORD))).classify(FISH)
+    assert result["tier"] == KEYWORD
+    assert result["fallbacks"] == [
+        {"tier": FALLBACK, "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)"}
+    ]
+    assert loads == []
+
+
+def test_model_that_does_not_fit_is_not_loaded(models_home, loads):
+    chain = build_chain(Settings(chain=(BUNDLED, KEYWORD)), memory=100 * MB)
+    result = chain.classify(FISH)
+    assert result["tier"] == KEYWORD
+    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "does not fit in memory (needs 0.6 GB)"}]
+    with pytest.raises(PassOver, match="does not fit"):
+        ModelPool(memory=GB // 2).get(BUNDLED)
+    assert loads == []
+
+
+class FakeClassifier:
+    """Stands in for IntentClassifier in the pool: ``made`` lists every construction."""
+
+    made: list[str] = []
+    fail: list[BaseException] = []  # raised, in order, by the next constructions
+    confidence = 0.9
+
+    def __init__(self, name: str, mode: str = "score"):
+        FakeClassifier.made.append(name)
+        if FakeClassifier.fail:
+            raise FakeClassifier.fail.pop(0)
+        self.name = name
+
+    def classify_batch(self, texts: list[str]) -> list[dict]:
+        return [answer("attraction", FakeClassifier.confidence) for _ in texts]
+
+
+@pytest.fixture
+def fake_models(monkeypatch, models_home) -> type[FakeClassifier]:
+    """Every registry model is on disk and fits; loading one builds a FakeClassifier."""
+    monkeypatch.setattr(FakeClassifier, "made", [])
+    monkeypatch.setattr(FakeClassifier, "fail", [])
+    monkeypatch.setattr("mlx_intent.classifier.IntentClassifier", FakeClassifier)
+    monkeypatch.setattr(loading, "is_available", lambda name: True)
+    monkeypatch.setattr(loading, "fits", lambda name, memory=None: True)
+    return FakeClassifier
+
+
+def test_failed_load_backs_off_then_retries(fake_models, clock):
+    fake_models.fail = [MemoryError("no room"), MemoryError("no room")]
+    pool = ModelPool(retry_after_s=60)
+    chain = Chain([llm_tier(PRIMARY, pool, 0.0, None), const_tier("backup")], pool=pool)
+
+    first = chain.classify("Blue Mosque hours?")
+    assert first["tier"] == "backup"
+    assert first["fallbacks"] == [{"tier": PRIMARY, "reason": "load failed: MemoryError: no room"}]
+    clock[0] += 59
+    second = chain.classify("Topkapı tickets?")
+    assert second["fallbacks"][0]["reason"].startswith("load failed 59s ago, backing off (MemoryError: no room)")
+    assert fake_models.made == [PRIMARY]  # not retried within retry_after_s
+    clock[0] += 2
+    assert chain.classify("Galata Tower?")["tier"] == "backup"
+    assert fake_models.made == [PRIMARY, PRIMARY]  # retried after the back-off, failed again
+    clock[0] += 61
+    recovered = chain.classify("Basilica Cistern?")
+    assert (recovered["tier"], recovered["model"], recovered["fallbacks"]) == (PRIMARY, PRIMARY, [])
+    assert fake_models.made == [PRIMARY] * 3 and not pool.failed
+
+
+def test_no_back_off_retries_every_query(fake_models):
+    fake_models.fail = [RuntimeError("bad")] * 3
+    chain = build_chain(Settings(chain=(PRIMARY, KEYWORD), retry_after_s=0))
+    for text in ("a museum", "a mosque", "a palace"):
+        assert chain.classify(text)["tier"] == KEYWORD
+    assert fake_models.made == [PRIMARY] * 3
+
+
+def test_at_most_max_loaded_models_stay_loaded(fake_models):
+    pool = ModelPool(max_loaded=2)
+    for name in (PRIMARY, FALLBACK, PRIMARY, "llama-3.1-8b"):  # the third load evicts the least recent
+        pool.get(name)
+    assert list(pool.loaded) == [PRIMARY, "llama-3.1-8b"]
+    pool.get(FALLBACK)
+    assert list(pool.loaded) == ["llama-3.1-8b", FALLBACK]
+    assert fake_models.made == [PRIMARY, FALLBACK, "llama-3.1-8b", FALLBACK]
+
+
+def test_chain_keeps_max_loaded_models(fake_models):
+    fake_models.confidence = 0.3  # every model passes over on low confidence, so each one is loaded
+    chain = build_chain(Settings(chain=(PRIMARY, FALLBACK, KEYWORD), max_loaded_models=1))
+    for text in ("a museum", "a mosque"):
+        result = chain.classify(text)
+        assert result["tier"] == KEYWORD and len(chain.pool.loaded) == 1
+    assert fake_models.made == [PRIMARY, FALLBACK] * 2
+
+
+def test_a_raising_classify_batch_falls_to_the_next_tier(fake_models, monkeypatch):
+    monkeypatch.setattr(FakeClassifier, "classify_batch", lambda self, texts: raise_(ValueError("nan logits")))
+    result = build_chain(Settings(chain=(PRIMARY, KEYWORD))).classify(FISH)
+    assert result["tier"] == KEYWORD
+    assert result["fallbacks"] == [{"tier": PRIMARY, "reason": "error: ValueError: nan logits"}]
+
+
+# ---- the bundled model through build_chain ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(models_home):
+    """A chain whose first tier is the bundled model, loaded once through its pool, and its first answer."""
+    chain = build_chain(Settings(chain=(BUNDLED, KEYWORD), min_confidence=0.0, latency_budget_ms=600_000))
+    return chain, chain.classify(FISH)
+
+
+def test_bundled_model_answers_through_the_pool(smol):
+    chain, first = smol
+    assert set(first) >= RESULT_KEYS
+    assert (first["tier"], first["model"], first["fallbacks"]) == (BUNDLED, BUNDLED, [])
+    assert list(chain.pool.loaded) == [BUNDLED]
+
+
+def test_peak_memory_is_stamped_and_listed(smol):
+    chain, _ = smol
+    path = registry.resolve_dir(BUNDLED)
+    peak = registry.read_stamp(path).get("peak_memory")
+    assert isinstance(peak, int) and peak > 0
+    assert not chain.pool.unstamped  # written once, after the first run
+    out = CliRunner().invoke(main, ["models", "list"]).output
+    row = next(line for line in out.splitlines() if f" {BUNDLED} " in line)
+    assert f"  {_human(peak)}  " in row
+
+
+def test_bundled_model_below_the_threshold_falls_to_keyword(smol):
+    chain, _ = smol
+    strict = Chain([llm_tier(BUNDLED, chain.pool, 1.0, None), keyword_tier()], pool=chain.pool)
+    result = strict.classify("Is the Hagia Sophia open on Mondays?")
+    assert result["tier"] == KEYWORD
+    (fallback,) = result["fallbacks"]
+    assert fallback["tier"] == BUNDLED
+    assert fallback["reason"].startswith("low confidence: ") and fallback["reason"].endswith(" < 1.00")
+
+
+def test_bundled_classify_batch_raising_falls_to_keyword(smol, monkeypatch):
+    chain, _ = smol
+    monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", lambda texts: raise_(RuntimeError("Metal OOM")))
+    result = Chain(chain.tiers, cache_size=0, pool=chain.pool).classify("ferry to Üsküdar")
+    assert result["tier"] == KEYWORD
+    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "error: RuntimeError: Metal OOM"}]
+
+
+def corrupt_home(tmp_path: Path, how: str) -> Path:
+    """A models folder holding a damaged copy of the converted bundled model."""
+    good, bad = registry.resolve_dir(BUNDLED), tmp_path / BUNDLED
+    bad.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(good / name, bad / name)
+    weights = (good / "model.safetensors").read_bytes()
+    if how == "truncated weights":
+        (bad / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    else:  # a torn config.json (a deleted one would only make the bundled GGUF convert again)
+        (bad / "model.safetensors").write_bytes(weights)
+        (bad / "config.json").write_text('{"model_type": "llama", ')
+    return tmp_path
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "torn config.json"])
+def test_corrupt_bundled_model_is_passed_over_and_not_retried(smol, how, tmp_path, monkeypatch, loads, clock):
+    monkeypatch.setenv("MLX_INTENT_HOME", str(corrupt_home(tmp_path, how)))
+    chain = build_chain(Settings(chain=(BUNDLED, KEYWORD), retry_after_s=60))
+    first = chain.classify(FISH)
+    assert first["tier"] == KEYWORD
+    assert first["fallbacks"][0]["tier"] == BUNDLED
+    assert first["fallbacks"][0]["reason"].startswith("load failed: ")
+    second = chain.classify("How do I get to Sabiha Gökçen?")
+    assert "backing off" in second["fallbacks"][0]["reason"]
+    assert loads == [BUNDLED]
+    clock[0] += 60
+    assert chain.classify("Is it cold in January?")["fallbacks"][0]["reason"].startswith("load failed: ")
+    assert loads == [BUNDLED, BUNDLED]
