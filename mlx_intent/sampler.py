@@ -75,9 +75,16 @@ def valid_children(node: Node, allowed: frozenset[str]) -> list[int]:
 
 
 def branch_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax, at ``temperature``, of the logits of the valid tokens only."""
+    """Softmax, at ``temperature``, of the logits of the valid tokens only.
+
+    Infinite logits (another processor's mask) never give NaN: the +inf ones share the
+    mass, and all -inf is no preference at all (uniform)."""
     x = np.asarray(logits, dtype=np.float64) / max(temperature, 1e-6)
-    x = np.exp(x - x.max())
+    top = x.max()
+    if not np.isfinite(top):
+        x = (x == top).astype(np.float64)
+        return x / x.sum()
+    x = np.exp(x - top)
     return x / x.sum()
 
 
@@ -212,7 +219,9 @@ def write_answer(vocab: AnswerVocab, primary: str, confidence: float, all_intent
 
 class JSONLogitsProcessor:
     """The same machine as an mlx-lm logits processor, for ``mlx_lm.stream_generate``:
-    every token that would leave the schema gets -inf; once the answer is complete
+    every token that would leave the schema gets -inf, the allowed ones their
+    log-probabilities among themselves (the same draw as their logits for any sampler,
+    and finite whatever the logits, infinities included); once the answer is complete
     only EOS is allowed.  (No jump-forward here: mlx-lm samples every token.)"""
 
     def __init__(self, vocab: AnswerVocab, eos_token_id: int, temperature: float = 1.0, max_intents: int = 3):
@@ -231,9 +240,11 @@ class JSONLogitsProcessor:
             self.machine.advance(tok, self._probs.get(tok, 1.0))
         self._seen = n
         allowed = self.machine.allowed() or [self.eos]
+        out = np.full(logits.shape, -math.inf, dtype=np.float32)
+        out[:, allowed] = 0.0
         if len(allowed) > 1:
-            row = np.array(logits.astype(mx.float32)[0])
-            self._probs = dict(zip(allowed, branch_probs(row[allowed], self.temperature).tolist()))
-        mask = np.full(logits.shape[-1], -math.inf, dtype=np.float32)
-        mask[allowed] = 0.0
-        return logits + mx.array(mask)
+            row = np.array(logits.astype(mx.float32)[0])[allowed]
+            self._probs = dict(zip(allowed, branch_probs(row, self.temperature).tolist()))
+            with np.errstate(divide="ignore"):
+                out[:, allowed] = np.log(branch_probs(row))
+        return mx.array(out)
