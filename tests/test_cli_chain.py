@@ -1,0 +1,111 @@
+"""The chain from the command line: ``classify --verbose`` shows who answered and why the others did not,
+``config`` shows where each setting came from, and ``stats --check`` exit codes on a log from ``classify --log``."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_intent import metrics
+from mlx_intent.cli import main
+from mlx_intent.registry import BUNDLED
+from mlx_intent.settings import ENV_VARS
+from mlx_intent.stats import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING
+
+QUERIES = [
+    "Where can I eat fish in Kadıköy?",
+    "How do I get from Taksim to Sultanahmet by tram?",
+    "Will it rain tomorrow?",
+    "Plan my day: Topkapı, Hagia Sophia, Basilica Cistern",
+]
+
+
+@pytest.fixture
+def cwd(monkeypatch, tmp_path, models_home):
+    """A clean directory (no stray .env) and no setting from the environment but the session's models folder."""
+    for variable in ENV_VARS.values():
+        if variable != "MLX_INTENT_HOME":
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args: str, code: int = 0, **kwargs) -> str:
+    result = CliRunner().invoke(main, list(args), **kwargs)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def test_classify_verbose_shows_tier_model_and_fallbacks(cwd):
+    shown = json.loads(run("classify", "--verbose", "--chain", "tinyllama,keyword", QUERIES[0]))
+    assert (shown["primary_intent"], shown["tier"], shown["model"]) == ("restaurant", "keyword", None)
+    assert shown["fallbacks"] == [
+        {"tier": "tinyllama", "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)"}
+    ]
+    assert shown["cached"] is False and shown["lang"] == "en" and isinstance(shown["latency_ms"], float)
+    plain = json.loads(run("classify", "--chain", "tinyllama,keyword", QUERIES[0]))
+    assert set(plain) == {"primary_intent", "confidence", "all_intents"}
+
+
+def test_classify_verbose_names_the_model_that_answered(cwd):
+    args = ["classify", "-v", "--chain", f"{BUNDLED},keyword", "--min-confidence", "0", "--latency-budget-ms", "600000"]
+    shown = json.loads(run(*args, "Is the Grand Bazaar open on Sunday?"))
+    assert (shown["tier"], shown["model"], shown["fallbacks"]) == (BUNDLED, BUNDLED, [])
+    assert len(shown["top"]) == 5 and shown["primary_intent"] in shown["top"]
+
+
+def config_rows(output: str) -> dict[str, tuple[str, str]]:
+    """setting -> (value, source) from the ``config`` table."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in output.splitlines()[1:]]
+    return {row[0]: (row[2], row[3]) for row in rows}
+
+
+def test_config_shows_precedence_dotenv_env_flag(cwd, monkeypatch):
+    dotenv = cwd / ".env"
+    dotenv.write_text("LLM_MODEL=tinyllama\nMLX_INTENT_CACHE_SIZE=5\nMLX_INTENT_BATCH_SIZE=3\n")
+    env = {"MLX_INTENT_CACHE_SIZE": "7", "MLX_INTENT_BATCH_SIZE": "4"}
+    rows = config_rows(run("config", "--batch-size", "9", env=env))
+    assert rows["model"] == ("tinyllama", f".env ({dotenv})")
+    assert rows["cache_size"] == ("7", "environment")
+    assert rows["batch_size"] == ("9", "command line")
+    assert rows["retry_after_s"] == ("60", "default")
+
+
+def test_config_names_the_bad_value_and_a_later_layer_fixes_it(cwd):
+    out = run("config", code=1, env={"MLX_INTENT_CACHE_SIZE": "-1"})
+    assert "MLX_INTENT_CACHE_SIZE='-1' (from environment)" in out
+    rows = config_rows(run("config", "--cache-size", "0", env={"MLX_INTENT_CACHE_SIZE": "-1"}))
+    assert rows["cache_size"] == ("0", "command line")
+
+
+def classify_to_log(cwd, chain: str) -> str:
+    """Classify QUERIES from a JSONL file with ``--log``; return the log's path."""
+    queries = cwd / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(QUERIES)))
+    log = cwd / f"{chain.replace(',', '-')}.log"
+    run("classify", "--chain", chain, "--log", str(log), "--input", str(queries), "--output", str(cwd / "out.jsonl"))
+    assert len(log.read_text().splitlines()) == len(QUERIES)  # one line per classification
+    return str(log)
+
+
+def test_stats_check_ok_on_a_clean_log(cwd):
+    out = run("stats", classify_to_log(cwd, "keyword"), "--check", code=EXIT_OK)
+    assert out.startswith(f"OK: no alerts over {len(QUERIES)} records")
+
+
+def test_stats_check_warns_when_every_query_fell_back(cwd):
+    out = run("stats", classify_to_log(cwd, "tinyllama,keyword"), "--check", code=EXIT_WARNING)
+    assert "WARNING  fallback rate 100.0%" in out
+
+
+def test_stats_check_critical_on_peak_memory(cwd, monkeypatch):
+    monkeypatch.setattr(metrics, "peak_memory_mb", lambda: 8 * 1024.0)  # as if an 8 GB model had run
+    out = run("stats", classify_to_log(cwd, "keyword"), "--check", code=EXIT_CRITICAL)
+    assert "CRITICAL peak memory" in out
+
+
+def test_stats_check_without_a_log_is_an_error(cwd):
+    assert "no log file" in run("stats", str(cwd / "missing.log"), "--check", code=1)
