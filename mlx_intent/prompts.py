@@ -66,9 +66,9 @@ def system_prompt() -> str:
 
 
 def compact_system_prompt() -> str:
-    """The short prompt of fine-tuned adapters: the model has learnt the task, so the
-    prompt only names it; ~8x fewer tokens to train on and to attend to."""
-    return f"Classify the traveller's intent as JSON. Intents: {', '.join(INTENTS)}."
+    """The prompt of fine-tuned adapters: the model has learnt the task and the names,
+    so the prompt only names the job; far fewer tokens to train on and to attend to."""
+    return "Classify the traveller's intent as JSON."
 
 
 PROMPT_STYLES = {"full": system_prompt, "compact": compact_system_prompt}

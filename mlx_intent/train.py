@@ -114,7 +114,7 @@ def train_adapter(
     """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary."""
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, evaluate, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     spec = registry.get_spec(name)
@@ -138,16 +138,10 @@ def train_adapter(
             losses["train"].append((info["iteration"], round(info["train_loss"], 4)))
             report(f"iter {info['iteration']}/{iters}: train loss {info['train_loss']:.3f}")
 
-        def on_val_loss_report(self, info: dict) -> None:
-            losses["valid"].append((info["iteration"], round(info["val_loss"], 4)))
-            report(f"iter {info['iteration']}: valid loss {info['val_loss']:.3f}")
-
     args = TrainingArgs(
         batch_size=batch_size,
         iters=iters,
-        val_batches=-1 if valid_set else 0,
         steps_per_report=max(1, iters // 20),
-        steps_per_eval=iters if valid_set else iters + 1,
         steps_per_save=iters + 1,
         max_seq_length=1024,
         adapter_file=str(tmp / "adapters.safetensors"),
@@ -159,12 +153,17 @@ def train_adapter(
             model,
             optim.Adam(learning_rate=schedule),
             train_set,
-            valid_set,
+            None,  # mlx-lm would also validate at step 1; the loss is reported once, at the end
             args=args,
             loss=answer_loss(max(len(t) - n for t, n in train_set + (valid_set or []))),
             training_callback=Progress(),
         )
         seconds = time.perf_counter() - start
+        if valid_set:
+            loss = answer_loss(max(len(t) - n for t, n in valid_set))
+            value = evaluate(model, valid_set, batch_size, -1, args.max_seq_length, loss)
+            losses["valid"].append((iters, round(float(value), 4)))
+            report(f"valid loss {losses['valid'][-1][1]:.3f}")
         summary = {
             "model": name,
             "fine_tune_type": "lora",
