@@ -1,0 +1,209 @@
+"""``mlx-intent calibrate MODEL``: fit the scoring temperature and the multi-intent threshold on labelled data.
+
+The classifier turns logits into probabilities at every branch point of the intent-name token trie with
+softmax(logits / T).  Since softmax(l / T) is softmax(l) ** (1 / T) renormalised, the distribution at any
+T follows exactly from the one at T = 1 and the trie's shape: the model runs once, the fit is cheap, and
+one run at the fitted T confirms it.  The result goes to ``calibration.json`` in the model's folder,
+which IntentClassifier reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import click
+import numpy as np
+
+from mlx_intent import registry, scores
+from mlx_intent.evaluate import ModelError, data_path, num, pct, read_labelled, shown
+from mlx_intent.schema import INTENTS
+from mlx_intent.settings import Settings, settings_options
+
+T_RANGE = (0.05, 20.0)
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 11))  # 0.05 .. 0.5
+Tree = list  # nested lists of intent indices: one list per branch point of the trie
+
+
+def trie_tree(node) -> Tree | int:
+    """The branch structure of the sampler's name trie below ``node``: an intent index at a leaf, else the
+    list of the children's trees (chains of single children collapse: they branch nowhere)."""
+    while node.leaf is None and len(node.children) == 1:
+        node = next(iter(node.children.values()))
+    if node.leaf is not None:
+        return INTENTS.index(node.leaf)
+    return [trie_tree(child) for child in node.children.values()]
+
+
+def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.sum(np.exp(x - top), axis=axis))
+
+
+def _leaves(tree: Tree | int) -> list[int]:
+    return [tree] if isinstance(tree, int) else [i for child in tree for i in _leaves(child)]
+
+
+def temper(probs: np.ndarray, temperature: float, tree: Tree | None = None) -> np.ndarray:
+    """The distributions at ``temperature`` from those at T = 1 (rows of ``probs``).
+
+    At each branch point the children's probabilities q (their subtrees' mass over the node's) become
+    q ** (1 / T) renormalised; a flat ``tree`` (the default) is p ** (1 / T) renormalised."""
+    logp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-300))
+    tree = list(range(logp.shape[1])) if tree is None else tree
+    out = np.empty_like(logp)
+
+    def walk(node: Tree | int, base: np.ndarray) -> None:
+        if isinstance(node, int):
+            out[:, node] = base
+            return
+        mass = np.stack([_logsumexp(logp[:, _leaves(child)]) for child in node], axis=1)
+        scaled = (mass - _logsumexp(mass)[:, None]) / temperature
+        scaled -= _logsumexp(scaled)[:, None]
+        for child, column in zip(node, scaled.T):
+            walk(child, base + column)
+
+    walk(tree, np.zeros(len(logp)))
+    return np.exp(out)
+
+
+def fit_temperature(probs: np.ndarray, gold: list[int], tree: Tree | None = None) -> float:
+    """T in T_RANGE minimising the NLL of the gold intents; golden-section search over log T.
+
+    The NLL is convex in 1 / T (a log-sum-exp of terms linear in it, per branch point), so it has one
+    minimum along log T and the search cannot stop in a false one."""
+    lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+
+    def loss(log_t: float) -> float:
+        return scores.nll(temper(probs, math.exp(log_t), tree), gold)
+
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    while hi - lo > 1e-4:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2)
+
+
+def intents_at(row: np.ndarray, threshold: float, max_intents: int) -> set[str]:
+    """all_intents as the classifier writes it: the primary, then up to max_intents - 1 more at or above
+    ``threshold``, in order of probability."""
+    ranked = np.argsort(-row, kind="stable")
+    return {INTENTS[ranked[0]], *(INTENTS[i] for i in ranked[1:max_intents] if row[i] >= threshold)}
+
+
+def set_match(probs: np.ndarray, gold: list[set[str]], threshold: float, max_intents: int) -> float:
+    """Share of rows whose all_intents at ``threshold`` equals the gold set."""
+    return sum(intents_at(row, threshold, max_intents) == g for row, g in zip(probs, gold)) / len(gold)
+
+
+def fit_threshold(probs: np.ndarray, gold: list[set[str]], max_intents: int, default: float) -> float:
+    """The grid threshold with the best all_intents exact match over all rows.
+
+    All rows, not only the multi-intent ones: on those alone the lowest threshold always wins, paid
+    for by extra intents on every single-intent row.  Ties go to the value nearest ``default``."""
+    return max(THRESHOLDS, key=lambda t: (set_match(probs, gold, t, max_intents), -abs(t - default)))
+
+
+def _distributions(clf, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=len(texts), unit="q", desc=desc, disable=None) as bar:
+        for i in range(0, len(texts), batch_size):
+            batch = texts[i : i + batch_size]
+            rows += [[d[name] for name in INTENTS] for d in clf.distributions(batch)]
+            bar.update(len(batch))
+    return np.array(rows, dtype=np.float64)
+
+
+def _figures(probs: np.ndarray, gold: list[int]) -> dict[str, float]:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(gold)
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": scores.nll(probs, gold),
+        "ece": scores.ece(conf, correct),
+        "brier": scores.brier_multiclass(probs, gold),
+        "confidence": float(conf.mean()),
+    }
+
+
+_SHOWN = (
+    ("accuracy", "accuracy", pct),
+    ("NLL", "nll", num),
+    ("ECE (15 bins)", "ece", num),
+    ("Brier (multi-class)", "brier", num),
+    ("mean confidence", "confidence", num),
+)
+
+
+@click.command("calibrate")
+@click.argument("model")
+@click.option("--data", default="dev", show_default=True, help="Labelled JSONL, or a name in benchmarks/data.")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Run the model again at the fitted temperature and score that run.",
+)
+@settings_options
+def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -> None:
+    """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
+    on labelled data, and save them in <model folder>/calibration.json for classify to use.
+
+    \b
+    Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
+    """
+    from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, MAX_INTENTS, IntentClassifier
+
+    if settings.home is not None:  # the registry reads the environment
+        os.environ["MLX_INTENT_HOME"] = str(settings.home)
+    path = data_path(data)
+    rows = read_labelled(path)
+    texts = [r["text"] for r in rows]
+    gold = [INTENTS.index(r["primary_intent"]) for r in rows]
+    try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model
+        clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD)
+    except (registry.UnknownModelError, registry.ModelNotAvailableError) as e:
+        raise ModelError(str(e)) from None
+    raw = _distributions(clf, texts, settings.batch_size, "T=1")
+    tree = trie_tree(clf._branch)
+    temperature = round(fit_temperature(raw, gold, tree), 4)
+    fitted = temper(raw, temperature, tree)
+    if verify:
+        clf.temperature = temperature
+        run = _distributions(clf, texts, settings.batch_size, f"T={temperature:.3f}")
+        click.echo(f"verify: largest |p(run) - p(fit)| = {np.abs(run - fitted).max():.2e}", err=True)
+        fitted = run
+    gold_sets = [set(r["all_intents"]) for r in rows]
+    threshold = fit_threshold(fitted, gold_sets, MAX_INTENTS, DEFAULT_THRESHOLD)
+    before, after = _figures(raw, gold), _figures(fitted, gold)
+    folder = registry.resolve_dir(model)
+    record = {
+        "temperature": temperature,
+        "threshold": threshold,
+        "fitted_on": shown(path),
+        "n": len(rows),
+        "ece_before": round(before["ece"], 4),
+        "ece_after": round(after["ece"], 4),
+        "adapter": shown(clf.adapter) if clf.adapter else None,  # a retrained adapter needs a new fit
+    }
+    (folder / CALIBRATION).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"{'':<24}{'T = 1':>10}{f'T = {temperature:.3f}':>12}")
+    for label, key, show in _SHOWN:
+        click.echo(f"{label:<24}{show(before[key]):>10}{show(after[key]):>12}")
+    default_match = set_match(fitted, gold_sets, DEFAULT_THRESHOLD, MAX_INTENTS)
+    click.echo(
+        f"threshold {threshold:g}: all_intents exact match {pct(set_match(fitted, gold_sets, threshold, MAX_INTENTS))}"
+        f" (at {DEFAULT_THRESHOLD:g}: {pct(default_match)}) over {len(rows)} rows"
+    )
+    click.echo(f"wrote {folder / CALIBRATION}")

@@ -1,0 +1,533 @@
+"""``mlx-intent eval DATA``: run a chain (or one tier) over labelled data and write a Markdown report.
+
+The chain runs exactly as ``classify`` runs it, in batches, with the query cache off so every latency is
+a real one.  Scores come from the pure functions in ``scores``; the report starts with the command that
+reproduces it and links PNG figures written beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlx_intent import registry, scores
+from mlx_intent.chain import GENERAL, Chain, PassOver, build_chain, default_chain_names
+from mlx_intent.metrics import peak_memory_mb
+from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
+from mlx_intent.settings import Settings, settings_options
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "benchmarks" / "data"
+REPORT_DIR = ROOT / "benchmarks" / "reports"
+EXIT_BELOW, EXIT_INPUT, EXIT_MODEL = 1, 2, 3  # as in cli: a failed check, bad input, unknown model
+
+
+class DataError(click.ClickException):
+    exit_code = EXIT_INPUT
+
+
+class ModelError(click.ClickException):
+    exit_code = EXIT_MODEL
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def data_path(data: str) -> Path:
+    """A JSONL file, or a bare name (``dev``, ``train``) of one under benchmarks/data."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    named = DATA_DIR / f"{data}.jsonl"
+    if not path.suffix and named.is_file():
+        return named
+    raise DataError(f"{data}: no such file, nor {named}")
+
+
+def read_labelled(path: Path) -> list[dict]:
+    """Rows {id, text, lang, primary_intent, all_intents}; all_intents defaults to [primary_intent].
+
+    Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
+    rows = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise DataError(f'{path}:{n}: expected an object with a non-empty string "text"')
+            primary = row.get("primary_intent")
+            all_intents = row.get("all_intents") or [primary]
+            if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
+                raise DataError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
+            rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def chain_names(spec: str | tuple[str, ...] | None, settings: Settings) -> tuple[str, ...]:
+    """Tier names from a comma-separated spec, else the settings' chain, else the default chain."""
+    if isinstance(spec, str):
+        spec = tuple(n.strip() for n in spec.split(",") if n.strip())
+    return tuple(spec or settings.chain or default_chain_names(settings))
+
+
+def make_chain(names: tuple[str, ...], settings: Settings) -> Chain:
+    """The chain of ``names`` with the query cache off, so repeated texts are timed for real."""
+    if settings.home is not None:  # the registry reads the environment
+        os.environ["MLX_INTENT_HOME"] = str(settings.home)
+    try:
+        return build_chain(dataclasses.replace(settings, chain=names, cache_size=0))
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+
+
+def use_base_models(chain: Chain) -> None:
+    """Load every model tier without its LoRA adapter (the pool would load the adapter automatically)."""
+    from mlx_intent.classifier import IntentClassifier
+
+    for tier in chain.tiers:
+        if tier.model is not None and chain.pool is not None:
+            try:
+                chain.pool.loaded[tier.model] = IntentClassifier(tier.model, mode=chain.pool.mode, use_adapter=False)
+            except registry.ModelNotAvailableError as e:
+                raise ModelError(str(e)) from None
+
+
+def warm_up(chain: Chain) -> dict[str, str]:
+    """Load every tier before timing, so model loading is not counted as query latency.
+
+    Returns {tier: reason} for tiers that cannot load: they pass over during the run too."""
+    skipped = {}
+    for tier in chain.tiers:
+        try:
+            tier.load()
+        except PassOver as e:
+            skipped[tier.name] = str(e)
+    return skipped
+
+
+def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> dict[str, Any]:
+    """Classify every row through ``chain`` in batches; results plus wall time, memory and load."""
+    from tqdm import tqdm
+
+    load_before = os.getloadavg()
+    skipped = warm_up(chain)
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:  # the peak while classifying, loaded weights included
+        mx.reset_peak_memory()
+    for tier, reason in skipped.items():
+        click.echo(f"warning: tier {tier} passes over: {reason}", err=True)
+    results: list[dict] = []
+    start = time.perf_counter()
+    with tqdm(total=len(rows), unit="q", desc=desc, disable=None) as bar:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            results += chain.classify_batch([r["text"] for r in batch], labels=[r["primary_intent"] for r in batch])
+            bar.update(len(batch))
+    wall = time.perf_counter() - start
+    return {
+        "results": results,
+        "wall_s": wall,
+        "skipped": skipped,
+        "peak_mlx_mb": peak_memory_mb(),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / (1024 if sys.platform != "darwin" else 1024**2),
+        "load_avg": (load_before, os.getloadavg()),
+        "models": _model_settings(chain),
+    }
+
+
+def _model_settings(chain: Chain) -> dict[str, dict]:
+    """Temperature and threshold each loaded LLM tier used, and where they came from."""
+    from mlx_intent.classifier import CALIBRATION
+
+    out = {}
+    for name, clf in chain.pool.loaded.items() if chain.pool else ():
+        folder = registry.resolve_dir(name)
+        calibrated = folder is not None and (folder / CALIBRATION).is_file()
+        out[name] = {
+            "temperature": clf.temperature,
+            "threshold": clf.threshold,
+            "calibration_file": calibrated,
+            "adapter": shown(clf.adapter) if clf.adapter else None,
+        }
+    return out
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+
+def _valid(result: dict) -> bool:
+    try:
+        validate({k: result[k] for k in KEYS})
+    except Exception:
+        return False
+    return True
+
+
+def _group(keys: list[str], correct: list[bool]) -> dict[str, dict]:
+    groups: dict[str, dict] = {}
+    for key, hit in zip(keys, correct):
+        g = groups.setdefault(key, {"n": 0, "correct": 0})
+        g["n"] += 1
+        g["correct"] += hit
+    for g in groups.values():
+        g["accuracy"] = g["correct"] / g["n"]
+    return groups
+
+
+def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dict[str, Any]:
+    """Every figure of the report from the rows and the results of ``run``."""
+    results = outcome["results"]
+    gold = [r["primary_intent"] for r in rows]
+    pred = [res["primary_intent"] for res in results]
+    correct = [g == p for g, p in zip(gold, pred, strict=True)]
+    conf = [float(res["confidence"]) for res in results]
+    langs = [r.get("lang") or res.get("lang") or "unknown" for r, res in zip(rows, results)]
+    tiers = [res["tier"] for res in results]
+    same_set = [set(r["all_intents"]) == set(res["all_intents"]) for r, res in zip(rows, results)]
+    jac = [scores.jaccard(r["all_intents"], res["all_intents"]) for r, res in zip(rows, results)]
+    multi = [i for i, r in enumerate(rows) if len(set(r["all_intents"])) > 1]
+    latency = [float(res["latency_ms"]) for res in results]
+
+    per_intent = {}
+    for intent in INTENTS:
+        tp = sum(g == intent and p == intent for g, p in zip(gold, pred))
+        support, predicted = gold.count(intent), pred.count(intent)
+        per_intent[intent] = {
+            "n": support,
+            "correct": tp,
+            "accuracy": tp / support if support else None,
+            "precision": tp / predicted if predicted else None,
+            "f1": 2 * tp / (support + predicted) if support + predicted else None,
+        }
+    reasons = Counter(f"{f['tier']}: {f['reason']}" for res in results for f in res.get("fallbacks", ()))
+    greeting = [c for g, c in zip(gold, correct) if g == "greeting"]
+    return {
+        "n": len(rows),
+        "correct": sum(correct),
+        "accuracy": scores.accuracy(gold, pred),
+        "macro_f1": scores.macro_f1(gold, pred),
+        "greeting_accuracy": sum(greeting) / len(greeting) if greeting else None,
+        "greeting_n": len(greeting),
+        "per_intent": per_intent,
+        "per_lang": _group(langs, correct),
+        "confusion": Counter(zip(gold, pred)),
+        "multi_n": len(multi),
+        "exact_multi": sum(same_set[i] for i in multi) / len(multi) if multi else None,
+        "exact_all": sum(same_set) / len(same_set),
+        "jaccard_multi": sum(jac[i] for i in multi) / len(multi) if multi else None,
+        "jaccard_all": sum(jac) / len(jac),
+        "valid_json_rate": sum(map(_valid, results)) / len(results),
+        "ece": scores.ece(conf, correct),
+        "brier": scores.brier_binary(conf, correct),
+        "reliability": scores.reliability(conf, correct),
+        "mean_confidence": sum(conf) / len(conf),
+        "latency": {q: scores.percentile(latency, q) for q in (50, 95, 99)} | {"max": max(latency)},
+        "latencies": latency,
+        "per_query_ms": outcome["wall_s"] * 1000 / len(rows),
+        "wall_s": outcome["wall_s"],
+        "fallback_rate": sum(t != first_tier for t in tiers) / len(tiers),
+        "per_tier": _group(tiers, correct),
+        "reasons": reasons,
+        "correct_flags": correct,
+        **{k: outcome[k] for k in ("peak_mlx_mb", "max_rss_mb", "load_avg", "models", "skipped")},
+    }
+
+
+def prediction_rows(rows: list[dict], results: list[dict]) -> list[dict]:
+    """One line per row for --predictions: gold, answer, tier and timing."""
+    return [
+        {
+            "id": r["id"],
+            "text": r["text"],
+            "lang": r.get("lang"),
+            "gold_primary": r["primary_intent"],
+            "gold_all": r["all_intents"],
+            **{k: res[k] for k in KEYS},
+            "correct": r["primary_intent"] == res["primary_intent"],
+            "tier": res["tier"],
+            "model": res.get("model"),
+            "top": res.get("top"),
+            "latency_ms": res["latency_ms"],
+        }
+        for r, res in zip(rows, results)
+    ]
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, first column left-aligned and the rest right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def lang_order(langs) -> list[str]:
+    return [lang for lang in LANGUAGES if lang in langs] + sorted(set(langs) - set(LANGUAGES))
+
+
+def reproduce(words: list[str], settings: Settings, report: Path) -> str:
+    """The command line that reruns this run whatever .env or the environment say: ``words`` (command,
+    arguments) plus every setting that changes the answers or their timing."""
+    parts = ["mlx-intent", *words, "--mode", settings.mode, "--min-confidence", f"{settings.min_confidence:g}"]
+    parts += ["--latency-budget-ms", f"{settings.latency_budget_ms:g}", "--batch-size", str(settings.batch_size)]
+    if settings.home is not None:
+        parts += ["--home", str(settings.home)]
+    return shlex.join([*parts, "--report", shown(report)])
+
+
+def shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def machine_lines(summary: dict[str, Any], who: str = "") -> list[str]:
+    """Machine, load average around the run, and what each model tier ran with; ``who`` names the run."""
+    (b1, b5, b15), (a1, a5, a15) = summary["load_avg"]
+    mlx = sys.modules.get("mlx.core")
+    lines = [
+        f"Machine: {platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs"
+        + (f", MLX {mlx.__version__} on {mlx.default_device()}" if mlx else ""),
+        f"Load average{who} (1/5/15 min) before: {b1:.2f} / {b5:.2f} / {b15:.2f}, "
+        f"after: {a1:.2f} / {a5:.2f} / {a15:.2f} (the machine is shared: latency is indicative).",
+    ]
+    for name, m in summary["models"].items():
+        source = "from calibration.json" if m["calibration_file"] else "defaults, no calibration.json"
+        adapter = f"LoRA adapter {m['adapter']}" if m["adapter"] else "no adapter"
+        lines.append(
+            f"Model {name}{who}: {adapter}; temperature {m['temperature']:g}, threshold {m['threshold']:g} ({source})."
+        )
+    for tier, reason in summary["skipped"].items():
+        lines.append(f"**Tier {tier}{who} could not load and passed over every query:** {reason}.")
+    return lines
+
+
+def render(
+    summary: dict[str, Any],
+    *,
+    title: str,
+    command: str,
+    data: Path,
+    names: tuple[str, ...],
+    settings: Settings,
+    figures: dict[str, str],
+) -> str:
+    s = summary
+    lat = s["latency"]
+    out = [f"# {title}", "", f"Reproduce: `{command}`", ""]
+    out += [f"Data: `{shown(data)}`, {s['n']} queries ({s['multi_n']} multi-intent).", ""]
+    out += [
+        f"Chain: {' → '.join(names)}{' → general' if names[-1] != GENERAL else ''}; mode {settings.mode}, "
+        f"batch size {settings.batch_size}, min confidence {settings.min_confidence:g}, "
+        f"latency budget {settings.latency_budget_ms:g} ms per batch, query cache off.",
+        "",
+    ]
+    out += [line + "\n" for line in machine_lines(s)]
+    out += ["## Summary", ""]
+    out += table(
+        ["metric", "value"],
+        [
+            ["accuracy (primary_intent)", f"**{pct(s['accuracy'])}** ({s['correct']}/{s['n']})"],
+            ["macro-F1", num(s["macro_f1"])],
+            ["greeting accuracy", f"{pct(s['greeting_accuracy'])} (of {s['greeting_n']})"],
+            ["all_intents exact match, multi-intent rows", f"{pct(s['exact_multi'])} (of {s['multi_n']})"],
+            ["all_intents exact match, all rows", pct(s["exact_all"])],
+            ["mean Jaccard of all_intents, multi-intent rows", num(s["jaccard_multi"])],
+            ["mean Jaccard of all_intents, all rows", num(s["jaccard_all"])],
+            ["valid JSON (schema.validate)", pct(s["valid_json_rate"])],
+            ["ECE (15 equal-width bins)", num(s["ece"])],
+            ["Brier (binary, primary's confidence)", num(s["brier"])],
+            ["mean confidence", num(s["mean_confidence"])],
+            ["latency per call p50 / p95 / p99 (ms)", " / ".join(num(lat[q], 1) for q in (50, 95, 99))],
+            ["wall time per query (ms)", num(s["per_query_ms"], 2)],
+            ["peak MLX memory", "-" if s["peak_mlx_mb"] is None else f"{s['peak_mlx_mb']:.1f} MB"],
+            ["max resident memory of the process", f"{s['max_rss_mb']:.1f} MB"],
+            ["fallback rate (answer not from the first tier)", pct(s["fallback_rate"])],
+        ],
+    )
+    out += [
+        "The Brier score is binary (on the primary's confidence against correctness): the chain's results carry",
+        "at most the top 5 of a model's distribution, not all 15 probabilities.",
+        "",
+    ]
+    out += ["## Per language", ""]
+    out += table(
+        ["language", "n", "correct", "accuracy"],
+        [
+            [k, str(g["n"]), str(g["correct"]), pct(g["accuracy"])]
+            for k, g in ((k, s["per_lang"][k]) for k in lang_order(s["per_lang"]))
+        ],
+    )
+    out += _figure(figures, "languages", "Accuracy per language")
+    out += ["## Per intent (by gold primary_intent)", ""]
+    out += table(
+        ["intent", "n", "correct", "accuracy", "precision", "F1"],
+        [
+            [i, str(g["n"]), str(g["correct"]), pct(g["accuracy"]), pct(g["precision"]), num(g["f1"])]
+            for i, g in s["per_intent"].items()
+            if g["n"] or g["precision"] is not None
+        ],
+    )
+    confusions = sorted(
+        ((n, g, p) for (g, p), n in s["confusion"].items() if g != p), key=lambda x: (-x[0], x[1], x[2])
+    )
+    out += ["### Most frequent confusions (gold → predicted)", ""]
+    out += table(["gold", "predicted", "n"], [[g, p, str(n)] for n, g, p in confusions[:12]])
+    out += _figure(figures, "confusion", "Confusion matrix")
+    out += ["## Calibration", ""]
+    out += [
+        f"ECE {num(s['ece'])}, Brier (binary) {num(s['brier'])}, mean confidence {num(s['mean_confidence'])} "
+        f"against accuracy {pct(s['accuracy'])}.",
+        "",
+    ]
+    out += table(
+        ["confidence bin", "n", "mean confidence", "accuracy"],
+        [
+            [f"{b['low']:.3f}-{b['high']:.3f}", str(b["count"]), num(b["confidence"]), pct(b["accuracy"])]
+            for b in s["reliability"]
+            if b["count"]
+        ],
+    )
+    out += _figure(figures, "reliability", "Reliability diagram")
+    out += ["## Latency", ""]
+    out += [
+        f"Per call of the chain, a batch of up to {settings.batch_size} queries (each query waits for its batch): "
+        f"p50 {num(lat[50], 1)} ms, p95 {num(lat[95], 1)} ms, p99 {num(lat[99], 1)} ms, max {num(lat['max'], 1)} ms. "
+        f"Wall time {s['wall_s']:.1f} s for {s['n']} queries ({num(s['per_query_ms'], 2)} ms per query); "
+        "models were loaded before timing.",
+        "",
+    ]
+    out += _figure(figures, "latency", "Latency histogram")
+    out += ["## Tiers", ""]
+    out += table(
+        ["tier", "answered", "share", "accuracy on its answers"],
+        [
+            [t, str(g["n"]), pct(g["n"] / s["n"]), pct(g["accuracy"])]
+            for t, g in sorted(s["per_tier"].items(), key=lambda kv: -kv[1]["n"])
+        ],
+    )
+    if s["reasons"]:
+        out += ["Top pass-over reasons:", ""]
+        out += table(["reason", "n"], [[r.replace("|", "\\|"), str(n)] for r, n in s["reasons"].most_common(8)])
+    return "\n".join(out)
+
+
+def _figure(figures: dict[str, str], key: str, alt: str) -> list[str]:
+    return [f"![{alt}]({figures[key]})", ""] if key in figures else []
+
+
+# ---- command ------------------------------------------------------------------------------------
+
+
+def default_report(kind: str, data: Path, *labels: tuple[str, ...]) -> Path:
+    return REPORT_DIR / f"{kind}-{data.stem}-{'-vs-'.join('+'.join(names) for names in labels)}.md"
+
+
+def write_report(text: str, report: Path) -> None:
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text + "\n", encoding="utf-8")
+    click.echo(f"wrote {report}", err=True)
+
+
+_HELP = f"""Evaluate the chain (or one tier) on labelled DATA and write a Markdown report with figures.
+
+DATA is a JSONL file of {{"id", "text", "lang", "primary_intent", "all_intents"}} lines, or a name
+(dev, train) of one in benchmarks/data.  The chain comes from --chain (e.g. keyword, or
+smollm2-135m,keyword,general), else the settings; the query cache is off.  To score a model alone,
+without handing queries over, pass --min-confidence 0 and a large --latency-budget-ms.
+
+\b
+Writes REPORT (default benchmarks/reports/eval-<data>-<tiers>.md) and beside it
+<report>-confusion.png, -reliability.png, -languages.png, -latency.png.
+
+\b
+Exit codes:
+  0  done, and --min-accuracy (if given) met
+  {EXIT_BELOW}  accuracy below --min-accuracy, or an error reported in words
+  {EXIT_INPUT}  bad usage or bad data (a missing file, a malformed or unlabelled line)
+  {EXIT_MODEL}  an unknown model in the chain
+"""
+
+
+@click.command("eval", help=_HELP)
+@click.argument("data")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
+@click.option(
+    "--predictions", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-row predictions (JSONL)."
+)
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), help=f"Exit {EXIT_BELOW} when accuracy is below this.")
+@click.option("--no-adapter", is_flag=True, help="Score the base models, without their LoRA adapters.")
+@settings_options
+def eval_command(
+    data: str,
+    report: Path | None,
+    predictions: Path | None,
+    min_accuracy: float | None,
+    no_adapter: bool,
+    settings: Settings,
+) -> None:
+    path = data_path(data)
+    rows = read_labelled(path)
+    names = chain_names(None, settings)
+    report = report or default_report("eval", path, names)
+    chain = make_chain(names, settings)
+    if no_adapter:
+        use_base_models(chain)
+    outcome = run(chain, rows, settings.batch_size)
+    summary = summarize(rows, outcome, chain.names[0])
+    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from mlx_intent.evalfigures import write_figures
+
+        figures = write_figures(summary, report)
+    except ImportError:
+        click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
+        figures = {}
+    command = reproduce(
+        ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
+    )
+    title = f"Evaluation: {' → '.join(names)} on {path.stem}"
+    text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
+    write_report(text, report)
+    if predictions is not None:
+        with predictions.open("w", encoding="utf-8") as f:
+            for line in prediction_rows(rows, outcome["results"]):
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    click.echo(
+        f"accuracy {pct(summary['accuracy'])}  macro-F1 {num(summary['macro_f1'])}  ECE {num(summary['ece'])}  "
+        f"p95 {num(summary['latency'][95], 1)} ms  fallback {pct(summary['fallback_rate'])}"
+    )
+    if min_accuracy is not None and summary["accuracy"] < min_accuracy:
+        click.echo(f"accuracy {pct(summary['accuracy'])} is below --min-accuracy {min_accuracy:.1%}", err=True)
+        sys.exit(EXIT_BELOW)
