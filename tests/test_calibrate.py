@@ -1,0 +1,138 @@
+"""Temperature and threshold fitting on synthetic distributions, and `mlx-intent calibrate` on the bundled model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_intent.calibrate import fit_temperature, fit_threshold, intents_at, temper, trie_tree
+from mlx_intent.schema import INTENTS
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def synthetic(scale: float, n: int = 4000, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Labels drawn from softmax(z) (calibrated at T = 1), probabilities reported as softmax(scale * z)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, 15))
+    truth = softmax(z)
+    gold = [int(rng.choice(15, p=p)) for p in truth]
+    return softmax(scale * z), gold
+
+
+@pytest.mark.parametrize(("scale", "low", "high"), [(3.0, 2.6, 3.4), (0.5, 0.43, 0.57), (1.0, 0.9, 1.1)])
+def test_fit_recovers_the_temperature(scale, low, high):
+    probs, gold = synthetic(scale)
+    t = fit_temperature(probs, gold)
+    assert low < t < high  # over-confident (scale 3) needs T ~ 3 > 1, under-confident T ~ 0.5 < 1
+    before = np.mean([-np.log(p[g]) for p, g in zip(probs, gold)])
+    after = np.mean([-np.log(p[g]) for p, g in zip(temper(probs, t), gold)])
+    assert after <= before + 1e-9
+
+
+def test_temper_flat_is_power_renormalised():
+    p = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]])
+    q = p**0.5 / (p**0.5).sum(axis=1, keepdims=True)
+    assert np.allclose(temper(p, 2.0), q)
+    assert np.allclose(temper(p, 1.0), p)
+
+
+def test_temper_follows_the_branch_points():
+    """Leaves 0 and 1 share a first token: softmax at each branch point, as the classifier does."""
+    rng = np.random.default_rng(1)
+    top, inner = rng.normal(0, 2, (5, 3)), rng.normal(0, 2, (5, 2))
+
+    def leaves(t: float) -> np.ndarray:
+        a, b = softmax(top / t), softmax(inner / t)
+        return np.column_stack([a[:, 0] * b[:, 0], a[:, 0] * b[:, 1], a[:, 1], a[:, 2]])
+
+    tree = [[0, 1], 2, 3]
+    for t in (0.3, 2.5):
+        assert np.allclose(temper(leaves(1.0), t, tree), leaves(t))
+    assert not np.allclose(temper(leaves(1.0), 2.5), leaves(2.5))  # a flat power is not the same
+
+
+def test_trie_tree_collapses_single_child_chains():
+    from mlx_intent.sampler import build_trie
+
+    root = build_trie({"greeting": [1, 2], "general": [1, 3, 4], "weather": [5]})
+    assert trie_tree(root) == [[INTENTS.index("greeting"), INTENTS.index("general")], INTENTS.index("weather")]
+
+
+def test_fit_threshold_picks_the_gap_between_noise_and_real_second_intents():
+    rows, gold = [], []
+    for second, is_real in [(0.32, True), (0.28, True), (0.14, False), (0.12, False)] * 5:
+        p = np.full(15, (1 - 0.5 - second) / 13)
+        p[1], p[2] = 0.5, second
+        rows.append(p)
+        gold.append({INTENTS[1], INTENTS[2]} if is_real else {INTENTS[1]})
+    probs = np.array(rows)
+    # 0.15, 0.2 and 0.25 all separate them; the tie goes to the value nearest the default
+    assert fit_threshold(probs, gold, max_intents=3, default=0.2) == 0.2
+    assert fit_threshold(probs, gold, max_intents=3, default=0.5) == 0.25
+    assert intents_at(probs[0], 0.01, 3) == {INTENTS[1], INTENTS[2], INTENTS[0]}
+    assert intents_at(probs[0], 0.01, 2) == {INTENTS[1], INTENTS[2]}
+
+
+def test_intents_at_matches_the_classifier():
+    from mlx_intent.classifier import IntentClassifier
+
+    clf = object.__new__(IntentClassifier)  # _answer needs only the threshold
+    rng = np.random.default_rng(2)
+    for t in (0.05, 0.2, 0.35):
+        clf.threshold = t
+        for p in softmax(rng.normal(0, 1.2, (50, 15))):
+            assert set(clf._answer(dict(zip(INTENTS, p)))[2]) == intents_at(p, t, 3)
+
+
+LABELLED = [
+    ("hello, how are you?", "greeting", ["greeting"]),
+    ("where can I eat good kebab?", "restaurant", ["restaurant"]),
+    ("is the Blue Mosque open on Friday?", "attraction", ["attraction"]),
+    ("which tram goes to Sultanahmet?", "transportation", ["transportation"]),
+    ("will it rain tomorrow?", "weather", ["weather"]),
+    ("any jazz concerts tonight?", "events", ["events"]),
+    ("is Moda a nice area to stay?", "neighborhood", ["neighborhood"]),
+    ("best place to buy a carpet", "shopping", ["shopping"]),
+    ("bus from IST airport to Taksim", "airport_transport", ["airport_transport"]),
+    ("navigate me to Galata Tower from here", "gps_route_planning", ["gps_route_planning"]),
+    ("hi! where can I eat near the hotel?", "restaurant", ["restaurant", "greeting"]),
+    ("do I need a visa?", "general", ["general"]),
+]
+
+
+def test_calibrate_writes_calibration_json_that_the_classifier_reads(models_home, bundled, tmp_path):
+    from mlx_intent import registry
+    from mlx_intent.classifier import CALIBRATION, IntentClassifier
+    from mlx_intent.cli import main
+
+    data = tmp_path / "labelled.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "text": t, "primary_intent": p, "all_intents": a})
+            for i, (t, p, a) in enumerate(LABELLED)
+        )
+        + "\n"
+    )
+    result = CliRunner().invoke(main, ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((registry.resolve_dir("smollm2-135m") / CALIBRATION).read_text())
+    assert set(written) >= {"temperature", "threshold", "fitted_on", "n", "ece_before", "ece_after"}
+    assert written["n"] == 12 and written["fitted_on"].endswith("labelled.jsonl")
+    assert 0.05 <= written["temperature"] <= 20 and written["temperature"] != 1.0
+    assert 0.05 <= written["threshold"] <= 0.5
+    # the fit from the T = 1 run matches the real run at the fitted T (the trie has a deeper branch point)
+    gap = float(re.search(r"largest \|p\(run\) - p\(fit\)\| = (\S+)", result.output)[1])
+    assert gap < 1e-4
+
+    model, tokenizer = bundled
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer)
+    assert clf.temperature == written["temperature"] and clf.threshold == written["threshold"]
+    (registry.resolve_dir("smollm2-135m") / CALIBRATION).unlink()  # other tests expect the raw model
