@@ -84,7 +84,7 @@ class IntentClassifier:
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)
-        self._specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+        self._specials = special_strings(tokenizer)
         parts = split_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
         self.prefix_ids = self.encode(parts.prefix)
         self.suffix_ids = self.encode(parts.suffix)
@@ -307,6 +307,14 @@ class IntentClassifier:
 
     def peak_memory(self) -> int:
         return backend.peak_memory()
+
+
+def special_strings(tokenizer) -> list[str]:
+    """Every special token's text, longest first: the declared ones and every added token marked
+    special (SmolLM2's <filename>, <jupyter_code>... are not in ``all_special_tokens``)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    found = {*getattr(tokenizer, "all_special_tokens", []), *(t.content for t in added.values() if t.special)}
+    return sorted(found - {""}, key=len, reverse=True)
 
 
 def _branch_nodes(node: Node, path: tuple[int, ...] = ()) -> Iterator[tuple[Node, list[int]]]:
