@@ -209,6 +209,8 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     second = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url)
     assert second.returncode == 0, second.stderr
     assert len(hub.requests) == before  # already pulled: not even a metadata request
+    offline = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
 
 
 def test_pulled_model_loads_in_process(hub, tmp_path, monkeypatch):
