@@ -199,12 +199,14 @@ class Chain:
                 res.update(fallbacks=fallbacks[i], cached=False, latency_ms=round(elapsed, 2))
                 if self.cache_size and not any(f["reason"].startswith(TRANSIENT) for f in fallbacks[i]):
                     with self._lock:
-                        self.cache[keys[i]] = res
+                        self.cache[keys[i]] = dict(res)  # callers may edit what they get back
                         while len(self.cache) > self.cache_size:
                             self.cache.popitem(last=False)
             else:
                 res["latency_ms"] = round(elapsed, 3)
-            self._record(texts[i], res, labels[i])
+        records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
+        if self.log is not None:
+            self.log.write_many(records)
         return results
 
     def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> list[int]:
@@ -245,12 +247,12 @@ class Chain:
             fallbacks[i].append({"tier": tier.name, "reason": reason})
         return todo
 
-    def _record(self, text: str, result: dict, label: str | None) -> None:
+    def _record(self, text: str, result: dict, label: str | None) -> dict:
+        """Count the result in the metrics; return its log line."""
         lang = detect_language(text) if isinstance(text, str) else None
         result["lang"] = lang
         self.metrics.record(result, lang=lang, label=label)
-        if self.log is not None:
-            self.log.write(log_record(result, text, lang, label=label))
+        return log_record(result, text, lang, label=label)
 
 
 def build_chain(settings: Settings, names: list[str] | None = None, memory: int | None = None) -> Chain:

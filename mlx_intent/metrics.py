@@ -187,9 +187,7 @@ class Metrics:
             }
 
 
-def log_record(
-    result: Mapping[str, Any], text: str, lang: str | None, label: str | None = None
-) -> dict[str, Any]:
+def log_record(result: Mapping[str, Any], text: str, lang: str | None, label: str | None = None) -> dict[str, Any]:
     """The log line for one classification: the result fields plus ts, text, lang, label, peak_memory_mb."""
     ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     record = {"ts": ts, **result, "text": text, "lang": lang}
@@ -251,7 +249,14 @@ class ClassificationLog:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record as one line and fsync, so a returned call means a durable line."""
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        self.write_many([record])
+
+    def write_many(self, records: list[Mapping[str, Any]]) -> None:
+        """Append whole lines with one write and one fsync (a batch costs one fsync, not one per line)."""
+        if not records:
+            return
+        line = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
+        line = line.encode("utf-8")
         with self._lock:
             view = memoryview(line)
             while view:  # a regular file takes the whole line at once; loop only for the rare short write
@@ -290,8 +295,6 @@ def read_log(path: Path | str) -> LogRecords:
             if i == len(numbered) - 1:
                 records.skipped = 1
                 break
-            raise LogError(
-                f"{path}:{number}: corrupt record ({e}); only a torn last line is tolerated"
-            ) from None
+            raise LogError(f"{path}:{number}: corrupt record ({e}); only a torn last line is tolerated") from None
         records.append(record)
     return records

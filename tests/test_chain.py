@@ -300,7 +300,7 @@ def test_model_that_does_not_fit_is_not_loaded(models_home, loads):
     chain = build_chain(Settings(chain=(BUNDLED, KEYWORD)), memory=100 * MB)
     result = chain.classify(FISH)
     assert result["tier"] == KEYWORD
-    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "does not fit in memory (needs 0.6 GB)"}]
+    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "does not fit in memory (needs 1 GB)"}]
     with pytest.raises(PassOver, match="does not fit"):
         ModelPool(memory=GB // 2).get(BUNDLED)
     assert loads == []
