@@ -92,11 +92,28 @@ def confidence_text(confidence: float) -> str:
     return json.dumps(round(min(max(float(confidence), 0.0), 1.0), 4))
 
 
+ANCHOR = "0"  # a digit: every pre-tokenizer (and SentencePiece's digit split) keeps it a token of its own
+
+
+def in_context(encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
+    """Encode a segment as it tokenizes after other text, not at the start of one:
+    SentencePiece tokenizers (Llama 2, TinyLlama) prepend a word boundary to a text's
+    start, which would put a space inside ``"greeting "``.  Encodes ANCHOR + text and
+    drops the anchor's tokens; plain ``encode`` if the anchor merged into the text."""
+    anchor = encode(ANCHOR)
+
+    def segment(text: str) -> list[int]:
+        ids = encode(ANCHOR + text)
+        return ids[len(anchor) :] if ids[: len(anchor)] == anchor else encode(text)
+
+    return segment
+
+
 class AnswerVocab:
     """The tokenized segments and tries of the answer grammar for one tokenizer."""
 
     def __init__(self, encode: Callable[[str], list[int]], names: tuple[str, ...] = INTENTS):
-        self.encode = encode
+        self.encode = encode = in_context(encode)
         self.names = names
         self.prefix = encode(ANSWER_PREFIX)
         self.primary = build_trie({n: encode(self.primary_text(n)) for n in names})
