@@ -40,6 +40,13 @@ def _delta(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{(b - a) * 100:+.1f} pp"
 
 
+def _change(a: float | None, b: float | None, show) -> str:
+    """B - A: in percentage points for rates, else plain."""
+    if show is pct:
+        return _delta(a, b)
+    return "-" if a is None or b is None else f"{b - a:+.3f}"
+
+
 def _side_by_side(title: str, keys: list[str], a: dict[str, dict], b: dict[str, dict]) -> list[str]:
     rows = []
     for key in keys:
@@ -78,32 +85,10 @@ def render(
         ("Brier (binary)", "brier", num),
         ("fallback rate", "fallback_rate", pct),
     ]
-    rows = []
-    for name, key, show in overall:
-        is_rate = show is pct
-        delta = (
-            _delta(a[key], b[key])
-            if is_rate
-            else ("-" if a[key] is None or b[key] is None else f"{b[key] - a[key]:+.3f}")
-        )
-        rows.append([name, show(a[key]), show(b[key]), delta])
-    for q in (50, 95, 99):
-        rows.append(
-            [
-                f"latency p{q} per call (ms)",
-                num(a["latency"][q], 1),
-                num(b["latency"][q], 1),
-                f"{b['latency'][q] - a['latency'][q]:+.1f}",
-            ]
-        )
-    rows.append(
-        [
-            "wall time per query (ms)",
-            num(a["per_query_ms"], 2),
-            num(b["per_query_ms"], 2),
-            f"{b['per_query_ms'] - a['per_query_ms']:+.2f}",
-        ]
-    )
+    rows = [[name, show(a[key]), show(b[key]), _change(a[key], b[key], show)] for name, key, show in overall]
+    timing = [(f"latency p{q} per call (ms)", a["latency"][q], b["latency"][q]) for q in (50, 95, 99)]
+    timing.append(("wall time per query (ms)", a["per_query_ms"], b["per_query_ms"]))
+    rows += [[name, num(x, 2), num(y, 2), f"{y - x:+.2f}"] for name, x, y in timing]
     out += table(["metric", "A", "B", "B − A"], rows)
 
     out += ["## McNemar's test of the accuracy difference", ""]
@@ -112,16 +97,11 @@ def render(
         if test["method"] == "exact"
         else f"chi-square with continuity correction, χ² = {test['statistic']:.3f} (1 df)"
     )
+    pairs = list(zip(a["correct_flags"], b["correct_flags"]))
+    both, neither = sum(x and y for x, y in pairs), sum(not x and not y for x, y in pairs)
     out += table(
         ["", "B right", "B wrong"],
-        [
-            ["A right", str(sum(x and y for x, y in zip(a["correct_flags"], b["correct_flags"]))), str(test["b"])],
-            [
-                "A wrong",
-                str(test["c"]),
-                str(sum(not x and not y for x, y in zip(a["correct_flags"], b["correct_flags"]))),
-            ],
-        ],
+        [["A right", str(both), str(test["b"])], ["A wrong", str(test["c"]), str(neither)]],
     )
     verdict = "significant" if test["p"] < 0.05 else "not significant"
     out += [
