@@ -1,0 +1,229 @@
+"""Dynamic batching for the HTTP service: one worker thread owns MLX and runs many requests as one batch.
+
+MLX must not be called from several threads at once, and a batched forward pass costs less per text
+than one pass per text.  Requests become jobs on a bounded queue; the worker takes the first, then
+gathers more of the same mode for up to ``max_wait_s`` or until ``max_batch`` texts, and answers them
+with one ``chain.classify_batch``.  A job's ``concurrent.futures.Future`` is the hand-over: cancelling
+it before the worker starts it (a request that timed out) drops it from the batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+from mlx_intent.chain import Chain, PassOver, Tier
+
+STREAM, WARM = "stream", "warm"
+WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"
+# Pass-over reasons that will not change while the process runs: such a tier is not the one to wait for.
+ABSENT = ("not downloaded", "does not fit")
+
+
+class QueueFull(Exception):
+    """The queue holds ``queue_size`` jobs already; the client should retry later."""
+
+
+class Closed(Exception):
+    """The service is shutting down and takes no new work."""
+
+
+@dataclass
+class Job:
+    """Texts to classify in ``mode`` (score, generate, stream or warm); ``emit`` receives a stream's
+    events, called from the worker thread."""
+
+    texts: list[str]
+    mode: str
+    future: Future = field(default_factory=Future)
+    emit: Callable[[str, object], None] | None = None
+
+
+def mode_chain(chain: Chain, mode: str) -> Chain:
+    """The same tiers, loaded models and metrics, with the LLM tiers decoding in ``mode``; its own cache,
+    since the two modes may answer differently."""
+    tiers = [_in_mode(t, mode) if t.model else t for t in chain.tiers]
+    return Chain(tiers, cache_size=chain.cache_size, metrics=chain.metrics, log=chain.log, pool=chain.pool)
+
+
+def _in_mode(tier: Tier, mode: str) -> Tier:
+    return replace(tier, run=lambda texts: tier.load().classify_batch(texts, mode=mode))
+
+
+def fallback_chain(chain: Chain, reason: str) -> Chain:
+    """The chain below its LLM tiers, each of those passed over for ``reason``: the answer for a request
+    whose time ran out.  Uncached; it calls no model, so any thread may use it."""
+    return _uncached([_passed(t.name, reason) if t.model else t for t in chain.tiers], chain)
+
+
+def _passed(name: str, reason: str) -> Tier:
+    def run(texts: list[str]) -> list[dict]:
+        raise PassOver(reason)
+
+    return Tier(name, run)
+
+
+def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]) -> dict:
+    """Constrained generation by the first LLM tier that loads, its JSON emitted piece by piece as
+    ("token", text); returns the final answer as the chain would give it (thresholds, tiers below).
+
+    Only LLM tiers at the head of the chain stream; with none ready the chain answers alone.  The
+    tier's latency budget is not applied: the client watches the answer being written."""
+    passed: list[Tier] = []
+    for index, tier in enumerate(chain.tiers):
+        if not tier.model:
+            break
+        try:
+            clf = tier.load()
+        except Exception as e:
+            passed.append(_passed(tier.name, str(e) if isinstance(e, PassOver) else _error(e)))
+            continue
+        result = None
+        try:
+            for piece in clf.stream(text):
+                if isinstance(piece, dict):
+                    result = piece
+                else:
+                    emit("token", piece)
+        except Exception as e:  # empty once cleaned, a fault in the model: the tiers below answer
+            replay = _passed(tier.name, _error(e))
+        else:
+            replay = replace(tier, run=lambda texts, r=result: [r], load=lambda: None, budget_ms=None)
+        return _uncached([*passed, replay, *chain.tiers[index + 1 :]], chain).classify(text)
+    return _uncached([*passed, *chain.tiers[len(passed) :]], chain).classify(text)
+
+
+def _error(e: Exception) -> str:
+    return f"error: {type(e).__name__}: {e}"
+
+
+def _uncached(tiers: list[Tier], chain: Chain) -> Chain:
+    return Chain(tiers, cache_size=0, metrics=chain.metrics, log=chain.log)
+
+
+def readiness(chain: Chain) -> tuple[bool, str]:
+    """(ready, detail) after the warm-up: ready once the first LLM tier that can be had is loaded; tiers
+    not on disk or too big are skipped.  A chain without LLM tiers is ready at once."""
+    for tier in chain.tiers:
+        if not tier.model:
+            return True, tier.name
+        try:
+            tier.load()
+        except PassOver as e:
+            if str(e).startswith(ABSENT):
+                continue
+            return False, f"{tier.name}: {e}"
+        except Exception as e:
+            return False, f"{tier.name}: {_error(e)}"
+        return True, tier.name
+    return True, chain.tiers[-1].name
+
+
+class Batcher:
+    """The worker thread and its bounded queue.  ``chains`` maps each mode to the chain that answers it;
+    warm-up uses ``default_mode``, streams the generate chain; ``on_batch(n)`` hears every batch's size."""
+
+    def __init__(
+        self,
+        chains: dict[str, Chain],
+        default_mode: str = "score",
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
+        queue_size: int = 256,
+        on_batch: Callable[[int], None] = lambda n: None,
+    ):
+        self.chains = chains
+        self.default_mode = default_mode
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.closed = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._work, name="mlx-intent-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            if self.closed:
+                raise Closed("the service is shutting down")
+            if self.jobs.qsize() >= self.queue_size:
+                raise QueueFull(f"{self.queue_size} requests are waiting already")
+            self.jobs.put(job)
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no more jobs, answer every queued one, then end the worker."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.jobs.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _work(self) -> None:
+        held: Job | None = None
+        while True:
+            job = held if held is not None else self.jobs.get()
+            held = None
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            if job.mode in (STREAM, WARM):
+                self._run_alone(job)
+                continue
+            group, count = [job], len(job.texts)
+            deadline = time.monotonic() + self.max_wait_s
+            while count < self.max_batch:
+                try:
+                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None or nxt.mode != job.mode:
+                    held = nxt
+                    break
+                if nxt.future.set_running_or_notify_cancel():
+                    group.append(nxt)
+                    count += len(nxt.texts)
+            self._run_group(group, self.chains[job.mode])
+
+    def _run_group(self, group: list[Job], chain: Chain) -> None:
+        texts = [t for job in group for t in job.texts]
+        try:
+            results: list[dict] = []
+            for start in range(0, len(texts), self.max_batch):
+                chunk = texts[start : start + self.max_batch]
+                results += chain.classify_batch(chunk)
+                self.on_batch(len(chunk))
+        except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
+            for job in group:
+                job.future.set_exception(e)
+            return
+        start = 0
+        for job in group:
+            job.future.set_result(results[start : start + len(job.texts)])
+            start += len(job.texts)
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            if job.mode == WARM:
+                chain = self.chains[self.default_mode]
+                chain.classify(job.texts[0])
+                job.future.set_result(readiness(chain))
+            else:
+                result = stream_classify(self.chains["generate"], job.texts[0], job.emit)
+                job.emit("result", result)
+                job.future.set_result(result)
+        except Exception as e:  # a bug: the request hears of it, the worker goes on
+            if job.emit is not None:
+                job.emit("error", _error(e))
+            job.future.set_exception(e)
