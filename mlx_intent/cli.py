@@ -18,6 +18,7 @@ from mlx_intent import registry
 from mlx_intent.calibrate import calibrate_command
 from mlx_intent.compare import compare_command
 from mlx_intent.evaluate import eval_command
+from mlx_intent.server import serve_command
 from mlx_intent.settings import Settings, config_command, settings_options
 from mlx_intent.stats import stats_command
 
@@ -51,6 +52,7 @@ def main() -> None:
 
 main.add_command(config_command)
 main.add_command(stats_command)
+main.add_command(serve_command)
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(calibrate_command)

@@ -1,0 +1,409 @@
+"""The HTTP API of ``mlx-intent serve``: FastAPI routes, request limits, errors as JSON, Prometheus metrics.
+
+Every request is answered with JSON (or server-sent events for the stream); bad input gets a 4xx whose
+body is ``{"error": ..., "detail": ...}``.  Classification goes through the batcher's single worker
+thread; a request that waits longer than the request timeout is answered by the tiers below the LLMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlx_intent import registry
+from mlx_intent.batcher import STREAM, WARM, WARM_TEXT, Batcher, Closed, Job, QueueFull, fallback_chain, mode_chain
+from mlx_intent.chain import Chain
+from mlx_intent.metrics import MB
+from mlx_intent.settings import MODES, Settings
+
+log = logging.getLogger("mlx_intent.server")
+
+MAX_TEXT_CHARS = 4000
+MAX_BATCH_TEXTS = 64
+MAX_BODY_BYTES = 64 * 1024
+QUEUE_SIZE = 256
+MAX_WAIT_MS = 5.0
+TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
+RETRY_AFTER_S = 1
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream")
+ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json", "/docs")
+
+
+# ---- bodies -------------------------------------------------------------------------------------
+
+
+def _readable(text: str) -> str:
+    """Reject what no tier can read: only blanks and control or format characters (pydantic already
+    refuses lone surrogates)."""
+    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
+        raise ValueError("text is empty")
+    return text
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
+Mode = Literal["score", "generate"]
+
+
+class ClassifyRequest(BaseModel):
+    text: Text = Field(description=f"The traveller's query, 1 to {MAX_TEXT_CHARS} characters.")
+    mode: Mode | None = Field(None, description="LLM decoding; default: the server's mode setting.")
+
+
+class BatchRequest(BaseModel):
+    texts: list[Text] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="Queries, answered in order.")
+    mode: Mode | None = None
+
+
+class StreamRequest(BaseModel):
+    text: Text
+
+
+class Fallback(BaseModel):
+    tier: str
+    reason: str
+
+
+class ClassifyResult(BaseModel):
+    primary_intent: str
+    confidence: float
+    all_intents: list[str]
+    tier: str = Field(description="The tier that answered.")
+    model: str | None = Field(description="Its model; null for the keyword and general tiers.")
+    fallbacks: list[Fallback] = Field(description="Tiers above it and why they did not answer.")
+    latency_ms: float = Field(description="Time in the server for this request, queueing included.")
+    cached: bool
+    lang: str | None = None
+
+
+class BatchResult(BaseModel):
+    results: list[ClassifyResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    state: str = Field(description="missing, downloaded, converted or ready (loaded once at least).")
+    loaded: bool = Field(description="In memory in this server now.")
+    tier: int | None = Field(description="Its place in the chain, from 0; null when not in it.")
+
+
+class ModelsResult(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    ready: bool
+    status: str = Field(description="warming, ready, degraded or stopping.")
+    primary: str | None = Field(description="The tier the server waited for (first LLM tier it could load).")
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None
+
+
+ERRORS = {
+    code: {"model": ErrorBody, "description": why}
+    for code, why in {
+        400: "Invalid JSON.",
+        413: f"Body over {MAX_BODY_BYTES} bytes.",
+        415: "Content type is not application/json.",
+        422: "A field is missing or invalid.",
+        503: "Queue full or shutting down; see Retry-After.",
+    }.items()
+}
+
+
+def error(status: int, message: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "detail": detail}, status_code=status, headers=headers)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+class Prometheus:
+    """The service's metrics in their own registry (several apps may live in one process)."""
+
+    def __init__(self, batcher: Batcher, chain: Chain):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mlx_intent_http_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram(
+            "mlx_intent_http_request_seconds", "HTTP request time", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.intents = Counter("mlx_intent_intents", "Answers by primary intent", ["intent"], registry=r)
+        self.tiers = Counter("mlx_intent_tiers", "Answers by the tier that gave them", ["tier"], registry=r)
+        self.fallbacks = Counter("mlx_intent_fallbacks", "Tiers passed over, by reason", ["tier", "reason"], registry=r)
+        self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
+        self.batches = Histogram(
+            "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        Gauge("mlx_intent_queue_jobs", "Jobs waiting for the worker", registry=r).set_function(batcher.jobs.qsize)
+        peak = Gauge("mlx_intent_peak_memory_bytes", "Peak MLX memory of this process", registry=r)
+        peak.set_function(lambda: (chain.metrics.snapshot()["peak_memory_mb"] or 0) * MB)
+
+    def answered(self, result: dict) -> None:
+        self.intents.labels(result["primary_intent"]).inc()
+        self.tiers.labels(result["tier"]).inc()
+        for f in result.get("fallbacks") or ():
+            self.fallbacks.labels(f["tier"], reason_kind(f["reason"])).inc()
+        if result.get("cached"):
+            self.cache_hits.inc()
+
+
+def reason_kind(reason: str) -> str:
+    """'low confidence: 0.45 < 0.50' -> 'low confidence': a label with few values."""
+    return reason.split(":", 1)[0].split("(", 1)[0].strip() or "other"
+
+
+class Guard:
+    """ASGI middleware: refuses oversized bodies (by Content-Length, or counted as they arrive, before the
+    body is read whole) and non-JSON posts, and counts every request by endpoint and status."""
+
+    def __init__(self, app, prometheus: Prometheus, max_body: int = MAX_BODY_BYTES):
+        self.app, self.prometheus, self.max_body = app, prometheus, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, sending)
+            await self.app(scope, self._counted(receive), sending)
+        finally:
+            self.prometheus.requests.labels(endpoint, str(status[0])).inc()
+            self.prometheus.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        if scope["method"] != "POST" or scope["path"] not in JSON_POSTS:
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return error(413, f"body too large: {length} bytes > {self.max_body}", {"limit": self.max_body})
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            return error(415, "send the body as JSON with Content-Type: application/json", {"got": kind or None})
+        return None
+
+    def _counted(self, receive):
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413, f"body too large: over {self.max_body} bytes")  # FastAPI re-raises this kind
+            return message
+
+        return counted
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings,
+    chain: Chain,
+    *,
+    request_timeout_ms: float | None = None,
+    max_wait_ms: float = MAX_WAIT_MS,
+    queue_size: int = QUEUE_SIZE,
+    batching: bool = True,
+) -> FastAPI:
+    """The service around ``chain`` (built from ``settings``; its LLM tiers decode in settings.mode).
+
+    ``request_timeout_ms`` defaults to TIMEOUT_FACTOR latency budgets; ``batching=False`` runs one text
+    at a time (for comparison)."""
+    timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
+    chains = {mode: chain if mode == settings.mode else mode_chain(chain, mode) for mode in MODES}
+    batcher = Batcher(
+        chains,
+        settings.mode,
+        max_batch=settings.batch_size if batching else 1,
+        max_wait_s=max_wait_ms / 1000 if batching else 0.0,
+        queue_size=queue_size,
+    )
+    prometheus = Prometheus(batcher, chain)
+    batcher.on_batch = prometheus.batches.observe
+    health = {"ready": False, "status": "warming", "primary": None, "detail": None}
+
+    def warmed(future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            health.update(status="degraded", detail=f"warm-up failed: {future.exception()!r}")
+            return
+        ready, detail = future.result()
+        health.update(ready=ready, status="ready" if ready else "degraded", primary=detail if ready else None)
+        health["detail"] = None if ready else detail
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        batcher.submit(Job([WARM_TEXT], WARM)).future.add_done_callback(warmed)
+        yield
+        health.update(ready=False, status="stopping")
+        await asyncio.to_thread(batcher.stop)  # uvicorn has let requests in flight finish; drain the queue
+
+    app = FastAPI(
+        title="mlx-intent",
+        version="1",
+        summary="Travel intent classification with small local LLMs, for a desktop assistant.",
+        lifespan=lifespan,
+    )
+    app.state.batcher, app.state.health = batcher, health
+    app.add_middleware(Guard, prometheus=prometheus)
+    _handlers(app)
+
+    def submit(texts: list[str], mode: str, emit=None) -> Job | JSONResponse:
+        try:
+            return batcher.submit(Job(texts, mode, emit=emit))
+        except QueueFull as e:
+            return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
+        except Closed as e:
+            return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
+
+    def timed_out(texts: list[str]) -> list[dict]:
+        return fallback_chain(chain, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(texts)
+
+    def shown(result: dict, start: float) -> dict:
+        out = {**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+        prometheus.answered(out)
+        return ClassifyResult.model_validate(out).model_dump()
+
+    async def classify_texts(texts: list[str], mode: str | None) -> list[dict] | JSONResponse:
+        start = time.perf_counter()
+        job = submit(texts, mode or settings.mode)
+        if isinstance(job, JSONResponse):
+            return job
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
+        except asyncio.TimeoutError:  # the job is cancelled if not begun; if begun, its answer is dropped
+            results = timed_out(texts)
+        return [shown(r, start) for r in results]
+
+    @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
+    async def classify(body: ClassifyRequest):
+        """Classify one text through the fallback chain (batched with concurrent requests)."""
+        results = await classify_texts([body.text], body.mode)
+        return results if isinstance(results, JSONResponse) else results[0]
+
+    @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
+    async def classify_batch(body: BatchRequest):
+        """Classify up to 64 texts; results in the same order."""
+        results = await classify_texts(body.texts, body.mode)
+        return results if isinstance(results, JSONResponse) else {"results": results}
+
+    @app.post(
+        "/v1/classify/stream",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}, **ERRORS},
+    )
+    async def classify_stream(body: StreamRequest):
+        """Constrained generation as server-sent events: `token` events carry pieces of the JSON as the
+        model writes it, then one `result` event holds the final answer (an `error` event if it failed)."""
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        job = submit([body.text], STREAM, lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data)))
+        if isinstance(job, JSONResponse):
+            return job
+        return StreamingResponse(sse(job, events, body.text, start), media_type="text/event-stream")
+
+    async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
+        first = True
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(events.get(), timeout_ms / 1000 if first else None)
+            except asyncio.TimeoutError:
+                if job.future.cancel():  # never begun: the tiers below the LLMs answer at once
+                    yield event("result", shown(timed_out([text])[0], start))
+                    return
+                first = False  # begun: its tokens are coming
+                continue
+            first = False
+            if kind == "token":
+                yield event("token", {"text": data})
+            elif kind == "result":
+                yield event("result", shown(data, start))
+                return
+            else:
+                yield event("error", {"error": "stream failed", "detail": data})
+                return
+
+    @app.get("/v1/models", response_model=ModelsResult)
+    def models():
+        """Every registry model: its state on disk, whether this server has it loaded, its place in the chain."""
+        loaded = chain.pool.loaded if chain.pool is not None else {}
+        return {
+            "models": [
+                {
+                    "name": name,
+                    "state": registry.state(name),
+                    "loaded": name in loaded,
+                    "tier": chain.names.index(name) if name in chain.names else None,
+                }
+                for name in registry.REGISTRY
+            ]
+        }
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}})
+    def healthz():
+        """200 once the warm-up has loaded the first LLM tier that can be had; 503 before (and after a failure)."""
+        return JSONResponse(dict(health), status_code=200 if health["ready"] else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        """Prometheus text format."""
+        return PlainTextResponse(generate_latest(prometheus.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def event(kind: str, data: Any) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _handlers(app: FastAPI) -> None:
+    """Every error as {"error", "detail"}; the input is never echoed (it may not even encode)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            why = next(p for p in problems if p.get("type") == "json_invalid").get("ctx", {}).get("error")
+            return error(400, "invalid JSON", str(why) if why else None)
+        detail = [{"loc": ".".join(map(str, p.get("loc", ()))), "msg": p["msg"], "type": p["type"]} for p in problems]
+        first = detail[0] if detail else {"loc": "body", "msg": "invalid"}
+        return error(422, f"{first['loc']}: {first['msg']}", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal error", f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,51 @@
+"""``mlx-intent serve``: the local HTTP service for the desktop assistant (FastAPI on uvicorn).
+
+The web stack is imported only when the command runs, so the rest of the CLI starts fast and works
+without it installed.
+"""
+
+from __future__ import annotations
+
+import click
+
+from mlx_intent.settings import Settings, settings_options
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address (loopback: this machine only).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--request-timeout-ms",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Answer from the keyword tier after this long (default: 4 x the latency budget).",
+)
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0), help="Batch gathering wait.")
+@click.option("--queue-size", default=256, show_default=True, type=click.IntRange(1), help="Jobs waiting; then 503.")
+@click.option("--no-batching", is_flag=True, help="Run one text at a time (for comparison).")
+@settings_options
+def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_batching, settings: Settings) -> None:
+    """Serve classification over HTTP: POST /v1/classify, /v1/classify/batch, /v1/classify/stream;
+    GET /v1/models, /healthz, /metrics; OpenAPI at /docs.
+
+    \b
+    mlx-intent serve --chain smollm2-135m,keyword
+    curl -s localhost:8765/v1/classify -H 'Content-Type: application/json' -d '{"text": "ferry to Kadikoy?"}'
+    """
+    try:
+        import uvicorn
+
+        from mlx_intent.api import create_app
+    except ImportError as e:
+        raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
+    from mlx_intent.cli import _build_chain
+
+    app = create_app(
+        settings,
+        _build_chain(settings),
+        request_timeout_ms=request_timeout_ms,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        batching=not no_batching,
+    )
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
