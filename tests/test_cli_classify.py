@@ -1,0 +1,166 @@
+"""`mlx-intent classify`: one text or a JSONL file through the chain, --resume, exit codes.
+
+Runs that need the LLM use ``--chain smollm2-135m,keyword`` with no confidence floor and a
+generous latency budget, so the bundled model answers (not the keyword tier) however slow
+the machine is; the model itself comes from the session's ``bundled`` fixture instead of
+being loaded again by every command.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_intent import loading, schema
+from mlx_intent.cli import ANSWER_KEYS, OUTPUT_KEYS, main
+from mlx_intent.settings import ENV_VARS
+
+LLM = ["--chain", "smollm2-135m,keyword", "--min-confidence", "0", "--latency-budget-ms", "600000"]
+KEYWORD = ["--chain", "keyword"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path, models_home):
+    """No stray settings: no .env in the working folder, no MLX_INTENT_* but the models folder."""
+    for variable in ENV_VARS.values():
+        if variable != "MLX_INTENT_HOME":
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def llm(monkeypatch, bundled):
+    def load(name, adapter=None, dequantize=None):
+        assert name == "smollm2-135m" and adapter is None
+        return bundled
+
+    monkeypatch.setattr(loading, "load", load)
+
+
+def run(*args: str, input: str | bytes | None = None):
+    return CliRunner().invoke(main, ["classify", *args], input=input)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_output_rows(rows: list[dict], ids: list[str]) -> None:
+    assert [r["id"] for r in rows] == ids
+    for row in rows:
+        assert set(row) == set(OUTPUT_KEYS)
+        schema.validate({k: row[k] for k in ANSWER_KEYS})
+        assert row["tier"] == row["model"] == "smollm2-135m"
+        assert row["latency_ms"] > 0
+
+
+QUERIES = [
+    {"id": "q1", "text": "Where can I eat fish in Kadıköy?"},
+    {"id": "q2", "text": "Merhaba, Topkapı Sarayı kaçta açılıyor?"},
+    {"text": "Какая погода завтра?"},  # no id: the line number stands in
+]
+
+
+def test_single_text_prints_the_answer(llm):
+    result = run("Where can I eat fish in Kadıköy?", *LLM)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert list(answer) == list(ANSWER_KEYS)
+    schema.validate(answer)
+
+
+def test_verbose_adds_model_tier_latency_top(llm):
+    result = run("Is Hagia Sophia open on Mondays?", "--verbose", *LLM)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    schema.validate({k: answer[k] for k in ANSWER_KEYS})
+    assert answer["model"] == answer["tier"] == "smollm2-135m"
+    assert answer["latency_ms"] > 0
+    top = answer["top"]
+    assert isinstance(top, dict) and 1 <= len(top) <= 5 and set(top) <= set(schema.INTENTS)
+    assert max(top, key=top.get) == answer["primary_intent"]
+
+
+def test_jsonl_in_jsonl_out(llm, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = run("--input", write_jsonl(tmp_path / "in.jsonl", QUERIES), "--output", str(out), *LLM)
+    assert result.exit_code == 0, result.output
+    check_output_rows(read_jsonl(out), ["q1", "q2", "3"])
+
+
+def test_stdin(llm, tmp_path):
+    out = tmp_path / "out.jsonl"
+    lines = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUERIES[:2])
+    result = run("--input", "-", "--output", str(out), *LLM, input=lines.encode())
+    assert result.exit_code == 0, result.output
+    check_output_rows(read_jsonl(out), ["q1", "q2"])
+
+
+def test_resume_skips_ids_already_written(llm, tmp_path):
+    out = tmp_path / "out.jsonl"
+    earlier = {"id": "q1", "primary_intent": "general", "confidence": 0.5, "all_intents": ["general"]}
+    earlier |= {"model": "earlier run", "tier": "earlier run", "latency_ms": 1.0}
+    out.write_text(json.dumps(earlier) + "\n", encoding="utf-8")
+    result = run("--input", write_jsonl(tmp_path / "in.jsonl", QUERIES), "--output", str(out), "--resume", *LLM)
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out)
+    assert rows[0] == earlier
+    check_output_rows(rows[1:], ["q2", "3"])
+
+
+def test_without_resume_the_output_is_rewritten(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "q1"}\n', encoding="utf-8")
+    result = run("--input", write_jsonl(tmp_path / "in.jsonl", QUERIES), "--output", str(out), *KEYWORD)
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["q1", "q2", "3"]
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (b"{not json\n", "not valid JSON"),
+        (b'{"id": "x", "text": "caf\xe9"}\n', "not valid UTF-8"),
+        (b'{"id": "x", "text": "  \\t "}\n', "text is empty"),
+        (b'{"id": "x"}\n', '"text"'),
+        (b'["a list"]\n', '"text"'),
+    ],
+)
+def test_bad_line_exits_2_naming_it_and_keeps_earlier_results(tmp_path, bad, why):
+    good = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUERIES[:2]).encode()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(good + b"\n" + bad + good)  # the blank line 3 is skipped; line 4 is bad
+    out = tmp_path / "out.jsonl"
+    result = run("--input", str(path), "--output", str(out), *KEYWORD)
+    assert result.exit_code == 2
+    assert f"{path}:4:" in result.stderr and why in result.stderr
+    assert "Traceback" not in result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["q1", "q2"]
+
+
+@pytest.mark.parametrize("args", [["--model", "nope"], ["--chain", "nope,keyword"]])
+def test_unknown_model_exits_3(tmp_path, args):
+    result = run("Where is the ferry?", *args)
+    assert result.exit_code == 3
+    assert "unknown model 'nope'" in result.stderr
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text_exits_2(text):
+    result = run(text, *KEYWORD)
+    assert result.exit_code == 2
+    assert "text is empty" in result.stderr
+
+
+def test_missing_input_file_exits_2(tmp_path):
+    result = run("--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out.jsonl"), *KEYWORD)
+    assert result.exit_code == 2
+    assert "no such file" in result.stderr
