@@ -28,6 +28,7 @@ MODES = ("score", "generate")
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
 MAX_INTENTS = 3
+SKIP_MASS = 2e-5  # deeper branch points below this mass are skipped (error < SKIP_MASS / 2)
 MAX_QUERY_TOKENS = 512  # longer queries are truncated (and flagged)
 _PAD = 0
 
@@ -211,12 +212,18 @@ class IntentClassifier:
         probs = [{} for _ in rows]  # per row: node id -> child probabilities
         for i, row_logits in enumerate(self._logits(h, first)):
             probs[i][id(self._branch)] = dict(zip(first, branch_probs(row_logits, self.temperature)))
+        # Deeper branch points (names sharing a first token) need one more small pass, but
+        # only where the first token left them real mass; elsewhere their share is split evenly.
         deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
-        if deeper:
-            index = [i for i in range(len(rows)) for _ in deeper]
-            paths = [path for _ in rows for _, path in deeper]
-            h = self._hidden(paths, self._fork(cache, index))
-            for j, (i, (node, _)) in enumerate(zip(index, deeper * len(rows))):
+        todo = [
+            (i, node, path)
+            for i in range(len(rows))
+            for node, path in deeper
+            if probs[i][id(self._branch)][path[0]] >= SKIP_MASS
+        ]
+        if todo:
+            h = self._hidden([path for _, _, path in todo], self._fork(cache, [i for i, _, _ in todo]))
+            for j, (i, node, _) in enumerate(todo):
                 kids = valid_children(node, allowed)
                 logits = self._logits(h[j : j + 1], kids)[0]
                 probs[i][id(node)] = dict(zip(kids, branch_probs(logits, self.temperature)))
@@ -337,7 +344,7 @@ def _leaf_probs(root: Node, probs: dict[int, dict[int, float]]) -> dict[str, flo
             return
         table = probs.get(id(node))
         for tok, child in node.children.items():
-            walk(child, p * (table[tok] if table is not None else 1.0))
+            walk(child, p * (table[tok] if table is not None else 1.0 / len(node.children)))
 
     walk(root, 1.0)
     return {name: out[name] for name in INTENTS}
