@@ -252,12 +252,12 @@ def create_app(
     health = {"ready": False, "status": "warming", "primary": None, "detail": None}
 
     def warmed(future) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if future.exception() is not None:
             health.update(status="degraded", detail=f"warm-up failed: {future.exception()!r}")
             return
-        ready, detail = future.result()
-        health.update(ready=ready, status="ready" if ready else "degraded", primary=detail if ready else None)
-        health["detail"] = None if ready else detail
+        ready, name_or_reason = future.result()
+        ok = {"ready": True, "status": "ready", "primary": name_or_reason, "detail": None}
+        health.update(ok if ready else {"status": "degraded", "detail": name_or_reason})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -273,7 +273,7 @@ def create_app(
         summary="Travel intent classification with small local LLMs, for a desktop assistant.",
         lifespan=lifespan,
     )
-    app.state.batcher, app.state.health = batcher, health
+    app.state.batcher, app.state.health, app.state.request_timeout_ms = batcher, health, timeout_ms
     app.add_middleware(Guard, prometheus=prometheus)
     _handlers(app)
 

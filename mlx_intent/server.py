@@ -48,4 +48,7 @@ def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_ba
         queue_size=queue_size,
         batching=not no_batching,
     )
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
+    # Every request is answered within its timeout (by the keyword tier if need be), so a shutdown that
+    # waits a little longer than that finishes all of them.
+    grace = int(app.state.request_timeout_ms / 1000) + 10
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")

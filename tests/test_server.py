@@ -32,8 +32,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from mlx_intent.api import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
-from mlx_intent.batcher import mode_chain
-from mlx_intent.chain import Chain, build_chain
+from mlx_intent.batcher import Batcher, Job, mode_chain
+from mlx_intent.chain import Chain, PassOver, Tier, build_chain, keyword_tier
 from mlx_intent.client import ClientError, IntentClient
 from mlx_intent.client import events as sse_events
 from mlx_intent.settings import Settings
@@ -235,6 +235,19 @@ def test_health_skips_a_tier_that_is_not_downloaded(models_home):
         assert httpx.get(f"{base}/healthz").json()["primary"] == "keyword"
 
 
+def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
+    def broken():
+        raise PassOver("load failed: OSError: damaged weights")
+
+    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL), keyword_tier()])
+    with running(create_app(SETTINGS, chain)) as (base, _):
+        until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
+        r = httpx.get(f"{base}/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "degraded"
+        assert r.json()["detail"] == f"{MODEL}: load failed: OSError: damaged weights"
+        assert post(base, "/v1/classify", {"text": "hello"}).json()["tier"] == "keyword"  # it still answers
+
+
 def test_metrics_count_requests_answers_and_memory(url, expected):
     text = next(t for t in TEXTS if expected["score"][t]["fallbacks"])
     post(url, "/v1/classify", {"text": text})
@@ -287,6 +300,36 @@ def test_queued_requests_run_as_one_batch_with_the_single_answers(other_chain, g
         assert [answer(r.json()) for r in responses] == [answer(expected["score"][t]) for t in TEXTS]
         samples = metric_samples(httpx.get(f"{base}/metrics").text)
         assert (samples["mlx_intent_batch_texts_count"], samples["mlx_intent_batch_texts_sum"]) == (1, len(TEXTS))
+
+
+def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
+    """Held back by a gate, queued jobs of two modes come out as one batch per mode, in order; a job
+    cancelled before its turn (its request timed out) is never run."""
+    gate, busy, runs = threading.Event(), threading.Event(), []
+
+    def tier(intent: str) -> Tier:
+        def run(texts: list[str]) -> list[dict]:
+            busy.set()
+            gate.wait()
+            runs.append((intent, list(texts)))
+            return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
+
+        return Tier(intent, run, model=intent)
+
+    chains = {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
+    batcher = Batcher(chains, "score", max_batch=8, max_wait_s=0.0)
+    first = batcher.submit(Job(["a"], "score"))
+    batcher.start()
+    until(busy.is_set, "first job running")
+    jobs = [batcher.submit(Job([t], m)) for t, m in [("b", "score"), ("c", "score"), ("d", "generate")]]
+    dropped = batcher.submit(Job(["e"], "generate"))
+    assert dropped.future.cancel()
+    last = batcher.submit(Job(["f"], "generate"))
+    gate.set()
+    batcher.stop(WAIT_S)
+    assert runs == [("restaurant", ["a"]), ("restaurant", ["b", "c"]), ("weather", ["d", "f"])]
+    intents = [j.future.result()[0]["primary_intent"] for j in [first, *jobs, last]]
+    assert intents == ["restaurant"] * 3 + ["weather"] * 2
 
 
 def test_full_queue_answers_503_with_retry_after(other_chain, gate):
