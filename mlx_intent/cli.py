@@ -172,6 +172,48 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     click.echo(f"wrote {output}", err=True)
 
 
+@main.command()
+@click.argument("model")
+@click.option("--data", "train_data", default="train", show_default=True, help="Training JSONL, or a name.")
+@click.option("--valid", "valid_data", default=None, help="Validation JSONL (loss is reported, never tuned on).")
+@click.option("--epochs", default=1.0, show_default=True, help="Passes over the training examples.")
+@click.option("--iters", type=int, default=None, help="Training steps (overrides --epochs).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--learning-rate", default=3e-4, show_default=True)
+@click.option("--num-layers", default=8, show_default=True, help="Top layers that get LoRA.")
+@click.option("--rank", default=16, show_default=True, help="LoRA rank.")
+@click.option("--seed", default=0, show_default=True)
+def train(model, train_data, valid_data, epochs, iters, batch_size, learning_rate, num_layers, rank, seed) -> None:
+    """Fine-tune MODEL with a LoRA adapter so it writes the right JSON after the classifier's prompt.
+
+    The adapter is saved in <models folder>/adapters/MODEL/ and classify uses it from then on.
+    On a Mac the same command fine-tunes Llama 3.2 3B (QLoRA on the 4-bit weights)."""
+    from mlx_intent.evaluate import data_path
+    from mlx_intent.train import train_adapter
+
+    try:
+        registry.get_spec(model)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+    summary = train_adapter(
+        model,
+        data_path(train_data),
+        data_path(valid_data) if valid_data else None,
+        iters=iters,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_layers=num_layers,
+        rank=rank,
+        seed=seed,
+        report=lambda msg: click.echo(msg, err=True),
+    )
+    click.echo(
+        f"adapter for {model}: {registry.adapter_dir(model)} "
+        f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
+    )
+
+
 @main.group()
 def models() -> None:
     """List, pull and convert the registry's models."""

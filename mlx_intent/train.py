@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_intent import loading, registry
+from mlx_intent.evaluate import read_labelled
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, write_answer
 
@@ -31,17 +32,6 @@ LORA_KEYS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-
-
-def read_rows(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 def answers_for(row: dict) -> list[tuple[str, float, list[str]]]:
@@ -101,7 +91,7 @@ def train_adapter(
     train_path: Path,
     valid_path: Path | None = None,
     iters: int | None = None,
-    epochs: float = 2.0,
+    epochs: float = 1.0,
     batch_size: int = 16,
     learning_rate: float = 3e-4,
     num_layers: int = 8,
@@ -124,8 +114,8 @@ def train_adapter(
     lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(LORA_KEYS)}
     num_layers = min(num_layers, len(model.model.layers))
     linear_to_lora_layers(model, num_layers, lora)
-    train_set = build_examples(read_rows(train_path), tokenizer, spec.chat_format, style)
-    valid_set = build_examples(read_rows(valid_path), tokenizer, spec.chat_format, style) if valid_path else None
+    train_set = build_examples(read_labelled(train_path), tokenizer, spec.chat_format, style)
+    valid_set = build_examples(read_labelled(valid_path), tokenizer, spec.chat_format, style) if valid_path else None
     batch_size = min(batch_size, len(train_set))
     iters = iters or max(1, int(epochs * len(train_set) / batch_size))
     out_dir = out_dir or registry.adapter_dir(name)
