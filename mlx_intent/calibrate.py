@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 import numpy as np
@@ -113,6 +115,21 @@ def fit_threshold(probs: np.ndarray, gold: list[set[str]], max_intents: int, def
     return max(THRESHOLDS, key=lambda t: (set_match(probs, gold, t, max_intents), -abs(t - default)))
 
 
+@contextmanager
+def every_branch() -> Iterator[None]:
+    """Let the classifier evaluate every deeper branch point.  One it skips for want of mass is split
+    evenly, and tempering keeps an even split even, while classify at the fitted T evaluates it once its
+    mass has grown past the skip line: the T = 1 pass must see the real split."""
+    from mlx_intent import classifier
+
+    saved = classifier.SKIP_MASS
+    classifier.SKIP_MASS = 0.0
+    try:
+        yield
+    finally:
+        classifier.SKIP_MASS = saved
+
+
 def _distributions(clf, texts: list[str], batch_size: int, desc: str) -> np.ndarray:
     from tqdm import tqdm
 
@@ -175,7 +192,8 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
         clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD)
     except (registry.UnknownModelError, registry.ModelNotAvailableError) as e:
         raise ModelError(str(e)) from None
-    raw = _distributions(clf, texts, settings.batch_size, "T=1")
+    with every_branch():
+        raw = _distributions(clf, texts, settings.batch_size, "T=1")
     tree = trie_tree(clf._branch)
     temperature = round(fit_temperature(raw, gold, tree), 4)
     fitted = temper(raw, temperature, tree)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_intent.calibrate import fit_temperature, fit_threshold, intents_at, temper, trie_tree
+from mlx_intent.calibrate import every_branch, fit_temperature, fit_threshold, intents_at, temper, trie_tree
 from mlx_intent.schema import INTENTS
 
 
@@ -90,6 +90,15 @@ def test_intents_at_matches_the_classifier():
         clf.threshold = t
         for p in softmax(rng.normal(0, 1.2, (50, 15))):
             assert set(clf._answer(dict(zip(INTENTS, p)))[2]) == intents_at(p, t, 3)
+
+
+def test_every_branch_lifts_the_skip_and_restores_it():
+    from mlx_intent import classifier
+
+    before = classifier.SKIP_MASS
+    with every_branch():
+        assert classifier.SKIP_MASS == 0
+    assert classifier.SKIP_MASS == before > 0
 
 
 LABELLED = [
