@@ -1,10 +1,12 @@
 """Dynamic batching for the HTTP service: one worker thread owns MLX and runs many requests as one batch.
 
-MLX must not be called from several threads at once, and a batched forward pass costs less per text
-than one pass per text.  Requests become jobs on a bounded queue; the worker takes the first, then
-gathers more of the same mode for up to ``max_wait_s`` or until ``max_batch`` texts, and answers them
-with one ``chain.classify_batch``.  A job's ``concurrent.futures.Future`` is the hand-over: cancelling
-it before the worker starts it (a request that timed out) drops it from the batch.
+MLX must not be called from several threads at once, and where a forward pass is bound by reading the
+weights (Metal, CUDA) a batch costs little more than one text.  (On a small CPU that one request already
+keeps busy it gains nothing: see benchmarks/reports/server.md.)  Requests become jobs on a bounded queue;
+the worker takes the first, then gathers more of the same mode for up to ``max_wait_s`` or until
+``max_batch`` texts, and answers them with one ``chain.classify_batch``.  A job's
+``concurrent.futures.Future`` is the hand-over: cancelling it before the worker starts it (a request
+that timed out) drops it from the batch.
 """
 
 from __future__ import annotations
