@@ -3,8 +3,8 @@
 The classifier turns logits into probabilities at every branch point of the intent-name token trie with
 softmax(logits / T).  Since softmax(l / T) is softmax(l) ** (1 / T) renormalised, the distribution at any
 T follows exactly from the one at T = 1 and the trie's shape: the model runs once, the fit is cheap, and
-one run at the fitted T confirms it.  The result goes to ``calibration.json`` in the model's folder,
-which IntentClassifier reads.
+one run at the fitted T confirms it.  The result goes to ``calibration.json`` beside the model's
+adapter (else in its folder), which IntentClassifier reads.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ _SHOWN = (
 @settings_options
 def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
-    on labelled data, and save them in <model folder>/calibration.json for classify to use.
+    on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
 
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
@@ -205,7 +205,7 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
     gold_sets = [set(r["all_intents"]) for r in rows]
     threshold = fit_threshold(fitted, gold_sets, MAX_INTENTS, DEFAULT_THRESHOLD)
     before, after = _figures(raw, gold), _figures(fitted, gold)
-    folder = registry.resolve_dir(model)
+    folder = clf.calibration_dir
     record = {
         "temperature": temperature,
         "threshold": threshold,

@@ -220,8 +220,10 @@ class Chain:
         except Exception as e:  # a fault inside a tier never reaches the caller
             return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks)
         spent = (time.perf_counter() - t0) * 1000
-        if tier.budget_ms is not None and spent > tier.budget_ms:
-            return self._pass(tier, todo, f"timeout: {spent:.0f} ms > budget {tier.budget_ms:.0f} ms", fallbacks)
+        per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
+        if tier.budget_ms is not None and per_query > tier.budget_ms:
+            reason = f"timeout: {per_query:.0f} ms per query > budget {tier.budget_ms:.0f} ms"
+            return self._pass(tier, todo, reason, fallbacks)
         if len(answers) != len(todo):  # zip would silently leave texts unanswered
             return self._pass(tier, todo, f"invalid answer: {len(answers)} answers for {len(todo)} texts", fallbacks)
         left = []

@@ -81,7 +81,9 @@ class IntentClassifier:
         self.model, self.tokenizer = model, tokenizer
         self.mode = mode
         folder = registry.resolve_dir(self.name)
-        calib = _calibration(folder)
+        # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
+        self.calibration_dir = adapter or folder
+        calib = _calibration(self.calibration_dir)
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)
