@@ -2,8 +2,9 @@
 classifier's own prompt, it writes the right JSON.
 
 Each training row is exactly what the classifier feeds at run time: the prompt
-(compact style), the cleaned query tokens, and the answer tokens as the
-constrained sampler writes them; the loss covers the answer only.  A multi-intent
+(compact style), the cleaned query tokens, and the answer's tokens as the
+constrained sampler writes them, up to the primary intent; the loss covers the
+name only (everything else in the answer is forced by the sampler).  A multi-intent
 row is seen once per intent (the primary twice), so the scored distribution puts
 real probability on the secondary intents and the all_intents threshold can find
 them.  The adapter lands in ``<home>/adapters/<model>/`` and classify loads it.
@@ -19,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_intent import loading, registry
+from mlx_intent.classifier import special_strings
 from mlx_intent.evaluate import read_labelled
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
-from mlx_intent.sampler import AnswerVocab, write_answer
+from mlx_intent.sampler import AnswerVocab
 
 LORA_KEYS = (
     "self_attn.q_proj",
@@ -68,7 +70,12 @@ def answer_loss(width: int):
 
 
 def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) -> list[tuple[list[int], int]]:
-    """(tokens, prompt length) pairs, as mlx-lm's trainer takes them."""
+    """(tokens, where the loss starts) pairs, as mlx-lm's trainer takes them.
+
+    A row is the prompt and the answer up to the end of the primary's segment; the loss
+    covers only the tokens after the stretch every answer shares (``{"primary_intent": "``),
+    i.e. the choice of name.  The rest of the answer is forced by the sampler, and
+    averaging the loss over it would dilute the one signal that matters ~10x."""
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
@@ -76,13 +83,17 @@ def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) ->
     parts = split_prompt(tokenizer, chat_format, PROMPT_STYLES[style]())
     prefix, suffix = encode(parts.prefix), encode(parts.suffix)
     vocab = AnswerVocab(encode)
-    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    shared, node = 0, vocab.primary
+    while len(node.children) == 1:
+        node = next(iter(node.children.values()))
+        shared += 1
+    specials = special_strings(tokenizer)
     examples = []
     for row in rows:
-        prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix
-        for primary, conf, intents in answers_for(row):
-            answer = write_answer(vocab, primary, conf, intents).tokens
-            examples.append((prompt + answer, len(prompt)))
+        prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix + vocab.prefix
+        for primary, _, _ in answers_for(row):
+            answer = encode(vocab.primary_text(primary))
+            examples.append((prompt + answer, len(prompt) + shared))
     return examples
 
 
