@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import percentile, save_report
+
 from mlx_intent import backend
 from mlx_intent.chain import Chain, ModelPool, Tier, keyword_tier, llm_tier
 from mlx_intent.metrics import ClassificationLog
@@ -33,12 +35,6 @@ import mlx.core  # noqa: E402, F401  (see the docstring: the metrics' per-record
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_US = 1000.0
 CONSTANT = {"primary_intent": "general", "confidence": 0.9, "all_intents": ["general"]}
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 def timed(call: Callable[[str], object], text: str) -> float:
@@ -156,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     report = "\n".join(lines)
-    print(report)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report, encoding="utf-8")
+    save_report(report, args.report)
     return 0
 
 

@@ -9,7 +9,6 @@ after one warm-up pass (so the one-off lexicon load is not counted).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,21 +17,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from common import percentile, read_jsonl, save_report
+
 from mlx_intent.keyword import classify_keywords, default_lexicon
 from mlx_intent.schema import INTENTS, LANGUAGES, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 def accuracy_table(title: str, groups: dict[str, list[bool]], order: list[str]) -> list[str]:
@@ -113,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     report = "\n".join(lines)
-    print(report)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report, encoding="utf-8")
+    save_report(report, args.report)
     return 0
 
 
