@@ -61,7 +61,7 @@ def answer_loss(width: int):
         pos = mx.minimum(lengths[:, 0:1] - 1 + mx.arange(width)[None], targets.shape[1] - 1)
         hidden = mx.take_along_axis(hidden, pos[..., None], axis=1)
         head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
-        mask = (pos + 1) <= lengths[:, 1:]
+        mask = (pos + 1) < lengths[:, 1:]  # targets up to the row's last token, never padding
         ce = nn.losses.cross_entropy(head(hidden), mx.take_along_axis(targets, pos, axis=1)) * mask
         ntoks = mask.sum()
         return ce.astype(mx.float32).sum() / ntoks, ntoks
@@ -72,7 +72,7 @@ def answer_loss(width: int):
 def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) -> list[tuple[list[int], int]]:
     """(tokens, where the loss starts) pairs, as mlx-lm's trainer takes them.
 
-    A row is the prompt and the answer up to the end of the primary's segment; the loss
+    A row is the prompt and the answer up to the end of the primary's name; the loss
     covers only the tokens after the stretch every answer shares (``{"primary_intent": "``),
     i.e. the choice of name.  The rest of the answer is forced by the sampler, and
     averaging the loss over it would dilute the one signal that matters ~10x."""
@@ -93,7 +93,8 @@ def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) ->
         prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix + vocab.prefix
         for primary, _, _ in answers_for(row):
             answer = encode(vocab.primary_text(primary))
-            examples.append((prompt + answer, len(prompt) + shared))
+            name_end = len(encode(vocab.primary_text(primary).split('",')[0]))  # up to the name's last token
+            examples.append((prompt + answer[:name_end], len(prompt) + shared))
     return examples
 
 
