@@ -279,7 +279,7 @@ def create_app(
 
     def submit(texts: list[str], mode: str, emit=None) -> Job | JSONResponse:
         try:
-            return batcher.submit(Job(texts, mode, emit=emit))
+            return batcher.submit(Job(texts, mode, emit=emit, deadline=time.monotonic() + timeout_ms / 1000))
         except QueueFull as e:
             return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except Closed as e:

@@ -7,10 +7,16 @@ the worker takes the first, then gathers more of the same mode for up to ``max_w
 ``max_batch`` texts, and answers them with one ``chain.classify_batch``.  A job's
 ``concurrent.futures.Future`` is the hand-over: cancelling it before the worker starts it (a request
 that timed out) drops it from the batch.
+
+Each job carries its request's deadline.  The worker learns the seconds a text takes and grows a batch
+only while it can still finish before the earliest deadline in it; a job that cannot finish in time at
+all is left to its request's timeout (the tiers below the LLMs answer it).  Otherwise, under overload,
+every batch would end after its requests had timed out and the LLM would answer none of them.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from mlx_intent.chain import Chain, PassOver, Tier
 
 STREAM, WARM = "stream", "warm"
+LEARN_RATE = 0.3  # weight of the newest batch in the running estimate of seconds per text
 WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"
 # Pass-over reasons that will not change while the process runs: such a tier is not the one to wait for.
 ABSENT = ("not downloaded", "does not fit")
@@ -36,13 +43,17 @@ class Closed(Exception):
 
 @dataclass
 class Job:
-    """Texts to classify in ``mode`` (score, generate, stream or warm); ``emit`` receives a stream's
-    events, called from the worker thread."""
+    """Texts to classify in ``mode`` (score, generate, stream or warm) by ``deadline`` (time.monotonic);
+    ``emit`` receives a stream's events, called from the worker thread."""
 
     texts: list[str]
     mode: str
     future: Future = field(default_factory=Future)
     emit: Callable[[str, object], None] | None = None
+    deadline: float = math.inf
+
+
+STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
 
 
 def mode_chain(chain: Chain, mode: str) -> Chain:
@@ -144,7 +155,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.on_batch = on_batch
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.per_text: dict[str, float] = {}  # mode -> seconds a text takes in a batch, as measured
         self.closed = False
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="mlx-intent-worker", daemon=True)
@@ -167,44 +179,55 @@ class Batcher:
             if self.closed:
                 return
             self.closed = True
-            self.jobs.put(None)
+            self.jobs.put(STOP)
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+    def fits(self, mode: str, texts: int, deadline: float) -> bool:
+        """Whether a batch of ``texts`` texts started now is expected to end by ``deadline``."""
+        return time.monotonic() + self.per_text.get(mode, 0.0) * texts <= deadline
 
     def _work(self) -> None:
         held: Job | None = None
         while True:
             job = held if held is not None else self.jobs.get()
             held = None
-            if job is None:
+            if job is STOP:
                 return
+            if job.mode not in (STREAM, WARM) and not self.fits(job.mode, len(job.texts), job.deadline):
+                continue  # left to its request's timeout
             if not job.future.set_running_or_notify_cancel():
                 continue
             if job.mode in (STREAM, WARM):
                 self._run_alone(job)
                 continue
-            group, count = [job], len(job.texts)
-            deadline = time.monotonic() + self.max_wait_s
+            group, count, due = [job], len(job.texts), job.deadline
+            until = time.monotonic() + self.max_wait_s
             while count < self.max_batch:
                 try:
-                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self.jobs.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is None or nxt.mode != job.mode:
+                if nxt.mode == job.mode and not self.fits(job.mode, len(nxt.texts), nxt.deadline):
+                    continue  # left to its request's timeout
+                if nxt.mode != job.mode or not self.fits(job.mode, count + len(nxt.texts), due):  # STOP too
                     held = nxt
                     break
                 if nxt.future.set_running_or_notify_cancel():
                     group.append(nxt)
                     count += len(nxt.texts)
-            self._run_group(group, self.chains[job.mode])
+                    due = min(due, nxt.deadline)
+            self._run_group(group, job.mode)
 
-    def _run_group(self, group: list[Job], chain: Chain) -> None:
+    def _run_group(self, group: list[Job], mode: str) -> None:
         texts = [t for job in group for t in job.texts]
         try:
             results: list[dict] = []
             for start in range(0, len(texts), self.max_batch):
                 chunk = texts[start : start + self.max_batch]
-                results += chain.classify_batch(chunk)
+                began = time.perf_counter()
+                results += self.chains[mode].classify_batch(chunk)
+                self._learn(mode, (time.perf_counter() - began) / len(chunk))
                 self.on_batch(len(chunk))
         except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
             for job in group:
@@ -214,6 +237,10 @@ class Batcher:
         for job in group:
             job.future.set_result(results[start : start + len(job.texts)])
             start += len(job.texts)
+
+    def _learn(self, mode: str, seconds: float) -> None:
+        old = self.per_text.get(mode)
+        self.per_text[mode] = seconds if old is None else old + LEARN_RATE * (seconds - old)
 
     def _run_alone(self, job: Job) -> None:
         try:

@@ -302,10 +302,9 @@ def test_queued_requests_run_as_one_batch_with_the_single_answers(other_chain, g
         assert (samples["mlx_intent_batch_texts_count"], samples["mlx_intent_batch_texts_sum"]) == (1, len(TEXTS))
 
 
-def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
-    """Held back by a gate, queued jobs of two modes come out as one batch per mode, in order; a job
-    cancelled before its turn (its request timed out) is never run."""
-    gate, busy, runs = threading.Event(), threading.Event(), []
+def fake_chains(gate: threading.Event, busy: threading.Event, runs: list) -> dict[str, Chain]:
+    """A score chain answering restaurant and a generate chain answering weather; each run waits for ``gate``
+    (``busy`` tells it has begun) and is recorded in ``runs`` as (intent, texts)."""
 
     def tier(intent: str) -> Tier:
         def run(texts: list[str]) -> list[dict]:
@@ -316,8 +315,14 @@ def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
 
         return Tier(intent, run, model=intent)
 
-    chains = {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
-    batcher = Batcher(chains, "score", max_batch=8, max_wait_s=0.0)
+    return {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
+
+
+def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
+    """Held back by a gate, queued jobs of two modes come out as one batch per mode, in order; a job
+    cancelled before its turn (its request timed out) is never run."""
+    gate, busy, runs = threading.Event(), threading.Event(), []
+    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     first = batcher.submit(Job(["a"], "score"))
     batcher.start()
     until(busy.is_set, "first job running")
@@ -326,10 +331,31 @@ def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
     assert dropped.future.cancel()
     last = batcher.submit(Job(["f"], "generate"))
     gate.set()
-    batcher.stop(WAIT_S)
+    batcher.stop(WAIT_S)  # queued behind them: they all run first
+    assert not batcher.thread.is_alive()
     assert runs == [("restaurant", ["a"]), ("restaurant", ["b", "c"]), ("weather", ["d", "f"])]
     intents = [j.future.result()[0]["primary_intent"] for j in [first, *jobs, last]]
     assert intents == ["restaurant"] * 3 + ["weather"] * 2
+
+
+def test_the_worker_keeps_batches_within_their_deadlines():
+    """At 100 s a text (as if measured), jobs due in 250 s batch two at a time; a job due in 10 s cannot
+    finish and is left to its request's timeout (never run, still cancellable)."""
+    gate, busy, runs = threading.Event(), threading.Event(), []
+    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
+    batcher.per_text["score"] = 100.0
+    first = batcher.submit(Job(["a"], "generate"))  # holds the worker; its time is learnt for generate only
+    batcher.start()
+    until(busy.is_set, "first job running")
+    now = time.monotonic()
+    hopeless = batcher.submit(Job(["late"], "score", deadline=now + 10))
+    jobs = [batcher.submit(Job([t], "score", deadline=now + 250)) for t in "bcd"]
+    gate.set()
+    batcher.stop(WAIT_S)
+    assert not batcher.thread.is_alive()
+    assert runs == [("weather", ["a"]), ("restaurant", ["b", "c"]), ("restaurant", ["d"])]
+    assert first.future.done() and all(j.future.done() for j in jobs)
+    assert not hopeless.future.done() and hopeless.future.cancel()
 
 
 def test_full_queue_answers_503_with_retry_after(other_chain, gate):
