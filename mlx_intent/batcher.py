@@ -9,9 +9,9 @@ the worker takes the first, then gathers more of the same mode for up to ``max_w
 that timed out) drops it from the batch.
 
 Each job carries its request's deadline.  The worker learns the seconds a text takes and grows a batch
-only while it can still finish before the earliest deadline in it; a job that cannot finish in time at
-all is left to its request's timeout (the tiers below the LLMs answer it).  Otherwise, under overload,
-every batch would end after its requests had timed out and the LLM would answer none of them.
+only while it can still end before the earliest deadline in it.  Otherwise, under overload, every batch
+would end after its requests had timed out and the LLM would answer none of them.  A batch's first job
+always runs, so the estimate keeps learning (one slow moment cannot shut the LLM out for good).
 """
 
 from __future__ import annotations
@@ -194,8 +194,6 @@ class Batcher:
             held = None
             if job is STOP:
                 return
-            if job.mode not in (STREAM, WARM) and not self.fits(job.mode, len(job.texts), job.deadline):
-                continue  # left to its request's timeout
             if not job.future.set_running_or_notify_cancel():
                 continue
             if job.mode in (STREAM, WARM):
@@ -208,9 +206,7 @@ class Batcher:
                     nxt = self.jobs.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt.mode == job.mode and not self.fits(job.mode, len(nxt.texts), nxt.deadline):
-                    continue  # left to its request's timeout
-                if nxt.mode != job.mode or not self.fits(job.mode, count + len(nxt.texts), due):  # STOP too
+                if nxt.mode != job.mode or not self.fits(job.mode, count + len(nxt.texts), min(due, nxt.deadline)):
                     held = nxt
                     break
                 if nxt.future.set_running_or_notify_cancel():
