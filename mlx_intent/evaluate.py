@@ -162,8 +162,7 @@ def _model_settings(chain: Chain) -> dict[str, dict]:
 
     out = {}
     for name, clf in chain.pool.loaded.items() if chain.pool else ():
-        folder = registry.resolve_dir(name)
-        calibrated = folder is not None and (folder / CALIBRATION).is_file()
+        calibrated = clf.calibration_dir is not None and (clf.calibration_dir / CALIBRATION).is_file()
         out[name] = {
             "temperature": clf.temperature,
             "threshold": clf.threshold,
