@@ -101,8 +101,8 @@ def test_dev_exists_and_covers_every_intent_and_language():
     check_coverage(DEV, DEV_MIN_LINES, DEV_MIN_PER_CELL)
 
 
-@pytest.mark.skipif(not TRAIN.exists(), reason="train.jsonl is added by the training-data work")
 def test_train_size_and_coverage():
+    assert TRAIN.exists(), f"{TRAIN} is missing"
     check_coverage(TRAIN, TRAIN_MIN_LINES, TRAIN_MIN_PER_CELL)
 
 
