@@ -104,13 +104,21 @@ def _read_jsonl(path: str, done: set[str]):
 
 
 def _done_ids(output: Path) -> set[str]:
-    ids = set()
-    if output.is_file():
-        for line in output.read_text(encoding="utf-8").splitlines():
-            try:
-                ids.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from an interrupted run is redone
+    """Ids already written to ``output``.  A torn last line (an interrupted run) is cut
+    off first, so the next record does not glue onto it; its query is redone."""
+    ids: set[str] = set()
+    if not output.is_file():
+        return ids
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(output, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
     return ids
 
 

@@ -164,3 +164,12 @@ def test_missing_input_file_exits_2(tmp_path):
     result = run("--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out.jsonl"), *KEYWORD)
     assert result.exit_code == 2
     assert "no such file" in result.stderr
+
+
+def test_resume_cuts_a_torn_last_line(tmp_path):
+    from mlx_intent.cli import _done_ids
+
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "1", "primary_intent": "greeting"}\n{"id": "2", "prim')
+    assert _done_ids(out) == {"1"}
+    assert out.read_bytes() == b'{"id": "1", "primary_intent": "greeting"}\n'
