@@ -33,6 +33,8 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from common import percentile, read_jsonl, save_report
+
 # mlx_intent loads OpenBLAS on import; mlx.core is only imported inside the functions, after it.
 from mlx_intent import backend, prompts, registry, schema
 from mlx_intent.sampler import JSONMachine
@@ -41,17 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
 BATCH = 8
 MAX_TOKENS = 60
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 def is_valid(text: str) -> tuple[bool, bool]:
@@ -238,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     report = render(args, runs, languages, mask_us, mask.tokens, load_s, (load_before, load_after), llama)
-    print(report)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report, encoding="utf-8")
+    save_report(report, args.report)
     return 0
 
 
