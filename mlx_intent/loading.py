@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlx_intent import backend
+from mlx_intent import backend, cpu_kernels
 from mlx_intent.registry import (
     GB,
     REGISTRY,
@@ -72,6 +72,7 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None)
     OpenBLAS.  ``adapter`` is a LoRA adapter folder from ``mlx-intent train``.
     """
     backend.use_openblas()
+    cpu_kernels.install()
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm import load as mlx_load
