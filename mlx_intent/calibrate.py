@@ -20,7 +20,7 @@ import numpy as np
 
 from mlx_intent import registry, scores
 from mlx_intent.evaluate import ModelError, data_path, num, pct, read_labelled, shown
-from mlx_intent.schema import INTENTS
+from mlx_intent.schema import INTENTS, MAX_INTENTS
 from mlx_intent.settings import Settings, settings_options
 
 T_RANGE = (0.05, 20.0)
@@ -180,7 +180,7 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
     """
-    from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, MAX_INTENTS, IntentClassifier
+    from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, IntentClassifier
 
     if settings.home is not None:  # the registry reads the environment
         os.environ["MLX_INTENT_HOME"] = str(settings.home)

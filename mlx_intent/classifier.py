@@ -3,8 +3,8 @@
 Scoring mode runs one forward pass over the user's tokens (the system prompt's KV
 cache is computed once per loaded model), then reads the probability of every
 intent name from the sampler's token trie: the first branch point comes free with
-that pass, deeper branch points (names sharing a first token) are evaluated in one
-small batched pass.  The JSON is then written by the sampler in forced mode.
+that pass, and so do the deeper branch points (names sharing a first token) on the
+one path appended to the row; any others get one small batched pass.  The JSON is then written by the sampler in forced mode.
 Generation mode lets the constrained sampler write the JSON token by token, with
 jump-forward over forced stretches.  Both report the same calibrated confidence.
 """
@@ -22,12 +22,11 @@ import numpy as np
 from mlx_intent import backend, loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
-from mlx_intent.schema import INTENTS, validate
+from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 
 MODES = ("score", "generate")
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
-MAX_INTENTS = 3
 SKIP_MASS = 2e-5  # deeper branch points below this mass are skipped (error < SKIP_MASS / 2)
 MAX_QUERY_TOKENS = 512  # longer queries are truncated (and flagged)
 _PAD = 0
@@ -92,6 +91,10 @@ class IntentClassifier:
         self.prefix_ids = self.encode(parts.prefix)
         self.suffix_ids = self.encode(parts.suffix)
         self._chain, self._branch = self._root_chain()
+        # Branch points below the first name token, and the longest path to one of them:
+        # it rides along at the end of every scoring row (see ``distributions``).
+        self._deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
+        self._tail = max((path for _, path in self._deeper), key=len, default=[])
         self._system = self._system_cache(cache_dir or folder, adapter)
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -156,8 +159,9 @@ class IntentClassifier:
             caches.append(c)
         return caches
 
-    def _hidden(self, rows: list[list[int]], cache) -> tuple:
-        """Run right-padded ``rows`` through the model; the hidden state at each row's last token."""
+    def _hidden(self, rows: list[list[int]], cache, back: int = 0) -> tuple:
+        """Run right-padded ``rows`` through the model; the hidden states at each row's last
+        ``back + 1`` tokens, shape (rows, back + 1, dim)."""
         import mlx.core as mx
 
         width = max(len(r) for r in rows)
@@ -170,8 +174,8 @@ class IntentClassifier:
         if max(pad):
             for c in cache:
                 c.finalize()  # rolls the padding to the left so rows continue where they end
-        last = mx.array([len(r) - 1 for r in rows])
-        return h[mx.arange(len(rows)), last]
+        at = mx.array([[len(r) - 1 - back + j for j in range(back + 1)] for r in rows])
+        return mx.take_along_axis(h, at[..., None], axis=1)
 
     def _logits(self, h, tokens: list[int]) -> np.ndarray:
         """Logits of ``tokens`` only (rows of the output matrix), for each hidden state."""
@@ -187,7 +191,8 @@ class IntentClassifier:
         return np.array(out.astype(mx.float32))
 
     @staticmethod
-    def _fork(cache, index: list[int]):
+    def _fork(cache, index: list[int], drop: int = 0):
+        """Copies of rows ``index`` of a batch cache, without its last ``drop`` tokens."""
         import mlx.core as mx
         from mlx_lm.models.cache import BatchKVCache
 
@@ -195,8 +200,9 @@ class IntentClassifier:
         forks = []
         for c in cache:
             f = BatchKVCache([0] * len(index))
-            f.keys, f.values = c.keys[idx, :, : c._idx], c.values[idx, :, : c._idx]
-            f.offset, f.left_padding, f._idx = c.offset[idx], c.left_padding[idx], c._idx
+            end = c._idx - drop
+            f.keys, f.values = c.keys[idx, :, :end], c.values[idx, :, :end]
+            f.offset, f.left_padding, f._idx = c.offset[idx] - drop, c.left_padding[idx], end
             forks.append(f)
         return forks
 
@@ -206,25 +212,29 @@ class IntentClassifier:
         """P(intent) for each text: the constrained sampler's probability of writing each name."""
         import mlx.core as mx
 
-        rows = [self.query_ids(t)[0] + self.suffix_ids + self._chain for t in texts]
+        # Names that share a first token need the model's next-token distribution deeper in
+        # the trie.  The longest such path rides along at the end of every row (causal
+        # attention leaves the earlier positions untouched), so one pass serves it and its
+        # ancestors; any other branch point gets a small second pass, and only where the
+        # first token left it real mass (elsewhere its share is split evenly).
+        tail = self._tail
+        rows = [self.query_ids(t)[0] + self.suffix_ids + self._chain + tail for t in texts]
         cache = self._batch_cache(len(rows))
-        h = self._hidden(rows, cache)
+        h = self._hidden(rows, cache, back=len(tail))
         allowed = frozenset(INTENTS)
-        first = valid_children(self._branch, allowed)
         probs = [{} for _ in rows]  # per row: node id -> child probabilities
-        for i, row_logits in enumerate(self._logits(h, first)):
-            probs[i][id(self._branch)] = dict(zip(first, branch_probs(row_logits, self.temperature)))
-        # Deeper branch points (names sharing a first token) need one more small pass, but
-        # only where the first token left them real mass; elsewhere their share is split evenly.
-        deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
-        todo = [
-            (i, node, path)
-            for i in range(len(rows))
-            for node, path in deeper
-            if probs[i][id(self._branch)][path[0]] >= SKIP_MASS
-        ]
+        todo = []
+        for node, path in [(self._branch, []), *self._deeper]:
+            kids = valid_children(node, allowed)
+            if path == tail[: len(path)]:
+                for i, row_logits in enumerate(self._logits(h[:, len(path)], kids)):
+                    probs[i][id(node)] = dict(zip(kids, branch_probs(row_logits, self.temperature)))
+            else:
+                todo += [(i, node, path) for i in range(len(rows))]
+        todo = [(i, node, path) for i, node, path in todo if probs[i][id(self._branch)][path[0]] >= SKIP_MASS]
         if todo:
-            h = self._hidden([path for _, _, path in todo], self._fork(cache, [i for i, _, _ in todo]))
+            forks = self._fork(cache, [i for i, _, _ in todo], drop=len(tail))
+            h = self._hidden([path for _, _, path in todo], forks)[:, -1]
             for j, (i, node, _) in enumerate(todo):
                 kids = valid_children(node, allowed)
                 logits = self._logits(h[j : j + 1], kids)[0]
@@ -279,7 +289,7 @@ class IntentClassifier:
         dist: dict[str, float] = {}
         written = ""
         while not machine.done:
-            h = self._hidden([pending], cache)
+            h = self._hidden([pending], cache)[:, -1]
             allowed = machine.allowed()
             logits = self._logits(h, allowed)[0]
             probs = branch_probs(logits, self.temperature)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, INTENTS
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
 
@@ -284,7 +284,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     if greeting >= REQUEST:
         others.append("greeting")
     final = dict(s, greeting=greeting) if greeting else s
-    return primary, list(dict.fromkeys([primary, *extras, *others])), final
+    return primary, list(dict.fromkeys([primary, *extras, *others]))[:MAX_INTENTS], final
 
 
 def _first_request(s: dict[str, float], ev: _Evidence) -> str:

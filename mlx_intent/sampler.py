@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlx_intent.prompts import ANSWER_PREFIX
-from mlx_intent.schema import INTENTS
+from mlx_intent.schema import INTENTS, MAX_INTENTS
 
 END = "]"  # the candidate that closes all_intents
 
@@ -146,7 +146,7 @@ class JSONMachine:
     stretch that follows with no choice, for jump-forward.
     """
 
-    def __init__(self, vocab: AnswerVocab, max_intents: int = 3):
+    def __init__(self, vocab: AnswerVocab, max_intents: int = MAX_INTENTS):
         self.vocab = vocab
         self.max_intents = max_intents
         self.tokens: list[int] = []
@@ -241,7 +241,7 @@ class JSONLogitsProcessor:
     and finite whatever the logits, infinities included); once the answer is complete
     only EOS is allowed.  (No jump-forward here: mlx-lm samples every token.)"""
 
-    def __init__(self, vocab: AnswerVocab, eos_token_id: int, temperature: float = 1.0, max_intents: int = 3):
+    def __init__(self, vocab: AnswerVocab, eos_token_id: int, temperature: float = 1.0, max_intents: int = MAX_INTENTS):
         self.machine = JSONMachine(vocab, max_intents)
         self.eos = eos_token_id
         self.temperature = temperature

@@ -71,6 +71,9 @@ LANGUAGES: dict[str, str] = {
 
 FALLBACK_INTENT = "general"
 
+# The most intents an answer lists: the primary and two more (no labelled query needs more).
+MAX_INTENTS = 3
+
 # Key order of the JSON object every tier writes.
 KEYS: tuple[str, ...] = ("primary_intent", "confidence", "all_intents")
 
@@ -83,6 +86,7 @@ JSON_SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {"type": "string", "enum": list(INTENTS)},
             "minItems": 1,
+            "maxItems": MAX_INTENTS,
             "uniqueItems": True,
         },
     },
@@ -113,6 +117,8 @@ def validate(result: dict[str, Any]) -> dict[str, Any]:
         raise SchemaError("all_intents must be a non-empty list")
     if any(i not in INTENTS for i in all_intents):
         raise SchemaError(f"unknown intent in all_intents: {all_intents}")
+    if len(all_intents) > MAX_INTENTS:
+        raise SchemaError(f"all_intents lists more than {MAX_INTENTS} intents: {all_intents}")
     if len(set(all_intents)) != len(all_intents):
         raise SchemaError(f"duplicate intents in all_intents: {all_intents}")
     if all_intents[0] != primary:

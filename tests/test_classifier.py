@@ -121,6 +121,28 @@ def test_scores_equal_the_constrained_token_probabilities(clf, text):
     assert max(got, key=got.get) == max(expected, key=expected.get)
 
 
+def test_branches_off_the_appended_path_get_a_second_pass(clf, monkeypatch):
+    """With no path appended to the rows, every deeper branch point is scored in the second
+    pass over a copy of the cache cut back to the chain: the same distribution as by definition."""
+    monkeypatch.setattr(clf, "_tail", [])
+    for text in (TEXTS[1], TEXTS[3]):
+        expected = direct_distribution(clf, text)
+        got = clf.distributions([text])[0]
+        for name in INTENTS:
+            assert got[name] == pytest.approx(expected[name], abs=prob_atol(clf)), name
+
+
+def test_fork_drops_the_appended_tokens(clf):
+    """A fork cut back by ``drop`` tokens continues as if they had never been run."""
+    tail = clf._tail
+    assert tail  # the bundled tokenizer has a deep branch (see above)
+    rows = [clf.query_ids(t)[0] + clf.suffix_ids + clf._chain + tail for t in TEXTS[1:3]]
+    cache = clf._batch_cache(len(rows))
+    once = clf._hidden(rows, cache, back=len(tail))[:, -1]
+    again = clf._hidden([tail, tail], clf._fork(cache, [0, 1], drop=len(tail)))[:, -1]
+    assert np.allclose(np.array(once), np.array(again), atol=1e-3)
+
+
 def test_batch_equals_single(clf):
     """One right-padded batch of texts of different lengths answers as each text alone."""
     for res, single in zip(clf.classify_batch(TEXTS), [clf.classify(t) for t in TEXTS]):

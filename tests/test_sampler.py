@@ -32,7 +32,7 @@ from mlx_intent.sampler import (
     branch_probs,
     write_answer,
 )
-from mlx_intent.schema import INTENTS
+from mlx_intent.schema import INTENTS, MAX_INTENTS
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -117,7 +117,7 @@ LOGIT = st.one_of(
     st.floats(width=32, allow_nan=False),
     st.sampled_from([0.0, -1.0, 1.0, 3.4e38, -3.4e38, float("inf"), float("-inf")]),
 )
-TARGETS = st.lists(st.sampled_from(INTENTS), min_size=1, max_size=5, unique=True)
+TARGETS = st.lists(st.sampled_from(INTENTS), min_size=1, max_size=MAX_INTENTS, unique=True)
 CONFIDENCE = st.floats(0.0, 1.0)
 
 
@@ -144,7 +144,7 @@ def test_synthetic_tokenizers_split_across_quotes(toks):
 
 
 @SETTINGS
-@given(data=st.data(), which=TOKENIZERS, max_intents=st.integers(1, 4), greedy=st.booleans())
+@given(data=st.data(), which=TOKENIZERS, max_intents=st.integers(1, MAX_INTENTS), greedy=st.booleans())
 def test_machine_always_writes_valid_json(toks, data, which, max_intents, greedy):
     """Greedy on random logits, or any allowed token: the machine always finishes a valid answer."""
     tok = toks[which]
@@ -271,3 +271,15 @@ def test_logits_processor_with_mlx_lm(bundled, text):
     assert proc.machine.done
     assert "".join(pieces) == proc.machine.text
     schema.parse(proc.machine.text)
+
+
+@given(extra=st.lists(st.sampled_from(INTENTS), min_size=MAX_INTENTS, max_size=len(INTENTS), unique=True))
+def test_validate_refuses_too_many_intents(extra):
+    """The schema's maxItems: the sampler never writes more than MAX_INTENTS, and validate says so."""
+    result = {"primary_intent": extra[0], "confidence": 0.5, "all_intents": extra}
+    if len(extra) > MAX_INTENTS:
+        with pytest.raises(schema.SchemaError, match="more than"):
+            schema.validate(result)
+    else:
+        assert schema.validate(result) is result
+    assert schema.JSON_SCHEMA["properties"]["all_intents"]["maxItems"] == MAX_INTENTS
