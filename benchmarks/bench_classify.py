@@ -330,10 +330,10 @@ def render(args, runs, languages, mask_us, mask_tokens, load_s, loads, llama) ->
         + (
             f"chat format `{llama['chat_format']}` from the GGUF, `LlamaGrammar.from_json_schema(JSON_SCHEMA)`, "
             f"greedy, {args.threads} threads, all layers offloaded where a GPU build allows; "
-            f"{llama['tokens']:.0f} tokens per answer on average ({MAX_TOKENS} at most). The grammar cannot "
-            'express `uniqueItems`, "all_intents starts with primary_intent" or (in practice) the bounds of '
-            "`confidence`: the model repeats an intent until the token limit cuts the JSON off, or writes one "
-            "the schema refuses. Its threads wait for each other by spinning, so a busy machine slows it "
+            f"{llama['tokens']:.0f} tokens per answer on average ({MAX_TOKENS} at most). The grammar "
+            "carries the schema's `maxItems` but cannot express `uniqueItems`, \"all_intents starts with "
+            "primary_intent\" or (in practice) the bounds of `confidence`: the model mostly repeats one "
+            "intent in all_intents, writes a confidence out of range, or runs into the token limit. Its threads wait for each other by spinning, so a busy machine slows it "
             "most: compare the load column."
             if llama
             else "not run (`pip install -e '.[bench]'` installs llama-cpp-python)."
