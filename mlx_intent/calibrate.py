@@ -115,6 +115,68 @@ def fit_threshold(probs: np.ndarray, gold: list[set[str]], max_intents: int, def
     return max(THRESHOLDS, key=lambda t: (set_match(probs, gold, t, max_intents), -abs(t - default)))
 
 
+def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """(a, b) of sigmoid(a * logit(c) + b) by maximum likelihood (Newton's method; the NLL of a
+    logistic regression is convex).  Used for the keyword tier, whose confidence is a score."""
+    c = np.clip(np.asarray(confidence, dtype=np.float64), 1e-6, 1 - 1e-6)
+    x = np.stack([np.log(c / (1 - c)), np.ones_like(c)], axis=1)
+    y = np.asarray(correct, dtype=np.float64)
+    w = np.array([1.0, 0.0])
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y)
+        hess = x.T @ (x * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def platt(confidence: np.ndarray, a: float, b: float) -> np.ndarray:
+    c = np.clip(np.asarray(confidence, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return 1 / (1 + np.exp(-(a * np.log(c / (1 - c)) + b)))
+
+
+def cross_validated_ece(confidence: np.ndarray, correct: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """ECE of Platt scaling fitted on the other folds: what the fit does on rows it has not seen."""
+    order = np.random.default_rng(seed).permutation(len(confidence))
+    out = np.empty(len(confidence))
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        out[test] = platt(confidence[test], *fit_platt(confidence[train], correct[train]))
+    return scores.ece(out, correct)
+
+
+def calibrate_keyword(path, rows: list[dict]) -> None:
+    """Platt scaling of the keyword tier's confidence, saved beside its lexicons."""
+    from mlx_intent import keyword
+
+    results = [keyword.classify_keywords(r["text"]) for r in rows]
+    conf = np.array([r["confidence"] for r in results])
+    correct = np.array([res["primary_intent"] == r["primary_intent"] for res, r in zip(results, rows)])
+    a, b = fit_platt(conf, correct)
+    fitted = platt(conf, a, b)
+    record = {
+        "platt": [round(a, 6), round(b, 6)],
+        "fitted_on": shown(path),
+        "n": len(rows),
+        "accuracy": round(float(correct.mean()), 4),
+        "ece_before": round(scores.ece(conf, correct), 4),
+        "ece_after": round(scores.ece(fitted, correct), 4),
+        "ece_after_5fold": round(cross_validated_ece(conf, correct), 4),
+    }
+    keyword.CALIBRATION_PATH.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"keyword tier on {len(rows)} rows: accuracy {pct(float(correct.mean()))}, Platt a = {a:.4f}, b = {b:.4f}")
+    click.echo(f"{'':<24}{'raw':>10}{'fitted':>10}")
+    click.echo(f"{'ECE (15 bins)':<24}{num(record['ece_before']):>10}{num(record['ece_after']):>10}")
+    click.echo(f"{'Brier (binary)':<24}{num(scores.brier_binary(conf, correct)):>10}{num(scores.brier_binary(fitted, correct)):>10}")
+    click.echo(f"{'mean confidence':<24}{num(conf.mean()):>10}{num(fitted.mean()):>10}")
+    click.echo(f"ECE of a fit on the other 4 of 5 folds: {num(record['ece_after_5fold'])}")
+    click.echo(f"wrote {keyword.CALIBRATION_PATH}")
+
+
 @contextmanager
 def every_branch() -> Iterator[None]:
     """Let the classifier evaluate every deeper branch point.  One it skips for want of mass is split
@@ -177,6 +239,8 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
     on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
 
+    MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead (saved beside the lexicons).
+
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
     """
@@ -186,6 +250,8 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
         os.environ["MLX_INTENT_HOME"] = str(settings.home)
     path = data_path(data)
     rows = read_labelled(path)
+    if model == "keyword":
+        return calibrate_keyword(path, rows)
     texts = [r["text"] for r in rows]
     gold = [INTENTS.index(r["primary_intent"]) for r in rows]
     try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model

@@ -47,10 +47,10 @@ class Tier:
 
 
 def keyword_tier() -> Tier:
-    from mlx_intent.keyword import classify_keywords, default_lexicon
+    from mlx_intent.keyword import KeywordClassifier
 
-    default_lexicon()  # a broken lexicon file fails at start-up, naming file and line
-    return Tier(KEYWORD, lambda texts: [classify_keywords(t) for t in texts])
+    keyword = KeywordClassifier()  # a broken lexicon or calibration file fails at start-up, naming it
+    return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts])
 
 
 def general_tier() -> Tier:

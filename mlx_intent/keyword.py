@@ -8,6 +8,7 @@ and as the fallback when no model is loaded.  The lexicons are the TSV files in
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
+# Platt scaling of the confidence, fitted by `mlx-intent calibrate keyword`; it belongs to
+# this version of the lexicons, so it ships beside them.
+CALIBRATION_PATH = LEXICON_DIR / "calibration.json"
 
 # Evidence at or above this is a request of its own; below it a term only anchors
 # a request (a landmark or district named inside "best kebab in Kadıköy").
@@ -323,11 +327,38 @@ def classify_keywords(text: str, lexicon: Lexicon | None = None) -> dict[str, An
     }
 
 
-class KeywordClassifier:
-    """The keyword tier behind the same `classify(text) -> dict` call as the model tiers."""
+def load_calibration(path: Path | None = None) -> tuple[float, float] | None:
+    """(a, b) of the fitted Platt scaling, or None when there is no fit (raw confidences)."""
+    path = CALIBRATION_PATH if path is None else path
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        a, b = record["platt"]
+        return float(a), float(b)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise LexiconError(f"{path}: not a keyword calibration file ({e})") from None
 
-    def __init__(self, lexicon: Lexicon | None = None) -> None:
+
+def calibrate(confidence: float, platt: tuple[float, float] | None) -> float:
+    """sigmoid(a * logit(c) + b): monotone, so the ranking of answers never changes."""
+    if platt is None:
+        return confidence
+    a, b = platt
+    c = min(max(confidence, 1e-6), 1 - 1e-6)
+    z = a * math.log(c / (1 - c)) + b
+    return round(1 / (1 + math.exp(-z)), 4)
+
+
+class KeywordClassifier:
+    """The keyword tier behind the same `classify(text) -> dict` call as the model tiers,
+    with the calibrated confidence when `mlx-intent calibrate keyword` has fitted one."""
+
+    def __init__(self, lexicon: Lexicon | None = None, platt: tuple[float, float] | None | str = "saved") -> None:
         self.lexicon = lexicon if lexicon is not None else default_lexicon()
+        self.platt = load_calibration() if platt == "saved" else platt
 
     def classify(self, text: str) -> dict[str, Any]:
-        return classify_keywords(text, self.lexicon)
+        result = classify_keywords(text, self.lexicon)
+        result["confidence"] = calibrate(result["confidence"], self.platt)
+        return result

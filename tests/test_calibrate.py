@@ -1,4 +1,4 @@
-"""Temperature and threshold fitting on synthetic distributions, and `mlx-intent calibrate` on the bundled model."""
+"""Temperature, threshold and Platt fitting on synthetic data, and `mlx-intent calibrate` on the bundled model and the keyword tier."""
 
 from __future__ import annotations
 
@@ -8,8 +8,19 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mlx_intent.calibrate import every_branch, fit_temperature, fit_threshold, intents_at, temper, trie_tree
+from mlx_intent.calibrate import (
+    every_branch,
+    fit_platt,
+    fit_temperature,
+    fit_threshold,
+    intents_at,
+    platt,
+    temper,
+    trie_tree,
+)
 from mlx_intent.schema import INTENTS
 
 
@@ -145,3 +156,60 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(models_home
     clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer)
     assert clf.temperature == written["temperature"] and clf.threshold == written["threshold"]
     (registry.resolve_dir("smollm2-135m") / CALIBRATION).unlink()  # other tests expect the raw model
+
+
+# ---- the keyword tier: Platt scaling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("a", "b"), [(1.0, 0.0), (2.0, -1.0), (0.5, 1.5)])
+def test_fit_platt_recovers_its_parameters(a, b):
+    """Correctness drawn with probability platt(c; a, b): the fit finds a and b again."""
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.05, 0.95, 20000)
+    correct = rng.uniform(size=conf.size) < platt(conf, a, b)
+    fa, fb = fit_platt(conf, correct)
+    assert fa == pytest.approx(a, abs=0.1) and fb == pytest.approx(b, abs=0.1)
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=50), st.floats(0.1, 3.0), st.floats(-3.0, 3.0))
+def test_keyword_calibration_is_monotone_and_a_probability(confidences, a, b):
+    from mlx_intent.keyword import calibrate
+
+    out = [calibrate(c, (a, b)) for c in sorted(confidences)]
+    assert all(0.0 <= p <= 1.0 for p in out)
+    assert out == sorted(out)  # a > 0: the ranking of answers never changes
+    assert [calibrate(c, None) for c in confidences] == confidences
+
+
+def test_calibrate_keyword_writes_the_fit_the_tier_reads(tmp_path, monkeypatch):
+    from mlx_intent import keyword
+    from mlx_intent.chain import keyword_tier
+    from mlx_intent.cli import main
+
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "calibration.json")
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "text": t, "primary_intent": p}) + "\n" for i, (t, p, _) in enumerate(LABELLED)))
+    result = CliRunner().invoke(main, ["calibrate", "keyword", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(keyword.CALIBRATION_PATH.read_text())
+    assert written["n"] == len(LABELLED) and written["fitted_on"].endswith("labelled.jsonl")
+    assert written["ece_after"] <= written["ece_before"] + 1e-9
+    a, b = written["platt"]
+    text = LABELLED[1][0]
+    raw = keyword.classify_keywords(text)
+    tiered = keyword_tier().run([text])[0]
+    assert tiered["primary_intent"] == raw["primary_intent"]
+    assert tiered["confidence"] == pytest.approx(float(platt(np.array([raw["confidence"]]), a, b)[0]), abs=1e-4)
+    assert keyword.KeywordClassifier(platt=None).classify(text)["confidence"] == raw["confidence"]
+
+
+def test_a_broken_keyword_calibration_is_named(tmp_path, monkeypatch):
+    from mlx_intent import keyword
+
+    bad = tmp_path / "calibration.json"
+    bad.write_text('{"platt": "no"}')
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", bad)
+    with pytest.raises(keyword.LexiconError, match="calibration.json"):
+        keyword.KeywordClassifier()
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "absent.json")
+    assert keyword.KeywordClassifier().platt is None

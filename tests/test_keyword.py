@@ -209,5 +209,10 @@ def test_confidence_follows_evidence() -> None:
 
 
 def test_classifier_object_matches_function() -> None:
+    """Uncalibrated, the tier object is the function; calibrated, only the confidence moves."""
     text = "Merhaba, Kadıköy'de kahvaltı nerede?"
-    assert KeywordClassifier().classify(text) == classify_keywords(text)
+    assert KeywordClassifier(platt=None).classify(text) == classify_keywords(text)
+    calibrated = KeywordClassifier(platt=(2.0, 1.0)).classify(text)
+    raw = classify_keywords(text)
+    assert calibrated["confidence"] > raw["confidence"]
+    assert {k: v for k, v in calibrated.items() if k != "confidence"} == {k: v for k, v in raw.items() if k != "confidence"}
