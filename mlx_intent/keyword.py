@@ -284,7 +284,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     else:
         primary = "greeting" if greeting >= WEAK else FALLBACK_INTENT
     ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
-    others = [i for i in ranked if s[i] >= REQUEST]
+    others = [i for i in ranked if s[i] >= REQUEST and (i not in _ANCHORS or ev.peak[i] >= REQUEST)]
     if greeting >= REQUEST:
         others.append("greeting")
     final = dict(s, greeting=greeting) if greeting else s

@@ -216,3 +216,16 @@ def test_classifier_object_matches_function() -> None:
     raw = classify_keywords(text)
     assert calibrated["confidence"] > raw["confidence"]
     assert {k: v for k, v in calibrated.items() if k != "confidence"} == {k: v for k, v in raw.items() if k != "confidence"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hello, how do I get from Kadıköy to Beşiktaş by ferry?", ["transportation", "greeting"]),
+        ("Merhaba, Üsküdar'dan Balat'a nasıl giderim?", ["transportation", "greeting"]),
+        ("Where to stay, Balat or Karaköy? and how is the tram there", ["neighborhood", "transportation"]),
+    ],
+)
+def test_places_named_on_the_way_are_not_extra_intents(text, expected) -> None:
+    """Districts and sights only say where; they join all_intents with a cue of their own ("where to stay")."""
+    assert classify_keywords(text)["all_intents"] == expected
