@@ -98,6 +98,21 @@ def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) ->
     return examples
 
 
+def lr_schedule(learning_rate: float, iters: int):
+    """Linear warm-up over the first 10% of the steps (at most 50), then cosine decay to a tenth.
+
+    Without the warm-up, LoRA on every layer of SmolLM2 at 5e-4 diverged within 20 steps
+    (loss 3.5 -> 4.6)."""
+    import mlx.optimizers as optim
+
+    warmup = min(50, iters // 10)
+    decay = optim.cosine_decay(learning_rate, max(1, iters - warmup), learning_rate * 0.1)
+    if not warmup:
+        return decay
+    ramp = optim.linear_schedule(learning_rate / warmup, learning_rate, warmup)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
 def train_adapter(
     name: str,
     train_path: Path,
@@ -150,10 +165,9 @@ def train_adapter(
     )
     start = time.perf_counter()
     try:
-        schedule = optim.cosine_decay(learning_rate, iters, learning_rate * 0.1)
         train(
             model,
-            optim.Adam(learning_rate=schedule),
+            optim.Adam(learning_rate=lr_schedule(learning_rate, iters)),
             train_set,
             None,  # mlx-lm would also validate at step 1; the loss is reported once, at the end
             args=args,

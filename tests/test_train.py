@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_intent import registry, schema
-from mlx_intent.train import answers_for, build_examples, train_adapter
+from mlx_intent.train import answers_for, build_examples, lr_schedule, train_adapter
 
 
 def row(i: int, text: str, lang: str, *intents: str) -> dict:
@@ -35,6 +35,20 @@ def test_multi_intent_rows_are_seen_once_per_intent_primary_twice():
     assert [a[0] for a in answers] == ["restaurant", "restaurant", "greeting"]
     assert all(a[2][0] == a[0] and sorted(a[2]) == sorted(ROWS[3]["all_intents"]) for a in answers)
     assert answers_for(ROWS[0]) == [("greeting", 1.0, ["greeting"])]
+
+
+@pytest.mark.parametrize("iters", [3, 40, 273, 2000])
+def test_learning_rate_warms_up_then_decays_to_a_tenth(iters):
+    lr = 2e-4
+    schedule = lr_schedule(lr, iters)
+    values = [float(schedule(i)) for i in range(iters + 1)]
+    warmup = min(50, iters // 10)
+    assert max(values) == pytest.approx(lr, rel=1e-5)
+    assert values[-1] == pytest.approx(lr / 10, rel=1e-3)
+    if warmup:
+        assert values[0] == pytest.approx(lr / warmup, rel=1e-5)
+        assert values[:warmup] == sorted(values[:warmup])  # rising
+    assert values[warmup:] == sorted(values[warmup:], reverse=True)  # then falling
 
 
 def test_examples_end_at_the_name_and_the_loss_covers_only_the_name(bundled):
