@@ -257,17 +257,34 @@ class Chain:
         return log_record(result, text, lang, label=label)
 
 
+def model_floor(settings: Settings, names: list[str]) -> float:
+    """The confidence a model tier needs when the keyword tier comes after it.
+
+    Both confidences are calibrated probabilities of being right, so a model's answer is
+    worth taking over the keyword tier's only when it is at least as likely to be right as
+    the keyword tier is on average (its accuracy on its calibration data).  A strong model
+    rarely meets the floor from below; the bundled 135M model on the CPU often does, and
+    then the keyword tier is the better bet.  ``--keyword-floor off`` turns it off."""
+    from mlx_intent.keyword import calibrated_accuracy
+
+    if not settings.keyword_floor or KEYWORD not in names:
+        return 0.0
+    return calibrated_accuracy() or 0.0
+
+
 def build_chain(settings: Settings, names: list[str] | None = None, memory: int | None = None) -> Chain:
     """The chain from settings: ``names`` (--chain) or MLX_INTENT_CHAIN, else the default."""
     names = list(names or settings.chain or default_chain_names(settings))
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory)
+    floor = model_floor(settings, names)
     tiers = []
-    for name in names:
+    for i, name in enumerate(names):
         if name == KEYWORD:
             tiers.append(keyword_tier())
         elif name == GENERAL:
             tiers.append(general_tier())
         else:
-            tiers.append(llm_tier(name, pool, settings.min_confidence, settings.latency_budget_ms))
+            threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
+            tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None
     return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool)

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from mlx_intent import registry, scores
-from mlx_intent.chain import GENERAL, Chain, PassOver, build_chain, default_chain_names
+from mlx_intent.chain import GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.metrics import peak_memory_mb
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
 from mlx_intent.settings import Settings, settings_options
@@ -294,10 +294,18 @@ def lang_order(langs) -> list[str]:
     return [lang for lang in LANGUAGES if lang in langs] + sorted(set(langs) - set(LANGUAGES))
 
 
+def _floor_note(settings: Settings, names) -> str:
+    floor = model_floor(settings, list(names))
+    if floor <= settings.min_confidence:
+        return ""
+    return f" (for a model tier before the keyword tier: {floor:g}, the keyword tier's calibrated accuracy)"
+
+
 def reproduce(words: list[str], settings: Settings, report: Path) -> str:
     """The command line that reruns this run whatever .env or the environment say: ``words`` (command,
     arguments) plus every setting that changes the answers or their timing."""
     parts = ["mlx-intent", *words, "--mode", settings.mode, "--min-confidence", f"{settings.min_confidence:g}"]
+    parts += ["--keyword-floor", "on" if settings.keyword_floor else "off"]
     parts += ["--latency-budget-ms", f"{settings.latency_budget_ms:g}", "--batch-size", str(settings.batch_size)]
     if settings.home is not None:
         parts += ["--home", str(settings.home)]
@@ -348,8 +356,8 @@ def render(
     out += [f"Data: `{shown(data)}`, {s['n']} queries ({s['multi_n']} multi-intent).", ""]
     out += [
         f"Chain: {' → '.join(names)}{' → general' if names[-1] != GENERAL else ''}; mode {settings.mode}, "
-        f"batch size {settings.batch_size}, min confidence {settings.min_confidence:g}, "
-        f"latency budget {settings.latency_budget_ms:g} ms per batch, query cache off.",
+        f"batch size {settings.batch_size}, min confidence {settings.min_confidence:g}"
+        f"{_floor_note(settings, names)}, latency budget {settings.latency_budget_ms:g} ms per batch, query cache off.",
         "",
     ]
     out += [line + "\n" for line in machine_lines(s)]

@@ -327,17 +327,28 @@ def classify_keywords(text: str, lexicon: Lexicon | None = None) -> dict[str, An
     }
 
 
-def load_calibration(path: Path | None = None) -> tuple[float, float] | None:
-    """(a, b) of the fitted Platt scaling, or None when there is no fit (raw confidences)."""
+def _calibration_record(path: Path | None) -> dict | None:
     path = CALIBRATION_PATH if path is None else path
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         a, b = record["platt"]
-        return float(a), float(b)
+        return {**record, "platt": (float(a), float(b)), "accuracy": float(record.get("accuracy", 0.0))}
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as e:
         raise LexiconError(f"{path}: not a keyword calibration file ({e})") from None
+
+
+def load_calibration(path: Path | None = None) -> tuple[float, float] | None:
+    """(a, b) of the fitted Platt scaling, or None when there is no fit (raw confidences)."""
+    record = _calibration_record(path)
+    return None if record is None else record["platt"]
+
+
+def calibrated_accuracy(path: Path | None = None) -> float | None:
+    """The tier's accuracy on the data its calibration was fitted on, or None without a fit."""
+    record = _calibration_record(path)
+    return None if record is None else record["accuracy"] or None
 
 
 def calibrate(confidence: float, platt: tuple[float, float] | None) -> float:

@@ -36,6 +36,7 @@ class Settings:
     mode: str = "score"
     latency_budget_ms: float = 800.0
     min_confidence: float = CONFIDENCE_LEVELS["low"]
+    keyword_floor: bool = True
     cache_size: int = 1024
     max_loaded_models: int = 2
     retry_after_s: float = 60.0
@@ -84,6 +85,18 @@ def _mode(value: object) -> str:
     if mode not in MODES:
         raise ValueError(f"expected one of {', '.join(MODES)}")
     return mode
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _switch(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _SWITCH:
+        raise ValueError("expected on or off")
+    return _SWITCH[text]
 
 
 def _number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable:
@@ -136,6 +149,13 @@ _SPECS: dict[str, _Spec] = {
     "min_confidence": _Spec(
         "MLX_INTENT_MIN_CONFIDENCE", _number(float, 0, 1), "", "P", "below this the chain tries the next tier"
     ),
+    "keyword_floor": _Spec(
+        "MLX_INTENT_KEYWORD_FLOOR",
+        _switch,
+        "",
+        "on|off",
+        "a model tier before the keyword tier must also beat its calibrated accuracy",
+    ),
     "cache_size": _Spec("MLX_INTENT_CACHE_SIZE", _number(int, 0), "", "N", "result cache entries (0: off)"),
     "max_loaded_models": _Spec("MLX_INTENT_MAX_LOADED", _number(int, 1), "", "N", "models kept in memory"),
     "retry_after_s": _Spec(
@@ -158,6 +178,8 @@ def _show(name: str, value: object) -> str:
         return _SPECS[name].unset
     if isinstance(value, tuple):
         return ",".join(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

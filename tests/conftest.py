@@ -34,3 +34,16 @@ def bundled(models_home):
     from mlx_intent.loading import load
 
     return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_keyword_calibration(tmp_path_factory):
+    """Tests see the keyword tier's raw confidence and no model floor from it, whatever fit ships
+    beside the lexicons; the calibration tests install one of their own (session scope: before
+    any module-scoped chain is built)."""
+    from mlx_intent import keyword
+
+    shipped = keyword.CALIBRATION_PATH
+    keyword.CALIBRATION_PATH = tmp_path_factory.mktemp("keyword") / "no-calibration.json"
+    yield
+    keyword.CALIBRATION_PATH = shipped

@@ -8,6 +8,8 @@ metrics, the log, and the peak memory a loaded model leaves in its stamp for ``m
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -464,3 +466,21 @@ def test_corrupt_bundled_model_is_passed_over_and_not_retried(smol, how, tmp_pat
     clock[0] += 60
     assert chain.classify("Is it cold in January?")["fallbacks"][0]["reason"].startswith("load failed: ")
     assert loads == [BUNDLED, BUNDLED]
+
+
+def test_a_model_before_the_keyword_tier_must_beat_its_calibrated_accuracy(tmp_path, monkeypatch):
+    """Calibrated confidences compare: a model tier answers over the keyword tier only at or above the
+    keyword tier's accuracy from its calibration; after it, or with the floor off, min_confidence rules."""
+    from mlx_intent import keyword
+
+    fit = tmp_path / "calibration.json"
+    fit.write_text(json.dumps({"platt": [1.0, 0.0], "accuracy": 0.93}))
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", fit)
+    thresholds = lambda chain: {t.name: t.threshold for t in chain.tiers if t.model}  # noqa: E731
+    settings = Settings(chain=(BUNDLED, KEYWORD), min_confidence=0.5)
+    assert thresholds(build_chain(settings)) == {BUNDLED: 0.93}
+    assert thresholds(build_chain(dataclasses.replace(settings, min_confidence=0.97))) == {BUNDLED: 0.97}
+    assert thresholds(build_chain(dataclasses.replace(settings, keyword_floor=False))) == {BUNDLED: 0.5}
+    assert thresholds(build_chain(dataclasses.replace(settings, chain=(KEYWORD, BUNDLED)))) == {BUNDLED: 0.5}
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "absent.json")
+    assert thresholds(build_chain(settings)) == {BUNDLED: 0.5}
