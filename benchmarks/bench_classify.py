@@ -285,18 +285,22 @@ def render(args, runs, languages, mask_us, mask_tokens, load_s, loads, llama) ->
             ", ".join(f"{r['name']} {r['valid']}/{r['n']}" for r in ours),
         ),
     ]
+    device = backend.device_name()
+    on_cpu = device == "cpu"
+    blas = f" (OpenBLAS: {backend.use_openblas() or 'no'})" if on_cpu else ""
+    weights = "MLX dequantizes it to float32 on the CPU" if on_cpu else "kept 4-bit by MLX"
     lines = [
         "# Classifier benchmark: scoring, generation, batch vs free generation and llama.cpp",
         "",
         f"Reproduce: `{command}`",
         "",
-        f"- Device: MLX on **{backend.device_name()}** (OpenBLAS: {backend.use_openblas() or 'no'}); "
+        f"- Device: MLX on **{device}**{blas}; "
         f"{platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"- mlx {mx.__version__}, mlx-lm {package_version('mlx-lm')}, "
         f"llama-cpp-python {package_version('llama-cpp-python')}",
         f"- Load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in load_before)} at the start, "
         f"{', '.join(f'{x:.1f}' for x in load_after)} at the end (a shared machine inflates every figure)",
-        f"- Model: {MODEL} (bundled GGUF, Q4_1; MLX dequantizes it to float32 on the CPU), no adapter, "
+        f"- Model: {MODEL} (bundled GGUF, Q4_1; {weights}), no adapter, "
         f"full system prompt ({len(prompts.system_prompt())} characters); classifier set-up {load_s:.1f} s",
         f"- Queries: `{shown}`, {by_name['scoring']['n']} hand-written travel queries "
         f"({', '.join(f'{lang} {n}' for lang, n in languages.items())})",
