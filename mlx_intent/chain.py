@@ -173,7 +173,10 @@ class Chain:
         return self.classify_batch([text], labels=[label])[0]
 
     def classify_batch(self, texts: list[str], labels: list[str | None] | None = None) -> list[dict]:
-        """Answers in order; uncached texts go down the chain together, one batch per tier."""
+        """Answers in order; uncached texts go down the chain together, one batch per tier.
+
+        ``latency_ms`` is the call's time in the chain, less the time tiers spent loading models
+        (a one-time cost: ``mlx-intent models list`` shows it)."""
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(texts)
         keys = [f"{self.names}|{normalize(t) if isinstance(t, str) else ''}" for t in texts]
@@ -188,11 +191,12 @@ class Chain:
                 else:
                     todo.append(i)
         fallbacks: dict[int, list[dict]] = {i: [] for i in todo}
+        loading = [0.0]  # ms spent loading models: a one-time cost, not the queries' latency
         for tier in self.tiers:
             if not todo:
                 break
-            todo = self._run_tier(tier, texts, todo, results, fallbacks)
-        elapsed = (time.perf_counter() - start) * 1000
+            todo = self._run_tier(tier, texts, todo, results, fallbacks, loading)
+        elapsed = (time.perf_counter() - start) * 1000 - loading[0]
         labels = labels or [None] * len(texts)
         for i, res in enumerate(results):
             if not res.get("cached"):
@@ -209,10 +213,15 @@ class Chain:
             self.log.write_many(records)
         return results
 
-    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> list[int]:
-        """Run ``tier`` on the texts still unanswered; return those it passed over."""
+    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks, loading: list[float]) -> list[int]:
+        """Run ``tier`` on the texts still unanswered; return those it passed over.  The time
+        ``tier.load()`` takes is added to ``loading[0]``."""
+        t_load = time.perf_counter()
         try:
-            tier.load()
+            try:
+                tier.load()
+            finally:
+                loading[0] += (time.perf_counter() - t_load) * 1000
             t0 = time.perf_counter()
             answers = list(tier.run([texts[i] for i in todo]))
         except PassOver as e:

@@ -484,3 +484,27 @@ def test_a_model_before_the_keyword_tier_must_beat_its_calibrated_accuracy(tmp_p
     assert thresholds(build_chain(dataclasses.replace(settings, chain=(KEYWORD, BUNDLED)))) == {BUNDLED: 0.5}
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "absent.json")
     assert thresholds(build_chain(settings)) == {BUNDLED: 0.5}
+
+
+def test_model_loading_is_not_counted_in_latency(monkeypatch):
+    """A tier's load() (a model read from disk once) is left out of latency_ms, whether it loads or fails."""
+    now = [0.0]
+    monkeypatch.setattr(chain_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0]))
+
+    def load(seconds: float, fail: bool = False):
+        def run():
+            now[0] += seconds
+            if fail:
+                raise PassOver("broken")
+
+        return run
+
+    def slow_answer(texts):
+        now[0] += 0.25
+        return [answer("weather") for _ in texts]
+
+    broken = Tier("broken", lambda t: [answer()], load(7.0, fail=True))
+    model = Tier("model", slow_answer, load(30.0), model="m")
+    result = Chain([broken, model]).classify("rain?")
+    assert result["tier"] == "model"
+    assert result["latency_ms"] == pytest.approx(250.0)
