@@ -19,7 +19,7 @@ from mlx_intent import backend, loading, registry
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, validate
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import Settings
 
 KEYWORD, GENERAL = "keyword", "general"
@@ -156,6 +156,7 @@ class Chain:
         metrics: Metrics | None = None,
         log: ClassificationLog | None = None,
         pool: ModelPool | None = None,
+        secondaries: Callable[[list[str]], list[dict]] | None = None,
     ):
         if not tiers or tiers[-1].name != GENERAL:
             tiers = [*tiers, general_tier()]
@@ -167,6 +168,10 @@ class Chain:
         self.metrics = metrics or Metrics()
         self.log = log
         self.pool = pool
+        # A model sure enough to answer puts almost all its mass on the primary, so its own
+        # all_intents rarely names a second intent; where the keyword tier (``secondaries``)
+        # reads the same primary, its further intents join the model's answer.
+        self.secondaries = secondaries
         self._lock = threading.Lock()
 
     def classify(self, text: str, label: str | None = None) -> dict:
@@ -250,7 +255,21 @@ class Chain:
                 continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
             results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
+        if tier.model is not None and self.secondaries is not None:
+            self._add_secondaries(texts, [i for i in todo if i not in left], results)
         return left
+
+    def _add_secondaries(self, texts, answered: list[int], results) -> None:
+        """Extend model answers with the keyword tier's further intents where it agrees on the primary."""
+        try:
+            others = self.secondaries([texts[i] for i in answered]) if answered else []
+        except Exception:  # a second opinion is optional: the model's answer stands
+            return
+        for i, other in zip(answered, others):
+            res = results[i]
+            if other.get("primary_intent") == res["primary_intent"]:
+                extra = [n for n in other.get("all_intents", []) if n in INTENTS]
+                res["all_intents"] = list(dict.fromkeys([*res["all_intents"], *extra]))[:MAX_INTENTS]
 
     @staticmethod
     def _pass(tier: Tier, todo: list[int], reason: str, fallbacks) -> list[int]:
@@ -287,13 +306,15 @@ def build_chain(settings: Settings, names: list[str] | None = None, memory: int 
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory)
     floor = model_floor(settings, names)
     tiers = []
+    secondaries = None
     for i, name in enumerate(names):
         if name == KEYWORD:
             tiers.append(keyword_tier())
+            secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
         else:
             threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
             tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None
-    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool)
+    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries)

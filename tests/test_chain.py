@@ -508,3 +508,27 @@ def test_model_loading_is_not_counted_in_latency(monkeypatch):
     result = Chain([broken, model]).classify("rain?")
     assert result["tier"] == "model"
     assert result["latency_ms"] == pytest.approx(250.0)
+
+
+def test_the_keyword_tier_adds_further_intents_where_it_agrees_on_the_primary():
+    """A model answer gains the keyword tier's further intents only when both read the same primary;
+    a failing second opinion leaves the model's answer as it was."""
+    model = const_tier("model", "restaurant")
+
+    def opinion(primary: str, extra: list[str]):
+        return lambda texts: [{"primary_intent": primary, "confidence": 0.5, "all_intents": [primary, *extra]} for _ in texts]
+
+    agree = Chain([model], secondaries=opinion("restaurant", ["nearby_locations", "greeting", "weather"]))
+    assert agree.classify("hi, food near me?")["all_intents"] == ["restaurant", "nearby_locations", "greeting"]
+    differ = Chain([model], secondaries=opinion("shopping", ["nearby_locations"]))
+    assert differ.classify("food near me?")["all_intents"] == ["restaurant"]
+    broken = Chain([model], secondaries=lambda texts: raise_(RuntimeError("lexicon gone")))
+    assert broken.classify("food near me?")["all_intents"] == ["restaurant"]
+    keyword_only = Chain([const_tier("words", "restaurant"), model], secondaries=opinion("restaurant", ["weather"]))
+    keyword_only.tiers[0].model = None  # a tier without a model is never extended
+    assert keyword_only.classify("food?")["all_intents"] == ["restaurant"]
+
+
+def test_build_chain_asks_the_keyword_tier_for_secondaries():
+    assert build_chain(Settings(chain=(BUNDLED, KEYWORD))).secondaries is not None
+    assert build_chain(Settings(chain=(BUNDLED,))).secondaries is None
