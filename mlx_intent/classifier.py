@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 MODES = ("score", "generate")
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
+KEEP_PROMPT_CACHES = 4  # system-prompt KV caches kept per model folder (prompt styles x adapter or not)
 SKIP_MASS = 2e-5  # deeper branch points below this mass are skipped (error < SKIP_MASS / 2)
 MAX_QUERY_TOKENS = 512  # longer queries are truncated (and flagged)
 _PAD = 0
@@ -133,6 +135,7 @@ class IntentClassifier:
         if path is not None and path.is_file():
             try:
                 cache = load_prompt_cache(str(path))
+                os.utime(path)  # recently used: pruning keeps it
                 return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
             except Exception:  # a stale or damaged file is recomputed
                 path.unlink(missing_ok=True)
@@ -142,6 +145,7 @@ class IntentClassifier:
         if path is not None:
             try:
                 save_prompt_cache(str(path), cache)
+                prune_prompt_caches(path.parent)
             except OSError:
                 pass  # a read-only models folder only costs the prefill next time
         return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
@@ -326,6 +330,17 @@ class IntentClassifier:
 
     def peak_memory(self) -> int:
         return backend.peak_memory()
+
+
+def prune_prompt_caches(folder: Path, keep: int = KEEP_PROMPT_CACHES) -> list[Path]:
+    """Delete all but the ``keep`` most recently used system-prompt caches in ``folder``.
+
+    Each prompt, adapter or dtype gets its own file (about 12 MB for SmolLM2, 47 MB in float32
+    with the full prompt); without pruning, every change to them would leave one behind."""
+    caches = sorted(folder.glob("prompt_cache_*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in caches[keep:]:
+        stale.unlink(missing_ok=True)
+    return caches[keep:]
 
 
 def special_strings(tokenizer) -> list[str]:

@@ -250,3 +250,18 @@ def test_system_prompt_cache_is_saved_and_reused(clf, bundled, monkeypatch):
     for (k1, v1), (k2, v2) in zip(again._system, clf._system):
         assert mx.array_equal(k1, k2) and mx.array_equal(v1, v2)
     assert again.distributions([TEXTS[0]])[0] == pytest.approx(clf.distributions([TEXTS[0]])[0], abs=1e-6)
+
+
+def test_only_the_most_recently_used_prompt_caches_are_kept(tmp_path):
+    import os
+
+    from mlx_intent.classifier import prune_prompt_caches
+
+    files = [tmp_path / f"prompt_cache_{i:016x}.safetensors" for i in range(6)]
+    for age, f in enumerate(reversed(files)):  # files[5] is the oldest
+        f.write_bytes(b"kv")
+        os.utime(f, (1000 + 10 * age, 1000 + 10 * age))
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    removed = prune_prompt_caches(tmp_path, keep=4)
+    assert sorted(removed) == files[4:]  # the two least recently used
+    assert len(list(tmp_path.glob("prompt_cache_*"))) == 4 and (tmp_path / "model.safetensors").exists()
