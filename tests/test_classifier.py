@@ -238,7 +238,7 @@ def test_long_text_is_truncated_and_flagged(clf):
 
 def test_system_prompt_cache_is_saved_and_reused(clf, bundled, monkeypatch):
     files = list(registry.resolve_dir("smollm2-135m").glob("prompt_cache_*.safetensors"))
-    assert len(files) == 1
+    assert files  # one per prompt and adapter: tests run earlier in the session may have saved others
 
     def no_prefill(*args, **kwargs):
         raise AssertionError("the system prompt was computed again")
