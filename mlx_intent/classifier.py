@@ -106,11 +106,8 @@ class IntentClassifier:
 
     def _root_chain(self) -> tuple[list[int], Node]:
         """The tokens every answer starts with, up to the first branch between names."""
-        chain, node = list(self.vocab.prefix), self.vocab.primary
-        while len(node.children) == 1:
-            tok, node = next(iter(node.children.items()))
-            chain.append(tok)
-        return chain, node
+        stem, node = self.vocab.stem()
+        return [*self.vocab.prefix, *stem], node
 
     def query_ids(self, text: str) -> tuple[list[int], bool]:
         """Token ids of the cleaned user text, truncated to the budget, and whether it was."""

@@ -131,6 +131,19 @@ class AnswerVocab:
     def extra_text(name: str) -> str:
         return '"]}' if name == END else f'", "{name}'
 
+    def stem(self) -> tuple[list[int], Node]:
+        """The tokens every primary name's path starts with, and the node where the names part."""
+        tokens, node = [], self.primary
+        while len(node.children) == 1:
+            tok, node = next(iter(node.children.items()))
+            tokens.append(tok)
+        return tokens, node
+
+    def name_tokens(self, name: str) -> list[int]:
+        """The trie path of ``name`` up to the name's last token (the rest is forced)."""
+        text = self.primary_text(name)
+        return self.encode(text)[: len(self.encode(text.split('",')[0]))]
+
     def answer_text(self, primary: str, confidence: float, all_intents: list[str]) -> str:
         """The text the machine writes for these choices (identical to schema.to_json)."""
         parts = [ANSWER_PREFIX, self.primary_text(primary), self.after_primary_text(primary, confidence)]

@@ -83,18 +83,14 @@ def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) ->
     parts = split_prompt(tokenizer, chat_format, PROMPT_STYLES[style]())
     prefix, suffix = encode(parts.prefix), encode(parts.suffix)
     vocab = AnswerVocab(encode)
-    shared, node = 0, vocab.primary
-    while len(node.children) == 1:
-        node = next(iter(node.children.values()))
-        shared += 1
+    shared = len(vocab.stem()[0])
+    names = {name: vocab.name_tokens(name) for name in vocab.names}  # the classifier's trie paths
     specials = special_strings(tokenizer)
     examples = []
     for row in rows:
         prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix + vocab.prefix
         for primary, _, _ in answers_for(row):
-            answer = encode(vocab.primary_text(primary))
-            name_end = len(encode(vocab.primary_text(primary).split('",')[0]))  # up to the name's last token
-            examples.append((prompt + answer[:name_end], len(prompt) + shared))
+            examples.append((prompt + names[primary], len(prompt) + shared))
     return examples
 
 

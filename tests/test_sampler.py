@@ -283,3 +283,19 @@ def test_validate_refuses_too_many_intents(extra):
     else:
         assert schema.validate(result) is result
     assert schema.JSON_SCHEMA["properties"]["all_intents"]["maxItems"] == MAX_INTENTS
+
+
+@SETTINGS
+@given(which=TOKENIZERS, name=st.sampled_from(INTENTS))
+def test_name_tokens_follow_the_trie_until_the_name_is_decided(toks, which, name):
+    """What training teaches is what scoring reads: the stem every name shares, then the name's own
+    tokens down the primary trie, ending where no other name is left."""
+    vocab = toks[which].vocab
+    stem, branch = vocab.stem()
+    path = vocab.name_tokens(name)
+    assert path[: len(stem)] == stem and len(branch.children) > 1
+    node = vocab.primary
+    for tok in path:
+        assert tok in node.children, (which, name, path)
+        node = node.children[tok]
+    assert node.names == {name}
