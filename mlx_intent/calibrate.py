@@ -134,8 +134,10 @@ def fit_platt(confidence: np.ndarray, correct: np.ndarray) -> tuple[float, float
 
 
 def platt(confidence: np.ndarray, a: float, b: float) -> np.ndarray:
-    c = np.clip(np.asarray(confidence, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return 1 / (1 + np.exp(-(a * np.log(c / (1 - c)) + b)))
+    """The keyword tier's Platt scaling (``keyword.platt_scale``) over an array."""
+    from mlx_intent.keyword import platt_scale
+
+    return np.array([platt_scale(float(c), a, b) for c in np.asarray(confidence).ravel()])
 
 
 def cross_validated_ece(confidence: np.ndarray, correct: np.ndarray, folds: int = 5, seed: int = 0) -> float:

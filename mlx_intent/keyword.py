@@ -351,14 +351,15 @@ def calibrated_accuracy(path: Path | None = None) -> float | None:
     return None if record is None else record["accuracy"] or None
 
 
-def calibrate(confidence: float, platt: tuple[float, float] | None) -> float:
-    """sigmoid(a * logit(c) + b): monotone, so the ranking of answers never changes."""
-    if platt is None:
-        return confidence
-    a, b = platt
+def platt_scale(confidence: float, a: float, b: float) -> float:
+    """sigmoid(a * logit(c) + b): monotone for a > 0, so the ranking of answers never changes."""
     c = min(max(confidence, 1e-6), 1 - 1e-6)
-    z = a * math.log(c / (1 - c)) + b
-    return round(1 / (1 + math.exp(-z)), 4)
+    return 1 / (1 + math.exp(-(a * math.log(c / (1 - c)) + b)))
+
+
+def calibrate(confidence: float, platt: tuple[float, float] | None) -> float:
+    """The calibrated confidence, to the four decimals an answer carries (unchanged without a fit)."""
+    return confidence if platt is None else round(platt_scale(confidence, *platt), 4)
 
 
 class KeywordClassifier:
