@@ -196,12 +196,13 @@ class Chain:
                 else:
                     todo.append(i)
         fallbacks: dict[int, list[dict]] = {i: [] for i in todo}
-        loading = [0.0]  # ms spent loading models: a one-time cost, not the queries' latency
+        loading = 0.0  # ms spent loading models: a one-time cost, not the queries' latency
         for tier in self.tiers:
             if not todo:
                 break
-            todo = self._run_tier(tier, texts, todo, results, fallbacks, loading)
-        elapsed = (time.perf_counter() - start) * 1000 - loading[0]
+            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks)
+            loading += load_ms
+        elapsed = (time.perf_counter() - start) * 1000 - loading
         labels = labels or [None] * len(texts)
         for i, res in enumerate(results):
             if not res.get("cached"):
@@ -218,22 +219,26 @@ class Chain:
             self.log.write_many(records)
         return results
 
-    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks, loading: list[float]) -> list[int]:
-        """Run ``tier`` on the texts still unanswered; return those it passed over.  The time
-        ``tier.load()`` takes is added to ``loading[0]``."""
+    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:
+        """Run ``tier`` on the texts still unanswered; return those it passed over, and the
+        milliseconds ``tier.load()`` took."""
         t_load = time.perf_counter()
         try:
             try:
                 tier.load()
             finally:
-                loading[0] += (time.perf_counter() - t_load) * 1000
+                load_ms = (time.perf_counter() - t_load) * 1000
             t0 = time.perf_counter()
             answers = list(tier.run([texts[i] for i in todo]))
+            spent = (time.perf_counter() - t0) * 1000
         except PassOver as e:
-            return self._pass(tier, todo, str(e), fallbacks)
+            return self._pass(tier, todo, str(e), fallbacks), load_ms
         except Exception as e:  # a fault inside a tier never reaches the caller
-            return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks)
-        spent = (time.perf_counter() - t0) * 1000
+            return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
+        return self._keep(tier, texts, todo, answers, spent, results, fallbacks), load_ms
+
+    def _keep(self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks) -> list[int]:
+        """Keep the answers ``tier`` stands by (in time, valid, confident); return the texts it passed over."""
         per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
         if tier.budget_ms is not None and per_query > tier.budget_ms:
             reason = f"timeout: {per_query:.0f} ms per query > budget {tier.budget_ms:.0f} ms"
@@ -256,7 +261,8 @@ class Chain:
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
             results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
         if tier.model is not None and self.secondaries is not None:
-            self._add_secondaries(texts, [i for i in todo if i not in left], results)
+            passed = set(left)
+            self._add_secondaries(texts, [i for i in todo if i not in passed], results)
         return left
 
     def _add_secondaries(self, texts, answered: list[int], results) -> None:
