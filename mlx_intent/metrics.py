@@ -63,7 +63,7 @@ def _rate(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
+def percentile_sorted(ordered: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks (numpy's default), on sorted values."""
     if not ordered:
         return None
@@ -159,9 +159,9 @@ class Metrics:
                 "by_model": dict(self._models),
                 "by_tier_intent": {tier: dict(c) for tier, c in self._tier_intents.items()},
                 "latency_ms": {
-                    "p50": _percentile(ordered, 50),
-                    "p95": _percentile(ordered, 95),
-                    "p99": _percentile(ordered, 99),
+                    "p50": percentile_sorted(ordered, 50),
+                    "p95": percentile_sorted(ordered, 95),
+                    "p99": percentile_sorted(ordered, 99),
                     "mean": self._latency_sum / n if n else None,
                     "max": self._latency_max if n else None,
                     "edges": list(LATENCY_EDGES_MS),

@@ -10,6 +10,8 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
+from mlx_intent.metrics import percentile_sorted
+
 ECE_BINS = 15
 MCNEMAR_EXACT_BELOW = 25  # discordant pairs: below this the chi-square approximation is poor
 
@@ -122,4 +124,4 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolation percentile (numpy's default); None for no values."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+    return percentile_sorted(sorted(float(v) for v in values), q)
