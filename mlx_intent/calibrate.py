@@ -170,10 +170,12 @@ def calibrate_keyword(path, rows: list[dict]) -> None:
         "ece_after_5fold": round(cross_validated_ece(conf, correct), 4),
     }
     keyword.CALIBRATION_PATH.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    click.echo(f"keyword tier on {len(rows)} rows: accuracy {pct(float(correct.mean()))}, Platt a = {a:.4f}, b = {b:.4f}")
+    accuracy = pct(float(correct.mean()))
+    click.echo(f"keyword tier on {len(rows)} rows: accuracy {accuracy}, Platt a = {a:.4f}, b = {b:.4f}")
     click.echo(f"{'':<24}{'raw':>10}{'fitted':>10}")
     click.echo(f"{'ECE (15 bins)':<24}{num(record['ece_before']):>10}{num(record['ece_after']):>10}")
-    click.echo(f"{'Brier (binary)':<24}{num(scores.brier_binary(conf, correct)):>10}{num(scores.brier_binary(fitted, correct)):>10}")
+    before, after = num(scores.brier_binary(conf, correct)), num(scores.brier_binary(fitted, correct))
+    click.echo(f"{'Brier (binary)':<24}{before:>10}{after:>10}")
     click.echo(f"{'mean confidence':<24}{num(conf.mean()):>10}{num(fitted.mean()):>10}")
     click.echo(f"ECE of a fit on the other 4 of 5 folds: {num(record['ece_after_5fold'])}")
     click.echo(f"wrote {keyword.CALIBRATION_PATH}")

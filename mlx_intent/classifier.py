@@ -4,7 +4,8 @@ Scoring mode runs one forward pass over the user's tokens (the system prompt's K
 cache is computed once per loaded model), then reads the probability of every
 intent name from the sampler's token trie: the first branch point comes free with
 that pass, and so do the deeper branch points (names sharing a first token) on the
-one path appended to the row; any others get one small batched pass.  The JSON is then written by the sampler in forced mode.
+one path appended to the row; any others get one small batched pass.  The JSON is then
+written by the sampler in forced mode.
 Generation mode lets the constrained sampler write the JSON token by token, with
 jump-forward over forced stretches.  Both report the same calibrated confidence.
 """

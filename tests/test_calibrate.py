@@ -1,4 +1,5 @@
-"""Temperature, threshold and Platt fitting on synthetic data, and `mlx-intent calibrate` on the bundled model and the keyword tier."""
+"""Temperature, threshold and Platt fitting on synthetic data, and `mlx-intent calibrate` on the
+bundled model and the keyword tier."""
 
 from __future__ import annotations
 
@@ -188,7 +189,8 @@ def test_calibrate_keyword_writes_the_fit_the_tier_reads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "calibration.json")
     data = tmp_path / "labelled.jsonl"
-    data.write_text("".join(json.dumps({"id": str(i), "text": t, "primary_intent": p}) + "\n" for i, (t, p, _) in enumerate(LABELLED)))
+    lines = (json.dumps({"id": str(i), "text": t, "primary_intent": p}) for i, (t, p, _) in enumerate(LABELLED))
+    data.write_text("".join(line + "\n" for line in lines))
     result = CliRunner().invoke(main, ["calibrate", "keyword", "--data", str(data)])
     assert result.exit_code == 0, result.output
     written = json.loads(keyword.CALIBRATION_PATH.read_text())
