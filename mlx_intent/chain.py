@@ -19,7 +19,7 @@ from mlx_intent import backend, loading, registry
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, validate
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, validate
 from mlx_intent.settings import Settings
 
 KEYWORD, GENERAL = "keyword", "general"
@@ -169,8 +169,8 @@ class Chain:
         self.log = log
         self.pool = pool
         # A model sure enough to answer puts almost all its mass on the primary, so its own
-        # all_intents rarely names a second intent; where the keyword tier (``secondaries``)
-        # reads the same primary, its further intents join the model's answer.
+        # all_intents rarely names a second intent; the keyword tier (``secondaries``) gives
+        # a second opinion: see _second_opinion.
         self.secondaries = secondaries
         self._lock = threading.Lock()
 
@@ -237,7 +237,9 @@ class Chain:
             return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
         return self._keep(tier, texts, todo, answers, spent, results, fallbacks), load_ms
 
-    def _keep(self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks) -> list[int]:
+    def _keep(
+        self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks
+    ) -> list[int]:
         """Keep the answers ``tier`` stands by (in time, valid, confident); return the texts it passed over."""
         per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
         if tier.budget_ms is not None and per_query > tier.budget_ms:
@@ -262,20 +264,34 @@ class Chain:
             results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
         if tier.model is not None and self.secondaries is not None:
             passed = set(left)
-            self._add_secondaries(texts, [i for i in todo if i not in passed], results)
+            answered = [i for i in todo if i not in passed]
+            left = sorted(left + self._second_opinion(tier, texts, answered, results, fallbacks))
         return left
 
-    def _add_secondaries(self, texts, answered: list[int], results) -> None:
-        """Extend model answers with the keyword tier's further intents where it agrees on the primary."""
+    def _second_opinion(self, tier: Tier, texts, answered: list[int], results, fallbacks) -> list[int]:
+        """Check model answers against the keyword tier's reading; return the texts passed over.
+
+        Where the keyword tier names the model's primary among its intents, its other intents
+        join the answer (up to 3).  Where the model calls a text social talk but the keyword tier
+        reads social words and a request, rule 1 of the guide says the request decides, so the
+        model is passed over and the tiers below answer."""
         try:
             others = self.secondaries([texts[i] for i in answered]) if answered else []
-        except Exception:  # a second opinion is optional: the model's answer stands
-            return
+        except Exception:  # a second opinion is optional: the model's answers stand
+            return []
+        declined = []
         for i, other in zip(answered, others):
-            res = results[i]
-            if other.get("primary_intent") == res["primary_intent"]:
-                extra = [n for n in other.get("all_intents", []) if n in INTENTS]
-                res["all_intents"] = list(dict.fromkeys([*res["all_intents"], *extra]))[:MAX_INTENTS]
+            res, named = results[i], [n for n in other.get("all_intents", []) if n in INTENTS]
+            request = other.get("primary_intent")
+            social = res["primary_intent"] == SOCIAL_INTENT and SOCIAL_INTENT in named
+            if social and request not in (SOCIAL_INTENT, FALLBACK_INTENT):
+                results[i] = None
+                reason = f"rule 1: social words with a request ({request}, keyword tier)"
+                fallbacks[i].append({"tier": tier.name, "reason": reason})
+                declined.append(i)
+            elif res["primary_intent"] in named:
+                res["all_intents"] = list(dict.fromkeys([*res["all_intents"], *named]))[:MAX_INTENTS]
+        return declined
 
     @staticmethod
     def _pass(tier: Tier, todo: list[int], reason: str, fallbacks) -> list[int]:

@@ -70,6 +70,7 @@ LANGUAGES: dict[str, str] = {
 }
 
 FALLBACK_INTENT = "general"
+SOCIAL_INTENT = "greeting"  # social talk only; never primary beside a request (rule 1)
 
 # The most intents an answer lists: the primary and two more (no labelled query needs more).
 MAX_INTENTS = 3

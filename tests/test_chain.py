@@ -510,16 +510,22 @@ def test_model_loading_is_not_counted_in_latency(monkeypatch):
     assert result["latency_ms"] == pytest.approx(250.0)
 
 
-def test_the_keyword_tier_adds_further_intents_where_it_agrees_on_the_primary():
-    """A model answer gains the keyword tier's further intents only when both read the same primary;
-    a failing second opinion leaves the model's answer as it was."""
-    model = const_tier("model", "restaurant")
+def opinion(primary: str, extra: list[str]):
+    """A stand-in keyword tier that reads every text as ``primary`` plus ``extra``."""
+    reading = {"primary_intent": primary, "confidence": 0.5, "all_intents": [primary, *extra]}
+    return lambda texts: [dict(reading) for _ in texts]
 
-    def opinion(primary: str, extra: list[str]):
-        return lambda texts: [{"primary_intent": primary, "confidence": 0.5, "all_intents": [primary, *extra]} for _ in texts]
+
+def test_the_keyword_tier_adds_further_intents_where_it_names_the_models_primary():
+    """A model answer gains the keyword tier's other intents when the keyword tier names the model's
+    primary anywhere in its list; a failing second opinion leaves the model's answer as it was."""
+    model = const_tier("model", "restaurant")
 
     agree = Chain([model], secondaries=opinion("restaurant", ["nearby_locations", "greeting", "weather"]))
     assert agree.classify("hi, food near me?")["all_intents"] == ["restaurant", "nearby_locations", "greeting"]
+    second = Chain([model], secondaries=opinion("events", ["restaurant"]))  # the model's primary is kept
+    result = second.classify("a concert, and dinner before?")
+    assert (result["primary_intent"], result["all_intents"]) == ("restaurant", ["restaurant", "events"])
     differ = Chain([model], secondaries=opinion("shopping", ["nearby_locations"]))
     assert differ.classify("food near me?")["all_intents"] == ["restaurant"]
     broken = Chain([model], secondaries=lambda texts: raise_(RuntimeError("lexicon gone")))
@@ -527,6 +533,28 @@ def test_the_keyword_tier_adds_further_intents_where_it_agrees_on_the_primary():
     keyword_only = Chain([const_tier("words", "restaurant"), model], secondaries=opinion("restaurant", ["weather"]))
     keyword_only.tiers[0].model = None  # a tier without a model is never extended
     assert keyword_only.classify("food?")["all_intents"] == ["restaurant"]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "tier"),
+    [
+        (("weather", ["greeting"]), "backup"),  # social words and a request: the request decides
+        (("greeting", []), "model"),  # the keyword tier reads social talk too
+        (("general", ["greeting"]), "model"),  # social words, no request the keyword tier knows
+        (("weather", []), "model"),  # no social words seen: nothing to say about rule 1
+    ],
+)
+def test_a_model_calling_a_request_social_talk_is_passed_over(keyword, tier):
+    model, backup = const_tier("model", "greeting"), const_tier("backup", "weather")
+    chain = Chain([model, backup], secondaries=opinion(*keyword))
+    result = chain.classify("merhaba, yarın yağmur yağacak mı?")
+    assert result["tier"] == tier
+    if tier == "backup":
+        reason = "rule 1: social words with a request (weather, keyword tier)"
+        assert result["fallbacks"] == [{"tier": "model", "reason": reason}]
+        assert backup.asked == ["merhaba, yarın yağmur yağacak mı?"]
+    else:
+        assert result["fallbacks"] == [] and result["primary_intent"] == "greeting"
 
 
 def test_build_chain_asks_the_keyword_tier_for_secondaries():
