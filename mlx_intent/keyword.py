@@ -31,6 +31,13 @@ CUE = 0.8  # a single term this strong names a need of its own (a landmark does,
 WEAK = 0.6  # below this nothing is asked: "ok" alone is general, "thanks, see you tomorrow" greeting
 SOCIAL = 0.7  # hello/thanks beat cues this weak and a place named in passing: "thanks, Moda was lovely"
 LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times its evidence
+# A social term this strong is a remark ("the ferry was lovely", "what a view", "lovely weather"):
+# in a text that asks nothing, the places and things named before it are what the remark is about.
+# A request after it is asked ("Topkapı was amazing, now where do we eat"), and so is a request as
+# strong as a remark ("best month for nice weather, not too hot, not too rainy").  In a question a
+# remark is no social word at all ("il fait beau demain ?" asks about the weather).
+REMARK = 2.0
+_QUESTION_MARKS = ("?", "؟", "¿")
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
 # much evidence: a cup of tea is food, but "market" alone may be the corner grocery.
@@ -219,13 +226,18 @@ class _Evidence:
     museums: int = 0
     other_stops: int = 0
     stopover: bool = False  # a term naming both an airport and a plan: a layover to fill
+    remark: int | None = None  # where the last social remark is, in a text that asks nothing
 
 
 def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
+    asks = any(mark in text for mark in _QUESTION_MARKS)
     text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
     for pos, hit in _matches(_words(text), lex):
         for intent, weight in hit.items():
+            if intent == "greeting" and weight >= REMARK:  # a remark says what a text is, not what it asks
+                ev.remark = None if asks else pos
+                continue
             if weight > 0:  # weight 0 only shields its words
                 ev.scores[intent] += weight
                 ev.first.setdefault(intent, pos)
@@ -248,8 +260,11 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
 
     if s.get("route_planning", 0.0) == 0 and not strong("museum_route_planning"):
         s.pop("museum_route_planning", None)  # a museum named without a plan is a sight
-    social = greeting >= REQUEST and all(
-        s[i] < REQUEST and ev.peak[i] < (REQUEST if i in _ANCHORS else SOCIAL) for i in s
+    remark = ev.remark is not None and all(
+        s[i] < REMARK and (ev.first[i] <= ev.remark or s[i] < REQUEST) for i in s
+    )
+    social = remark or (
+        greeting >= REQUEST and all(s[i] < REQUEST and ev.peak[i] < (REQUEST if i in _ANCHORS else SOCIAL) for i in s)
     )
     if social or max(s.values(), default=0.0) < WEAK:  # rule 7, or social talk with no request
         s = {}
@@ -282,7 +297,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     elif s:
         primary = _first_request(s, ev)
     else:
-        primary = "greeting" if greeting >= WEAK else FALLBACK_INTENT
+        primary = "greeting" if greeting >= WEAK or remark else FALLBACK_INTENT
     ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
     others = [i for i in ranked if s[i] >= REQUEST and (i not in _ANCHORS or ev.peak[i] >= REQUEST)]
     if greeting >= REQUEST:

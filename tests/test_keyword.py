@@ -197,6 +197,23 @@ def test_elongated_words_and_emoji_still_greet(text: str) -> None:
     assert top(text) == "greeting"
 
 
+@pytest.mark.parametrize(
+    ("text", "intents"),
+    [
+        ("the ferry ride was beautiful, thank you", ["greeting"]),  # the ferry is what the remark is about
+        ("good morning, lovely weather isn't it", ["greeting"]),
+        ("Ayasofya muhteşemdi, eyvallah", ["greeting"]),
+        ("الجو جميل اليوم، مرحبا", ["greeting"]),
+        ("Topkapı war toll, wo essen wir jetzt zu abend", ["restaurant"]),  # a request after the remark
+        ("best month to visit for nice weather, not too hot not too rainy", ["weather"]),  # a strong request
+        ("il fait beau demain ?", ["weather"]),  # in a question a remark is no social word
+        ("Loved the Blue Mosque. Is Hagia Sophia open on Fridays?", ["attraction"]),
+    ],
+)
+def test_a_remark_that_asks_nothing_is_social_talk(text: str, intents: list[str]) -> None:
+    assert classify_keywords(text)["all_intents"] == intents
+
+
 def test_weather_emoji_counts_as_weather() -> None:
     assert top("☔ tomorrow?") == "weather"
 
