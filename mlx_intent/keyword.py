@@ -266,6 +266,8 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     social = remark or (
         greeting >= REQUEST and all(s[i] < REQUEST and ev.peak[i] < (REQUEST if i in _ANCHORS else SOCIAL) for i in s)
     )
+    if remark:
+        greeting = max(greeting, REQUEST)  # a remark is social talk as plainly as a hello
     if social or max(s.values(), default=0.0) < WEAK:  # rule 7, or social talk with no request
         s = {}
     forced: str | None = None
@@ -297,7 +299,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     elif s:
         primary = _first_request(s, ev)
     else:
-        primary = "greeting" if greeting >= WEAK or remark else FALLBACK_INTENT
+        primary = "greeting" if greeting >= WEAK else FALLBACK_INTENT
     ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
     others = [i for i in ranked if s[i] >= REQUEST and (i not in _ANCHORS or ev.peak[i] >= REQUEST)]
     if greeting >= REQUEST:

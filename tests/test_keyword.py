@@ -214,6 +214,10 @@ def test_a_remark_that_asks_nothing_is_social_talk(text: str, intents: list[str]
     assert classify_keywords(text)["all_intents"] == intents
 
 
+def test_a_remark_is_as_sure_as_a_hello() -> None:
+    assert classify_keywords("what a view!")["confidence"] == classify_keywords("hello")["confidence"]
+
+
 def test_weather_emoji_counts_as_weather() -> None:
     assert top("☔ tomorrow?") == "weather"
 
