@@ -218,6 +218,15 @@ def test_a_remark_is_as_sure_as_a_hello() -> None:
     assert classify_keywords("what a view!")["confidence"] == classify_keywords("hello")["confidence"]
 
 
+@pytest.mark.parametrize("text", ["what's your name?", "wie heißt du?", "как тебя зовут?", "ههههههه", "tu es le meilleur"])
+def test_talk_with_the_assistant_is_social(text: str) -> None:
+    assert classify_keywords(text)["all_intents"] == ["greeting"]
+
+
+def test_a_laugh_adds_no_greeting_to_a_request() -> None:
+    assert classify_keywords("haha ok, where can I eat kebab?")["all_intents"] == ["restaurant"]
+
+
 def test_weather_emoji_counts_as_weather() -> None:
     assert top("☔ tomorrow?") == "weather"
 
