@@ -38,6 +38,10 @@ LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times i
 # remark is no social word at all ("il fait beau demain ?" asks about the weather).
 REMARK = 2.0
 _QUESTION_MARKS = ("?", "؟", "¿")
+# Not an intent: a lexicon line `quote<TAB>how do you say` marks a question about words.  The
+# social words in such a text are what is asked about ("how do you say thank you in Turkish",
+# "merhaba ne demek"), so they are no greeting.
+QUOTE = "quote"
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
 # much evidence: a cup of tea is food, but "market" alone may be the corner grocery.
@@ -123,8 +127,8 @@ def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...
     if len(parts) not in (2, 3):
         raise LexiconError(f"{where}: expected 'intent<TAB>term[<TAB>weight]', got {line!r}")
     intent, term = parts[0].strip(), parts[1].strip()
-    if intent not in INTENTS:
-        raise LexiconError(f"{where}: unknown intent {intent!r} (known: {', '.join(INTENTS)})")
+    if intent not in INTENTS and intent != QUOTE:
+        raise LexiconError(f"{where}: unknown intent {intent!r} (known: {', '.join(INTENTS)}, and {QUOTE})")
     is_stem = term.endswith("*")
     if "*" in term.rstrip("*"):
         raise LexiconError(f"{where}: '*' may only end a term, got {term!r}")
@@ -233,8 +237,12 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
     asks = any(mark in text for mark in _QUESTION_MARKS)
     text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
-    for pos, hit in _matches(_words(text), lex):
+    matches = _matches(_words(text), lex)
+    quoted = any(QUOTE in hit for _, hit in matches)
+    for pos, hit in matches:
         for intent, weight in hit.items():
+            if intent == QUOTE or (intent == "greeting" and quoted):
+                continue
             if intent == "greeting" and weight >= REMARK:  # a remark says what a text is, not what it asks
                 ev.remark = None if asks else pos
                 continue
