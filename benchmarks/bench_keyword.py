@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "(a busy machine inflates p99).",
         "",
         f"Data: `{data_name}`, {len(rows)} queries. The lexicons and rules are tuned on "
-        "`benchmarks/data/train.jsonl` only; dev is held out for measurement.",
+        "`benchmarks/data/train.jsonl` and on probe queries written for the purpose (they then join "
+        "train); dev is held out for measurement.",
         "",
         "## Summary",
         "",
