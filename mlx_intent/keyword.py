@@ -84,8 +84,13 @@ _AR_ARTICLES = ("وال", "بال", "فال", "كال", "لل", "ال")
 _AR_PARTICLES = ("و", "ب", "ل")
 
 # Emoji carry intent but normalize() drops symbols, so name the telling ones first.
+# A smile or a thumbs-up is social on its own and adds nothing to a request (the lexicons weigh
+# "smiley" weakly).
 _EMOJI = str.maketrans(
-    dict.fromkeys("☔☂🌧🌦⛅☀🌤🌥☁❄🌨🌩⛈🌬🌡", " weather ") | dict.fromkeys("👋", " hello ") | {"🙏": " thanks "}
+    dict.fromkeys("☔☂🌧🌦⛅☀🌤🌥☁❄🌨🌩⛈🌬🌡", " weather ")
+    | dict.fromkeys("👋", " hello ")
+    | {"🙏": " thanks "}
+    | dict.fromkeys("😊🙂☺😀😃😄😁🥰😍👍", " smiley ")
 )
 
 

@@ -193,7 +193,9 @@ def test_clear_examples_in_six_languages(text: str, primary: str) -> None:
     assert top(text) == primary
 
 
-@pytest.mark.parametrize("text", ["hellooo 👋", "günaydınnn", "привееет", "merci beaucoup !!", "🙏"])
+@pytest.mark.parametrize(
+    "text", ["hellooo 👋", "günaydınnn", "привееет", "merci beaucoup !!", "🙏", "😊😊", "👍", "shukran", "privet"]
+)
 def test_elongated_words_and_emoji_still_greet(text: str) -> None:
     assert top(text) == "greeting"
 
@@ -224,8 +226,9 @@ def test_talk_with_the_assistant_is_social(text: str) -> None:
     assert classify_keywords(text)["all_intents"] == ["greeting"]
 
 
-def test_a_laugh_adds_no_greeting_to_a_request() -> None:
-    assert classify_keywords("haha ok, where can I eat kebab?")["all_intents"] == ["restaurant"]
+@pytest.mark.parametrize("text", ["haha ok, where can I eat kebab?", "where can I eat kebab? 😊"])
+def test_a_laugh_or_a_smile_adds_no_greeting_to_a_request(text: str) -> None:
+    assert classify_keywords(text)["all_intents"] == ["restaurant"]
 
 
 @pytest.mark.parametrize(
