@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
 # Platt scaling of the confidence, fitted by `mlx-intent calibrate keyword`; it belongs to
@@ -246,9 +246,9 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
     quoted = any(QUOTE in hit for _, hit in matches)
     for pos, hit in matches:
         for intent, weight in hit.items():
-            if intent == QUOTE or (intent == "greeting" and quoted):
+            if intent == QUOTE or (intent == SOCIAL_INTENT and quoted):
                 continue
-            if intent == "greeting" and weight >= REMARK:  # a remark says what a text is, not what it asks
+            if intent == SOCIAL_INTENT and weight >= REMARK:  # a remark says what a text is, not what it asks
                 ev.remark = None if asks else pos
                 continue
             if weight > 0:  # weight 0 only shields its words
@@ -266,7 +266,7 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
 def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     """Apply the boundary rules of shared/intents.md in order; return primary, all_intents, final scores."""
     s = {i: v for i, v in ev.scores.items() if v > 0}
-    greeting = s.pop("greeting", 0.0)  # rule 1: social words never outrank a request
+    greeting = s.pop(SOCIAL_INTENT, 0.0)  # rule 1: social words never outrank a request
 
     def strong(intent: str) -> bool:
         return s.get(intent, 0.0) >= REQUEST
@@ -312,12 +312,12 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
     elif s:
         primary = _first_request(s, ev)
     else:
-        primary = "greeting" if greeting >= WEAK else FALLBACK_INTENT
+        primary = SOCIAL_INTENT if greeting >= WEAK else FALLBACK_INTENT
     ranked = sorted(s, key=lambda i: (-s[i], _TIE_ORDER.index(i)))
     others = [i for i in ranked if s[i] >= REQUEST and (i not in _ANCHORS or ev.peak[i] >= REQUEST)]
     if greeting >= REQUEST:
-        others.append("greeting")
-    final = dict(s, greeting=greeting) if greeting else s
+        others.append(SOCIAL_INTENT)
+    final = {**s, SOCIAL_INTENT: greeting} if greeting else s
     return primary, list(dict.fromkeys([primary, *extras, *others]))[:MAX_INTENTS], final
 
 
@@ -339,7 +339,7 @@ def _confidence(primary: str, scores: dict[str, float]) -> float:
     top = scores.get(primary, 0.0)
     if top <= 0:
         return NO_MATCH_CONFIDENCE
-    second = max((v for i, v in scores.items() if i not in (primary, "greeting")), default=0.0)
+    second = max((v for i, v in scores.items() if i not in (primary, SOCIAL_INTENT)), default=0.0)
     strength = 1.0 - math.exp(-top)
     margin = top / (top + second)
     return round(min(0.95, 0.3 + 0.65 * strength * margin), 4)
