@@ -42,6 +42,15 @@ _QUESTION_MARKS = ("?", "؟", "¿")
 # social words in such a text are what is asked about ("how do you say thank you in Turkish",
 # "merhaba ne demek"), so they are no greeting.
 QUOTE = "quote"
+# Not intents either.  `narration<TAB>heading to` marks the traveller telling what they do (going,
+# arriving, sitting, checking in): in a social text that asks nothing, the places and things in
+# that clause are where they are, not what they want ("bye! heading to the Grand Bazaar now").
+# `ask<TAB>need` marks a request typed without a question mark ("hi, just landed, need a taxi"):
+# with one anywhere, narration counts for nothing.
+NARRATION = "narration"
+ASK = "ask"
+MARKERS = (QUOTE, NARRATION, ASK)
+_CLAUSE = re.compile(r"[,.;:!…\n،؛]+")
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
 # much evidence: a cup of tea is food, but "market" alone may be the corner grocery.
@@ -125,6 +134,12 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(_strip_article(w) for w in _ELONGATED.sub(r"\1", normalize(text)).split())
 
 
+def _clause_of(text: str, n_words: int) -> list[int]:
+    """The clause (between commas, full stops, exclamation marks) of each of the text's words."""
+    ids = [i for i, piece in enumerate(_CLAUSE.split(text)) for _ in _words(piece)]
+    return ids if len(ids) == n_words else [0] * n_words
+
+
 def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...], bool, float]:
     """One `intent<TAB>term[<TAB>weight]` line -> (intent, words, is_stem, weight)."""
     where = f"{path}:{lineno}"
@@ -132,8 +147,8 @@ def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...
     if len(parts) not in (2, 3):
         raise LexiconError(f"{where}: expected 'intent<TAB>term[<TAB>weight]', got {line!r}")
     intent, term = parts[0].strip(), parts[1].strip()
-    if intent not in INTENTS and intent != QUOTE:
-        raise LexiconError(f"{where}: unknown intent {intent!r} (known: {', '.join(INTENTS)}, and {QUOTE})")
+    if intent not in INTENTS and intent not in MARKERS:
+        raise LexiconError(f"{where}: unknown intent {intent!r} (known: {', '.join(INTENTS + MARKERS)})")
     is_stem = term.endswith("*")
     if "*" in term.rstrip("*"):
         raise LexiconError(f"{where}: '*' may only end a term, got {term!r}")
@@ -242,11 +257,19 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
     asks = any(mark in text for mark in _QUESTION_MARKS)
     text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
-    matches = _matches(_words(text), lex)
+    words = _words(text)
+    matches = _matches(words, lex)
     quoted = any(QUOTE in hit for _, hit in matches)
+    told: set[int] = set()  # clauses that narrate, in a social text that asks nothing
+    if not (asks or quoted or any(ASK in hit for _, hit in matches)):
+        if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, hit in matches):
+            clause = _clause_of(text, len(words))
+            told = {clause[pos] for pos, hit in matches if NARRATION in hit}
     for pos, hit in matches:
+        if told and clause[pos] in told:  # only the social words of a narrating clause count
+            hit = {SOCIAL_INTENT: hit[SOCIAL_INTENT]} if SOCIAL_INTENT in hit else {}
         for intent, weight in hit.items():
-            if intent == QUOTE or (intent == SOCIAL_INTENT and quoted):
+            if intent in MARKERS or (intent == SOCIAL_INTENT and quoted):
                 continue
             if intent == SOCIAL_INTENT and weight >= REMARK:  # a remark says what a text is, not what it asks
                 ev.remark = None if asks else pos

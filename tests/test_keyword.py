@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mlx_intent.keyword import (
     LEXICON_DIR,
-    QUOTE,
+    MARKERS,
     KeywordClassifier,
     LexiconError,
     classify_keywords,
@@ -70,7 +70,7 @@ def test_package_lexicons_cover_every_intent_in_every_language() -> None:
     load_lexicons()  # raises on any malformed line
     for lang in LANGUAGES:
         lines = (LEXICON_DIR / f"{lang}.tsv").read_text(encoding="utf-8").splitlines()
-        used = {line.split("\t")[0] for line in lines if line.strip() and not line.startswith("#")} - {QUOTE}
+        used = {line.split("\t")[0] for line in lines if line.strip() and not line.startswith("#")} - set(MARKERS)
         assert used == set(INTENTS) - {"general"} or used == set(INTENTS), lang
 
 
@@ -241,6 +241,23 @@ def test_a_laugh_or_a_smile_adds_no_greeting_to_a_request(text: str) -> None:
     ],
 )
 def test_social_words_asked_about_are_quoted_not_said(text: str, intents: list[str]) -> None:
+    assert classify_keywords(text)["all_intents"] == intents
+
+
+@pytest.mark.parametrize(
+    ("text", "intents"),
+    [
+        ("bye! heading to the grand bazaar now", ["greeting"]),  # where they go, not what they want
+        ("hoşça kal! şimdi kapalıçarşıya gidiyorum", ["greeting"]),  # the verb closes a Turkish clause
+        ("greetings from galata tower!", ["greeting"]),
+        ("только что заселились в отель в таксиме, привет!", ["greeting"]),
+        ("hi just landed at SAW need a taxi to Kadıköy", ["airport_transport", "greeting"]),  # asked, no "?"
+        ("hi! just landed at IST, how do I get to Taksim?", ["airport_transport", "greeting"]),
+        ("bye, heading out. Grand Bazaar hours", ["shopping", "greeting"]),  # another clause asks
+        ("heading to the grand bazaar now", ["shopping"]),  # no social word: nothing says it is talk
+    ],
+)
+def test_narration_in_social_talk_names_where_one_is(text: str, intents: list[str]) -> None:
     assert classify_keywords(text)["all_intents"] == intents
 
 
