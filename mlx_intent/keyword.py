@@ -230,6 +230,15 @@ def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, Weights]]:
     return found
 
 
+def _has_ask(words: tuple[str, ...], lex: Lexicon) -> bool:
+    """Whether an ask term is anywhere, also inside a longer term ("how do I get to" holds "how")."""
+    return any(
+        ASK in (_lookup(lex, words[i : i + n]) or {})
+        for i in range(len(words))
+        for n in range(1, min(lex.max_words, len(words) - i) + 1)
+    )
+
+
 def _absorb(scores: dict[str, float], winner: str, losers: tuple[str, ...]) -> None:
     """The winner of a boundary rule takes over the evidence of the intents it overrides."""
     scores.setdefault(winner, 0.0)
@@ -261,7 +270,7 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
     matches = _matches(words, lex)
     quoted = any(QUOTE in hit for _, hit in matches)
     told: set[int] = set()  # clauses that narrate, in a social text that asks nothing
-    if not (asks or quoted or any(ASK in hit for _, hit in matches)):
+    if not (asks or quoted or _has_ask(words, lex)):
         if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, hit in matches):
             clause = _clause_of(text, len(words))
             told = {clause[pos] for pos, hit in matches if NARRATION in hit}

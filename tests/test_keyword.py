@@ -253,6 +253,7 @@ def test_social_words_asked_about_are_quoted_not_said(text: str, intents: list[s
         ("только что заселились в отель в таксиме, привет!", ["greeting"]),
         ("hi just landed at SAW need a taxi to Kadıköy", ["airport_transport", "greeting"]),  # asked, no "?"
         ("hi! just landed at IST, how do I get to Taksim?", ["airport_transport", "greeting"]),
+        ("hi we just landed at sabiha gokcen, how do we get to taksim", ["airport_transport", "greeting"]),
         ("bye, heading out. Grand Bazaar hours", ["shopping", "greeting"]),  # another clause asks
         ("heading to the grand bazaar now", ["shopping"]),  # no social word: nothing says it is talk
     ],
