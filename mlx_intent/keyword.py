@@ -50,6 +50,7 @@ QUOTE = "quote"
 NARRATION = "narration"
 ASK = "ask"
 MARKERS = (QUOTE, NARRATION, ASK)
+_MARKS = {NARRATION, ASK}  # markers that take no words from the terms around them
 _CLAUSE = re.compile(r"[,.;:!…\n،؛]+")
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
@@ -99,7 +100,7 @@ _EMOJI = str.maketrans(
     dict.fromkeys("☔☂🌧🌦⛅☀🌤🌥☁❄🌨🌩⛈🌬🌡", " weather ")
     | dict.fromkeys("👋", " hello ")
     | {"🙏": " thanks "}
-    | dict.fromkeys("😊🙂☺😀😃😄😁🥰😍👍", " smiley ")
+    | dict.fromkeys("😊🙂☺😀😃😄😁🥰😍👍❤😂", " smiley ")
 )
 
 
@@ -215,13 +216,14 @@ def _lookup(lex: Lexicon, key: tuple[str, ...]) -> Weights | None:
 
 def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, Weights]]:
     """(word position, evidence) of each term, greedy longest match left to right, so
-    "blue mosque" is one term and "mosque" does not count again."""
+    "blue mosque" is one term and "mosque" does not count again.  A term that only marks
+    (narration, ask) takes no words: "on mange" narrates, and "mange" still asks for food."""
     found: list[tuple[int, Weights]] = []
     i = 0
     while i < len(words):
         for n in range(min(lex.max_words, len(words) - i), 0, -1):
             hit = _lookup(lex, words[i : i + n])
-            if hit is not None:
+            if hit is not None and not hit.keys() <= _MARKS:
                 found.append((i, hit))
                 i += n
                 break
@@ -230,13 +232,15 @@ def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, Weights]]:
     return found
 
 
-def _has_ask(words: tuple[str, ...], lex: Lexicon) -> bool:
-    """Whether an ask term is anywhere, also inside a longer term ("how do I get to" holds "how")."""
-    return any(
-        ASK in (_lookup(lex, words[i : i + n]) or {})
+def _marked(words: tuple[str, ...], lex: Lexicon, marker: str) -> list[int]:
+    """Where a marker term starts, also inside a longer term ("how do I get to" holds "how")."""
+    return [
+        i
         for i in range(len(words))
-        for n in range(1, min(lex.max_words, len(words) - i) + 1)
-    )
+        if any(
+            marker in (_lookup(lex, words[i : i + n]) or {}) for n in range(1, min(lex.max_words, len(words) - i) + 1)
+        )
+    ]
 
 
 def _absorb(scores: dict[str, float], winner: str, losers: tuple[str, ...]) -> None:
@@ -270,10 +274,10 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
     matches = _matches(words, lex)
     quoted = any(QUOTE in hit for _, hit in matches)
     told: set[int] = set()  # clauses that narrate, in a social text that asks nothing
-    if not (asks or quoted or _has_ask(words, lex)):
+    if not (asks or quoted or _marked(words, lex, ASK)):
         if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, hit in matches):
             clause = _clause_of(text, len(words))
-            told = {clause[pos] for pos, hit in matches if NARRATION in hit}
+            told = {clause[pos] for pos in _marked(words, lex, NARRATION)}
     for pos, hit in matches:
         if told and clause[pos] in told:  # only the social words of a narrating clause count
             hit = {SOCIAL_INTENT: hit[SOCIAL_INTENT]} if SOCIAL_INTENT in hit else {}
@@ -305,9 +309,7 @@ def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
 
     if s.get("route_planning", 0.0) == 0 and not strong("museum_route_planning"):
         s.pop("museum_route_planning", None)  # a museum named without a plan is a sight
-    remark = ev.remark is not None and all(
-        s[i] < REMARK and (ev.first[i] <= ev.remark or s[i] < REQUEST) for i in s
-    )
+    remark = ev.remark is not None and all(s[i] < REMARK and (ev.first[i] <= ev.remark or s[i] < REQUEST) for i in s)
     social = remark or (
         greeting >= REQUEST and all(s[i] < REQUEST and ev.peak[i] < (REQUEST if i in _ANCHORS else SOCIAL) for i in s)
     )
