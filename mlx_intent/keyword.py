@@ -37,7 +37,7 @@ LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times i
 # strong as a remark ("best month for nice weather, not too hot, not too rainy").  In a question a
 # remark is no social word at all ("il fait beau demain ?" asks about the weather).
 REMARK = 2.0
-_QUESTION_MARKS = ("?", "؟", "¿")
+_QUESTION = re.compile(r"[?؟¿]")
 # Not an intent: a lexicon line `quote<TAB>how do you say` marks a question about words.  The
 # social words in such a text are what is asked about ("how do you say thank you in Turkish",
 # "merhaba ne demek"), so they are no greeting.
@@ -94,13 +94,13 @@ _AR_ARTICLES = ("وال", "بال", "فال", "كال", "لل", "ال")
 _AR_PARTICLES = ("و", "ب", "ل")
 
 # Emoji carry intent but normalize() drops symbols, so name the telling ones first.
-# A smile or a thumbs-up is social on its own and adds nothing to a request (the lexicons weigh
-# "smiley" weakly).
+# A smile, a thumbs-up or a sun (the decoration of a "good morning ☀️") is social on its own and
+# adds nothing to a request (the lexicons weigh "smiley" weakly).
 _EMOJI = str.maketrans(
-    dict.fromkeys("☔☂🌧🌦⛅☀🌤🌥☁❄🌨🌩⛈🌬🌡", " weather ")
+    dict.fromkeys("☔☂🌧🌦⛅🌥☁❄🌨🌩⛈🌬🌡", " weather ")
     | dict.fromkeys("👋", " hello ")
     | {"🙏": " thanks "}
-    | dict.fromkeys("😊🙂☺😀😃😄😁🥰😍👍❤😂", " smiley ")
+    | dict.fromkeys("😊🙂☺😀😃😄😁🥰😍👍❤😂😅🤣😆🙈😻🥳🤩🍻☀🌞🌤", " smiley ")
 )
 
 
@@ -214,17 +214,17 @@ def _lookup(lex: Lexicon, key: tuple[str, ...]) -> Weights | None:
     return None
 
 
-def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, Weights]]:
-    """(word position, evidence) of each term, greedy longest match left to right, so
+def _matches(words: tuple[str, ...], lex: Lexicon) -> list[tuple[int, int, Weights]]:
+    """(first word, word count, evidence) of each term, greedy longest match left to right, so
     "blue mosque" is one term and "mosque" does not count again.  A term that only marks
     (narration, ask) takes no words: "on mange" narrates, and "mange" still asks for food."""
-    found: list[tuple[int, Weights]] = []
+    found: list[tuple[int, int, Weights]] = []
     i = 0
     while i < len(words):
         for n in range(min(lex.max_words, len(words) - i), 0, -1):
             hit = _lookup(lex, words[i : i + n])
             if hit is not None and not hit.keys() <= _MARKS:
-                found.append((i, hit))
+                found.append((i, n, hit))
                 i += n
                 break
         else:
@@ -266,19 +266,34 @@ class _Evidence:
     remark: int | None = None  # where the last social remark is, in a text that asks nothing
 
 
+def _asks(text: str, lex: Lexicon) -> bool:
+    """Whether a question mark asks something: one that closes social words alone ("Hallo! Wie
+    gehts? Mir gehts super") is small talk.  A remark is no social word here ("il fait beau ?")."""
+    for piece in _QUESTION.split(text)[:-1]:  # each piece but the last ended at a question mark
+        hits = _matches(_words(_CLAUSE.split(piece)[-1].translate(_EMOJI)), lex)
+        if not hits or any(
+            intent not in MARKERS and weight > 0 and (intent != SOCIAL_INTENT or weight >= REMARK)
+            for _, _, hit in hits
+            for intent, weight in hit.items()
+        ):
+            return True
+    return False
+
+
 def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
-    asks = any(mark in text for mark in _QUESTION_MARKS)
+    asks = _asks(text, lex)
     text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
     words = _words(text)
     matches = _matches(words, lex)
-    quoted = any(QUOTE in hit for _, hit in matches)
+    quoted = any(QUOTE in hit for _, _, hit in matches)
     told: set[int] = set()  # clauses that narrate, in a social text that asks nothing
-    if not (asks or quoted or _marked(words, lex, ASK)):
-        if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, hit in matches):
+    said = {i for pos, n, hit in matches if hit.keys() == {SOCIAL_INTENT} for i in range(pos, pos + n)}
+    if not (asks or quoted or set(_marked(words, lex, ASK)) - said):  # the "how" of "how are you" asks nothing
+        if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, _, hit in matches):
             clause = _clause_of(text, len(words))
             told = {clause[pos] for pos in _marked(words, lex, NARRATION)}
-    for pos, hit in matches:
+    for pos, _, hit in matches:
         if told and clause[pos] in told:  # only the social words of a narrating clause count
             hit = {SOCIAL_INTENT: hit[SOCIAL_INTENT]} if SOCIAL_INTENT in hit else {}
         for intent, weight in hit.items():

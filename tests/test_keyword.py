@@ -194,7 +194,8 @@ def test_clear_examples_in_six_languages(text: str, primary: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["hellooo 👋", "günaydınnn", "привееет", "merci beaucoup !!", "🙏", "😊😊", "👍", "shukran", "privet"]
+    "text",
+    ["hellooo 👋", "günaydınnn", "привееет", "merci beaucoup !!", "🙏", "😊😊", "👍", "shukran", "privet", "bonjour ☀️"],
 )
 def test_elongated_words_and_emoji_still_greet(text: str) -> None:
     assert top(text) == "greeting"
@@ -256,6 +257,10 @@ def test_social_words_asked_about_are_quoted_not_said(text: str, intents: list[s
         ("hi we just landed at sabiha gokcen, how do we get to taksim", ["airport_transport", "greeting"]),
         ("bye, heading out. Grand Bazaar hours", ["shopping", "greeting"]),  # another clause asks
         ("heading to the grand bazaar now", ["shopping"]),  # no social word: nothing says it is talk
+        ("Hi! How are you? I'm good, having breakfast by the Bosphorus.", ["greeting"]),  # a social "?"
+        ("hi, how are you? is the metro running today?", ["transportation", "greeting"]),
+        ("Привет! Как дела? У меня всё хорошо, гуляем по Галате.", ["greeting"]),
+        ("you were right about the baklava, now where can we get coffee", ["restaurant", "greeting"]),
     ],
 )
 def test_narration_in_social_talk_names_where_one_is(text: str, intents: list[str]) -> None:
@@ -280,6 +285,7 @@ def test_classifier_object_matches_function() -> None:
     calibrated = KeywordClassifier(platt=(2.0, 1.0)).classify(text)
     raw = classify_keywords(text)
     assert calibrated["confidence"] > raw["confidence"]
+
     def rest(result: dict) -> dict:
         return {k: v for k, v in result.items() if k != "confidence"}
 
