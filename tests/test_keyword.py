@@ -261,6 +261,9 @@ def test_social_words_asked_about_are_quoted_not_said(text: str, intents: list[s
         ("hi, how are you? is the metro running today?", ["transportation", "greeting"]),
         ("Привет! Как дела? У меня всё хорошо, гуляем по Галате.", ["greeting"]),
         ("you were right about the baklava, now where can we get coffee", ["restaurant", "greeting"]),
+        ("merci ! on mange où ce soir à Kadıköy", ["restaurant", "greeting"]),  # "on mange" narrates, "mange" asks
+        ("teşekkürler, kapalıçarşıda halı aldık 😊", ["greeting"]),
+        ("merhaba, kapalıçarşıda halı nereden alınır", ["shopping", "greeting"]),
     ],
 )
 def test_narration_in_social_talk_names_where_one_is(text: str, intents: list[str]) -> None:
