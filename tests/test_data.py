@@ -3,7 +3,8 @@
 dev.jsonl is the held-out evaluation set and must always be present: its absence is a
 failure, never a skip.  train.jsonl is added by the training-data work; every per-file
 check below runs on it too once it exists, and its own size and coverage test runs
-only when the file is present.  Intent and language names come from mlx_intent.schema
+only when the file is present.  probe.jsonl is a second held-out set, social talk beside
+chatty requests, written by another author without sight of the project's data.  Intent and language names come from mlx_intent.schema
 only, and texts are compared through mlx_intent.normalize.
 """
 
@@ -24,9 +25,10 @@ from mlx_intent.schema import INTENTS, LANGUAGES
 DATA_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
 DEV = DATA_DIR / "dev.jsonl"
 TRAIN = DATA_DIR / "train.jsonl"
+PROBE = DATA_DIR / "probe.jsonl"
 
-# dev.jsonl is always checked (and fails when missing); train.jsonl once it exists.
-FILES = [DEV] + ([TRAIN] if TRAIN.exists() else [])
+# dev.jsonl is always checked (and fails when missing); train.jsonl and probe.jsonl once they exist.
+FILES = [DEV] + [path for path in (TRAIN, PROBE) if path.exists()]
 
 KEYS = {"id", "text", "lang", "primary_intent", "all_intents"}
 SCRIPT_LANGS = {"ar": "ARABIC", "ru": "CYRILLIC"}  # every other language is Latin-script
