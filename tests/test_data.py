@@ -4,8 +4,9 @@ dev.jsonl is the held-out evaluation set and must always be present: its absence
 failure, never a skip.  train.jsonl is added by the training-data work; every per-file
 check below runs on it too once it exists, and its own size and coverage test runs
 only when the file is present.  probe.jsonl is a second held-out set, social talk beside
-chatty requests, written by another author without sight of the project's data.  Intent and language names come from mlx_intent.schema
-only, and texts are compared through mlx_intent.normalize.
+chatty requests, written by another author without sight of the project's data.  Intent
+and language names come from mlx_intent.schema only, and texts are compared through
+mlx_intent.normalize.
 """
 
 from __future__ import annotations
