@@ -37,7 +37,6 @@ LEAD = 0.5  # a later request beats the first one asked only with 1/LEAD times i
 # strong as a remark ("best month for nice weather, not too hot, not too rainy").  In a question a
 # remark is no social word at all ("il fait beau demain ?" asks about the weather).
 REMARK = 2.0
-_QUESTION = re.compile(r"[?؟¿]")
 # Not an intent: a lexicon line `quote<TAB>how do you say` marks a question about words.  The
 # social words in such a text are what is asked about ("how do you say thank you in Turkish",
 # "merhaba ne demek"), so they are no greeting.
@@ -51,7 +50,7 @@ NARRATION = "narration"
 ASK = "ask"
 MARKERS = (QUOTE, NARRATION, ASK)
 _MARKS = {NARRATION, ASK}  # markers that take no words from the terms around them
-_CLAUSE = re.compile(r"[,.;:!…\n،؛]+")
+_CLAUSE = re.compile(r"([,.;:!…\n،؛?؟¿]+)")  # the group keeps the marks: a "?" ends a question
 
 # Near X is nearby_locations unless the point is plainly food (or shops, hidden spots), with this
 # much evidence: a cup of tea is food, but "market" alone may be the corner grocery.
@@ -135,10 +134,13 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(_strip_article(w) for w in _ELONGATED.sub(r"\1", normalize(text)).split())
 
 
-def _clause_of(text: str, n_words: int) -> list[int]:
-    """The clause (between commas, full stops, exclamation marks) of each of the text's words."""
-    ids = [i for i, piece in enumerate(_CLAUSE.split(text)) for _ in _words(piece)]
-    return ids if len(ids) == n_words else [0] * n_words
+def _clauses(text: str, n_words: int) -> tuple[list[int], set[int]]:
+    """The clause (between commas, full stops, question marks...) of each of the text's words, and
+    the clauses that end at a question mark."""
+    pieces = _CLAUSE.split(text)  # text, marks, text, marks, ..., text
+    ids = [i for i, piece in enumerate(pieces[::2]) for _ in _words(piece)]
+    questions = {i for i, marks in enumerate(pieces[1::2]) if any(m in marks for m in "?؟¿")}
+    return (ids, questions) if len(ids) == n_words else ([0] * n_words, {0} if questions else set())
 
 
 def _parse_line(path: Path, lineno: int, line: str) -> tuple[str, tuple[str, ...], bool, float]:
@@ -266,35 +268,33 @@ class _Evidence:
     remark: int | None = None  # where the last social remark is, in a text that asks nothing
 
 
-def _asks(text: str, lex: Lexicon) -> bool:
+def _asks(matches: list[tuple[int, int, Weights]], clause: list[int], questions: set[int]) -> bool:
     """Whether a question mark asks something: one that closes social words alone ("Hallo! Wie
     gehts? Mir gehts super") is small talk.  A remark is no social word here ("il fait beau ?")."""
-    for piece in _QUESTION.split(text)[:-1]:  # each piece but the last ended at a question mark
-        hits = _matches(_words(_CLAUSE.split(piece)[-1].translate(_EMOJI)), lex)
-        if not hits or any(
-            intent not in MARKERS and weight > 0 and (intent != SOCIAL_INTENT or weight >= REMARK)
-            for _, _, hit in hits
-            for intent, weight in hit.items()
-        ):
-            return True
-    return False
+    plain = set()  # question clauses with terms, all of them plain social words
+    for pos, _, hit in matches:
+        if clause[pos] in questions:
+            if any(i not in MARKERS and w > 0 and (i != SOCIAL_INTENT or w >= REMARK) for i, w in hit.items()):
+                return True
+            plain.add(clause[pos])
+    return plain != questions  # a question clause with no term at all asks
 
 
 def _evidence(text: str, lex: Lexicon) -> _Evidence:
     ev = _Evidence(scores=dict.fromkeys(INTENTS, 0.0), first={}, peak={})
-    asks = _asks(text, lex)
     text = _AIRPORT_CODE.sub("IST airport", text).translate(_EMOJI)
     words = _words(text)
     matches = _matches(words, lex)
+    clause, questions = _clauses(text, len(words))
+    asks = _asks(matches, clause, questions)
     quoted = any(QUOTE in hit for _, _, hit in matches)
     told: set[int] = set()  # clauses that narrate, in a social text that asks nothing
-    said = {i for pos, n, hit in matches if hit.keys() == {SOCIAL_INTENT} for i in range(pos, pos + n)}
-    if not (asks or quoted or set(_marked(words, lex, ASK)) - said):  # the "how" of "how are you" asks nothing
-        if any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, _, hit in matches):
-            clause = _clause_of(text, len(words))
+    if not (asks or quoted) and any(hit.get(SOCIAL_INTENT, 0.0) >= WEAK for _, _, hit in matches):
+        said = {i for pos, n, hit in matches if hit.keys() == {SOCIAL_INTENT} for i in range(pos, pos + n)}
+        if not set(_marked(words, lex, ASK)) - said:  # the "how" of "how are you" asks nothing
             told = {clause[pos] for pos in _marked(words, lex, NARRATION)}
     for pos, _, hit in matches:
-        if told and clause[pos] in told:  # only the social words of a narrating clause count
+        if clause[pos] in told:  # only the social words of a narrating clause count
             hit = {SOCIAL_INTENT: hit[SOCIAL_INTENT]} if SOCIAL_INTENT in hit else {}
         for intent, weight in hit.items():
             if intent in MARKERS or (intent == SOCIAL_INTENT and quoted):
