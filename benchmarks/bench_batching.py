@@ -20,7 +20,7 @@ from pathlib import Path
 from common import read_jsonl, save_report
 
 import mlx_intent  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_intent import backend
+from mlx_intent.models import backend
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"

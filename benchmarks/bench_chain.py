@@ -24,10 +24,10 @@ from pathlib import Path
 
 from common import percentile, save_report
 
-from mlx_intent import backend
 from mlx_intent.chain import Chain, ModelPool, Tier, keyword_tier, llm_tier
 from mlx_intent.metrics import ClassificationLog
-from mlx_intent.registry import BUNDLED
+from mlx_intent.models import backend
+from mlx_intent.models.registry import BUNDLED
 
 backend.use_openblas()
 import mlx.core  # noqa: E402, F401  (see the docstring: the metrics' per-record MLX read is part of the cost)

@@ -35,8 +35,10 @@ from pathlib import Path
 
 from common import percentile, read_jsonl, save_report
 
+from mlx_intent import prompts, schema
+
 # mlx_intent loads OpenBLAS on import; mlx.core is only imported inside the functions, after it.
-from mlx_intent import backend, prompts, registry, schema
+from mlx_intent.models import backend, registry
 from mlx_intent.sampler import JSONMachine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,7 +339,8 @@ def render(args, runs, languages, mask_us, mask_tokens, load_s, loads, llama) ->
             f"{llama['tokens']:.0f} tokens per answer on average ({MAX_TOKENS} at most). The grammar "
             "carries the schema's `maxItems` but cannot express `uniqueItems`, \"all_intents starts with "
             "primary_intent\" or (in practice) the bounds of `confidence`: the model mostly repeats one "
-            "intent in all_intents, writes a confidence out of range, or runs into the token limit. Its threads wait for each other by spinning, so a busy machine slows it "
+            "intent in all_intents, writes a confidence out of range, or runs into the token limit. "
+            "Its threads wait for each other by spinning, so a busy machine slows it "
             "most: compare the load column."
             if llama
             else "not run (`pip install -e '.[bench]'` installs llama-cpp-python)."

@@ -54,15 +54,15 @@ def timed(fn, repeats: int) -> list[float]:
 
 def worker(repeats: int) -> dict:
     """One BLAS setting, in this process: every step ``repeats`` times after a warm-up."""
-    from mlx_intent import backend
+    from mlx_intent.models import backend
 
     openblas = backend.use_openblas()  # before mlx.core, or it cannot take over
     import mlx.core as mx
     import mlx_lm
-    from mlx_intent.convert.gguf import convert_gguf
 
-    from mlx_intent import registry
-    from mlx_intent.loading import load
+    from mlx_intent.models import registry
+    from mlx_intent.models.gguf import convert_gguf
+    from mlx_intent.models.loading import load
 
     gguf = registry.bundled_gguf(registry.get_spec(MODEL))
     out = registry.model_dir(MODEL)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import percentile, read_jsonl, save_report
 
-from mlx_intent.client import ClientError, IntentClient
+from mlx_intent.serve.client import ClientError, IntentClient
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
@@ -162,7 +162,7 @@ def report(args, results, batches, loads, command: str) -> str:
         f"- load average (1, 5, 15 min) at start {loads[0]}, at end {loads[1]}: the machine is shared, so"
         " absolute figures vary from run to run; compare the two modes within one run",
         f"- server: `mlx-intent serve {' '.join(args.base_flags)}` on 127.0.0.1; clients: threads in this"
-        " process using `mlx_intent.client` (one request at a time each)",
+        " process using `mlx_intent.serve.client` (one request at a time each)",
         f"- {args.requests} requests per level: the same dev-set texts (all languages) at every level and in every"
         f" mode, cache off; a level stops after {args.max_seconds:g} s; latencies are seen by the client"
         " (queueing included); the servers run side by side and take turns at each level",

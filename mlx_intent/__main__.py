@@ -1,3 +1,3 @@
-from mlx_intent.cli import main
+from mlx_intent.cli.main import main
 
 main()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_intent import backend, loading, registry
+from mlx_intent.models import backend, loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate

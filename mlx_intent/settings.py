@@ -6,15 +6,12 @@ Later layers win.  One frozen object is built at start-up and passed down, so no
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import click
 
 # The seed's calibrated confidence levels; `low` is the default threshold for moving to the next tier.
 CONFIDENCE_LEVELS: dict[str, float] = {"high": 0.85, "medium": 0.70, "low": 0.50}
@@ -47,7 +44,7 @@ class Settings:
     def as_rows(self) -> list[tuple[str, str, str]]:
         """(name, value as text, source) per setting, in declaration order, for display."""
         return [
-            (name, _show(name, getattr(self, name)), self.sources.get(name, "default")) for name in _SPECS
+            (name, _show(name, getattr(self, name)), self.sources.get(name, "default")) for name in SPECS
         ]
 
 
@@ -129,7 +126,7 @@ class _Spec:
     help: str
 
 
-_SPECS: dict[str, _Spec] = {
+SPECS: dict[str, _Spec] = {
     "home": _Spec("MLX_INTENT_HOME", _optional(_path), "(registry default models/)", "DIR", "model folder"),
     "model": _Spec("LLM_MODEL", _optional(_text), "(none)", "NAME", "primary LLM tier model"),
     "fallback_model": _Spec(
@@ -170,12 +167,12 @@ _SPECS: dict[str, _Spec] = {
 }
 
 # Setting name -> environment variable, for documentation and display.
-ENV_VARS: dict[str, str] = {name: spec.env for name, spec in _SPECS.items()}
+ENV_VARS: dict[str, str] = {name: spec.env for name, spec in SPECS.items()}
 
 
 def _show(name: str, value: object) -> str:
     if value is None:
-        return _SPECS[name].unset
+        return SPECS[name].unset
     if isinstance(value, tuple):
         return ",".join(value)
     if isinstance(value, bool):
@@ -237,7 +234,7 @@ def load_settings(
     earlier one.
     """
     environ = os.environ if environ is None else environ
-    unknown = sorted(set(cli or ()) - set(_SPECS))
+    unknown = sorted(set(cli or ()) - set(SPECS))
     if unknown:
         raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
 
@@ -248,9 +245,9 @@ def load_settings(
             raise SettingsError(f"no .env file at {path}")
         file_values = read_dotenv(path)
         layers.append(
-            (f".env ({path})", {n: file_values[s.env] for n, s in _SPECS.items() if s.env in file_values})
+            (f".env ({path})", {n: file_values[s.env] for n, s in SPECS.items() if s.env in file_values})
         )
-    layers.append(("environment", {n: environ[s.env] for n, s in _SPECS.items() if s.env in environ}))
+    layers.append(("environment", {n: environ[s.env] for n, s in SPECS.items() if s.env in environ}))
     layers.append(("command line", {n: v for n, v in (cli or {}).items() if v is not None}))
 
     winners: dict[str, tuple[str, object]] = {}
@@ -259,61 +256,15 @@ def load_settings(
 
     values: dict[str, object] = {}
     for name, (source, raw) in winners.items():
-        spec = _SPECS[name]
-        variable = _flag(name) if source == "command line" else spec.env
+        spec = SPECS[name]
+        variable = flag(name) if source == "command line" else spec.env
         try:
             values[name] = spec.parse(raw)
         except ValueError as e:
             raise SettingsError(f"{variable}={raw!r} (from {source}): {e}") from None
-    sources = {name: winners[name][0] if name in winners else "default" for name in _SPECS}
+    sources = {name: winners[name][0] if name in winners else "default" for name in SPECS}
     return Settings(**values, sources=sources)  # type: ignore[arg-type]
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def settings_options(command: Callable) -> Callable:
-    """Add ``--env-file`` and one flag per setting to a click command, which then receives ``settings``.
-
-    Flags take text and are parsed by load_settings, so a bad flag fails with the same message as a bad
-    variable.  Their Python names are ``setting_<name>`` so they never clash with the command's own.
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: object, setting_env_file: Path | None, **kwargs: object) -> object:
-        cli = {name: kwargs.pop(f"setting_{name}") for name in _SPECS}
-        try:
-            settings = load_settings(cli, dotenv=setting_env_file)
-        except SettingsError as e:
-            raise click.ClickException(str(e)) from None
-        return command(*args, settings=settings, **kwargs)
-
-    for name, spec in reversed(_SPECS.items()):
-        option = click.option(
-            _flag(name),
-            f"setting_{name}",
-            default=None,
-            metavar=spec.metavar,
-            help=f"{spec.help} [{spec.env}]",
-        )
-        wrapper = option(wrapper)
-    env_file = click.option(
-        "--env-file",
-        "setting_env_file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help=".env file to read (default: ./.env when present)",
-    )
-    return env_file(wrapper)
-
-
-@click.command("config")
-@settings_options
-def config_command(settings: Settings) -> None:
-    """Show the effective settings and where each came from: default, .env, environment or command line."""
-    rows = [("setting", "variable", "value", "source")]
-    rows += [(name, ENV_VARS[name], value, source) for name, value, source in settings.as_rows()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])

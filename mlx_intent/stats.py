@@ -1,4 +1,4 @@
-"""``mlx-intent stats LOG``: figures, alerts and charts from a classification log.
+"""Figures, alerts and charts from a classification log (``mlx-intent stats``).
 
 The summary is built by replaying the log through the same Metrics the live process uses, so the two
 never disagree on how a figure is computed.
@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
-from mlx_intent.metrics import Metrics, read_log
+from mlx_intent.errors import EXIT_CRITICAL, EXIT_WARNING
+from mlx_intent.metrics import Metrics
 from mlx_intent.schema import INTENTS, LANGUAGES
-from mlx_intent.settings import SettingsError, load_settings
 
 # The seed's alert thresholds.
 ACCURACY_MIN = 0.80  # below: critical (only where labels are present)
@@ -23,7 +21,7 @@ P95_LATENCY_MAX_MS = 1000.0  # above: warning
 FALLBACK_RATE_MAX = 0.10  # above: warning
 PEAK_MEMORY_MAX_MB = 7 * 1024.0  # 7 GB (in MiB, like peak_memory_mb); above: critical
 
-EXIT_OK, EXIT_WARNING, EXIT_CRITICAL = 0, 1, 2
+EXIT_OK = 0  # warnings and criticals have their own exit codes (mlx_intent.errors), never 1 or 2
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ def check(summary: Mapping[str, Any]) -> list[Alert]:
 
 
 def exit_code(alerts: list[Alert]) -> int:
-    """0 with no alerts, 1 with warnings only, 2 with any critical alert."""
+    """0 with no alerts, EXIT_WARNING with warnings only, EXIT_CRITICAL with any critical alert."""
     if any(a.level == "critical" for a in alerts):
         return EXIT_CRITICAL
     return EXIT_WARNING if alerts else EXIT_OK
@@ -247,63 +245,3 @@ def write_plots(summary: Mapping[str, Any], directory: Path) -> list[Path]:
     ax.legend(title="tier")
     save(fig, "intents_by_tier.png")
     return paths
-
-
-_HELP = f"""Summarize a classification log (JSON lines; default: the MLX_INTENT_LOG setting).
-
-Prints counts by intent, tier and language, latency p50/p95/p99, fallback rate and top reasons,
-valid-JSON rate, confidence histogram, cache hit rate, peak memory and, where records carry labels,
-accuracy.  --plot DIR writes latency.png, confidence.png and intents_by_tier.png.
-
-\b
---check prints the alerts instead and exits with:
-  {EXIT_OK}  no alert
-  {EXIT_WARNING}  warnings only: p95 latency > {P95_LATENCY_MAX_MS:g} ms,
-     fallback rate > {FALLBACK_RATE_MAX:.0%}
-  {EXIT_CRITICAL}  any critical: accuracy < {ACCURACY_MIN:.0%} (labelled records),
-     peak memory > {PEAK_MEMORY_MAX_MB / 1024:g} GB
-A missing, unreadable or empty log is an error (exit 1).
-"""
-
-
-@click.command("stats", help=_HELP)
-@click.argument("log", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="Write PNG charts here."
-)
-@click.option("--check", "check_only", is_flag=True, help="Print only the alerts and set the exit code.")
-def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool) -> None:
-    """Report on a log; with --check, alert and set the exit code (see _HELP)."""
-    if log is None:
-        try:
-            log = load_settings().log
-        except SettingsError as e:
-            raise click.ClickException(str(e)) from None
-        if log is None:
-            raise click.ClickException("no log given: pass LOG or set MLX_INTENT_LOG")
-    if not log.is_file():
-        raise click.ClickException(f"no log file at {log}")
-    try:
-        records = read_log(log)
-        summary = summarize(records)
-    except ValueError as e:  # LogError included
-        raise click.ClickException(str(e)) from None
-    if not records:
-        raise click.ClickException(f"log {log} holds no records")
-
-    if plot_dir is not None:
-        try:
-            paths = write_plots(summary, plot_dir)
-        except ImportError:
-            raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
-        for path in paths:
-            click.echo(f"wrote {path}", err=True)
-
-    if check_only:
-        alerts = check(summary)
-        for alert in alerts:
-            click.echo(f"{alert.level.upper():<8} {alert.message}")
-        if not alerts:
-            click.echo(f"OK: no alerts over {summary['count']} records")
-        click.get_current_context().exit(exit_code(alerts))
-    click.echo(render(summary, records.skipped))

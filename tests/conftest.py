@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mlx_intent import backend
+from mlx_intent.models import backend
 
 # Before any test module imports mlx.core: OpenBLAS can only take over MLX's BLAS if it is
 # loaded first, and the float32 forward passes in the tests are ~20x slower without it.
@@ -31,7 +31,7 @@ def models_home(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def bundled(models_home):
     """(model, tokenizer) of the bundled SmolLM2-135M, converted and loaded once."""
-    from mlx_intent.loading import load
+    from mlx_intent.models.loading import load
 
     return load("smollm2-135m")
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mlx_intent.calibrate import (
+from mlx_intent.schema import INTENTS
+from mlx_intent.tuner.calibrate import (
     every_branch,
     fit_platt,
     fit_temperature,
@@ -22,7 +23,6 @@ from mlx_intent.calibrate import (
     temper,
     trie_tree,
 )
-from mlx_intent.schema import INTENTS
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -130,9 +130,9 @@ LABELLED = [
 
 
 def test_calibrate_writes_calibration_json_that_the_classifier_reads(models_home, bundled, tmp_path):
-    from mlx_intent import registry
     from mlx_intent.classifier import CALIBRATION, IntentClassifier
-    from mlx_intent.cli import main
+    from mlx_intent.cli.main import main
+    from mlx_intent.models import registry
 
     data = tmp_path / "labelled.jsonl"
     data.write_text(
@@ -185,7 +185,7 @@ def test_keyword_calibration_is_monotone_and_a_probability(confidences, a, b):
 def test_calibrate_keyword_writes_the_fit_the_tier_reads(tmp_path, monkeypatch):
     from mlx_intent import keyword
     from mlx_intent.chain import keyword_tier
-    from mlx_intent.cli import main
+    from mlx_intent.cli.main import main
 
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "calibration.json")
     data = tmp_path / "labelled.jsonl"

@@ -19,7 +19,6 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_intent import chain as chain_module
-from mlx_intent import loading, registry
 from mlx_intent.chain import (
     GENERAL,
     GENERAL_CONFIDENCE,
@@ -33,9 +32,10 @@ from mlx_intent.chain import (
     keyword_tier,
     llm_tier,
 )
-from mlx_intent.cli import _human, main
+from mlx_intent.cli.main import _human, main
 from mlx_intent.metrics import ClassificationLog, read_log
-from mlx_intent.registry import BUNDLED, FALLBACK, GB, PRIMARY
+from mlx_intent.models import loading, registry
+from mlx_intent.models.registry import BUNDLED, FALLBACK, GB, PRIMARY
 from mlx_intent.settings import ENV_VARS, Settings, load_settings
 
 ANSWER_KEYS = {"primary_intent", "confidence", "all_intents"}

@@ -13,8 +13,9 @@ import pytest
 from mlx_lm import stream_generate
 from mlx_lm.models import cache as cache_module
 
-from mlx_intent import registry, schema
+from mlx_intent import schema
 from mlx_intent.classifier import MAX_QUERY_TOKENS, EmptyTextError, IntentClassifier
+from mlx_intent.models import registry
 from mlx_intent.sampler import AnswerVocab, JSONLogitsProcessor, Node, branch_probs
 from mlx_intent.schema import INTENTS
 

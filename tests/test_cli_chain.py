@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_intent import metrics
-from mlx_intent.cli import main
-from mlx_intent.registry import BUNDLED
+from mlx_intent.cli.main import main
+from mlx_intent.models.registry import BUNDLED
 from mlx_intent.settings import ENV_VARS
 from mlx_intent.stats import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING
 

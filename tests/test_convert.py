@@ -15,14 +15,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from click.testing import CliRunner
-from mlx_intent.convert import gguf
-from mlx_intent.convert.gguf import GGUFError, convert_gguf
 from mlx_lm import load as mlx_load
 from mlx_lm.models import llama
 from mlx_lm.utils import dequantize_model
 
-from mlx_intent import registry
-from mlx_intent.cli import main
+from mlx_intent.cli.main import main
+from mlx_intent.models import gguf, registry
+from mlx_intent.models.gguf import GGUFError, convert_gguf
 
 GGUF = registry.bundled_gguf(registry.get_spec("smollm2-135m"))
 PROMPTS = [

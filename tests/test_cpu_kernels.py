@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.models import llama
 
-from mlx_intent import cpu_kernels
+from mlx_intent.models import cpu_kernels
 
 floats = st.floats(min_value=-200.0, max_value=200.0, allow_nan=False, width=32)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_intent import scores
-from mlx_intent.cli import main
+from mlx_intent.cli.main import main
+from mlx_intent.evaluation import scores
 
 # ---- scores -------------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ def test_eval_bad_data_and_unknown_model(tmp_path, tiny):
 
 
 def test_eval_resolves_data_names():
-    from mlx_intent.evaluate import DATA_DIR, data_path
+    from mlx_intent.evaluation.data import DATA_DIR, data_path
 
     assert data_path("dev") == DATA_DIR / "dev.jsonl"
 

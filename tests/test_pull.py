@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from mlx_intent import registry
+from mlx_intent.models import registry
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CLI = Path(sys.executable).parent / "mlx-intent"
@@ -218,7 +218,7 @@ def test_pulled_model_loads_in_process(hub, tmp_path, monkeypatch):
     assert run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url).returncode == 0
     monkeypatch.setenv("MLX_INTENT_HOME", str(home))
     assert registry.state("tinyllama") == "converted"
-    from mlx_intent.loading import load
+    from mlx_intent.models.loading import load
 
     model, tokenizer = load("tinyllama")
     assert tokenizer.encode("hello")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlx_intent import backend, registry
-from mlx_intent.cli import main
-from mlx_intent.loading import fits, load, select_best_model
-from mlx_intent.registry import GB, ModelNotAvailableError, UnknownModelError
+from mlx_intent.cli.main import main
+from mlx_intent.models import backend, registry
+from mlx_intent.models.loading import fits, load, select_best_model
+from mlx_intent.models.registry import GB, ModelNotAvailableError, UnknownModelError
 
 EXPECTED = {
     "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "mlx-community/Llama-3.2-3B-Instruct-4bit", 8192, 0.2, (4, 6)),
@@ -220,7 +220,7 @@ def test_bundled_model_loads_as_float32_on_cpu(bundled):
 
 
 def test_second_load_reuses_the_conversion(bundled, monkeypatch):
-    from mlx_intent.convert import gguf
+    from mlx_intent.models import gguf
 
     path = registry.model_dir("smollm2-135m")
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir() if p.name != registry.STAMP}

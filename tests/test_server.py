@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from mlx_intent.api import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
-from mlx_intent.batcher import Batcher, Job, mode_chain
 from mlx_intent.chain import Chain, PassOver, Tier, build_chain, keyword_tier
-from mlx_intent.client import ClientError, IntentClient
-from mlx_intent.client import events as sse_events
+from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
+from mlx_intent.serve.batcher import Batcher, Job, mode_chain
+from mlx_intent.serve.client import ClientError, IntentClient
+from mlx_intent.serve.client import events as sse_events
 from mlx_intent.settings import Settings
 
 MODEL = "smollm2-135m"

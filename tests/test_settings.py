@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mlx_intent.cli.options import config_command
 from mlx_intent.settings import (
     CONFIDENCE_LEVELS,
     ENV_VARS,
     Settings,
     SettingsError,
-    config_command,
     load_settings,
     read_dotenv,
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from mlx_intent.cli.stats import stats_command
+from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT, EXIT_WARNING
 from mlx_intent.metrics import ClassificationLog, log_record
 from mlx_intent.schema import INTENTS
 from mlx_intent.stats import (
@@ -13,7 +15,6 @@ from mlx_intent.stats import (
     P95_LATENCY_MAX_MS,
     PEAK_MEMORY_MAX_MB,
     check,
-    stats_command,
     summarize,
 )
 
@@ -110,9 +111,9 @@ def test_no_labels_means_no_accuracy_alert():
     ("kind", "code", "shown"),
     [
         ("healthy", 0, "OK: no alerts"),
-        ("slow", 1, "WARNING  p95 latency"),
-        ("slow_and_wrong", 2, "CRITICAL accuracy"),
-        ("heavy", 2, "CRITICAL peak memory"),
+        ("slow", EXIT_WARNING, "WARNING  p95 latency"),
+        ("slow_and_wrong", EXIT_CRITICAL, "CRITICAL accuracy"),
+        ("heavy", EXIT_CRITICAL, "CRITICAL peak memory"),
     ],
 )
 def test_check_exit_codes(tmp_path, kind, code, shown):
@@ -200,4 +201,6 @@ def test_no_log_anywhere(tmp_path, monkeypatch):
 
 def test_help_documents_exit_codes():
     out = CliRunner().invoke(stats_command, ["--help"]).output
-    assert "0  no alert" in out and "1  warnings only" in out and "2  any critical" in out
+    assert "0  no alert" in out and "4  warnings only" in out and "5  any critical" in out
+    # an alert never reads as an error in words (1) or as bad usage (2, click's code too)
+    assert len({0, 1, EXIT_INPUT, EXIT_WARNING, EXIT_CRITICAL}) == 5

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_intent import registry, schema
-from mlx_intent.train import answers_for, build_examples, lr_schedule, train_adapter
+from mlx_intent import schema
+from mlx_intent.models import registry
+from mlx_intent.tuner.train import answers_for, build_examples, lr_schedule, train_adapter
 
 
 def row(i: int, text: str, lang: str, *intents: str) -> dict:

@@ -1,4 +1,4 @@
-"""``mlx-intent compare A B DATA``: the A/B test of two chains on the same labelled rows.
+"""The A/B test of two chains on the same labelled rows (``mlx-intent compare``).
 
 Both chains answer every row; the report puts their accuracies side by side (overall, per intent, per
 language) and tests the difference with McNemar's test, which uses only the rows where exactly one of
@@ -10,40 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import click
-
-from mlx_intent import scores
-from mlx_intent.evaluate import (
-    EXIT_INPUT,
-    EXIT_MODEL,
-    chain_names,
-    data_path,
-    default_report,
+from mlx_intent.evaluation.run import (
     lang_order,
     machine_lines,
-    make_chain,
     num,
     pct,
-    read_labelled,
-    reproduce,
-    run,
     shown,
-    summarize,
     table,
-    write_report,
 )
 from mlx_intent.schema import INTENTS
-from mlx_intent.settings import Settings, settings_options
 
 
-def _delta(a: float | None, b: float | None) -> str:
+def delta(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{(b - a) * 100:+.1f} pp"
 
 
 def _change(a: float | None, b: float | None, show) -> str:
     """B - A: in percentage points for rates, else plain."""
     if show is pct:
-        return _delta(a, b)
+        return delta(a, b)
     return "-" if a is None or b is None else f"{b - a:+.3f}"
 
 
@@ -58,7 +43,7 @@ def _side_by_side(title: str, keys: list[str], a: dict[str, dict], b: dict[str, 
                     str(ga["n"]),
                     pct(ga.get("accuracy")),
                     pct(gb.get("accuracy")),
-                    _delta(ga.get("accuracy"), gb.get("accuracy")),
+                    delta(ga.get("accuracy"), gb.get("accuracy")),
                 ]
             )
     return table([title, "n", "A", "B", "B − A"], rows)
@@ -120,43 +105,3 @@ def render(
         [[t, str(a["per_tier"].get(t, {}).get("n", 0)), str(b["per_tier"].get(t, {}).get("n", 0))] for t in tiers],
     )
     return "\n".join(out)
-
-
-_HELP = f"""A/B test: run chains A and B (comma-separated tiers, e.g. keyword and smollm2-135m,keyword) on DATA.
-
-DATA is a labelled JSONL file or a name (dev, train) in benchmarks/data.  Writes a side-by-side report
-(default benchmarks/reports/compare-<data>-<A>-vs-<B>.md) with per-intent and per-language deltas and
-McNemar's test of the accuracy difference (exact binomial below {scores.MCNEMAR_EXACT_BELOW} discordant pairs,
-else chi-square with continuity correction).
-
-\b
-Exit codes: 0 done; 1 an error reported in words; {EXIT_INPUT} bad usage or bad data; {EXIT_MODEL} an unknown model.
-"""
-
-
-@click.command("compare", help=_HELP)
-@click.argument("a")
-@click.argument("b")
-@click.argument("data")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
-@settings_options
-def compare_command(a: str, b: str, data: str, report: Path | None, settings: Settings) -> None:
-    path = data_path(data)
-    rows = read_labelled(path)
-    names = (chain_names(a, settings), chain_names(b, settings))
-    if not all(names):
-        raise click.UsageError("A and B must each name at least one tier")
-    report = report or default_report("compare", path, *names)
-    summaries = []
-    for label, tiers in zip("AB", names):
-        chain = make_chain(tiers, settings)
-        summaries.append(summarize(rows, run(chain, rows, settings.batch_size, desc=label), chain.names[0]))
-    sa, sb = summaries
-    test = scores.mcnemar(sa["correct_flags"], sb["correct_flags"])
-    command = reproduce(["compare", a, b, data], settings, report)
-    labels = (",".join(names[0]), ",".join(names[1]))
-    write_report(render(sa, sb, test, labels=labels, command=command, data=path), report)
-    click.echo(
-        f"A {labels[0]}: {pct(sa['accuracy'])}  B {labels[1]}: {pct(sb['accuracy'])}  "
-        f"({_delta(sa['accuracy'], sb['accuracy'])}, McNemar p = {test['p']:.3g}, {test['method']})"
-    )

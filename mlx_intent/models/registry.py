@@ -232,7 +232,7 @@ def require_dir(name: str) -> Path:
         return path
     gguf = bundled_gguf(spec)
     if gguf is not None:
-        from mlx_intent.convert.gguf import convert_gguf
+        from mlx_intent.models.gguf import convert_gguf
 
         return convert_gguf(gguf, model_dir(name))
     raise ModelNotAvailableError(f"model {name!r} is not downloaded; get it with: {how_to_get(name)}")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlx_intent import registry
+from mlx_intent.models import registry
 
 
 class PullError(RuntimeError):
@@ -32,7 +32,7 @@ def pull(name: str, from_source: bool = False) -> Path:
     if from_source:
         return _pull_source(spec)
     if spec.mlx_repo is None:
-        from mlx_intent.convert.gguf import GGUFError
+        from mlx_intent.models.gguf import GGUFError
 
         try:
             return registry.require_dir(name)

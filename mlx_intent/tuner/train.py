@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_intent import loading, registry
 from mlx_intent.classifier import special_strings
-from mlx_intent.evaluate import read_labelled
+from mlx_intent.evaluation.data import read_labelled
+from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlx_intent import backend, cpu_kernels
-from mlx_intent.registry import (
+from mlx_intent.models import backend, cpu_kernels
+from mlx_intent.models.registry import (
     GB,
     REGISTRY,
     ModelNotAvailableError,

@@ -23,13 +23,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlx_intent import registry
-from mlx_intent.batcher import STREAM, WARM, WARM_TEXT, Batcher, Closed, Job, QueueFull, fallback_chain, mode_chain
 from mlx_intent.chain import Chain
 from mlx_intent.metrics import MB
+from mlx_intent.models import registry
+from mlx_intent.serve.batcher import (
+    STREAM,
+    WARM,
+    WARM_TEXT,
+    Batcher,
+    Closed,
+    Job,
+    QueueFull,
+    fallback_chain,
+    mode_chain,
+)
 from mlx_intent.settings import MODES, Settings
 
-log = logging.getLogger("mlx_intent.server")
+log = logging.getLogger("mlx_intent.cli.serve")
 
 MAX_TEXT_CHARS = 4000
 MAX_BATCH_TEXTS = 64

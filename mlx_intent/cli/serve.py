@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import click
 
-from mlx_intent.settings import Settings, settings_options
+from mlx_intent.cli.options import chain_for, settings_options
+from mlx_intent.settings import Settings
 
 
 @click.command("serve")
@@ -35,14 +36,12 @@ def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_ba
     try:
         import uvicorn
 
-        from mlx_intent.api import create_app
+        from mlx_intent.serve.app import create_app
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
-    from mlx_intent.cli import _build_chain
-
     app = create_app(
         settings,
-        _build_chain(settings),
+        chain_for(settings),
         request_timeout_ms=request_timeout_ms,
         max_wait_ms=max_wait_ms,
         queue_size=queue_size,

@@ -1,39 +1,42 @@
-"""The ``mlx-intent`` command line.
+"""The ``mlx-intent`` group, ``classify``, ``train`` and ``models``; the other commands have a module each.
 
-Exit codes: 0 ok; 1 a failed check or an error reported in words; 2 bad usage or bad
-input (empty text, a malformed or non-UTF-8 JSONL line; click's own code for usage
-errors); 3 an unknown model, or one that is missing.
+Exit codes (``mlx_intent.errors``): 0 ok; 1 a failed check or an error reported in words; 2 bad usage or
+bad input (empty text, a malformed or non-UTF-8 JSONL line; click's own code for usage errors); 3 an
+unknown model, or one that is missing; 4 and 5 the warning and critical alerts of ``stats --check``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from mlx_intent import registry
-from mlx_intent.calibrate import calibrate_command
-from mlx_intent.compare import compare_command
-from mlx_intent.evaluate import eval_command
-from mlx_intent.server import serve_command
-from mlx_intent.settings import Settings, config_command, settings_options
-from mlx_intent.stats import stats_command
+from mlx_intent.cli.calibrate import calibrate_command
+from mlx_intent.cli.compare import compare_command
+from mlx_intent.cli.evaluate import eval_command
+from mlx_intent.cli.options import chain_for, config_command, settings_options
+from mlx_intent.cli.serve import serve_command
+from mlx_intent.cli.stats import stats_command
+from mlx_intent.errors import InputError, ModelError, UserError
+from mlx_intent.models import registry
+from mlx_intent.settings import Settings
 
-EXIT_INPUT = 2
-EXIT_MODEL = 3
 ANSWER_KEYS = ("primary_intent", "confidence", "all_intents")
 OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms")
 
 
-class ModelError(click.ClickException):
-    exit_code = EXIT_MODEL
+class Group(click.Group):
+    """Reports the library's UserErrors (mlx_intent.errors) in words, with their exit codes."""
 
-
-class InputError(click.ClickException):
-    exit_code = EXIT_INPUT
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            error = click.ClickException(str(e))
+            error.exit_code = e.exit_code
+            raise error from None
 
 
 def _human(n: float) -> str:
@@ -44,7 +47,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-intent")
 def main() -> None:
     """Classify what a traveller wants (15 intents) with small local LLMs on MLX."""
@@ -56,27 +59,6 @@ main.add_command(serve_command)
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(calibrate_command)
-
-
-def _apply_home(settings: Settings) -> None:
-    """MLX_INTENT_HOME may come from .env or a flag: the registry reads the environment."""
-    if settings.home is not None:
-        os.environ["MLX_INTENT_HOME"] = str(settings.home)
-
-
-def _build_chain(settings: Settings):
-    from mlx_intent.chain import build_chain
-
-    _apply_home(settings)
-    try:
-        chain = build_chain(settings)
-    except registry.UnknownModelError as e:
-        raise ModelError(str(e)) from None
-    if settings.sources.get("model") == "command line" and registry.state(settings.model) == "missing":
-        click.echo(
-            f"warning: {settings.model} is not downloaded; get it with: {registry.how_to_get(settings.model)}", err=True
-        )
-    return chain
 
 
 def _read_jsonl(path: str, done: set[str]):
@@ -141,7 +123,7 @@ def classify(text, input_path, output, resume, verbose, settings: Settings) -> N
     if text is not None:
         if not text.strip():
             raise InputError("text is empty")
-        result = _build_chain(settings).classify(text)
+        result = chain_for(settings).classify(text)
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
@@ -157,7 +139,7 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
     done = _done_ids(output) if resume else set()
-    chain = _build_chain(settings)
+    chain = chain_for(settings)
     batch: list[tuple[int, str, str]] = []
     with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
 
@@ -196,8 +178,8 @@ def train(model, train_data, valid_data, epochs, iters, batch_size, learning_rat
 
     The adapter is saved in <models folder>/adapters/MODEL/ and classify uses it from then on.
     On a Mac the same command fine-tunes Llama 3.2 3B (QLoRA on the 4-bit weights)."""
-    from mlx_intent.evaluate import data_path
-    from mlx_intent.train import train_adapter
+    from mlx_intent.evaluation.data import data_path
+    from mlx_intent.tuner.train import train_adapter
 
     try:
         registry.get_spec(model)
@@ -231,7 +213,7 @@ def models() -> None:
 @click.option("--model", help="Selection override, as for classify.")
 def models_list(model: str | None) -> None:
     """Show every registry model: state, size on disk, memory, and which one is selected."""
-    from mlx_intent.loading import select_best_model
+    from mlx_intent.models.loading import select_best_model
 
     try:
         selected = select_best_model(model)
@@ -266,7 +248,7 @@ def models_list(model: str | None) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing converted model.")
 def models_convert(gguf: Path, name: str, force: bool) -> None:
     """Convert a Llama-architecture GGUF (Q4_0, Q4_1, Q8_0, F16, F32) to an MLX 4-bit folder."""
-    from mlx_intent.convert.gguf import GGUFError, convert_gguf
+    from mlx_intent.models.gguf import GGUFError, convert_gguf
 
     out = registry.home() / name
     if registry.is_mlx_folder(out) and not force:
@@ -285,7 +267,7 @@ def models_pull(name: str, from_source: bool) -> None:
     """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
 
     Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
-    from mlx_intent import hub
+    from mlx_intent.models import hub
 
     try:
         path = hub.pull(name, from_source=from_source)

@@ -1,4 +1,4 @@
-"""``mlx-intent eval DATA``: run a chain (or one tier) over labelled data and write a Markdown report.
+"""Run a chain (or one tier) over labelled data, summarize the outcome and render the Markdown report.
 
 The chain runs exactly as ``classify`` runs it, in batches, with the query cache off so every latency is
 a real one.  Scores come from the pure functions in ``scores``; the report starts with the command that
@@ -8,7 +8,6 @@ reproduces it and links PNG figures written beside it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import resource
@@ -19,66 +18,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import click
-
-from mlx_intent import registry, scores
 from mlx_intent.chain import GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
+from mlx_intent.errors import ModelError
+from mlx_intent.evaluation import scores
+from mlx_intent.evaluation.data import REPORT_DIR
 from mlx_intent.metrics import peak_memory_mb
+from mlx_intent.models import registry
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
-from mlx_intent.settings import Settings, settings_options
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / "benchmarks" / "data"
-REPORT_DIR = ROOT / "benchmarks" / "reports"
-EXIT_BELOW, EXIT_INPUT, EXIT_MODEL = 1, 2, 3  # as in cli: a failed check, bad input, unknown model
-
-
-class DataError(click.ClickException):
-    exit_code = EXIT_INPUT
-
-
-class ModelError(click.ClickException):
-    exit_code = EXIT_MODEL
-
-
-# ---- data ---------------------------------------------------------------------------------------
-
-
-def data_path(data: str) -> Path:
-    """A JSONL file, or a bare name (``dev``, ``train``) of one under benchmarks/data."""
-    path = Path(data)
-    if path.is_file():
-        return path
-    named = DATA_DIR / f"{data}.jsonl"
-    if not path.suffix and named.is_file():
-        return named
-    raise DataError(f"{data}: no such file, nor {named}")
-
-
-def read_labelled(path: Path) -> list[dict]:
-    """Rows {id, text, lang, primary_intent, all_intents}; all_intents defaults to [primary_intent].
-
-    Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
-    rows = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise DataError(f'{path}:{n}: expected an object with a non-empty string "text"')
-            primary = row.get("primary_intent")
-            all_intents = row.get("all_intents") or [primary]
-            if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
-                raise DataError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
-            rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
+from mlx_intent.settings import Settings
 
 # ---- running ------------------------------------------------------------------------------------
 
@@ -135,7 +82,7 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
     if mx is not None:  # the peak while classifying, loaded weights included
         mx.reset_peak_memory()
     for tier, reason in skipped.items():
-        click.echo(f"warning: tier {tier} passes over: {reason}", err=True)
+        print(f"warning: tier {tier} passes over: {reason}", file=sys.stderr)
     results: list[dict] = []
     start = time.perf_counter()
     with tqdm(total=len(rows), unit="q", desc=desc, disable=None) as bar:
@@ -464,77 +411,4 @@ def default_report(kind: str, data: Path, *labels: tuple[str, ...]) -> Path:
 def write_report(text: str, report: Path) -> None:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text + "\n", encoding="utf-8")
-    click.echo(f"wrote {report}", err=True)
-
-
-_HELP = f"""Evaluate the chain (or one tier) on labelled DATA and write a Markdown report with figures.
-
-DATA is a JSONL file of {{"id", "text", "lang", "primary_intent", "all_intents"}} lines, or a name
-(dev, train) of one in benchmarks/data.  The chain comes from --chain (e.g. keyword, or
-smollm2-135m,keyword,general), else the settings; the query cache is off.  To score a model alone,
-without handing queries over, pass --min-confidence 0 and a large --latency-budget-ms.
-
-\b
-Writes REPORT (default benchmarks/reports/eval-<data>-<tiers>.md) and beside it
-<report>-confusion.png, -reliability.png, -languages.png, -latency.png.
-
-\b
-Exit codes:
-  0  done, and --min-accuracy (if given) met
-  {EXIT_BELOW}  accuracy below --min-accuracy, or an error reported in words
-  {EXIT_INPUT}  bad usage or bad data (a missing file, a malformed or unlabelled line)
-  {EXIT_MODEL}  an unknown model in the chain
-"""
-
-
-@click.command("eval", help=_HELP)
-@click.argument("data")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
-@click.option(
-    "--predictions", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-row predictions (JSONL)."
-)
-@click.option("--min-accuracy", type=click.FloatRange(0, 1), help=f"Exit {EXIT_BELOW} when accuracy is below this.")
-@click.option("--no-adapter", is_flag=True, help="Score the base models, without their LoRA adapters.")
-@settings_options
-def eval_command(
-    data: str,
-    report: Path | None,
-    predictions: Path | None,
-    min_accuracy: float | None,
-    no_adapter: bool,
-    settings: Settings,
-) -> None:
-    path = data_path(data)
-    rows = read_labelled(path)
-    names = chain_names(None, settings)
-    report = report or default_report("eval", path, names)
-    chain = make_chain(names, settings)
-    if no_adapter:
-        use_base_models(chain)
-    outcome = run(chain, rows, settings.batch_size)
-    summary = summarize(rows, outcome, chain.names[0])
-    report.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        from mlx_intent.evalfigures import write_figures
-
-        figures = write_figures(summary, report)
-    except ImportError:
-        click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
-        figures = {}
-    command = reproduce(
-        ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
-    )
-    title = f"Evaluation: {' → '.join(names)} on {path.stem}"
-    text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
-    write_report(text, report)
-    if predictions is not None:
-        with predictions.open("w", encoding="utf-8") as f:
-            for line in prediction_rows(rows, outcome["results"]):
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    click.echo(
-        f"accuracy {pct(summary['accuracy'])}  macro-F1 {num(summary['macro_f1'])}  ECE {num(summary['ece'])}  "
-        f"p95 {num(summary['latency'][95], 1)} ms  fallback {pct(summary['fallback_rate'])}"
-    )
-    if min_accuracy is not None and summary["accuracy"] < min_accuracy:
-        click.echo(f"accuracy {pct(summary['accuracy'])} is below --min-accuracy {min_accuracy:.1%}", err=True)
-        sys.exit(EXIT_BELOW)
+    print(f"wrote {report}", file=sys.stderr)

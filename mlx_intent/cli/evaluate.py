@@ -1,0 +1,100 @@
+"""``mlx-intent eval DATA``: run a chain (or one tier) over labelled data and write a Markdown report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_intent.cli.options import settings_options
+from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL
+from mlx_intent.evaluation.data import data_path, read_labelled
+from mlx_intent.evaluation.run import (
+    chain_names,
+    default_report,
+    make_chain,
+    num,
+    pct,
+    prediction_rows,
+    render,
+    reproduce,
+    run,
+    summarize,
+    use_base_models,
+    write_report,
+)
+from mlx_intent.settings import Settings
+
+_HELP = f"""Evaluate the chain (or one tier) on labelled DATA and write a Markdown report with figures.
+
+DATA is a JSONL file of {{"id", "text", "lang", "primary_intent", "all_intents"}} lines, or a name
+(dev, train) of one in benchmarks/data.  The chain comes from --chain (e.g. keyword, or
+smollm2-135m,keyword,general), else the settings; the query cache is off.  To score a model alone,
+without handing queries over, pass --min-confidence 0 and a large --latency-budget-ms.
+
+\b
+Writes REPORT (default benchmarks/reports/eval-<data>-<tiers>.md) and beside it
+<report>-confusion.png, -reliability.png, -languages.png, -latency.png.
+
+\b
+Exit codes:
+  0  done, and --min-accuracy (if given) met
+  {EXIT_ERROR}  accuracy below --min-accuracy, or an error reported in words
+  {EXIT_INPUT}  bad usage or bad data (a missing file, a malformed or unlabelled line)
+  {EXIT_MODEL}  an unknown model in the chain
+"""
+
+
+@click.command("eval", help=_HELP)
+@click.argument("data")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
+@click.option(
+    "--predictions", type=click.Path(dir_okay=False, path_type=Path), help="Also write per-row predictions (JSONL)."
+)
+@click.option("--min-accuracy", type=click.FloatRange(0, 1), help=f"Exit {EXIT_ERROR} when accuracy is below this.")
+@click.option("--no-adapter", is_flag=True, help="Score the base models, without their LoRA adapters.")
+@settings_options
+def eval_command(
+    data: str,
+    report: Path | None,
+    predictions: Path | None,
+    min_accuracy: float | None,
+    no_adapter: bool,
+    settings: Settings,
+) -> None:
+    path = data_path(data)
+    rows = read_labelled(path)
+    names = chain_names(None, settings)
+    report = report or default_report("eval", path, names)
+    chain = make_chain(names, settings)
+    if no_adapter:
+        use_base_models(chain)
+    outcome = run(chain, rows, settings.batch_size)
+    summary = summarize(rows, outcome, chain.names[0])
+    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from mlx_intent.evaluation.figures import write_figures
+
+        figures = write_figures(summary, report)
+    except ImportError:
+        click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
+        figures = {}
+    command = reproduce(
+        ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
+    )
+    title = f"Evaluation: {' → '.join(names)} on {path.stem}"
+    text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
+    write_report(text, report)
+    if predictions is not None:
+        with predictions.open("w", encoding="utf-8") as f:
+            for line in prediction_rows(rows, outcome["results"]):
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    click.echo(
+        f"accuracy {pct(summary['accuracy'])}  macro-F1 {num(summary['macro_f1'])}  ECE {num(summary['ece'])}  "
+        f"p95 {num(summary['latency'][95], 1)} ms  fallback {pct(summary['fallback_rate'])}"
+    )
+    if min_accuracy is not None and summary["accuracy"] < min_accuracy:
+        click.echo(f"accuracy {pct(summary['accuracy'])} is below --min-accuracy {min_accuracy:.1%}", err=True)
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,82 @@
+"""Click options shared by the commands: one flag per setting (see ``mlx_intent.settings``), and ``config``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from mlx_intent.errors import ModelError
+from mlx_intent.models import registry
+from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
+
+
+def settings_options(command: Callable) -> Callable:
+    """Add ``--env-file`` and one flag per setting to a click command, which then receives ``settings``.
+
+    Flags take text and are parsed by load_settings, so a bad flag fails with the same message as a bad
+    variable.  Their Python names are ``setting_<name>`` so they never clash with the command's own.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: object, setting_env_file: Path | None, **kwargs: object) -> object:
+        cli = {name: kwargs.pop(f"setting_{name}") for name in SPECS}
+        try:
+            settings = load_settings(cli, dotenv=setting_env_file)
+        except SettingsError as e:
+            raise click.ClickException(str(e)) from None
+        return command(*args, settings=settings, **kwargs)
+
+    for name, spec in reversed(SPECS.items()):
+        option = click.option(
+            flag(name),
+            f"setting_{name}",
+            default=None,
+            metavar=spec.metavar,
+            help=f"{spec.help} [{spec.env}]",
+        )
+        wrapper = option(wrapper)
+    env_file = click.option(
+        "--env-file",
+        "setting_env_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=".env file to read (default: ./.env when present)",
+    )
+    return env_file(wrapper)
+
+
+@click.command("config")
+@settings_options
+def config_command(settings: Settings) -> None:
+    """Show the effective settings and where each came from: default, .env, environment or command line."""
+    rows = [("setting", "variable", "value", "source")]
+    rows += [(name, ENV_VARS[name], value, source) for name, value, source in settings.as_rows()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
+
+
+def _apply_home(settings: Settings) -> None:
+    """MLX_INTENT_HOME may come from .env or a flag: the registry reads the environment."""
+    if settings.home is not None:
+        os.environ["MLX_INTENT_HOME"] = str(settings.home)
+
+
+def chain_for(settings: Settings):
+    """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3)."""
+    from mlx_intent.chain import build_chain
+
+    _apply_home(settings)
+    try:
+        chain = build_chain(settings)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+    if settings.sources.get("model") == "command line" and registry.state(settings.model) == "missing":
+        click.echo(
+            f"warning: {settings.model} is not downloaded; get it with: {registry.how_to_get(settings.model)}", err=True
+        )
+    return chain

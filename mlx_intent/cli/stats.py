@@ -1,0 +1,83 @@
+"""``mlx-intent stats LOG``: figures, alerts and charts from a classification log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_intent.metrics import read_log
+from mlx_intent.settings import SettingsError, load_settings
+from mlx_intent.stats import (
+    ACCURACY_MIN,
+    EXIT_CRITICAL,
+    EXIT_OK,
+    EXIT_WARNING,
+    FALLBACK_RATE_MAX,
+    P95_LATENCY_MAX_MS,
+    PEAK_MEMORY_MAX_MB,
+    check,
+    exit_code,
+    render,
+    summarize,
+    write_plots,
+)
+
+_HELP = f"""Summarize a classification log (JSON lines; default: the MLX_INTENT_LOG setting).
+
+Prints counts by intent, tier and language, latency p50/p95/p99, fallback rate and top reasons,
+valid-JSON rate, confidence histogram, cache hit rate, peak memory and, where records carry labels,
+accuracy.  --plot DIR writes latency.png, confidence.png and intents_by_tier.png.
+
+\b
+--check prints the alerts instead and exits with:
+  {EXIT_OK}  no alert
+  {EXIT_WARNING}  warnings only: p95 latency > {P95_LATENCY_MAX_MS:g} ms,
+     fallback rate > {FALLBACK_RATE_MAX:.0%}
+  {EXIT_CRITICAL}  any critical: accuracy < {ACCURACY_MIN:.0%} (labelled records),
+     peak memory > {PEAK_MEMORY_MAX_MB / 1024:g} GB
+A missing, unreadable or empty log is an error (exit 1).
+"""
+
+
+@click.command("stats", help=_HELP)
+@click.argument("log", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="Write PNG charts here."
+)
+@click.option("--check", "check_only", is_flag=True, help="Print only the alerts and set the exit code.")
+def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool) -> None:
+    """Report on a log; with --check, alert and set the exit code (see _HELP)."""
+    if log is None:
+        try:
+            log = load_settings().log
+        except SettingsError as e:
+            raise click.ClickException(str(e)) from None
+        if log is None:
+            raise click.ClickException("no log given: pass LOG or set MLX_INTENT_LOG")
+    if not log.is_file():
+        raise click.ClickException(f"no log file at {log}")
+    try:
+        records = read_log(log)
+        summary = summarize(records)
+    except ValueError as e:  # LogError included
+        raise click.ClickException(str(e)) from None
+    if not records:
+        raise click.ClickException(f"log {log} holds no records")
+
+    if plot_dir is not None:
+        try:
+            paths = write_plots(summary, plot_dir)
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+        for path in paths:
+            click.echo(f"wrote {path}", err=True)
+
+    if check_only:
+        alerts = check(summary)
+        for alert in alerts:
+            click.echo(f"{alert.level.upper():<8} {alert.message}")
+        if not alerts:
+            click.echo(f"OK: no alerts over {summary['count']} records")
+        click.get_current_context().exit(exit_code(alerts))
+    click.echo(render(summary, records.skipped))

@@ -1,0 +1,1 @@
+"""Evaluation: labelled data, running a chain over it, scores, reports, figures and A/B comparison."""

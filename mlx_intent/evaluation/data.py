@@ -1,0 +1,49 @@
+"""Labelled data: finding a set by name and reading its rows (used by eval, compare, train and calibrate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlx_intent.errors import InputError
+from mlx_intent.schema import INTENTS
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DATA_DIR = ROOT / "benchmarks" / "data"
+REPORT_DIR = ROOT / "benchmarks" / "reports"
+
+
+def data_path(data: str) -> Path:
+    """A JSONL file, or a bare name (``dev``, ``train``) of one under benchmarks/data."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    named = DATA_DIR / f"{data}.jsonl"
+    if not path.suffix and named.is_file():
+        return named
+    raise InputError(f"{data}: no such file, nor {named}")
+
+
+def read_labelled(path: Path) -> list[dict]:
+    """Rows {id, text, lang, primary_intent, all_intents}; all_intents defaults to [primary_intent].
+
+    Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
+    rows = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputError(f"{path}:{n}: not valid UTF-8 JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise InputError(f'{path}:{n}: expected an object with a non-empty string "text"')
+            primary = row.get("primary_intent")
+            all_intents = row.get("all_intents") or [primary]
+            if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
+                raise InputError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
+            rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows

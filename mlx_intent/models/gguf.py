@@ -1,0 +1,371 @@
+"""GGUF (Llama architecture) to an MLX 4-bit model folder that ``mlx_lm.load`` opens.
+
+The header is parsed here, before MLX touches the file, so that a truncated file, a
+wrong magic or an unsupported tensor type gets an error that names the problem
+instead of a crash deep inside ``mx.load``.  The weights themselves are read by
+``mx.load``, which maps Q4_0/Q4_1/Q8_0 blocks straight onto MLX quantized tensors
+(group size 32).  Output is always 4-bit, group size 32: 4-bit tensors are kept
+bit for bit, everything else is quantized once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+GGUF_MAGIC = b"GGUF"
+GROUP_SIZE = 32
+BITS = 4
+
+# ggml tensor types: name, block size (elements), bytes per block.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    30: ("BF16", 1, 2),
+}
+SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF metadata value types: struct format for scalars; 8 = string, 9 = array.
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+# GGUF tensor names -> mlx-lm llama names.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# llama.cpp pre-tokenizer names -> the split regex in front of byte-level BPE.
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_TOKENIZERS = {
+    "default": ("gpt2", False),
+    "gpt2": ("gpt2", False),
+    "smollm": ("gpt2", True),
+    "starcoder": ("gpt2", True),
+    "refact": ("gpt2", True),
+    "llama-bpe": ("llama3", False),
+    "llama3": ("llama3", False),
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file this converter cannot read, with what is wrong in words."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    data_start: int
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "unknown"))
+
+
+def _read(f: BinaryIO, n: int, what: str) -> bytes:
+    b = f.read(n)
+    if len(b) != n:
+        raise GGUFError(f"{f.name}: file is truncated (ended while reading {what})")
+    return b
+
+
+def _unpack(f: BinaryIO, fmt: str, what: str) -> Any:
+    return struct.unpack(fmt, _read(f, struct.calcsize(fmt), what))[0]
+
+
+def _string(f: BinaryIO, what: str) -> str:
+    n = _unpack(f, "<Q", what)
+    if n > 1 << 30:
+        raise GGUFError(f"{f.name}: corrupt header (string of {n} bytes in {what})")
+    return _read(f, n, what).decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, vtype: int, key: str) -> Any:
+    if vtype in _SCALAR:
+        return _unpack(f, _SCALAR[vtype], key)
+    if vtype == _STRING:
+        return _string(f, key)
+    if vtype == _ARRAY:
+        itype, n = _unpack(f, "<I", key), _unpack(f, "<Q", key)
+        if itype in _SCALAR:  # read numeric arrays in one go
+            fmt = _SCALAR[itype]
+            size = struct.calcsize(fmt)
+            raw = _read(f, size * n, key)
+            return list(struct.unpack(f"<{n}{fmt[1]}", raw))
+        return [_value(f, itype, key) for _ in range(n)]
+    raise GGUFError(f"{f.name}: corrupt header (unknown metadata type {vtype} for {key!r})")
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse a GGUF header and tensor table; check that the data is all there."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        version = _unpack(f, "<I", "version")
+        if version not in (2, 3):
+            raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
+        n_tensors, n_kv = _unpack(f, "<Q", "tensor count"), _unpack(f, "<Q", "metadata count")
+        metadata = {}
+        for _ in range(n_kv):
+            key = _string(f, "metadata key")
+            metadata[key] = _value(f, _unpack(f, "<I", key), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = _string(f, "tensor name")
+            ndim = _unpack(f, "<I", name)
+            dims = [_unpack(f, "<Q", name) for _ in range(ndim)]
+            ttype = _unpack(f, "<I", name)
+            offset = _unpack(f, "<Q", name)
+            if ttype not in GGML_TYPES:
+                raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ttype}")
+            tname, block, block_bytes = GGML_TYPES[ttype]
+            count = 1
+            for d in dims:
+                count *= d
+            infos.append(TensorInfo(name, tuple(reversed(dims)), tname, offset, count // block * block_bytes))
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-f.tell() // alignment) * alignment
+    end = max((t.offset + t.nbytes for t in infos), default=0)
+    if data_start + end > size:
+        raise GGUFError(f"{path}: file is truncated ({size} bytes, the tensor table needs {data_start + end})")
+    return GGUFHeader(version, metadata, infos, data_start)
+
+
+def check_supported(header: GGUFHeader, path: str | os.PathLike = "") -> None:
+    """Raise GGUFError naming the architecture or tensor types this converter cannot handle."""
+    if header.architecture not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: unsupported architecture {header.architecture!r} "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    bad = sorted({t.type_name for t in header.tensors if t.type_name not in SUPPORTED_TYPES})
+    if bad:
+        names = [t.name for t in header.tensors if t.type_name in bad][:3]
+        raise GGUFError(
+            f"{path}: unsupported tensor type(s) {', '.join(bad)} (e.g. {', '.join(names)}); "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    if any(t.name == "rope_freqs.weight" for t in header.tensors):
+        raise GGUFError(f"{path}: unsupported: Llama 3.1-style rope scaling (rope_freqs tensor)")
+    model = header.metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"{path}: unsupported tokenizer model {model!r} (supported: byte-level BPE 'gpt2')")
+    pre = header.metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise GGUFError(f"{path}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(sorted(_PRE_TOKENIZERS))})")
+
+
+def mlx_name(gguf_name: str) -> str:
+    """Map a GGUF tensor name (``blk.3.attn_q.scales``) to its mlx-lm name."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        if part not in _LAYER_NAMES:
+            raise GGUFError(f"unexpected tensor {gguf_name!r}")
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{suffix}"
+    if base not in _TOP_NAMES:
+        raise GGUFError(f"unexpected tensor {gguf_name!r}")
+    return f"{_TOP_NAMES[base]}.{suffix}"
+
+
+def convert_weights(gguf_weights: dict) -> dict:
+    """Rename to mlx-lm names and bring every matrix to 4-bit, group size 32."""
+    import mlx.core as mx
+
+    out = {}
+    for name, w in gguf_weights.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        key = mlx_name(name)
+        base = name[: -len(".weight")]
+        scales = gguf_weights.get(f"{base}.scales")
+        if scales is not None:
+            biases = gguf_weights[f"{base}.biases"]
+            bits = w.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
+            if bits == BITS:
+                out[key], out[key[:-6] + "scales"], out[key[:-6] + "biases"] = w, scales, biases
+                continue
+            w = mx.dequantize(w, scales, biases, group_size=GROUP_SIZE, bits=bits)
+        if w.ndim == 2:
+            q, s, b = mx.quantize(w.astype(mx.float16), group_size=GROUP_SIZE, bits=BITS)
+            out[key], out[key[:-6] + "scales"], out[key[:-6] + "biases"] = q, s, b
+        else:
+            out[key] = w.astype(mx.float32)
+    return out
+
+
+def model_config(meta: dict[str, Any], tied: bool) -> dict[str, Any]:
+    """The mlx-lm llama config.  GGUF rows of Q/K are permuted for interleaved RoPE,
+    so ``rope_traditional`` must be true, or the model emits garbage."""
+
+    def g(key: str, default: Any = None) -> Any:
+        return meta.get(f"llama.{key}", default)
+
+    heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(g("block_count")),
+        "intermediate_size": int(g("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+        "head_dim": int(g("rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "vocab_size": int(g("vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "rope_traditional": True,
+        "tie_word_embeddings": tied,
+        "bos_token_id": int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+        "eos_token_id": int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+        "quantization": {"group_size": GROUP_SIZE, "bits": BITS},
+    }
+
+
+def build_tokenizer(meta: dict[str, Any]):
+    """Rebuild the byte-level BPE tokenizer (a ``tokenizers.Tokenizer``) from GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    regex, digits = _PRE_TOKENIZERS[meta.get("tokenizer.ggml.pre", "default")]
+    pre = []
+    if digits:
+        pre.append(pre_tokenizers.Digits(individual_digits=True))
+    if regex == "llama3":
+        pre.append(pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"))
+        pre.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    else:
+        pre.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.decoder = decoders.ByteLevel()
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)]
+    tok.add_special_tokens(special)
+    return tok
+
+
+def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def tok(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(i)] if i is not None and int(i) < len(tokens) else None
+
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok("bos"),
+        "eos_token": tok("eos"),
+        "unk_token": tok("unknown"),
+        "pad_token": tok("padding") or tok("eos"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta.get("llama.context_length", 2048)),
+    }
+    if "tokenizer.chat_template" in meta:
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return cfg
+
+
+def _plain(meta: dict) -> dict[str, Any]:
+    """mx.load returns scalars as 0-d arrays; turn them into Python values."""
+    import mlx.core as mx
+
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, mx.array):
+            v = v.item() if v.ndim == 0 else v.tolist()
+        out[k] = v
+    return out
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress=None) -> Path:
+    """Convert ``gguf_path`` into the model folder ``out_dir``, atomically.
+
+    Everything is written to a temporary folder beside ``out_dir`` and renamed at
+    the end, so an interrupted or failed conversion never leaves a half model.
+    ``progress`` is an optional callable taking a short step description.
+    """
+    import mlx.core as mx
+
+    say = progress or (lambda _msg: None)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    say("reading header")
+    header = read_header(gguf_path)
+    check_supported(header, gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        say("loading tensors")
+        weights, meta = mx.load(str(gguf_path), return_metadata=True)
+        meta = _plain(meta)
+        say("converting weights to 4-bit")
+        converted = convert_weights(weights)
+        tied = "lm_head.weight" not in converted
+        mx.save_safetensors(str(tmp / "model.safetensors"), converted, metadata={"format": "mlx"})
+        say("writing config and tokenizer")
+        (tmp / "config.json").write_text(json.dumps(model_config(meta, tied), indent=2))
+        build_tokenizer(meta).save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2))
+        (tmp / "gguf_source.json").write_text(
+            json.dumps({"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}, indent=2)
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say("done")
+    return out_dir

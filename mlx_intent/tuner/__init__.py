@@ -1,0 +1,1 @@
+"""Fitting to data: LoRA training of the LLM tiers and calibration of every tier's confidence."""
