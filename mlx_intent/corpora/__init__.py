@@ -12,7 +12,23 @@ from .readers import READERS, CorpusFormatError, Record
 from .sources import CORPORA, corpus, manifests
 
 __all__ = [
-    "CORPORA", "DROP", "READERS", "ChecksumError", "CorpusFormatError", "Record", "assign_part", "build",
-    "cap_general", "corpus", "fetch_corpus", "fetched", "format_summary", "hash_fraction", "load_exclusions",
-    "load_map", "manifests", "map_intent", "text_key",
+    "CORPORA",
+    "DROP",
+    "READERS",
+    "ChecksumError",
+    "CorpusFormatError",
+    "Record",
+    "assign_part",
+    "build",
+    "cap_general",
+    "corpus",
+    "fetch_corpus",
+    "fetched",
+    "format_summary",
+    "hash_fraction",
+    "load_exclusions",
+    "load_map",
+    "manifests",
+    "map_intent",
+    "text_key",
 ]

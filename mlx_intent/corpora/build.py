@@ -265,8 +265,10 @@ def format_summary(summary: dict) -> str:
         ]
         lines.append(intent.ljust(22) + "".join(str(c).rjust(width) for c in counts))
     lines.append("")
-    lines.append("read: " + "; ".join(f"{n} " + ", ".join(f"{s}={c}" for s, c in sp.items())
-                                    for n, sp in summary["read"].items()))
+    lines.append(
+        "read: "
+        + "; ".join(f"{n} " + ", ".join(f"{s}={c}" for s, c in sp.items()) for n, sp in summary["read"].items())
+    )
     for reason, by in summary["removed"].items():
         lines.append(f"removed {reason}: " + ", ".join(f"{k}={v}" for k, v in by.items()))
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def data_command() -> None:
 
 @data_command.command("fetch")
 @click.argument("name", metavar="NAME|all")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME).")
+@click.option(
+    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fetch_cmd(name: str, home: Path | None, quiet: bool) -> None:
     """Download corpus NAME (or all of them) into <home>/corpora/NAME at its pinned commit."""
@@ -77,17 +79,35 @@ def _parse_from(values: tuple[str, ...]) -> dict[str, Path]:
 
 
 @data_command.command("build")
-@click.option("--from", "from_", multiple=True, metavar="NAME=PATH",
-              help="Read corpus NAME from a checkout at PATH (repeatable); otherwise every fetched corpus is used.")
+@click.option(
+    "--from",
+    "from_",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Read corpus NAME from a checkout at PATH (repeatable); otherwise every fetched corpus is used.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default <home>/data).")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME).")
-@click.option("--own-data", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OWN_DATA,
-              show_default=True, help="Our own train/dev/probe JSONL, whose texts are removed from the public files.")
-@click.option("--general-cap", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_GENERAL_CAP,
-              show_default=True, help="Largest share of `general` in public-train and public-calib.")
+@click.option(
+    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
+)
+@click.option(
+    "--own-data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_OWN_DATA,
+    show_default=True,
+    help="Our own train/dev/probe JSONL, whose texts are removed from the public files.",
+)
+@click.option(
+    "--general-cap",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=DEFAULT_GENERAL_CAP,
+    show_default=True,
+    help="Largest share of `general` in public-train and public-calib.",
+)
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the general-cap sample.")
-def build_cmd(from_: tuple[str, ...], out: Path | None, home: Path | None, own_data: Path,
-              general_cap: float, seed: int) -> None:
+def build_cmd(
+    from_: tuple[str, ...], out: Path | None, home: Path | None, own_data: Path, general_cap: float, seed: int
+) -> None:
     """Map, de-duplicate and split the corpora; write public-*.jsonl, reserved-*.jsonl, summary.json.
 
     Reserved files (CLINC150 test, SLURP test, xSID, Snips) are for evaluation only:
@@ -107,13 +127,17 @@ def build_cmd(from_: tuple[str, ...], out: Path | None, home: Path | None, own_d
 
 
 @data_command.command("list")
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME).")
+@click.option(
+    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Built folder (default <home>/data).")
 def list_cmd(home: Path | None, out: Path | None) -> None:
     """Each corpus: fetched or not, its licence credit; then the built files and their row counts."""
     for n, c in CORPORA.items():
         root = fetched(n, home)
-        role = "train+eval" if c.training_splits and c.reserved_splits else "train" if c.training_splits else "eval only"
+        role = (
+            "train+eval" if c.training_splits and c.reserved_splits else "train" if c.training_splits else "eval only"
+        )
         click.echo(f"{n:9} {role:10} {'fetched ' + str(root) if root else 'not fetched'}")
         click.echo(f"          {c.credit}")
     out = out or _home(home) / "data"

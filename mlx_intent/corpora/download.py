@@ -29,6 +29,10 @@ class ChecksumError(ValueError):
     """A downloaded file does not match its pinned digest; nothing was kept."""
 
 
+class IncompleteDownload(OSError):
+    """The connection ended before the whole file came; nothing was kept."""
+
+
 def corpora_home(home: Path | None = None) -> Path:
     """<models home>/corpora: $MLX_INTENT_HOME (or the registry default) unless given."""
     if home is None:
@@ -69,9 +73,14 @@ def _download(url: str, dest: Path, spec: RemoteFile, bar: tqdm, timeout: float)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, tmp.open("wb") as f:
+            expected = int(resp.headers.get("Content-Length") or -1)
+            got = 0
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
+                got += len(chunk)
                 bar.update(len(chunk))
+        if 0 <= got < expected:  # http.client may end a cut-off body quietly
+            raise IncompleteDownload(f"{url}: connection closed after {got} of {expected} bytes")
         if not verify(tmp, spec):
             raise ChecksumError(f"checksum mismatch for {url}; the download was discarded")
         os.replace(tmp, dest)

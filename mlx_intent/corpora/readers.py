@@ -150,7 +150,9 @@ XSID_DIR = "data/xSID"
 _XSID_META = re.compile(r"#\s*(text|intent|id)\s*[:=]\s*(.*)")
 
 
-def read_xsid(root: Path, splits: tuple[str, ...] = ("test",), langs: tuple[str, ...] | None = None) -> Iterator[Record]:
+def read_xsid(
+    root: Path, splits: tuple[str, ...] = ("test",), langs: tuple[str, ...] | None = None
+) -> Iterator[Record]:
     """data/xSID/<lang>.<split>.conll: '# text: ...' / '# intent: ...' comment lines start each sentence.
 
     Files use either ':' or '=' after the key, and some carry a '# text-en' line too,
@@ -202,7 +204,7 @@ def read_snips(root: Path, splits: tuple[str, ...] = ("validate",)) -> Iterator[
             data = _json(path)
             if not (isinstance(data, dict) and len(data) == 1):
                 raise CorpusFormatError(f"corrupt corpus file {path}: expected {{intent: [...]}}")
-            (intent, rows), = data.items()
+            ((intent, rows),) = data.items()
             for i, row in enumerate(rows):
                 try:
                     text = "".join(chunk["text"] for chunk in row["data"])

@@ -38,7 +38,8 @@ CORPORA: dict[str, Corpus] = {
             "clinc150",
             "CLINC150 (oos-eval)",
             "CC BY 3.0",
-            "Larson et al. 2019, An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, EMNLP-IJCNLP.",
+            "Larson et al. 2019, An Evaluation Dataset for Intent Classification and Out-of-Scope Prediction, "
+            "EMNLP-IJCNLP.",
             ("train", "val", "oos_train", "oos_val"),
             ("test", "oos_test"),
         ),
@@ -46,7 +47,8 @@ CORPORA: dict[str, Corpus] = {
             "hwu64",
             "HWU64 / NLU-Evaluation-Data",
             "CC BY 4.0",
-            "Liu et al. 2019, Benchmarking Natural Language Understanding Services for building Conversational Agents, IWSDS.",
+            "Liu et al. 2019, Benchmarking Natural Language Understanding Services for building Conversational "
+            "Agents, IWSDS.",
             ("all",),
             (),
         ),
