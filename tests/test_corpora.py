@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlx_intent.cli.data import data_command
 from mlx_intent.corpora import (
     CORPORA,
     DROP,
@@ -35,7 +36,6 @@ from mlx_intent.corpora import (
     manifests,
     text_key,
 )
-from mlx_intent.corpora.command import data_command
 from mlx_intent.corpora.download import git_blob_sha1
 from mlx_intent.corpora.readers import READERS, read_hwu64, read_xsid, strip_annotation
 from mlx_intent.corpora.sources import RemoteFile

@@ -15,6 +15,7 @@ import click
 
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
+from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
 from mlx_intent.cli.options import chain_for, config_command, settings_options
 from mlx_intent.cli.serve import serve_command
@@ -59,6 +60,7 @@ main.add_command(serve_command)
 main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(calibrate_command)
+main.add_command(data_command)
 
 
 def _read_jsonl(path: str, done: set[str]):

@@ -36,7 +36,7 @@ class IncompleteDownload(OSError):
 def corpora_home(home: Path | None = None) -> Path:
     """<models home>/corpora: $MLX_INTENT_HOME (or the registry default) unless given."""
     if home is None:
-        from mlx_intent.registry import home as models_home
+        from mlx_intent.models.registry import home as models_home
 
         home = models_home()
     return Path(home) / "corpora"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from .build import DEFAULT_GENERAL_CAP, DEFAULT_SEED, build, format_summary
-from .download import ChecksumError, corpora_home, fetch_corpus, fetched
-from .mapping import MapError
-from .readers import CorpusFormatError
-from .sources import CORPORA
+from mlx_intent.corpora.build import DEFAULT_GENERAL_CAP, DEFAULT_SEED, build, format_summary
+from mlx_intent.corpora.download import ChecksumError, corpora_home, fetch_corpus, fetched
+from mlx_intent.corpora.mapping import MapError
+from mlx_intent.corpora.readers import CorpusFormatError
+from mlx_intent.corpora.sources import CORPORA
 
 DEFAULT_OWN_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
