@@ -1,0 +1,1 @@
+"""Model architectures, weights and their loading."""
