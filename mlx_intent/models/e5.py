@@ -264,8 +264,9 @@ class E5Tokenizer:
     the encoder's weights.  ``to_tokenizers()`` builds that Unigram, for batch work and as an
     independent check (the tests compare the two)."""
 
-    def __init__(self, pieces: list[str], scores: np.ndarray, norm: dict[int, str], bos: int, eos: int, pad: int,
-                 unk: int) -> None:
+    def __init__(
+        self, pieces: list[str], scores: np.ndarray, norm: dict[int, str], bos: int, eos: int, pad: int, unk: int
+    ) -> None:
         self.pieces, self.scores = pieces, scores.astype(np.float32)
         self.table = dict(norm)
         self.bos, self.eos, self.pad, self.unk = bos, eos, pad, unk
