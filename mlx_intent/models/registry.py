@@ -111,7 +111,7 @@ def home() -> Path:
     """The models folder: $MLX_INTENT_HOME, else models/ of the checkout, else ~/.cache."""
     if env := os.environ.get("MLX_INTENT_HOME"):
         return Path(env).expanduser()
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]  # mlx_intent/models/registry.py -> the checkout
     if (checkout / "pyproject.toml").is_file():
         return checkout / "models"
     return Path("~/.cache/mlx-intent/models").expanduser()

@@ -1,0 +1,175 @@
+"""The neural tier: multilingual-e5-small with a trained intent head, between the LLMs and the keyword tier.
+
+The encoder (``models/e5.py``) reads all six languages; the head, trained by ``mlx-intent train
+e5-small`` on our data plus public human-written corpora (``tuner/encoder.py``), gives the primary
+intent (a softmax over the 15) and ``all_intents`` (a sigmoid per intent, so multi-intent is learned).
+Training fine-tunes the top ``tuned_layers`` encoder layers too; their weights ship beside the head.
+The confidence is the temperature-scaled softmax probability of the primary, the temperature and the
+sigmoid threshold fitted on the calibration split (never on a reported one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlx_intent.models import backend
+from mlx_intent.schema import INTENTS, MAX_INTENTS
+
+NAME = "e5-small"
+HEAD_DIR = Path(__file__).resolve().parent / "weights" / NAME  # package data: head.safetensors, head.json
+HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
+MAX_TOKENS = 128  # a query longer than this is cut: intent sits early, and cost grows with length
+TOP = 5
+
+
+class HeadError(ValueError):
+    """A head folder that is missing, corrupt or made for another label set."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    tuned_layers: int  # the top encoder layers whose weights the head folder carries
+    temperature: float = 1.0  # softmax temperature of the primary (1 = uncalibrated)
+    threshold: float = 0.5  # sigmoid probability for a second intent to join all_intents
+    calibrated_on: str | None = None
+
+    @classmethod
+    def read(cls, folder: Path) -> tuple[HeadConfig, dict]:
+        path = folder / HEAD_CONFIG
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HeadError(f"no trained head at {folder} (train one: mlx-intent train {NAME})") from None
+        except ValueError as e:
+            raise HeadError(f"{path}: not JSON ({e})") from None
+        if record.get("labels") != list(INTENTS):
+            raise HeadError(f"{path}: trained for other labels than the 15 intents of mlx_intent.schema")
+        cal = record.get("calibration") or {}
+        t, thr = cal.get("temperature", 1.0), cal.get("threshold", 0.5)
+        k = record.get("tuned_layers")
+        ok = (
+            isinstance(k, int)
+            and 0 <= k <= 12
+            and isinstance(t, (int, float))
+            and math.isfinite(t)
+            and 0.05 <= t <= 20
+            and isinstance(thr, (int, float))
+            and 0 < thr < 1
+        )
+        if not ok:
+            raise HeadError(f"{path}: tuned_layers, temperature or threshold out of range")
+        return cls(k, float(t), float(thr), cal.get("fitted_on")), record
+
+
+def head_module(hidden: int, n: int):
+    """Two linear maps of the pooled embedding: primary logits (softmax) and per-intent logits (sigmoid)."""
+    import mlx.nn as nn
+
+    class IntentHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.primary = nn.Linear(hidden, n)
+            self.multi = nn.Linear(hidden, n)
+
+        def __call__(self, pooled):
+            return self.primary(pooled), self.multi(pooled)
+
+    return IntentHead()
+
+
+def encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """<s> query: text </s>, cut to MAX_TOKENS."""
+    from mlx_intent.models.e5 import QUERY_PREFIX
+
+    rows = tokenizer.encode_batch([QUERY_PREFIX + t for t in texts])
+    return [[tokenizer.bos, *r[: MAX_TOKENS - 2], tokenizer.eos] for r in rows]
+
+
+def answer(probs: np.ndarray, multi: np.ndarray, threshold: float) -> tuple[str, float, list[str]]:
+    """Primary = argmax of the softmax; the others whose sigmoid reaches ``threshold`` join, by probability."""
+    primary = int(np.argmax(probs))
+    others = [int(i) for i in np.argsort(-multi) if i != primary and multi[i] >= threshold]
+    names = [INTENTS[primary], *(INTENTS[i] for i in others)][:MAX_INTENTS]
+    return INTENTS[primary], float(probs[primary]), names
+
+
+class EncoderClassifier:
+    """The e5-small tier behind the same ``classify_batch(texts) -> [result]`` call as the LLM tiers."""
+
+    def __init__(self, weights: Path | None = None, head_dir: Path | None = None) -> None:
+        backend.use_openblas()
+        import mlx.core as mx
+        from mlx.utils import tree_unflatten
+
+        from mlx_intent.models import e5
+
+        self.head_dir = Path(head_dir) if head_dir is not None else HEAD_DIR
+        self.config, self.record = HeadConfig.read(self.head_dir)
+        self.model, self.tokenizer = e5.load(weights)
+        self.head = head_module(self.model.config.hidden, len(INTENTS))
+        try:
+            tensors = mx.load(str(self.head_dir / HEAD_WEIGHTS))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise HeadError(f"{self.head_dir / HEAD_WEIGHTS}: cannot read ({e})") from None
+        tensors = {k: v.astype(mx.float32) for k, v in tensors.items()}
+        self.head.update(tree_unflatten([(k[5:], v) for k, v in tensors.items() if k.startswith("head.")]))
+        layers = tree_unflatten([(k[7:], v) for k, v in tensors.items() if k.startswith("layers.")])
+        first = self.model.config.layers - self.config.tuned_layers
+        for index, params in (layers.items() if isinstance(layers, dict) else enumerate(layers)):
+            if params:
+                self.model.layers[int(index)].update(params)
+        if self.config.tuned_layers and not layers:
+            raise HeadError(f"{self.head_dir}: head.json names {self.config.tuned_layers} tuned layers, none stored")
+        self.first_tuned = first
+        mx.eval(self.model.parameters(), self.head.parameters())
+
+    def logits(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(primary logits, multi logits), each (len(texts), 15), in one padded batch."""
+        import mlx.core as mx
+
+        from mlx_intent.models.e5 import batch_ids, pool
+
+        ids, mask = batch_ids(encode_ids(self.tokenizer, texts), self.tokenizer.pad)
+        primary, multi = self.head(pool(self.model(ids, mask), mask))
+        mx.eval(primary, multi)
+        return np.array(primary, dtype=np.float64), np.array(multi, dtype=np.float64)
+
+    def distributions(self, texts: list[str], temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(softmax at the calibrated temperature, sigmoid) for each text."""
+        primary, multi = self.logits(texts)
+        t = self.config.temperature if temperature is None else temperature
+        z = primary / t
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True), 1.0 / (1.0 + np.exp(-multi))
+
+    def classify_batch(self, texts: list[str], mode: str | None = None) -> list[dict]:
+        """``mode`` is accepted for the chain's sake: an encoder has one way to answer."""
+        if not texts:
+            return []
+        start = time.perf_counter()
+        probs, multi = self.distributions(list(texts))
+        elapsed = (time.perf_counter() - start) * 1000 / len(texts)
+        results = []
+        for p, m in zip(probs, multi):
+            primary, confidence, names = answer(p, m, self.config.threshold)
+            top = np.argsort(-p)[:TOP]
+            results.append(
+                {
+                    "primary_intent": primary,
+                    "confidence": round(confidence, 4),
+                    "all_intents": names,
+                    "top": [[INTENTS[i], round(float(p[i]), 4)] for i in top],
+                    "model": NAME,
+                    "latency_ms": round(elapsed, 2),
+                }
+            )
+        return results
+
+    def classify(self, text: str, mode: str | None = None) -> dict:
+        return self.classify_batch([text])[0]

