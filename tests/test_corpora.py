@@ -395,3 +395,14 @@ def test_cli_build_and_list(tmp_path):
     r = _cli("list", "--home", str(tmp_path))
     assert r.exit_code == 0 and "CC BY 3.0" in r.output and "public-train.jsonl" in r.output
     assert "not fetched" in r.output
+
+
+def test_xsid_reads_only_the_languages_served(tmp_path):
+    """xSID's other languages (and the de-st dialect) are outside the six the classifier serves."""
+    folder = tmp_path / "data" / "xSID"
+    folder.mkdir(parents=True)
+    block = "# text: {t}\n# intent: weather/find\n1\tw\tweather/find\tO\n"
+    for lang in ("de", "de-st", "ja", "nl"):
+        (folder / f"{lang}.test.conll").write_text(block.format(t=f"text {lang}"), "utf-8")
+    assert {r.lang for r in read_xsid(tmp_path)} == {"de"}
+    assert {r.lang for r in read_xsid(tmp_path, langs=None)} == {"de", "de-st", "ja", "nl"}

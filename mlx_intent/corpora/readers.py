@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_intent.schema import LANGUAGES
+
 
 class CorpusFormatError(ValueError):
     """A corpus file is missing or does not parse; the message names the file."""
@@ -151,9 +153,12 @@ _XSID_META = re.compile(r"#\s*(text|intent|id)\s*[:=]\s*(.*)")
 
 
 def read_xsid(
-    root: Path, splits: tuple[str, ...] = ("test",), langs: tuple[str, ...] | None = None
+    root: Path, splits: tuple[str, ...] = ("test",), langs: tuple[str, ...] | None = tuple(LANGUAGES)
 ) -> Iterator[Record]:
     """data/xSID/<lang>.<split>.conll: '# text: ...' / '# intent: ...' comment lines start each sentence.
+
+    By default only the languages the classifier serves (en, de, tr, ar of xSID's; not de-st, a dialect);
+    ``langs=None`` reads them all.
 
     Files use either ':' or '=' after the key, and some carry a '# text-en' line too,
     which is ignored (it is the English source, not the sentence).
