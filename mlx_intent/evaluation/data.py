@@ -14,14 +14,20 @@ REPORT_DIR = ROOT / "benchmarks" / "reports"
 
 
 def data_path(data: str) -> Path:
-    """A JSONL file, or a bare name (``dev``, ``train``) of one under benchmarks/data."""
+    """A JSONL file, or a bare name of one under benchmarks/data (``dev``, ``train``, ``calib``) or
+    under <models home>/data, where ``mlx-intent data build`` writes the public corpora
+    (``public-train``, ``public-heldout-clinc150``, ``reserved-xsid``...)."""
+    from mlx_intent.models.registry import home
+
     path = Path(data)
     if path.is_file():
         return path
-    named = DATA_DIR / f"{data}.jsonl"
-    if not path.suffix and named.is_file():
-        return named
-    raise InputError(f"{data}: no such file, nor {named}")
+    places = [DATA_DIR / f"{data}.jsonl", home() / "data" / f"{data}.jsonl"]
+    for named in places:
+        if not path.suffix and named.is_file():
+            return named
+    hint = " (run `mlx-intent data build` for the public sets)" if data.startswith(("public-", "reserved-")) else ""
+    raise InputError(f"{data}: no such file, nor {' nor '.join(map(str, places))}{hint}")
 
 
 def read_labelled(path: Path) -> list[dict]:
