@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.models import backend, loading, registry
@@ -124,6 +125,51 @@ def _start_peak() -> int:
     return mx.get_active_memory()
 
 
+@dataclass
+class Lazy:
+    """Loads one classifier on first use and keeps it; a failed load is retried only after ``retry_after_s``."""
+
+    build: Callable[[], object]
+    absent: Callable[[], str | None] = lambda: None  # why it cannot load at all (not installed), or None
+    retry_after_s: float = 60.0
+    value: object = None
+    failed: tuple[float, str] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self):
+        with self.lock:
+            if self.value is not None:
+                return self.value
+            if self.failed and time.monotonic() - self.failed[0] < self.retry_after_s:
+                raise PassOver(
+                    f"load failed {time.monotonic() - self.failed[0]:.0f}s ago, backing off ({self.failed[1]})"
+                )
+            if why := self.absent():
+                raise PassOver(why)
+            try:
+                self.value = self.build()
+            except Exception as e:  # a corrupt head, missing weights...
+                self.failed = (time.monotonic(), f"{type(e).__name__}: {e}")
+                raise PassOver(f"load failed: {type(e).__name__}: {e}") from e
+            self.failed = None
+            return self.value
+
+
+def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0) -> Tier:
+    """The e5-small tier (mlx_intent/encoder.py), loaded on first use."""
+    from mlx_intent import encoder
+
+    lazy = Lazy(encoder.EncoderClassifier, encoder.available, retry_after_s)
+    return Tier(
+        encoder.NAME,
+        lambda texts: lazy.get().classify_batch(texts),
+        lazy.get,
+        model=encoder.NAME,
+        threshold=threshold,
+        budget_ms=budget_ms,
+    )
+
+
 def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
     registry.get_spec(name)  # unknown names fail when the chain is built
 
@@ -140,6 +186,7 @@ def default_chain_names(settings: Settings) -> list[str]:
         settings.model or registry.PRIMARY,
         settings.fallback_model or registry.FALLBACK,
         registry.BUNDLED,
+        ENCODER,
         KEYWORD,
         GENERAL,
     ]
@@ -337,6 +384,9 @@ def build_chain(settings: Settings, names: list[str] | None = None, memory: int 
             tiers.append(general_tier())
         else:
             threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
-            tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
+            if name == ENCODER:
+                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s))
+            else:
+                tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None
     return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries)

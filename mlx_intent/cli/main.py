@@ -20,6 +20,7 @@ from mlx_intent.cli.evaluate import eval_command
 from mlx_intent.cli.options import chain_for, config_command, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
+from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.models import registry
 from mlx_intent.settings import Settings
@@ -166,39 +167,100 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "train_data", default="train", show_default=True, help="Training JSONL, or a name.")
+@click.option("--data", "train_data", multiple=True, help="Training JSONL, or a name; repeatable. [default: train]")
 @click.option("--valid", "valid_data", default=None, help="Validation JSONL (loss is reported, never tuned on).")
-@click.option("--epochs", default=1.0, show_default=True, help="Passes over the training examples.")
-@click.option("--iters", type=int, default=None, help="Training steps (overrides --epochs).")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option(
+    "--calib",
+    "calib_data",
+    multiple=True,
+    help="e5-small: calibration JSONL or name, repeatable; never trained on. [default: calib, public-calib]",
+)
+@click.option("--epochs", default=None, type=float, help="Passes over the training examples. [1; e5-small: 4]")
+@click.option("--iters", type=int, default=None, help="Training steps (overrides --epochs; LLMs).")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="[16; e5-small: 32]")
 @click.option("--learning-rate", default=3e-4, show_default=True)
-@click.option("--num-layers", default=8, show_default=True, help="Top layers that get LoRA.")
+@click.option("--num-layers", default=8, show_default=True, help="Top layers that get LoRA (LLMs).")
 @click.option("--rank", default=16, show_default=True, help="LoRA rank.")
+@click.option(
+    "--tune-layers", default=2, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
+)
 @click.option("--seed", default=0, show_default=True)
-def train(model, train_data, valid_data, epochs, iters, batch_size, learning_rate, num_layers, rank, seed) -> None:
-    """Fine-tune MODEL with a LoRA adapter so it writes the right JSON after the classifier's prompt.
+def train(
+    model,
+    train_data,
+    valid_data,
+    calib_data,
+    epochs,
+    iters,
+    batch_size,
+    learning_rate,
+    num_layers,
+    rank,
+    tune_layers,
+    seed,
+) -> None:
+    """Fine-tune MODEL on labelled data.
 
-    The adapter is saved in <models folder>/adapters/MODEL/ and classify uses it from then on.
-    On a Mac the same command fine-tunes Llama 3.2 3B (QLoRA on the 4-bit weights)."""
-    from mlx_intent.evaluation.data import data_path
+    An LLM gets a LoRA adapter so it writes the right JSON after the classifier's prompt, saved in
+    <models folder>/adapters/MODEL/ (on a Mac the same command fine-tunes Llama 3.2 3B: QLoRA on the
+    4-bit weights).  e5-small trains its intent head and top encoder layers, by default on train and
+    public-train (our data and the public corpora of `mlx-intent data build`), calibrates them on the
+    calibration split, and saves them in mlx_intent/weights/e5-small/."""
+    from mlx_intent.evaluation.data import data_path, read_labelled
     from mlx_intent.tuner.train import train_adapter
 
+    report = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if model == ENCODER:
+        from mlx_intent.tuner.encoder import train_encoder
+
+        def rows_of(names):
+            rows, counts = [], {}
+            for name in names:
+                path = data_path(name)
+                part = [{**r, "_source": path.stem} for r in read_labelled(path)]
+                rows += part
+                counts[path.stem] = len(part)
+            return rows, counts
+
+        train_rows, sources = rows_of(train_data or ("train", "public-train"))
+        calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
+        try:
+            summary = train_encoder(
+                train_rows,
+                calib_rows,
+                tuned_layers=tune_layers,
+                epochs=int(epochs or 4),
+                batch_size=batch_size or 32,
+                learning_rate=learning_rate,
+                seed=seed,
+                sources=sources,
+                report=report,
+            )
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        click.echo(
+            f"{ENCODER} head: {summary['out_dir']} ({summary['rows']} rows, {summary['epochs']} epochs, "
+            f"{summary['train_seconds']:.0f} s)"
+        )
+        return
     try:
         registry.get_spec(model)
     except registry.UnknownModelError as e:
         raise ModelError(str(e)) from None
+    if len(train_data) > 1 or calib_data:
+        raise InputError("an LLM adapter trains on one --data file and takes no --calib (run mlx-intent calibrate)")
     summary = train_adapter(
         model,
-        data_path(train_data),
+        data_path(train_data[0] if train_data else "train"),
         data_path(valid_data) if valid_data else None,
         iters=iters,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=epochs or 1.0,
+        batch_size=batch_size or 16,
         learning_rate=learning_rate,
         num_layers=num_layers,
         rank=rank,
         seed=seed,
-        report=lambda msg: click.echo(msg, err=True),
+        report=report,
     )
     click.echo(
         f"adapter for {model}: {registry.adapter_dir(model)} "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, NAME, encode_ids, head_module
+from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, encode_ids, head_module
 from mlx_intent.evaluation import scores
 from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, MAX_INTENTS
@@ -187,6 +187,7 @@ def train_encoder(
     out_dir = Path(out_dir) if out_dir is not None else HEAD_DIR
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the head is package data that others read
     try:
         tensors = {f"head.{k}": v for k, v in tree_flatten(top.head.parameters())}
         for i, layer in enumerate(top.layers):

@@ -1,0 +1,163 @@
+"""The e5-small tier: its head files, its answers, its training and calibration, and its place in the chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mlx_intent import encoder
+from mlx_intent.chain import ENCODER, Chain, encoder_tier, keyword_tier
+from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer
+from mlx_intent.evaluation.data import DATA_DIR, read_labelled
+from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
+from mlx_intent.tuner.encoder import class_weights, length_batches, train_encoder
+
+TEXTS = [
+    "Hello, how are you?",
+    "Nerede balık yiyebilirim?",
+    "كيف أصل إلى المطار؟",
+    "Quel temps fera-t-il demain ?",
+    "Wann fährt die letzte Fähre?",
+    "Что посмотреть в Стамбуле?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory) -> Path:
+    """A head trained for one epoch on 150 train rows (top layer tuned), calibrated on 45 calib rows."""
+    train = read_labelled(DATA_DIR / "train.jsonl")[::20][:150]
+    calib = read_labelled(DATA_DIR / "calib.jsonl")[::12]
+    out = tmp_path_factory.mktemp("head") / encoder.NAME
+    summary = train_encoder(train, calib, tuned_layers=1, epochs=1, batch_size=16, out_dir=out, report=lambda m: None)
+    assert summary["rows"] == 150 and summary["calibration"]["n"] == len(calib)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_head) -> EncoderClassifier:
+    return EncoderClassifier(head_dir=tiny_head)
+
+
+def test_training_writes_a_head_with_its_record(tiny_head):
+    record = json.loads((tiny_head / encoder.HEAD_CONFIG).read_text())
+    assert record["labels"] == list(INTENTS) and record["tuned_layers"] == 1
+    cal = record["calibration"]
+    assert 0.05 <= cal["temperature"] <= 20 and 0 < cal["threshold"] < 1
+    assert (tiny_head / encoder.HEAD_WEIGHTS).stat().st_size > 0
+    assert not list(tiny_head.parent.glob("*.partial"))
+
+
+def test_answers_follow_the_schema_in_six_languages(tiny):
+    results = tiny.classify_batch(TEXTS)
+    assert len(results) == len(TEXTS)
+    for r in results:
+        validate({k: r[k] for k in ("primary_intent", "confidence", "all_intents")})
+        assert r["model"] == encoder.NAME and r["top"][0][0] == r["primary_intent"]
+
+
+def test_a_batch_answers_as_one_at_a_time(tiny):
+    together = tiny.classify_batch(TEXTS)
+    alone = [tiny.classify(t) for t in TEXTS]
+    for a, b in zip(together, alone):
+        assert a["primary_intent"] == b["primary_intent"] and a["all_intents"] == b["all_intents"]
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=2e-3)
+
+
+def test_temperature_changes_confidence_not_the_primary(tiny):
+    cold, _ = tiny.distributions(TEXTS, temperature=0.5)
+    hot, _ = tiny.distributions(TEXTS, temperature=4.0)
+    assert (cold.argmax(axis=1) == hot.argmax(axis=1)).all()
+    assert (cold.max(axis=1) > hot.max(axis=1)).all()
+
+
+def test_stream_yields_the_json_then_the_result(tiny):
+    *pieces, result = tiny.stream("Wann fährt die letzte Fähre?")
+    assert json.loads("".join(pieces))["primary_intent"] == result["primary_intent"]
+
+
+def test_a_long_text_is_cut_not_refused(tiny):
+    (r,) = tiny.classify_batch(["where can I eat fish " * 400])
+    assert r["primary_intent"] in INTENTS
+
+
+@given(
+    st.lists(st.floats(0.001, 1.0), min_size=15, max_size=15),
+    st.lists(st.floats(0.0, 1.0), min_size=15, max_size=15),
+    st.floats(0.05, 0.95),
+)
+def test_answer_is_always_valid(probs, multi, threshold):
+    p = np.array(probs) / sum(probs)
+    primary, confidence, names = answer(p, np.array(multi), threshold)
+    validate({"primary_intent": primary, "confidence": confidence, "all_intents": names})
+    assert primary == INTENTS[int(np.argmax(p))] and len(names) <= MAX_INTENTS
+    assert all(multi[INTENTS.index(n)] >= threshold for n in names[1:])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(labels=list(reversed(r["labels"]))), "other labels"),
+        (lambda r: r["calibration"].update(temperature=0), "out of range"),
+        (lambda r: r["calibration"].update(threshold=float("nan")), "out of range"),
+        (lambda r: r.update(tuned_layers=40), "out of range"),
+    ],
+)
+def test_a_bad_head_record_is_refused(tiny_head, tmp_path, change, message):
+    record = json.loads((tiny_head / encoder.HEAD_CONFIG).read_text())
+    change(record)
+    (tmp_path / encoder.HEAD_CONFIG).write_text(json.dumps(record))
+    with pytest.raises(HeadError, match=message):
+        HeadConfig.read(tmp_path)
+
+
+def test_corrupt_head_weights_pass_the_tier_over(tiny_head, tmp_path):
+    """A damaged head costs the tier, not the answer: the keyword tier answers, the reason is recorded."""
+    bad = tmp_path / encoder.NAME
+    bad.mkdir()
+    (bad / encoder.HEAD_CONFIG).write_text((tiny_head / encoder.HEAD_CONFIG).read_text())
+    (bad / encoder.HEAD_WEIGHTS).write_bytes(b"not safetensors")
+    tier = encoder_tier(0.0, None)
+    chain = Chain([tier, keyword_tier()], cache_size=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(encoder, "HEAD_DIR", bad)
+        result = chain.classify("Wann fährt die letzte Fähre?")
+    assert result["tier"] == "keyword"
+    (passed,) = result["fallbacks"]
+    assert passed["tier"] == ENCODER and passed["reason"].startswith("load failed: HeadError")
+
+
+def test_an_untrained_tier_is_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoder, "HEAD_DIR", tmp_path / "none")
+    chain = Chain([encoder_tier(0.0, None), keyword_tier()], cache_size=0)
+    result = chain.classify("Hello!")
+    assert result["fallbacks"][0]["reason"].startswith("not trained")
+
+
+def test_class_weights_favour_rare_intents():
+    w = class_weights([0] * 90 + [1] * 10)
+    assert w[1] > w[0] and w[2] == 1.0
+
+
+def test_length_batches_cover_every_row_once():
+    ids = [[0] * n for n in (5, 1, 9, 3, 3, 7, 2)]
+    batches = length_batches(ids, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(ids)))
+    assert [len(ids[i]) for i in batches[0]] == [1, 2, 3]
+
+
+def test_the_shipped_head_is_calibrated_off_the_reported_sets_and_knows_its_training_rows():
+    """The committed head (package data): fitted on the calibration split only, and right on the rows it
+    was trained on (in-sample; dev, probe and the public held-out figures are in benchmarks/reports)."""
+    record = json.loads((encoder.HEAD_DIR / encoder.HEAD_CONFIG).read_text())
+    assert set(record["calibration"]["fitted_on"]) == {"calib", "public-calib"}
+    assert not {"dev", "probe"} & set(record["training"]["sources"])
+    clf = EncoderClassifier()
+    rows = read_labelled(DATA_DIR / "train.jsonl")[::40]
+    answers = clf.classify_batch([r["text"] for r in rows])
+    accuracy = np.mean([a["primary_intent"] == r["primary_intent"] for a, r in zip(answers, rows)])
+    assert accuracy >= 0.95, accuracy
