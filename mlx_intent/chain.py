@@ -174,6 +174,20 @@ class Chain:
         self.secondaries = secondaries
         self._lock = threading.Lock()
 
+    def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
+        """A variant of this chain: other ``tiers`` or ``cache_size``, the same metrics, log, model pool and
+        keyword second opinion (``secondaries``), and a cache of its own.  Every copy of a chain (another
+        decoding mode, the chain below timed-out LLM tiers, a stream's replay) is made here, so none
+        loses the rule-1 veto or the multi-intent merge."""
+        return Chain(
+            list(self.tiers if tiers is None else tiers),
+            cache_size=self.cache_size if cache_size is None else cache_size,
+            metrics=self.metrics,
+            log=self.log,
+            pool=self.pool,
+            secondaries=self.secondaries,
+        )
+
     def classify(self, text: str, label: str | None = None) -> dict:
         return self.classify_batch([text], labels=[label])[0]
 

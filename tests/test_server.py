@@ -51,6 +51,8 @@ TEXTS = [
     "How do I get from Sabiha Gökçen to Taksim at night?",
     "plan a day of museums for me",
 ]
+# Social words with a request: the keyword tier's second opinion vetoes the model's greeting (rule 1).
+SECOND_OPINION = ["Bonjour ! Un bon restaurant près de Galata ?", "merhaba, kadıköy'de iyi bir balıkçı var mı?"]
 GENERATED = TEXTS[:4]  # generation writes other all_intents than scoring for some, so the mode shows
 ANSWER = ("primary_intent", "confidence", "all_intents", "tier", "model", "fallbacks")
 WAIT_S = 180  # a cap on polling for a state, never an assertion about speed
@@ -104,7 +106,7 @@ def gated(chain: Chain, gate: threading.Event) -> Chain:
         return replace(tier, load=load)
 
     tiers = [held(t) if t.model else t for t in chain.tiers]
-    return Chain(tiers, cache_size=0, metrics=chain.metrics, pool=chain.pool)
+    return chain.derive(tiers=tiers, cache_size=0)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -122,6 +124,15 @@ def expected(chain) -> dict:
         "score": {t: chain.classify(t) for t in TEXTS},
         "generate": {t: mode_chain(chain, "generate").classify(t) for t in GENERATED},
     }
+
+
+@pytest.fixture(scope="module")
+def cli_answers(models_home) -> dict:
+    """What ``mlx-intent classify`` answers in each mode: a chain of its own per mode, from build_chain
+    (never through the server's copies of a chain)."""
+    texts = [*SECOND_OPINION, *GENERATED]
+    chains = {mode: build_chain(replace(SETTINGS, mode=mode)) for mode in ("score", "generate")}
+    return {mode: {t: chain.classify(t) for t in texts} for mode, chain in chains.items()}
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +210,20 @@ def test_stream_writes_the_json_then_the_result(url, expected):
         assert written["primary_intent"] == result["primary_intent"]
     else:  # the model wrote its answer, but too unsure: the keyword tier answered
         assert result["fallbacks"][0]["tier"] == MODEL
+
+
+def test_every_mode_and_the_stream_answer_as_the_cli_does(url, cli_answers):
+    """The server's default mode, its other mode and the stream give the CLI's answers, rule-1 veto and
+    multi-intent merge included."""
+    vetoed = [t for t in SECOND_OPINION if cli_answers["generate"][t]["fallbacks"]]
+    assert vetoed and all(cli_answers["generate"][t]["fallbacks"][0]["reason"].startswith("rule 1") for t in vetoed)
+    for mode, answers in cli_answers.items():
+        for text, want in answers.items():
+            body = post(url, "/v1/classify", {"text": text, "mode": mode}).json()
+            assert answer(body) == answer(want), (mode, text)
+    for text in SECOND_OPINION:
+        result = list(IntentClient(url).stream(text))[-1].data
+        assert answer(result) == answer(cli_answers["generate"][text]), text
 
 
 def test_stream_without_a_model_is_one_result_event(keyword_url):

@@ -60,7 +60,7 @@ def mode_chain(chain: Chain, mode: str) -> Chain:
     """The same tiers, loaded models and metrics, with the LLM tiers decoding in ``mode``; its own cache,
     since the two modes may answer differently."""
     tiers = [_in_mode(t, mode) if t.model else t for t in chain.tiers]
-    return Chain(tiers, cache_size=chain.cache_size, metrics=chain.metrics, log=chain.log, pool=chain.pool)
+    return chain.derive(tiers=tiers)
 
 
 def _in_mode(tier: Tier, mode: str) -> Tier:
@@ -115,7 +115,7 @@ def _error(e: Exception) -> str:
 
 
 def _uncached(tiers: list[Tier], chain: Chain) -> Chain:
-    return Chain(tiers, cache_size=0, metrics=chain.metrics, log=chain.log)
+    return chain.derive(tiers=tiers, cache_size=0)
 
 
 def readiness(chain: Chain) -> tuple[bool, str]:
