@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from mlx_intent.chain import Chain, PassOver, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
-from mlx_intent.serve.batcher import Batcher, Job, mode_chain
+from mlx_intent.serve.batcher import Batcher, Job, mode_chain, readiness
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.settings import Settings
@@ -260,9 +260,26 @@ def test_health_skips_a_tier_that_is_not_downloaded(models_home):
         assert httpx.get(f"{base}/healthz").json()["primary"] == "keyword"
 
 
+def test_readiness_decides_on_the_reason_kind():
+    def declines(kind: Reason, words: str) -> Tier:
+        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL)
+
+    keyword = Tier("keyword", lambda texts: [])
+    assert readiness(Chain([declines(Reason.NOT_INSTALLED, "gone"), keyword])) == (True, "keyword")
+    assert readiness(Chain([declines(Reason.TOO_LARGE, "big"), keyword])) == (True, "keyword")
+    assert readiness(Chain([declines(Reason.LOAD_FAILED, "not downloaded (words)"), keyword])) == (
+        False,
+        f"{MODEL}: not downloaded (words)",
+    )
+
+
+def raise_(e: Exception):
+    raise e
+
+
 def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
     def broken():
-        raise PassOver("load failed: OSError: damaged weights")
+        raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
     chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL), keyword_tier()])
     with running(create_app(SETTINGS, chain)) as (base, _):
@@ -287,8 +304,7 @@ def test_metrics_count_requests_answers_and_memory(url, expected):
     assert samples[f'mlx_intent_intents_total{{intent="{result["primary_intent"]}"}}'] >= 1
     assert samples[f'mlx_intent_tiers_total{{tier="{result["tier"]}"}}'] >= 1
     for f in result["fallbacks"]:
-        kind = f["reason"].split(":")[0]
-        assert samples[f'mlx_intent_fallbacks_total{{reason="{kind}",tier="{f["tier"]}"}}'] >= 1
+        assert samples[f'mlx_intent_fallbacks_total{{reason="{f["kind"]}",tier="{f["tier"]}"}}'] >= 1
     assert samples["mlx_intent_peak_memory_bytes"] > 0
     assert samples["mlx_intent_batch_texts_count"] >= 1
     assert samples["mlx_intent_cache_hits_total"] == 0  # the cache is off here
@@ -401,7 +417,7 @@ def test_request_timeout_answers_from_the_keyword_tier(other_chain, gate):
         body = post(base, "/v1/classify", {"text": "how do I get to the airport from Taksim"}).json()
         events = list(IntentClient(base).stream("how do I get to the airport from Taksim"))
         gate.set()
-    timeout = {"tier": MODEL, "reason": "timeout: no answer within 50 ms"}
+    timeout = {"tier": MODEL, "reason": "timeout: no answer within 50 ms", "kind": "timeout"}
     assert body["tier"] == "keyword" and body["primary_intent"] == "airport_transport"
     assert body["fallbacks"] == [timeout]
     assert [e.name for e in events] == ["result"] and events[0].data["fallbacks"] == [timeout]

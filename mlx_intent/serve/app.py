@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import AfterValidator, BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlx_intent.chain import Chain
+from mlx_intent.chain import Chain, Reason
 from mlx_intent.metrics import MB
 from mlx_intent.models import registry
 from mlx_intent.serve.batcher import (
@@ -84,7 +84,8 @@ class StreamRequest(BaseModel):
 
 class Fallback(BaseModel):
     tier: str
-    reason: str
+    reason: str = Field(description="Why, in words.")
+    kind: Reason = Field(description="Why, as one of a few values (the label of mlx_intent_fallbacks).")
 
 
 class ClassifyResult(BaseModel):
@@ -156,7 +157,9 @@ class Prometheus:
         )
         self.intents = Counter("mlx_intent_intents", "Answers by primary intent", ["intent"], registry=r)
         self.tiers = Counter("mlx_intent_tiers", "Answers by the tier that gave them", ["tier"], registry=r)
-        self.fallbacks = Counter("mlx_intent_fallbacks", "Tiers passed over, by reason", ["tier", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "mlx_intent_fallbacks", "Tiers passed over, by reason kind", ["tier", "reason"], registry=r
+        )
         self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
@@ -169,14 +172,9 @@ class Prometheus:
         self.intents.labels(result["primary_intent"]).inc()
         self.tiers.labels(result["tier"]).inc()
         for f in result.get("fallbacks") or ():
-            self.fallbacks.labels(f["tier"], reason_kind(f["reason"])).inc()
+            self.fallbacks.labels(f["tier"], f["kind"]).inc()
         if result.get("cached"):
             self.cache_hits.inc()
-
-
-def reason_kind(reason: str) -> str:
-    """'low confidence: 0.45 < 0.50' -> 'low confidence': a label with few values."""
-    return reason.split(":", 1)[0].split("(", 1)[0].strip() or "other"
 
 
 class Guard:
@@ -296,7 +294,9 @@ def create_app(
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
     def timed_out(texts: list[str]) -> list[dict]:
-        return fallback_chain(chain, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(texts)
+        return fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(
+            texts
+        )
 
     def shown(result: dict, start: float) -> dict:
         out = {**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
