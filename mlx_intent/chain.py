@@ -20,7 +20,7 @@ from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.models import backend, loading, registry
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, validate
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
 
 KEYWORD, GENERAL = "keyword", "general"
@@ -304,7 +304,7 @@ class Chain:
         left = []
         for i, raw in zip(todo, answers):
             try:
-                answer = validate({k: raw[k] for k in ("primary_intent", "confidence", "all_intents")})
+                answer = validate(answer_of(raw))
             except Exception as e:
                 fallbacks[i].append(fallback(tier.name, Reason.INVALID, f"invalid answer: {e}"))
                 left.append(i)

@@ -20,12 +20,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_intent.chain import Chain, Reason
 from mlx_intent.metrics import MB
 from mlx_intent.models import registry
+from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
     STREAM,
     WARM,
@@ -88,10 +89,38 @@ class Fallback(BaseModel):
     kind: Reason = Field(description="Why, as one of a few values (the label of mlx_intent_fallbacks).")
 
 
-class ClassifyResult(BaseModel):
-    primary_intent: str
-    confidence: float
-    all_intents: list[str]
+def _number(value: Any) -> Any:
+    """A JSON number: not a bool, not a string of digits (pydantic's float would take both)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("confidence must be a number")
+    return value
+
+
+Confidence = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Answer(BaseModel):
+    """The answer, by the rules of ``schema`` (``validate`` and ``JSON_SCHEMA``): the intents are the 15
+    names, all_intents lists 1 to 3 distinct ones, the primary first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary_intent: Intent
+    confidence: Confidence = Field(description="Calibrated probability that the primary intent is right.")
+    all_intents: list[Intent] = Field(min_length=1, max_length=MAX_INTENTS, description="The primary first.")
+
+    @model_validator(mode="after")
+    def _primary_first(self) -> Answer:
+        if len(set(self.all_intents)) != len(self.all_intents):
+            raise ValueError("duplicate intents in all_intents")
+        if self.all_intents[0] != self.primary_intent:
+            raise ValueError("all_intents must start with primary_intent")
+        return self
+
+
+class ClassifyResult(Answer):
+    model_config = ConfigDict(extra="ignore")  # a tier's other fields (top, truncated) are not shown
+
     tier: str = Field(description="The tier that answered.")
     model: str | None = Field(description="Its model; null for the keyword and general tiers.")
     fallbacks: list[Fallback] = Field(description="Tiers above it and why they did not answer.")
