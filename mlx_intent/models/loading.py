@@ -18,10 +18,6 @@ from mlx_intent.models.registry import (
 )
 
 
-class ModelTooLargeError(RuntimeError):
-    """The model's memory budget is more than this device can give."""
-
-
 def fits(name: str, memory: int | None = None) -> bool:
     """Does the model's upper memory budget fit in the memory the device can give?"""
     memory = backend.available_memory() if memory is None else memory
@@ -62,6 +58,16 @@ def select_best_model(
             f"{memory / GB:.1f} GB; install the bundled one with: {how_to_get('smollm2-135m')}"
         )
     return max(usable, key=lambda s: s.rank).name
+
+
+def select_from_settings(model: str | None = None, settings=None, memory: int | None = None) -> str:
+    """``select_best_model`` with LLM_MODEL / LLM_FALLBACK_MODEL from ``settings`` (default: load_settings(),
+    i.e. .env and the environment), as the README's selection promises."""
+    if settings is None:
+        from mlx_intent.settings import load_settings
+
+        settings = load_settings()
+    return select_best_model(model, settings.model, settings.fallback_model, memory)
 
 
 def load(name: str, adapter: Path | None = None, dequantize: bool | None = None):
