@@ -25,8 +25,8 @@ from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
+from mlx_intent.settings import MODES
 
-MODES = ("score", "generate")
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
 KEEP_PROMPT_CACHES = 4  # system-prompt KV caches kept per model folder (prompt styles x adapter or not)

@@ -21,9 +21,10 @@ from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.models import registry
+from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
 
-ANSWER_KEYS = ("primary_intent", "confidence", "all_intents")
+ANSWER_KEYS = KEYS  # the answer's keys, from the schema
 OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms")
 
 

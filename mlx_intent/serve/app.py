@@ -38,15 +38,13 @@ from mlx_intent.serve.batcher import (
     fallback_chain,
     mode_chain,
 )
-from mlx_intent.settings import MODES, Settings
+from mlx_intent.settings import MAX_WAIT_MS, MODES, QUEUE_SIZE, Settings
 
 log = logging.getLogger("mlx_intent.cli.serve")
 
 MAX_TEXT_CHARS = 4000
 MAX_BATCH_TEXTS = 64
 MAX_BODY_BYTES = 64 * 1024
-QUEUE_SIZE = 256
-MAX_WAIT_MS = 5.0
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -66,7 +64,7 @@ def _readable(text: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
-Mode = Literal["score", "generate"]
+Mode = Literal[MODES]  # type: ignore[valid-type]
 
 
 class ClassifyRequest(BaseModel):

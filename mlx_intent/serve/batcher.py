@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from mlx_intent.chain import ABSENT, Chain, PassOver, Reason, Tier
+from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
 STREAM, WARM = "stream", "warm"
 LEARN_RATE = 0.3  # weight of the newest batch in the running estimate of seconds per text
@@ -143,9 +144,9 @@ class Batcher:
         self,
         chains: dict[str, Chain],
         default_mode: str = "score",
-        max_batch: int = 8,
-        max_wait_s: float = 0.005,
-        queue_size: int = 256,
+        max_batch: int = BATCH_SIZE,
+        max_wait_s: float = MAX_WAIT_MS / 1000,
+        queue_size: int = QUEUE_SIZE,
         on_batch: Callable[[int], None] = lambda n: None,
     ):
         self.chains = chains
