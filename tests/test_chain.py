@@ -83,7 +83,10 @@ FAULTS = {
     "low confidence": (const_tier("faulty", confidence=0.3, threshold=0.5), "low confidence: 0.30 < 0.50"),
     "unknown intent": (const_tier("faulty", intent="pizza"), "invalid answer: unknown primary_intent 'pizza'"),
     "confidence out of range": (const_tier("faulty", confidence=1.5), "invalid answer: confidence 1.5 outside"),
-    "missing keys": (Tier("faulty", lambda t: [{"primary_intent": "weather"}]), "invalid answer: 'confidence'"),
+    "missing keys": (
+        Tier("faulty", lambda t: [{"primary_intent": "weather"}]),
+        "invalid answer: missing keys: ['confidence'",
+    ),
     "too few answers": (Tier("faulty", lambda t: []), "invalid answer: 0 answers for 1 texts"),
     "not a list": (Tier("faulty", lambda t: None), "error: TypeError"),
     "load passes over": (
