@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,26 @@ def test_log_survives_sigkill(tmp_path):
         assert numbers == list(range(len(numbers)))  # every completed line parses, none lost or reordered
         assert acknowledged + 1 <= len(numbers) <= acknowledged + 2  # at most one written, unacknowledged
         assert records.skipped <= 1
+
+
+def test_one_percentile_for_metrics_scores_and_benchmarks():
+    """numpy's linear definition everywhere: the metrics, eval scores and benchmark reports agree."""
+    import random
+
+    import numpy as np
+
+    from mlx_intent.evaluation import scores
+    from mlx_intent.metrics import percentile_sorted
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    rng = random.Random(3)
+    values = [rng.expovariate(1.0) for _ in range(37)]  # unsorted, as the benchmarks pass them
+    for q in (50, 95, 99):
+        want = float(np.percentile(values, q))
+        assert percentile_sorted(sorted(values), q) == pytest.approx(want)
+        assert scores.percentile(values, q) == pytest.approx(want)
+        assert common.percentile(values, q) == pytest.approx(want)
