@@ -20,7 +20,7 @@ from pathlib import Path
 from common import percentile, read_jsonl, save_report
 
 from mlx_intent.keyword import classify_keywords, default_lexicon
-from mlx_intent.schema import INTENTS, LANGUAGES, validate
+from mlx_intent.schema import INTENTS, LANGUAGES, answer_of, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     default_lexicon()  # load once, outside the timings
     results = [classify_keywords(r["text"]) for r in rows]  # also the warm-up pass
     for result in results:
-        validate(result)
+        validate(answer_of(result))
 
     by_lang: dict[str, list[bool]] = defaultdict(list)
     by_intent: dict[str, list[bool]] = defaultdict(list)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlx_intent.evaluation import scores
+
 
 def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
+def percentile(values: list[float], q: float) -> float:
+    """numpy's (linear-interpolation) percentile, the one metrics, stats and eval reports use; the values
+    need not be sorted.  (Was nearest-rank of a list assumed sorted, a second definition.)"""
+    return scores.percentile(values, q)
 
 
 def save_report(report: str, path: Path) -> None:

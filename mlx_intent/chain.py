@@ -1,6 +1,6 @@
 """The fallback chain: an ordered list of tiers; the first that answers well enough wins.
 
-A tier is passed over, with the reason recorded, when its model is not on disk,
+A tier is passed over, with the reason recorded (its kind, a ``Reason``, and words), when its model is not on disk,
 does not fit in memory, fails to load (then it is not retried until a back-off has
 passed), raises, runs past its latency budget, or is less confident than its
 threshold.  The last tier, ``general``, always answers.  Every result says which
@@ -14,24 +14,59 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record
 from mlx_intent.models import backend, loading, registry
 from mlx_intent.normalize import normalize
-from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, validate
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
 
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
-# Pass-over reasons that may not recur (a timeout under load, a crash, a load that may succeed after the
-# back-off): answers given because of them are not cached, or one bad moment would pin a worse answer.
-TRANSIENT = ("error:", "timeout:", "load failed")
+
+
+class Reason(str, Enum):
+    """Why a tier was passed over: the ``kind`` of a ``fallbacks`` entry (its ``reason`` is the words).
+    Caching, readiness and metric labels decide on the kind, never on the words."""
+
+    NOT_INSTALLED = "not_installed"  # the model is not on disk
+    TOO_LARGE = "too_large"  # the model does not fit in memory
+    LOAD_FAILED = "load_failed"  # loading raised (or failed recently: backing off)
+    ERROR = "error"  # the tier raised while answering
+    TIMEOUT = "timeout"  # over its latency budget, or the request's time ran out
+    INVALID = "invalid"  # an answer that does not follow the schema
+    LOW_CONFIDENCE = "low_confidence"  # below the tier's threshold
+    RULE1 = "rule1"  # the keyword tier read social words with a request (rule 1 of the guide)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Reasons that may not recur (a timeout under load, a crash, a load that may succeed after the back-off):
+# answers given because of them are not cached, or one bad moment would pin a worse answer.
+TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED})
+# Reasons that will not change while the process runs: such a tier is not the one to wait for.
+ABSENT = frozenset({Reason.NOT_INSTALLED, Reason.TOO_LARGE})
 
 
 class PassOver(Exception):
-    """A tier declines to answer; the message is the reason recorded in ``fallbacks``."""
+    """A tier declines to answer: ``kind`` (a Reason) and ``detail``, the words recorded in ``fallbacks``."""
+
+    def __init__(self, kind: Reason, detail: str):
+        super().__init__(detail)
+        self.kind = Reason(kind)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def fallback(tier: str, kind: Reason, reason: str) -> dict:
+    """One ``fallbacks`` entry: the tier, the reason in words, and its kind."""
+    return {"tier": tier, "reason": reason, "kind": Reason(kind).value}
 
 
 @dataclass
@@ -81,11 +116,15 @@ class ModelPool:
             if name in self.failed:
                 when, why = self.failed[name]
                 if time.monotonic() - when < self.retry_after_s:
-                    raise PassOver(f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})")
+                    raise PassOver(
+                        Reason.LOAD_FAILED, f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})"
+                    )
             if not loading.is_available(name):
-                raise PassOver(f"not downloaded (get it with: {registry.how_to_get(name)})")
+                raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
             if not loading.fits(name, self.memory):
-                raise PassOver(f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)")
+                raise PassOver(
+                    Reason.TOO_LARGE, f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)"
+                )
             while len(self.loaded) >= self.max_loaded:
                 self.loaded.popitem(last=False)
             try:
@@ -95,7 +134,7 @@ class ModelPool:
                 clf = IntentClassifier(name, mode=self.mode)
             except Exception as e:  # corrupt weights, missing files, out of memory...
                 self.failed[name] = (time.monotonic(), f"{type(e).__name__}: {e}")
-                raise PassOver(f"load failed: {type(e).__name__}: {e}") from e
+                raise PassOver(Reason.LOAD_FAILED, f"load failed: {type(e).__name__}: {e}") from e
             self.failed.pop(name, None)
             self.loaded[name] = clf
             self.unstamped[name] = before
@@ -221,6 +260,20 @@ class Chain:
         self.secondaries = secondaries
         self._lock = threading.Lock()
 
+    def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
+        """A variant of this chain: other ``tiers`` or ``cache_size``, the same metrics, log, model pool and
+        keyword second opinion (``secondaries``), and a cache of its own.  Every copy of a chain (another
+        decoding mode, the chain below timed-out LLM tiers, a stream's replay) is made here, so none
+        loses the rule-1 veto or the multi-intent merge."""
+        return Chain(
+            list(self.tiers if tiers is None else tiers),
+            cache_size=self.cache_size if cache_size is None else cache_size,
+            metrics=self.metrics,
+            log=self.log,
+            pool=self.pool,
+            secondaries=self.secondaries,
+        )
+
     def classify(self, text: str, label: str | None = None) -> dict:
         return self.classify_batch([text], labels=[label])[0]
 
@@ -254,7 +307,7 @@ class Chain:
         for i, res in enumerate(results):
             if not res.get("cached"):
                 res.update(fallbacks=fallbacks[i], cached=False, latency_ms=round(elapsed, 2))
-                if self.cache_size and not any(f["reason"].startswith(TRANSIENT) for f in fallbacks[i]):
+                if self.cache_size and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
                     with self._lock:
                         self.cache[keys[i]] = dict(res)  # callers may edit what they get back
                         while len(self.cache) > self.cache_size:
@@ -279,9 +332,9 @@ class Chain:
             answers = list(tier.run([texts[i] for i in todo]))
             spent = (time.perf_counter() - t0) * 1000
         except PassOver as e:
-            return self._pass(tier, todo, str(e), fallbacks), load_ms
+            return self._pass(tier, todo, e.kind, str(e), fallbacks), load_ms
         except Exception as e:  # a fault inside a tier never reaches the caller
-            return self._pass(tier, todo, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
+            return self._pass(tier, todo, Reason.ERROR, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
         return self._keep(tier, texts, todo, answers, spent, results, fallbacks), load_ms
 
     def _keep(
@@ -291,20 +344,21 @@ class Chain:
         per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
         if tier.budget_ms is not None and per_query > tier.budget_ms:
             reason = f"timeout: {per_query:.0f} ms per query > budget {tier.budget_ms:.0f} ms"
-            return self._pass(tier, todo, reason, fallbacks)
+            return self._pass(tier, todo, Reason.TIMEOUT, reason, fallbacks)
         if len(answers) != len(todo):  # zip would silently leave texts unanswered
-            return self._pass(tier, todo, f"invalid answer: {len(answers)} answers for {len(todo)} texts", fallbacks)
+            reason = f"invalid answer: {len(answers)} answers for {len(todo)} texts"
+            return self._pass(tier, todo, Reason.INVALID, reason, fallbacks)
         left = []
         for i, raw in zip(todo, answers):
             try:
-                answer = validate({k: raw[k] for k in ("primary_intent", "confidence", "all_intents")})
+                answer = validate(answer_of(raw))
             except Exception as e:
-                fallbacks[i].append({"tier": tier.name, "reason": f"invalid answer: {e}"})
+                fallbacks[i].append(fallback(tier.name, Reason.INVALID, f"invalid answer: {e}"))
                 left.append(i)
                 continue
             if answer["confidence"] < tier.threshold:
                 reason = f"low confidence: {answer['confidence']:.2f} < {tier.threshold:.2f}"
-                fallbacks[i].append({"tier": tier.name, "reason": reason})
+                fallbacks[i].append(fallback(tier.name, Reason.LOW_CONFIDENCE, reason))
                 left.append(i)
                 continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
@@ -334,16 +388,16 @@ class Chain:
             if social and request not in (SOCIAL_INTENT, FALLBACK_INTENT):
                 results[i] = None
                 reason = f"rule 1: social words with a request ({request}, keyword tier)"
-                fallbacks[i].append({"tier": tier.name, "reason": reason})
+                fallbacks[i].append(fallback(tier.name, Reason.RULE1, reason))
                 declined.append(i)
             elif res["primary_intent"] in named:
                 res["all_intents"] = list(dict.fromkeys([*res["all_intents"], *named]))[:MAX_INTENTS]
         return declined
 
     @staticmethod
-    def _pass(tier: Tier, todo: list[int], reason: str, fallbacks) -> list[int]:
+    def _pass(tier: Tier, todo: list[int], kind: Reason, reason: str, fallbacks) -> list[int]:
         for i in todo:
-            fallbacks[i].append({"tier": tier.name, "reason": reason})
+            fallbacks[i].append(fallback(tier.name, kind, reason))
         return todo
 
     def _record(self, text: str, result: dict, label: str | None) -> dict:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_intent.models import backend, loading, registry
+from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
+from mlx_intent.settings import MODES
 
-MODES = ("score", "generate")
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
 KEEP_PROMPT_CACHES = 4  # system-prompt KV caches kept per model folder (prompt styles x adapter or not)
@@ -51,8 +51,8 @@ def _calibration(path: Path | None) -> dict:
 class IntentClassifier:
     """One loaded model, its system-prompt cache and its answer grammar.
 
-    ``IntentClassifier()`` picks the best available model (see
-    ``loading.select_best_model``); pass ``model_name`` to choose one, or an already
+    ``IntentClassifier()`` picks the best available model, honouring LLM_MODEL and
+    LLM_FALLBACK_MODEL (see ``loading.select_from_settings``); pass ``model_name`` to choose one, or an already
     loaded ``model``/``tokenizer`` pair.
     """
 
@@ -70,7 +70,7 @@ class IntentClassifier:
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.name = model_name or loading.select_best_model()
+        self.name = model_name or loading.select_from_settings()
         self.spec = registry.get_spec(self.name)
         # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
         adapter = registry.adapter_dir(self.name) if use_adapter and registry.has_adapter(self.name) else None
@@ -326,9 +326,6 @@ class IntentClassifier:
             "top": [[name, round(float(p), 4)] for name, p in top],
         }
 
-    def peak_memory(self) -> int:
-        return backend.peak_memory()
-
 
 def prune_prompt_caches(folder: Path, keep: int = KEEP_PROMPT_CACHES) -> list[Path]:
     """Delete all but the ``keep`` most recently used system-prompt caches in ``folder``.
@@ -380,7 +377,7 @@ _DEFAULT: dict[str, IntentClassifier] = {}
 
 def classify(text: str, model: str | None = None, mode: str = "score") -> dict:
     """Classify one text with a shared classifier (loaded on first use)."""
-    name = model or loading.select_best_model()
+    name = model or loading.select_from_settings()
     if name not in _DEFAULT:
         _DEFAULT[name] = IntentClassifier(name)
     return _DEFAULT[name].classify(text, mode=mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 # Order matters only for display; it follows the labelling guide's table.
 INTENTS: tuple[str, ...] = (
@@ -78,6 +78,11 @@ MAX_INTENTS = 3
 # Key order of the JSON object every tier writes.
 KEYS: tuple[str, ...] = ("primary_intent", "confidence", "all_intents")
 
+# The intents as a type (the API's pydantic models use it, so OpenAPI lists the 15 names).
+Intent = Literal[INTENTS]  # type: ignore[valid-type]
+
+# The answer's rules, here and in ``validate`` alike (the API's model follows them too): exactly the three
+# keys, known intents, a confidence in [0, 1], 1 to MAX_INTENTS distinct intents, the primary listed first.
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -93,6 +98,13 @@ JSON_SCHEMA: dict[str, Any] = {
     },
     "required": list(KEYS),
     "additionalProperties": False,
+    # all_intents starts with primary_intent: one branch per intent.
+    "oneOf": [
+        {
+            "properties": {"primary_intent": {"const": name}, "all_intents": {"prefixItems": [{"const": name}]}},
+        }
+        for name in INTENTS
+    ],
 }
 
 
@@ -101,12 +113,16 @@ class SchemaError(ValueError):
 
 
 def validate(result: dict[str, Any]) -> dict[str, Any]:
-    """Check a result dict against the schema; return it, or raise SchemaError."""
+    """Check an answer against the schema (the three keys only, as JSON_SCHEMA says); return it, or raise
+    SchemaError.  For a tier's result with more fields, validate ``answer_of(result)``."""
     if not isinstance(result, dict):
         raise SchemaError(f"result must be an object, got {type(result).__name__}")
     missing = [k for k in KEYS if k not in result]
     if missing:
         raise SchemaError(f"missing keys: {missing}")
+    extra = [k for k in result if k not in KEYS]
+    if extra:
+        raise SchemaError(f"unexpected keys: {extra}")
     primary, conf, all_intents = (result[k] for k in KEYS)
     if primary not in INTENTS:
         raise SchemaError(f"unknown primary_intent {primary!r}")
@@ -125,6 +141,16 @@ def validate(result: dict[str, Any]) -> dict[str, Any]:
     if all_intents[0] != primary:
         raise SchemaError("all_intents must start with primary_intent")
     return result
+
+
+def answer_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The answer part of a result (the schema's keys, in order), without its other fields."""
+    if not isinstance(result, dict):
+        raise SchemaError(f"result must be an object, got {type(result).__name__}")
+    missing = [k for k in KEYS if k not in result]
+    if missing:
+        raise SchemaError(f"missing keys: {missing}")
+    return {k: result[k] for k in KEYS}
 
 
 def parse(text: str) -> dict[str, Any]:

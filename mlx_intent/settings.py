@@ -16,6 +16,11 @@ from pathlib import Path
 # The seed's calibrated confidence levels; `low` is the default threshold for moving to the next tier.
 CONFIDENCE_LEVELS: dict[str, float] = {"high": 0.85, "medium": 0.70, "low": 0.50}
 MODES: tuple[str, ...] = ("score", "generate")
+# The HTTP service's batching queue (``mlx-intent serve``, its Batcher): texts per batch (the batch_size
+# setting's default), the wait to gather a batch, and the jobs that may wait before a 503.
+BATCH_SIZE = 8
+MAX_WAIT_MS = 5.0
+QUEUE_SIZE = 256
 
 
 class SettingsError(ValueError):
@@ -37,7 +42,7 @@ class Settings:
     cache_size: int = 1024
     max_loaded_models: int = 2
     retry_after_s: float = 60.0
-    batch_size: int = 8
+    batch_size: int = BATCH_SIZE
     log: Path | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (see setup.sh) and run the whole test suite on the bundled model.
+# Set up (see setup.sh), lint with ruff, and run the whole test suite on the bundled model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

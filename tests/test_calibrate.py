@@ -129,7 +129,27 @@ LABELLED = [
 ]
 
 
-def test_calibrate_writes_calibration_json_that_the_classifier_reads(models_home, bundled, tmp_path):
+@pytest.fixture
+def restored_calibration(models_home, bundled):
+    """The bundled model's calibration.json as it was before the test, whatever the test does or raises:
+    other tests expect the raw model."""
+    from mlx_intent.classifier import CALIBRATION
+    from mlx_intent.models import registry
+
+    path = registry.resolve_dir("smollm2-135m") / CALIBRATION
+    before = path.read_bytes() if path.exists() else None
+    try:
+        yield path
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+
+
+def test_calibrate_writes_calibration_json_that_the_classifier_reads(
+    models_home, bundled, tmp_path, restored_calibration
+):
     from mlx_intent.classifier import CALIBRATION, IntentClassifier
     from mlx_intent.cli.main import main
     from mlx_intent.models import registry
@@ -156,7 +176,11 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(models_home
     model, tokenizer = bundled
     clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer)
     assert clf.temperature == written["temperature"] and clf.threshold == written["threshold"]
-    (registry.resolve_dir("smollm2-135m") / CALIBRATION).unlink()  # other tests expect the raw model
+
+
+def test_the_calibration_is_restored_after_the_calibrate_test(restored_calibration):
+    """Runs after the test above (file order): however it ended, no calibration.json of its is left."""
+    assert not restored_calibration.exists()
 
 
 # ---- the keyword tier: Platt scaling ------------------------------------------------------------

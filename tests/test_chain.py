@@ -26,6 +26,7 @@ from mlx_intent.chain import (
     Chain,
     ModelPool,
     PassOver,
+    Reason,
     Tier,
     build_chain,
     default_chain_names,
@@ -82,11 +83,30 @@ FAULTS = {
     "low confidence": (const_tier("faulty", confidence=0.3, threshold=0.5), "low confidence: 0.30 < 0.50"),
     "unknown intent": (const_tier("faulty", intent="pizza"), "invalid answer: unknown primary_intent 'pizza'"),
     "confidence out of range": (const_tier("faulty", confidence=1.5), "invalid answer: confidence 1.5 outside"),
-    "missing keys": (Tier("faulty", lambda t: [{"primary_intent": "weather"}]), "invalid answer: 'confidence'"),
+    "missing keys": (
+        Tier("faulty", lambda t: [{"primary_intent": "weather"}]),
+        "invalid answer: missing keys: ['confidence'",
+    ),
     "too few answers": (Tier("faulty", lambda t: []), "invalid answer: 0 answers for 1 texts"),
     "not a list": (Tier("faulty", lambda t: None), "error: TypeError"),
-    "load passes over": (Tier("faulty", lambda t: [answer()], lambda: raise_(PassOver("not here"))), "not here"),
+    "load passes over": (
+        Tier("faulty", lambda t: [answer()], lambda: raise_(PassOver(Reason.NOT_INSTALLED, "not here"))),
+        "not here",
+    ),
     "load raises": (Tier("faulty", lambda t: [answer()], lambda: raise_(OSError("disk"))), "error: OSError: disk"),
+}
+
+FAULT_KINDS = {
+    "inference raises": Reason.ERROR,
+    "over budget": Reason.TIMEOUT,
+    "low confidence": Reason.LOW_CONFIDENCE,
+    "unknown intent": Reason.INVALID,
+    "confidence out of range": Reason.INVALID,
+    "missing keys": Reason.INVALID,
+    "too few answers": Reason.INVALID,
+    "not a list": Reason.ERROR,
+    "load passes over": Reason.NOT_INSTALLED,
+    "load raises": Reason.ERROR,
 }
 
 
@@ -121,6 +141,7 @@ def test_each_fault_falls_to_the_next_tier(fault):
     assert len(result["fallbacks"]) == 1
     assert result["fallbacks"][0]["tier"] == "faulty"
     assert result["fallbacks"][0]["reason"].startswith(reason), result["fallbacks"][0]["reason"]
+    assert result["fallbacks"][0]["kind"] == FAULT_KINDS[fault].value
 
 
 def test_every_tier_failing_ends_in_general():
@@ -198,6 +219,22 @@ def test_answers_given_because_of_a_fault_are_not_cached():
     second = chain.classify("rain?")
     assert (second["tier"], second["cached"]) == ("flaky", False)
     assert chain.classify("rain?")["cached"] is True
+
+
+@pytest.mark.parametrize(
+    ("kind", "words", "cached"),
+    [
+        (Reason.TIMEOUT, "slow today", False),  # transient, whatever the words say
+        (Reason.LOAD_FAILED, "weights damaged", False),
+        (Reason.NOT_INSTALLED, "error: words that look transient", True),  # will not change: cached
+        (Reason.LOW_CONFIDENCE, "timeout: words that look transient", True),
+    ],
+)
+def test_caching_decides_on_the_reason_kind_not_its_words(kind, words, cached):
+    chain = Chain([Tier("declines", lambda texts: raise_(PassOver(kind, words))), const_tier("backup")])
+    first = chain.classify("rain?")
+    assert first["fallbacks"] == [{"tier": "declines", "reason": words, "kind": kind.value}]
+    assert chain.classify("rain?")["cached"] is cached
 
 
 def test_answers_after_low_confidence_are_cached():
@@ -293,7 +330,11 @@ def test_model_not_downloaded_names_the_pull_command(models_home, loads):
     result = build_chain(Settings(chain=(FALLBACK, KEYWORD))).classify(FISH)
     assert result["tier"] == KEYWORD
     assert result["fallbacks"] == [
-        {"tier": FALLBACK, "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)"}
+        {
+            "tier": FALLBACK,
+            "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)",
+            "kind": "not_installed",
+        }
     ]
     assert loads == []
 
@@ -302,7 +343,9 @@ def test_model_that_does_not_fit_is_not_loaded(models_home, loads):
     chain = build_chain(Settings(chain=(BUNDLED, KEYWORD)), memory=100 * MB)
     result = chain.classify(FISH)
     assert result["tier"] == KEYWORD
-    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "does not fit in memory (needs 1 GB)"}]
+    assert result["fallbacks"] == [
+        {"tier": BUNDLED, "reason": "does not fit in memory (needs 1 GB)", "kind": "too_large"}
+    ]
     with pytest.raises(PassOver, match="does not fit"):
         ModelPool(memory=GB // 2).get(BUNDLED)
     assert loads == []
@@ -343,7 +386,9 @@ def test_failed_load_backs_off_then_retries(fake_models, clock):
 
     first = chain.classify("Blue Mosque hours?")
     assert first["tier"] == "backup"
-    assert first["fallbacks"] == [{"tier": PRIMARY, "reason": "load failed: MemoryError: no room"}]
+    assert first["fallbacks"] == [
+        {"tier": PRIMARY, "reason": "load failed: MemoryError: no room", "kind": "load_failed"}
+    ]
     clock[0] += 59
     second = chain.classify("Topkapı tickets?")
     assert second["fallbacks"][0]["reason"].startswith("load failed 59s ago, backing off (MemoryError: no room)")
@@ -388,7 +433,7 @@ def test_a_raising_classify_batch_falls_to_the_next_tier(fake_models, monkeypatc
     monkeypatch.setattr(FakeClassifier, "classify_batch", lambda self, texts: raise_(ValueError("nan logits")))
     result = build_chain(Settings(chain=(PRIMARY, KEYWORD))).classify(FISH)
     assert result["tier"] == KEYWORD
-    assert result["fallbacks"] == [{"tier": PRIMARY, "reason": "error: ValueError: nan logits"}]
+    assert result["fallbacks"] == [{"tier": PRIMARY, "reason": "error: ValueError: nan logits", "kind": "error"}]
 
 
 # ---- the bundled model through build_chain ------------------------------------------------------------
@@ -434,7 +479,7 @@ def test_bundled_classify_batch_raising_falls_to_keyword(smol, monkeypatch):
     monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", lambda texts: raise_(RuntimeError("Metal OOM")))
     result = Chain(chain.tiers, cache_size=0, pool=chain.pool).classify("ferry to Üsküdar")
     assert result["tier"] == KEYWORD
-    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "error: RuntimeError: Metal OOM"}]
+    assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "error: RuntimeError: Metal OOM", "kind": "error"}]
 
 
 def corrupt_home(tmp_path: Path, how: str) -> Path:
@@ -495,7 +540,7 @@ def test_model_loading_is_not_counted_in_latency(monkeypatch):
         def run():
             now[0] += seconds
             if fail:
-                raise PassOver("broken")
+                raise PassOver(Reason.LOAD_FAILED, "broken")
 
         return run
 
@@ -551,7 +596,7 @@ def test_a_model_calling_a_request_social_talk_is_passed_over(keyword, tier):
     assert result["tier"] == tier
     if tier == "backup":
         reason = "rule 1: social words with a request (weather, keyword tier)"
-        assert result["fallbacks"] == [{"tier": "model", "reason": reason}]
+        assert result["fallbacks"] == [{"tier": "model", "reason": reason, "kind": "rule1"}]
         assert backup.asked == ["merhaba, yarın yağmur yağacak mı?"]
     else:
         assert result["fallbacks"] == [] and result["primary_intent"] == "greeting"

@@ -43,7 +43,11 @@ def test_classify_verbose_shows_tier_model_and_fallbacks(cwd):
     shown = json.loads(run("classify", "--verbose", "--chain", "tinyllama,keyword", QUERIES[0]))
     assert (shown["primary_intent"], shown["tier"], shown["model"]) == ("restaurant", "keyword", None)
     assert shown["fallbacks"] == [
-        {"tier": "tinyllama", "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)"}
+        {
+            "tier": "tinyllama",
+            "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)",
+            "kind": "not_installed",
+        }
     ]
     assert shown["cached"] is False and shown["lang"] == "en" and isinstance(shown["latency_ms"], float)
     plain = json.loads(run("classify", "--chain", "tinyllama,keyword", QUERIES[0]))

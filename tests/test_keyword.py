@@ -17,7 +17,7 @@ from mlx_intent.keyword import (
     load_lexicons,
 )
 from mlx_intent.normalize import normalize, tokens
-from mlx_intent.schema import INTENTS, LANGUAGES, validate
+from mlx_intent.schema import INTENTS, LANGUAGES, answer_of, validate
 
 # Any code point, surrogates and unassigned ones included.
 ANY_TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
@@ -35,7 +35,7 @@ def test_normalize_is_idempotent_and_total(text: str) -> None:
 @given(ANY_TEXT)
 def test_any_text_gives_a_schema_valid_result(text: str) -> None:
     result = classify_keywords(text)
-    validate(result)
+    validate(answer_of(result))
     assert 0.0 < result["confidence"] < 1.0
     assert set(result["scores"]) == set(INTENTS)
 

@@ -243,3 +243,55 @@ def test_second_load_reuses_the_conversion(bundled, monkeypatch):
     stamp = registry.read_stamp(path)
     assert stamp["loaded"] is True and stamp["device"] == backend.device_name()
     assert registry.state("smollm2-135m") == "ready"
+
+
+def test_a_read_only_models_folder_still_loads(models_home, bundled, monkeypatch):
+    """The stamp written after a load is a nicety: a folder that refuses it (read-only; tests run as root,
+    where chmod stops nothing, so the write is made to fail) still gives the model."""
+    from mlx_intent.models import loading
+
+    def refuse(path, **fields):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(loading, "write_stamp", refuse)
+    model, tokenizer = load("smollm2-135m")
+    assert model is not None and tokenizer.encode("hello")
+
+
+def test_models_list_star_honours_llm_model(home, monkeypatch):
+    monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
+    fake_mlx_folder("llama-3.2-3b")
+    fake_mlx_folder("tinyllama")
+    monkeypatch.setenv("LLM_MODEL", "tinyllama")
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert table(result.output)["tinyllama"] == (True, "converted")
+    assert table(result.output)["llama-3.2-3b"][0] is False
+
+
+def test_intent_classifier_and_classify_honour_llm_model(home, monkeypatch):
+    """``IntentClassifier()`` and ``classify()`` pick LLM_MODEL (then LLM_FALLBACK_MODEL) over the ranking."""
+    from mlx_intent import classifier
+    from mlx_intent.models import loading
+
+    monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
+    for name in EXPECTED:
+        fake_mlx_folder(name)
+    monkeypatch.setenv("LLM_MODEL", "llama-3.1-8b")
+    asked = []
+
+    def no_load(name, **kw):
+        asked.append(name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loading, "load", no_load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        classifier.IntentClassifier()
+    monkeypatch.setattr(classifier, "_DEFAULT", {})
+    with pytest.raises(RuntimeError, match="stop here"):
+        classifier.classify("hello")
+    monkeypatch.delenv("LLM_MODEL")
+    monkeypatch.setenv("LLM_FALLBACK_MODEL", "tinyllama")
+    with pytest.raises(RuntimeError, match="stop here"):
+        classifier.IntentClassifier()
+    assert asked == ["llama-3.1-8b", "llama-3.1-8b", "tinyllama"]

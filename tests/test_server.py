@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,9 +32,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from mlx_intent.chain import Chain, PassOver, Tier, build_chain, keyword_tier
+from mlx_intent import schema
+from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
-from mlx_intent.serve.batcher import Batcher, Job, mode_chain
+from mlx_intent.serve.batcher import Batcher, Job, mode_chain, readiness
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.settings import Settings
@@ -51,6 +53,8 @@ TEXTS = [
     "How do I get from Sabiha Gökçen to Taksim at night?",
     "plan a day of museums for me",
 ]
+# Social words with a request: the keyword tier's second opinion vetoes the model's greeting (rule 1).
+SECOND_OPINION = ["Bonjour ! Un bon restaurant près de Galata ?", "merhaba, kadıköy'de iyi bir balıkçı var mı?"]
 GENERATED = TEXTS[:4]  # generation writes other all_intents than scoring for some, so the mode shows
 ANSWER = ("primary_intent", "confidence", "all_intents", "tier", "model", "fallbacks")
 WAIT_S = 180  # a cap on polling for a state, never an assertion about speed
@@ -104,7 +108,7 @@ def gated(chain: Chain, gate: threading.Event) -> Chain:
         return replace(tier, load=load)
 
     tiers = [held(t) if t.model else t for t in chain.tiers]
-    return Chain(tiers, cache_size=0, metrics=chain.metrics, pool=chain.pool)
+    return chain.derive(tiers=tiers, cache_size=0)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -122,6 +126,15 @@ def expected(chain) -> dict:
         "score": {t: chain.classify(t) for t in TEXTS},
         "generate": {t: mode_chain(chain, "generate").classify(t) for t in GENERATED},
     }
+
+
+@pytest.fixture(scope="module")
+def cli_answers(models_home) -> dict:
+    """What ``mlx-intent classify`` answers in each mode: a chain of its own per mode, from build_chain
+    (never through the server's copies of a chain)."""
+    texts = [*SECOND_OPINION, *GENERATED]
+    chains = {mode: build_chain(replace(SETTINGS, mode=mode)) for mode in ("score", "generate")}
+    return {mode: {t: chain.classify(t) for t in texts} for mode, chain in chains.items()}
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +208,22 @@ def test_stream_writes_the_json_then_the_result(url, expected):
     written = json.loads("".join(e.data["text"] for e in events[:-1]))
     result = events[-1].data
     assert answer(result) == answer(expected["generate"][TEXTS[1]])  # what /v1/classify in generate mode says
-    if result["tier"] == MODEL:
-        assert written["primary_intent"] == result["primary_intent"]
-    else:  # the model wrote its answer, but too unsure: the keyword tier answered
-        assert result["fallbacks"][0]["tier"] == MODEL
+    assert result["tier"] == MODEL and result["fallbacks"] == []  # the model's own answer, as it wrote it
+    assert written["primary_intent"] == result["primary_intent"] == result["all_intents"][0]
+
+
+def test_every_mode_and_the_stream_answer_as_the_cli_does(url, cli_answers):
+    """The server's default mode, its other mode and the stream give the CLI's answers, rule-1 veto and
+    multi-intent merge included."""
+    vetoed = [t for t in SECOND_OPINION if cli_answers["generate"][t]["fallbacks"]]
+    assert vetoed and all(cli_answers["generate"][t]["fallbacks"][0]["reason"].startswith("rule 1") for t in vetoed)
+    for mode, answers in cli_answers.items():
+        for text, want in answers.items():
+            body = post(url, "/v1/classify", {"text": text, "mode": mode}).json()
+            assert answer(body) == answer(want), (mode, text)
+    for text in SECOND_OPINION:
+        result = list(IntentClient(url).stream(text))[-1].data
+        assert answer(result) == answer(cli_answers["generate"][text]), text
 
 
 def test_stream_without_a_model_is_one_result_event(keyword_url):
@@ -235,9 +260,26 @@ def test_health_skips_a_tier_that_is_not_downloaded(models_home):
         assert httpx.get(f"{base}/healthz").json()["primary"] == "keyword"
 
 
+def test_readiness_decides_on_the_reason_kind():
+    def declines(kind: Reason, words: str) -> Tier:
+        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL)
+
+    keyword = Tier("keyword", lambda texts: [])
+    assert readiness(Chain([declines(Reason.NOT_INSTALLED, "gone"), keyword])) == (True, "keyword")
+    assert readiness(Chain([declines(Reason.TOO_LARGE, "big"), keyword])) == (True, "keyword")
+    assert readiness(Chain([declines(Reason.LOAD_FAILED, "not downloaded (words)"), keyword])) == (
+        False,
+        f"{MODEL}: not downloaded (words)",
+    )
+
+
+def raise_(e: Exception):
+    raise e
+
+
 def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
     def broken():
-        raise PassOver("load failed: OSError: damaged weights")
+        raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
     chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL), keyword_tier()])
     with running(create_app(SETTINGS, chain)) as (base, _):
@@ -262,8 +304,7 @@ def test_metrics_count_requests_answers_and_memory(url, expected):
     assert samples[f'mlx_intent_intents_total{{intent="{result["primary_intent"]}"}}'] >= 1
     assert samples[f'mlx_intent_tiers_total{{tier="{result["tier"]}"}}'] >= 1
     for f in result["fallbacks"]:
-        kind = f["reason"].split(":")[0]
-        assert samples[f'mlx_intent_fallbacks_total{{reason="{kind}",tier="{f["tier"]}"}}'] >= 1
+        assert samples[f'mlx_intent_fallbacks_total{{reason="{f["kind"]}",tier="{f["tier"]}"}}'] >= 1
     assert samples["mlx_intent_peak_memory_bytes"] > 0
     assert samples["mlx_intent_batch_texts_count"] >= 1
     assert samples["mlx_intent_cache_hits_total"] == 0  # the cache is off here
@@ -376,7 +417,7 @@ def test_request_timeout_answers_from_the_keyword_tier(other_chain, gate):
         body = post(base, "/v1/classify", {"text": "how do I get to the airport from Taksim"}).json()
         events = list(IntentClient(base).stream("how do I get to the airport from Taksim"))
         gate.set()
-    timeout = {"tier": MODEL, "reason": "timeout: no answer within 50 ms"}
+    timeout = {"tier": MODEL, "reason": "timeout: no answer within 50 ms", "kind": "timeout"}
     assert body["tier"] == "keyword" and body["primary_intent"] == "airport_transport"
     assert body["fallbacks"] == [timeout]
     assert [e.name for e in events] == ["result"] and events[0].data["fallbacks"] == [timeout]
@@ -492,8 +533,13 @@ def test_unknown_paths_and_methods_answer_json(url):
 def test_any_text_gets_an_answer_or_a_422(url, text):
     r = post(url, "/v1/classify", {"text": text})
     assert r.status_code in (200, 422), r.text
-    if r.status_code == 200:
-        assert r.json()["tier"] in (MODEL, "keyword", "general")
+    if r.status_code == 200:  # an answer by the schema, from a tier of the chain, every tier above it passed over
+        body = r.json()
+        schema.validate(schema.answer_of(body))
+        names = [*SETTINGS.chain, "general"]
+        assert [f["tier"] for f in body["fallbacks"]] == names[: names.index(body["tier"])], body
+    else:
+        assert all(c.isspace() or unicodedata.category(c).startswith("C") for c in text), text  # nothing to read
 
 
 # ---- fuzz ---------------------------------------------------------------------------------------

@@ -218,3 +218,25 @@ def test_config_command(tmp_path):
     env_file = write_env(tmp_path, "MLX_INTENT_MODE=generate\n")
     result = runner.invoke(config_command, ["--env-file", str(env_file)])
     assert result.exit_code == 0 and f".env ({env_file})" in result.output
+
+
+def test_modes_and_queue_defaults_are_defined_once():
+    """The modes, the answer keys and the service's queue defaults each have one definition."""
+    import importlib
+    import inspect
+
+    from mlx_intent import classifier, schema, settings
+    from mlx_intent.cli.serve import serve_command
+    from mlx_intent.serve import app, batcher
+
+    assert classifier.MODES is settings.MODES
+    assert app.Mode.__args__ == settings.MODES
+    assert importlib.import_module("mlx_intent.cli.main").ANSWER_KEYS is schema.KEYS
+    defaults = inspect.signature(batcher.Batcher).parameters
+    assert defaults["max_batch"].default == settings.Settings().batch_size == settings.BATCH_SIZE
+    assert defaults["max_wait_s"].default == settings.MAX_WAIT_MS / 1000
+    assert defaults["queue_size"].default == settings.QUEUE_SIZE
+    options = {p.name: p.default for p in serve_command.params}
+    assert (options["max_wait_ms"], options["queue_size"]) == (settings.MAX_WAIT_MS, settings.QUEUE_SIZE)
+    create = inspect.signature(app.create_app).parameters
+    assert (create["max_wait_ms"].default, create["queue_size"].default) == (settings.MAX_WAIT_MS, settings.QUEUE_SIZE)

@@ -23,9 +23,10 @@ from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.models import registry
+from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
 
-ANSWER_KEYS = ("primary_intent", "confidence", "all_intents")
+ANSWER_KEYS = KEYS  # the answer's keys, from the schema
 OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms")
 
 
@@ -277,10 +278,15 @@ def models() -> None:
 @click.option("--model", help="Selection override, as for classify.")
 def models_list(model: str | None) -> None:
     """Show every registry model: state, size on disk, memory, and which one is selected."""
-    from mlx_intent.models.loading import select_best_model
+    from mlx_intent.models.loading import select_from_settings
+    from mlx_intent.settings import SettingsError, load_settings
 
     try:
-        selected = select_best_model(model)
+        settings = load_settings()
+    except SettingsError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        selected = select_from_settings(model, settings)
     except (registry.ModelNotAvailableError, registry.UnknownModelError) as e:
         selected = None
         click.echo(f"note: {e}", err=True)

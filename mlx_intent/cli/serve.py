@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from mlx_intent.cli.options import chain_for, settings_options
-from mlx_intent.settings import Settings
+from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
 
 
 @click.command("serve")
@@ -21,8 +21,12 @@ from mlx_intent.settings import Settings
     default=None,
     help="Answer from the keyword tier after this long (default: 4 x the latency budget).",
 )
-@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0), help="Batch gathering wait.")
-@click.option("--queue-size", default=256, show_default=True, type=click.IntRange(1), help="Jobs waiting; then 503.")
+@click.option(
+    "--max-wait-ms", default=MAX_WAIT_MS, show_default=True, type=click.FloatRange(0), help="Batch gathering wait."
+)
+@click.option(
+    "--queue-size", default=QUEUE_SIZE, show_default=True, type=click.IntRange(1), help="Jobs waiting; then 503."
+)
 @click.option("--no-batching", is_flag=True, help="Run one text at a time (for comparison).")
 @settings_options
 def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_batching, settings: Settings) -> None:

@@ -58,8 +58,3 @@ def available_memory() -> int:
         return int(info["max_recommended_working_set_size"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-
-def peak_memory() -> int:
-    import mlx.core as mx
-
-    return int(mx.get_peak_memory())

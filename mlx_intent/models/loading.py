@@ -18,10 +18,6 @@ from mlx_intent.models.registry import (
 )
 
 
-class ModelTooLargeError(RuntimeError):
-    """The model's memory budget is more than this device can give."""
-
-
 def fits(name: str, memory: int | None = None) -> bool:
     """Does the model's upper memory budget fit in the memory the device can give?"""
     memory = backend.available_memory() if memory is None else memory
@@ -64,6 +60,16 @@ def select_best_model(
     return max(usable, key=lambda s: s.rank).name
 
 
+def select_from_settings(model: str | None = None, settings=None, memory: int | None = None) -> str:
+    """``select_best_model`` with LLM_MODEL / LLM_FALLBACK_MODEL from ``settings`` (default: load_settings(),
+    i.e. .env and the environment), as the README's selection promises."""
+    if settings is None:
+        from mlx_intent.settings import load_settings
+
+        settings = load_settings()
+    return select_best_model(model, settings.model, settings.fallback_model, memory)
+
+
 def load(name: str, adapter: Path | None = None, dequantize: bool | None = None):
     """Load ``name`` and return ``(model, tokenizer)`` (an mlx-lm TokenizerWrapper).
 
@@ -92,5 +98,8 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None)
             model.update_modules(tree_unflatten(fused))
         mx.eval(model.parameters())
     model.eval()
-    write_stamp(path, loaded=True, load_s=round(time.perf_counter() - start, 3), device=backend.device_name())
+    try:
+        write_stamp(path, loaded=True, load_s=round(time.perf_counter() - start, 3), device=backend.device_name())
+    except OSError:  # a read-only models folder costs the "ready" state and load time, not the model
+        pass
     return model, tokenizer

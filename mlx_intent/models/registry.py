@@ -87,7 +87,6 @@ PRIMARY = "llama-3.2-3b"
 FALLBACK = "tinyllama"
 BUNDLED = "smollm2-135m"
 
-STATES = ("missing", "downloaded", "converted", "ready")
 # The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
 

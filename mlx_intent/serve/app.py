@@ -20,12 +20,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mlx_intent.chain import Chain
+from mlx_intent.chain import Chain, Reason
 from mlx_intent.metrics import MB
 from mlx_intent.models import registry
+from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
     STREAM,
     WARM,
@@ -37,15 +38,13 @@ from mlx_intent.serve.batcher import (
     fallback_chain,
     mode_chain,
 )
-from mlx_intent.settings import MODES, Settings
+from mlx_intent.settings import MAX_WAIT_MS, MODES, QUEUE_SIZE, Settings
 
 log = logging.getLogger("mlx_intent.cli.serve")
 
 MAX_TEXT_CHARS = 4000
 MAX_BATCH_TEXTS = 64
 MAX_BODY_BYTES = 64 * 1024
-QUEUE_SIZE = 256
-MAX_WAIT_MS = 5.0
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -65,7 +64,7 @@ def _readable(text: str) -> str:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
-Mode = Literal["score", "generate"]
+Mode = Literal[MODES]  # type: ignore[valid-type]
 
 
 class ClassifyRequest(BaseModel):
@@ -84,13 +83,42 @@ class StreamRequest(BaseModel):
 
 class Fallback(BaseModel):
     tier: str
-    reason: str
+    reason: str = Field(description="Why, in words.")
+    kind: Reason = Field(description="Why, as one of a few values (the label of mlx_intent_fallbacks).")
 
 
-class ClassifyResult(BaseModel):
-    primary_intent: str
-    confidence: float
-    all_intents: list[str]
+def _number(value: Any) -> Any:
+    """A JSON number: not a bool, not a string of digits (pydantic's float would take both)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("confidence must be a number")
+    return value
+
+
+Confidence = Annotated[float, BeforeValidator(_number), Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Answer(BaseModel):
+    """The answer, by the rules of ``schema`` (``validate`` and ``JSON_SCHEMA``): the intents are the 15
+    names, all_intents lists 1 to 3 distinct ones, the primary first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary_intent: Intent
+    confidence: Confidence = Field(description="Calibrated probability that the primary intent is right.")
+    all_intents: list[Intent] = Field(min_length=1, max_length=MAX_INTENTS, description="The primary first.")
+
+    @model_validator(mode="after")
+    def _primary_first(self) -> Answer:
+        if len(set(self.all_intents)) != len(self.all_intents):
+            raise ValueError("duplicate intents in all_intents")
+        if self.all_intents[0] != self.primary_intent:
+            raise ValueError("all_intents must start with primary_intent")
+        return self
+
+
+class ClassifyResult(Answer):
+    model_config = ConfigDict(extra="ignore")  # a tier's other fields (top, truncated) are not shown
+
     tier: str = Field(description="The tier that answered.")
     model: str | None = Field(description="Its model; null for the keyword and general tiers.")
     fallbacks: list[Fallback] = Field(description="Tiers above it and why they did not answer.")
@@ -156,7 +184,9 @@ class Prometheus:
         )
         self.intents = Counter("mlx_intent_intents", "Answers by primary intent", ["intent"], registry=r)
         self.tiers = Counter("mlx_intent_tiers", "Answers by the tier that gave them", ["tier"], registry=r)
-        self.fallbacks = Counter("mlx_intent_fallbacks", "Tiers passed over, by reason", ["tier", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "mlx_intent_fallbacks", "Tiers passed over, by reason kind", ["tier", "reason"], registry=r
+        )
         self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
@@ -169,14 +199,9 @@ class Prometheus:
         self.intents.labels(result["primary_intent"]).inc()
         self.tiers.labels(result["tier"]).inc()
         for f in result.get("fallbacks") or ():
-            self.fallbacks.labels(f["tier"], reason_kind(f["reason"])).inc()
+            self.fallbacks.labels(f["tier"], f["kind"]).inc()
         if result.get("cached"):
             self.cache_hits.inc()
-
-
-def reason_kind(reason: str) -> str:
-    """'low confidence: 0.45 < 0.50' -> 'low confidence': a label with few values."""
-    return reason.split(":", 1)[0].split("(", 1)[0].strip() or "other"
 
 
 class Guard:
@@ -296,7 +321,9 @@ def create_app(
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
     def timed_out(texts: list[str]) -> list[dict]:
-        return fallback_chain(chain, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(texts)
+        return fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(
+            texts
+        )
 
     def shown(result: dict, start: float) -> dict:
         out = {**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from mlx_intent.chain import Chain, PassOver, Tier
+from mlx_intent.chain import ABSENT, Chain, PassOver, Reason, Tier
+from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
 STREAM, WARM = "stream", "warm"
 LEARN_RATE = 0.3  # weight of the newest batch in the running estimate of seconds per text
 WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"
-# Pass-over reasons that will not change while the process runs: such a tier is not the one to wait for.
-ABSENT = ("not downloaded", "does not fit")
 
 
 class QueueFull(Exception):
@@ -60,22 +59,22 @@ def mode_chain(chain: Chain, mode: str) -> Chain:
     """The same tiers, loaded models and metrics, with the LLM tiers decoding in ``mode``; its own cache,
     since the two modes may answer differently."""
     tiers = [_in_mode(t, mode) if t.model else t for t in chain.tiers]
-    return Chain(tiers, cache_size=chain.cache_size, metrics=chain.metrics, log=chain.log, pool=chain.pool)
+    return chain.derive(tiers=tiers)
 
 
 def _in_mode(tier: Tier, mode: str) -> Tier:
     return replace(tier, run=lambda texts: tier.load().classify_batch(texts, mode=mode))
 
 
-def fallback_chain(chain: Chain, reason: str) -> Chain:
-    """The chain below its LLM tiers, each of those passed over for ``reason``: the answer for a request
-    whose time ran out.  Uncached; it calls no model, so any thread may use it."""
-    return _uncached([_passed(t.name, reason) if t.model else t for t in chain.tiers], chain)
+def fallback_chain(chain: Chain, kind: Reason, reason: str) -> Chain:
+    """The chain below its LLM tiers, each of those passed over for ``reason`` (of ``kind``): the answer for
+    a request whose time ran out.  Uncached; it calls no model, so any thread may use it."""
+    return _uncached([_passed(t.name, kind, reason) if t.model else t for t in chain.tiers], chain)
 
 
-def _passed(name: str, reason: str) -> Tier:
+def _passed(name: str, kind: Reason, reason: str) -> Tier:
     def run(texts: list[str]) -> list[dict]:
-        raise PassOver(reason)
+        raise PassOver(kind, reason)
 
     return Tier(name, run)
 
@@ -93,7 +92,8 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
         try:
             clf = tier.load()
         except Exception as e:
-            passed.append(_passed(tier.name, str(e) if isinstance(e, PassOver) else _error(e)))
+            kind = e.kind if isinstance(e, PassOver) else Reason.ERROR
+            passed.append(_passed(tier.name, kind, str(e) if isinstance(e, PassOver) else _error(e)))
             continue
         result = None
         try:
@@ -103,7 +103,7 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
                 else:
                     emit("token", piece)
         except Exception as e:  # empty once cleaned, a fault in the model: the tiers below answer
-            replay = _passed(tier.name, _error(e))
+            replay = _passed(tier.name, Reason.ERROR, _error(e))
         else:
             replay = replace(tier, run=lambda texts, r=result: [r], load=lambda: None, budget_ms=None)
         return _uncached([*passed, replay, *chain.tiers[index + 1 :]], chain).classify(text)
@@ -115,7 +115,7 @@ def _error(e: Exception) -> str:
 
 
 def _uncached(tiers: list[Tier], chain: Chain) -> Chain:
-    return Chain(tiers, cache_size=0, metrics=chain.metrics, log=chain.log)
+    return chain.derive(tiers=tiers, cache_size=0)
 
 
 def readiness(chain: Chain) -> tuple[bool, str]:
@@ -127,7 +127,7 @@ def readiness(chain: Chain) -> tuple[bool, str]:
         try:
             tier.load()
         except PassOver as e:
-            if str(e).startswith(ABSENT):
+            if e.kind in ABSENT:
                 continue
             return False, f"{tier.name}: {e}"
         except Exception as e:
@@ -144,9 +144,9 @@ class Batcher:
         self,
         chains: dict[str, Chain],
         default_mode: str = "score",
-        max_batch: int = 8,
-        max_wait_s: float = 0.005,
-        queue_size: int = 256,
+        max_batch: int = BATCH_SIZE,
+        max_wait_s: float = MAX_WAIT_MS / 1000,
+        queue_size: int = QUEUE_SIZE,
         on_batch: Callable[[int], None] = lambda n: None,
     ):
         self.chains = chains
