@@ -180,25 +180,25 @@ class Lazy:
             if self.value is not None:
                 return self.value
             if self.failed and time.monotonic() - self.failed[0] < self.retry_after_s:
-                raise PassOver(
-                    f"load failed {time.monotonic() - self.failed[0]:.0f}s ago, backing off ({self.failed[1]})"
-                )
+                ago = time.monotonic() - self.failed[0]
+                raise PassOver(Reason.LOAD_FAILED, f"load failed {ago:.0f}s ago, backing off ({self.failed[1]})")
             if why := self.absent():
-                raise PassOver(why)
+                raise PassOver(Reason.NOT_INSTALLED, why)
             try:
                 self.value = self.build()
             except Exception as e:  # a corrupt head, missing weights...
                 self.failed = (time.monotonic(), f"{type(e).__name__}: {e}")
-                raise PassOver(f"load failed: {type(e).__name__}: {e}") from e
+                raise PassOver(Reason.LOAD_FAILED, f"load failed: {type(e).__name__}: {e}") from e
             self.failed = None
             return self.value
 
 
-def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0) -> Tier:
-    """The e5-small tier (mlx_intent/encoder.py), loaded on first use."""
+def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0, combine: bool = False) -> Tier:
+    """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
+    calibrated blend with the keyword tier."""
     from mlx_intent import encoder
 
-    lazy = Lazy(encoder.EncoderClassifier, encoder.available, retry_after_s)
+    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine), encoder.available, retry_after_s)
     return Tier(
         encoder.NAME,
         lambda texts: lazy.get().classify_batch(texts),
@@ -439,7 +439,11 @@ def build_chain(settings: Settings, names: list[str] | None = None, memory: int 
         else:
             threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
             if name == ENCODER:
-                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s))
+                # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
+                # to the keyword tier alone would answer worse, so it takes every text it can load for.
+                blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
+                threshold = 0.0 if blended else threshold
+                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s, blended))
             else:
                 tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None

@@ -6,6 +6,12 @@ intent (a softmax over the 15) and ``all_intents`` (a sigmoid per intent, so mul
 Training fine-tunes the top ``tuned_layers`` encoder layers too; their weights ship beside the head.
 The confidence is the temperature-scaled softmax probability of the primary, the temperature and the
 sigmoid threshold fitted on the calibration split (never on a reported one).
+
+With ``combine`` the tier answers with a calibrated combination of its distribution and the keyword
+tier's: log p = a log p_e5 + b log q_kw, renormalised, where q_kw puts the keyword tier's calibrated
+confidence on its primary and spreads the rest evenly; b has its own value when the keyword tier says
+``general`` (often: no cue at all).  (a, b, b_general) minimise the NLL on the calibration split; on
+human-written public sets the blend beats either tier alone (benchmarks/reports/chains.md).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,9 @@ TOP = 5
 POOL_SCALE = 20.0
 
 
+COMBINE_GRID = tuple(round(0.1 * k, 1) for k in range(0, 21))  # 0.0 .. 2.0
+
+
 class HeadError(ValueError):
     """A head folder that is missing, corrupt or made for another label set."""
 
@@ -42,6 +52,8 @@ class HeadConfig:
     temperature: float = 1.0  # softmax temperature of the primary (1 = uncalibrated)
     threshold: float = 0.5  # sigmoid probability for a second intent to join all_intents
     calibrated_on: str | None = None
+    combination: tuple[float, float, float] | None = None  # (a, b, b_general) with the keyword tier
+    keyword_platt: tuple[float, float] | None = None  # the keyword calibration the combination was fitted with
 
     @classmethod
     def read(cls, folder: Path) -> tuple[HeadConfig, dict]:
@@ -68,7 +80,17 @@ class HeadConfig:
         )
         if not ok:
             raise HeadError(f"{path}: tuned_layers, temperature or threshold out of range")
-        return cls(k, float(t), float(thr), cal.get("fitted_on")), record
+        combo, platt = record.get("combination"), None
+        if combo is not None:
+            try:
+                weights = tuple(float(combo[key]) for key in ("a", "b", "b_general"))
+                platt = tuple(float(x) for x in combo["keyword_platt"]) if combo.get("keyword_platt") else None
+            except (KeyError, TypeError, ValueError):
+                raise HeadError(f"{path}: combination needs numbers a, b, b_general") from None
+            if not all(math.isfinite(w) and 0 <= w <= 5 for w in weights) or weights[0] <= 0:
+                raise HeadError(f"{path}: combination weights out of range")
+            combo = weights
+        return cls(k, float(t), float(thr), cal.get("fitted_on"), combo, platt), record
 
 
 def head_module(hidden: int, n: int):
@@ -86,6 +108,38 @@ def head_module(hidden: int, n: int):
             return self.primary(x), self.multi(x)
 
     return IntentHead()
+
+
+def keyword_distribution(results: list[dict]) -> np.ndarray:
+    """The keyword tier's answers as distributions: its confidence on its primary, the rest spread evenly."""
+    q = np.empty((len(results), len(INTENTS)))
+    for row, r in zip(q, results):
+        c = min(max(float(r["confidence"]), 1e-4), 1 - 1e-4)
+        row[:] = (1 - c) / (len(INTENTS) - 1)
+        row[INTENTS.index(r["primary_intent"])] = c
+    return q
+
+
+def blend(p: np.ndarray, keyword: list[dict], a: float, b: float, b_general: float) -> np.ndarray:
+    """softmax(a log p + b log q_kw), with b_general where the keyword tier answered ``general``."""
+    q = keyword_distribution(keyword)
+    general = np.array([r["primary_intent"] == INTENTS[-1] for r in keyword])
+    weight = np.where(general, b_general, b)[:, None]
+    z = a * np.log(np.maximum(p, 1e-12)) + weight * np.log(q)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def fit_blend(p: np.ndarray, keyword: list[dict], gold: list[int]) -> tuple[float, float, float]:
+    """(a, b, b_general) on COMBINE_GRID minimising the NLL of the gold primaries (the calibration split)."""
+    idx = np.arange(len(gold))
+
+    def nll(w: tuple[float, float, float]) -> float:
+        return float(-np.log(blend(p, keyword, *w)[idx, gold] + 1e-12).mean())
+
+    a_grid = [a for a in COMBINE_GRID if a > 0]
+    best = min(((a, b, b) for a in a_grid for b in COMBINE_GRID), key=nll)  # one b first, then b_general apart
+    return min(((best[0], best[1], g) for g in COMBINE_GRID), key=nll)
 
 
 def encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -107,7 +161,7 @@ def answer(probs: np.ndarray, multi: np.ndarray, threshold: float) -> tuple[str,
 class EncoderClassifier:
     """The e5-small tier behind the same ``classify_batch(texts) -> [result]`` call as the LLM tiers."""
 
-    def __init__(self, weights: Path | None = None, head_dir: Path | None = None) -> None:
+    def __init__(self, weights: Path | None = None, head_dir: Path | None = None, combine: bool = False) -> None:
         backend.use_openblas()
         import mlx.core as mx
         from mlx.utils import tree_unflatten
@@ -125,14 +179,30 @@ class EncoderClassifier:
         tensors = {k: v.astype(mx.float32) for k, v in tensors.items()}
         self.head.update(tree_unflatten([(k[5:], v) for k, v in tensors.items() if k.startswith("head.")]))
         layers = tree_unflatten([(k[7:], v) for k, v in tensors.items() if k.startswith("layers.")])
-        first = self.model.config.layers - self.config.tuned_layers
         for index, params in layers.items() if isinstance(layers, dict) else enumerate(layers):
             if params:
                 self.model.layers[int(index)].update(params)
         if self.config.tuned_layers and not layers:
             raise HeadError(f"{self.head_dir}: head.json names {self.config.tuned_layers} tuned layers, none stored")
-        self.first_tuned = first
         mx.eval(self.model.parameters(), self.head.parameters())
+        self.keyword = self._keyword() if combine else None
+
+    def _keyword(self):
+        """The keyword classifier to blend with, or None when the head has no fit for the shipped one."""
+        from mlx_intent.keyword import KeywordClassifier
+
+        if self.config.combination is None:
+            return None
+        keyword = KeywordClassifier()
+        if self.config.keyword_platt is not None and keyword.platt is not None:
+            if not np.allclose(self.config.keyword_platt, keyword.platt, atol=1e-4):
+                warnings.warn(
+                    f"{NAME}: the keyword calibration changed since the blend was fitted; answering alone "
+                    f"(refit: mlx-intent calibrate {NAME})",
+                    stacklevel=2,
+                )
+                return None
+        return keyword
 
     def logits(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(primary logits, multi logits), each (len(texts), 15), in one padded batch."""
@@ -159,6 +229,8 @@ class EncoderClassifier:
             return []
         start = time.perf_counter()
         probs, multi = self.distributions(list(texts))
+        if self.keyword is not None:
+            probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []
         for p, m in zip(probs, multi):

@@ -39,6 +39,7 @@ class Settings:
     latency_budget_ms: float = 800.0
     min_confidence: float = CONFIDENCE_LEVELS["low"]
     keyword_floor: bool = True
+    combine: bool = True
     cache_size: int = 1024
     max_loaded_models: int = 2
     retry_after_s: float = 60.0
@@ -157,6 +158,13 @@ SPECS: dict[str, _Spec] = {
         "",
         "on|off",
         "a model tier before the keyword tier must also beat its calibrated accuracy",
+    ),
+    "combine": _Spec(
+        "MLX_INTENT_COMBINE",
+        _switch,
+        "",
+        "on|off",
+        "the e5-small tier answers with its calibrated combination with the keyword tier when it comes before it",
     ),
     "cache_size": _Spec("MLX_INTENT_CACHE_SIZE", _number(int, 0), "", "N", "result cache entries (0: off)"),
     "max_loaded_models": _Spec("MLX_INTENT_MAX_LOADED", _number(int, 1), "", "N", "models kept in memory"),

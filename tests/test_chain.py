@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from mlx_intent import chain as chain_module
 from mlx_intent.chain import (
+    ENCODER,
     GENERAL,
     GENERAL_CONFIDENCE,
     KEYWORD,
@@ -286,11 +287,11 @@ def no_env(monkeypatch, tmp_path):
 
 
 def test_default_chain_names(no_env):
-    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, BUNDLED, KEYWORD, GENERAL]
+    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, BUNDLED, ENCODER, KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": "tinyllama", "LLM_FALLBACK_MODEL": "llama-3.1-8b"})
-    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", BUNDLED, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", BUNDLED, ENCODER, KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": BUNDLED})  # a repeated tier is listed once, first place
-    assert default_chain_names(settings) == [BUNDLED, FALLBACK, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == [BUNDLED, FALLBACK, ENCODER, KEYWORD, GENERAL]
 
 
 def test_chain_setting_and_flag_set_the_order(no_env, models_home):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mlx_intent import encoder
 from mlx_intent.chain import ENCODER, Chain, encoder_tier, keyword_tier
-from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer
+from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer, blend, fit_blend
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.tuner.encoder import class_weights, length_batches, train_encoder
@@ -129,6 +129,7 @@ def test_corrupt_head_weights_pass_the_tier_over(tiny_head, tmp_path):
     assert result["tier"] == "keyword"
     (passed,) = result["fallbacks"]
     assert passed["tier"] == ENCODER and passed["reason"].startswith("load failed: HeadError")
+    assert passed["kind"] == "load_failed"
 
 
 def test_an_untrained_tier_is_named_as_such(tmp_path, monkeypatch):
@@ -136,6 +137,7 @@ def test_an_untrained_tier_is_named_as_such(tmp_path, monkeypatch):
     chain = Chain([encoder_tier(0.0, None), keyword_tier()], cache_size=0)
     result = chain.classify("Hello!")
     assert result["fallbacks"][0]["reason"].startswith("not trained")
+    assert result["fallbacks"][0]["kind"] == "not_installed"
 
 
 def test_class_weights_favour_rare_intents():
@@ -161,3 +163,77 @@ def test_the_shipped_head_is_calibrated_off_the_reported_sets_and_knows_its_trai
     answers = clf.classify_batch([r["text"] for r in rows])
     accuracy = np.mean([a["primary_intent"] == r["primary_intent"] for a, r in zip(answers, rows)])
     assert accuracy >= 0.95, accuracy
+
+
+@given(
+    st.lists(st.floats(0.001, 1.0), min_size=15, max_size=15),
+    st.sampled_from(INTENTS),
+    st.floats(0.1, 0.99),  # above 1/15: the keyword's primary gets more than each other intent
+    st.floats(0.1, 2.0),
+    st.floats(0.0, 2.0),
+    st.floats(0.0, 2.0),
+)
+def test_blend_is_a_distribution_and_b_zero_is_the_encoder_alone(probs, kw_intent, kw_conf, a, b, b_general):
+    p = np.array([probs]) / sum(probs)
+    keyword = [{"primary_intent": kw_intent, "confidence": kw_conf}]
+    mixed = blend(p, keyword, a, b, b_general)
+    assert mixed.shape == (1, 15) and np.isclose(mixed.sum(), 1.0) and (mixed >= 0).all()
+    alone = blend(p, keyword, a, 0.0, 0.0)
+    assert np.allclose(alone, p**a / (p**a).sum())
+    if (b if kw_intent != "general" else b_general) > 0:  # the keyword's reading can only add to its intent
+        assert mixed[0, INTENTS.index(kw_intent)] / alone[0, INTENTS.index(kw_intent)] >= 1 - 1e-9
+
+
+def test_fit_blend_learns_to_trust_the_tier_that_is_right():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 14, 200).tolist()  # never general, so b_general is not identified: only b is tested
+    p = np.full((200, 15), 1 / 15)  # the encoder knows nothing
+    keyword = [{"primary_intent": INTENTS[g], "confidence": 0.8} for g in gold]  # the keyword tier is right
+    a, b, _ = fit_blend(p, keyword, gold)
+    assert b >= 1.0
+
+
+def test_recalibrate_rewrites_the_blend_and_the_chain_uses_it(tiny_head, tmp_path):
+    import shutil
+
+    from mlx_intent.tuner.encoder import recalibrate
+
+    head = tmp_path / encoder.NAME
+    shutil.copytree(tiny_head, head)
+    fitted = recalibrate(read_labelled(DATA_DIR / "calib.jsonl")[::10], head_dir=head, report=lambda m: None)
+    record = json.loads((head / encoder.HEAD_CONFIG).read_text())
+    assert record["combination"] == fitted["combination"] and record["training"]["rows"] == 150
+    blended = EncoderClassifier(head_dir=head, combine=True)
+    alone = EncoderClassifier(head_dir=head, combine=False)
+    assert blended.keyword is not None and alone.keyword is None
+    texts = [r["text"] for r in read_labelled(DATA_DIR / "dev.jsonl")[::30]]
+    a, b = blended.classify_batch(texts), alone.classify_batch(texts)
+    assert [x["confidence"] for x in a] != [x["confidence"] for x in b]
+
+
+def test_a_changed_keyword_calibration_turns_the_blend_off_with_a_warning(tiny_head, tmp_path, monkeypatch):
+    import shutil
+
+    from mlx_intent import keyword
+
+    head = tmp_path / encoder.NAME
+    shutil.copytree(tiny_head, head)
+    record = json.loads((head / encoder.HEAD_CONFIG).read_text())
+    record["combination"] = {"a": 1.0, "b": 0.5, "b_general": 0.5, "keyword_platt": [9.0, 9.0]}
+    (head / encoder.HEAD_CONFIG).write_text(json.dumps(record))
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", keyword.LEXICON_DIR / "calibration.json")  # the shipped fit
+    with pytest.warns(UserWarning, match="keyword calibration changed"):
+        clf = EncoderClassifier(head_dir=head, combine=True)
+    assert clf.keyword is None
+
+
+def test_the_chain_blends_only_when_the_keyword_tier_comes_next():
+    from mlx_intent.chain import build_chain
+    from mlx_intent.settings import Settings
+
+    blended = build_chain(Settings(chain=(ENCODER, "keyword")))
+    assert blended.tiers[0].threshold == 0.0
+    floored = build_chain(Settings(chain=(ENCODER, "keyword"), combine=False))
+    assert floored.tiers[0].threshold >= 0.5
+    apart = build_chain(Settings(chain=(ENCODER, "general")))
+    assert apart.tiers[0].threshold == 0.5

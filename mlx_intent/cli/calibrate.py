@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 import numpy as np
 
 from mlx_intent.cli.options import settings_options
+from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import pct, shown
@@ -31,7 +33,12 @@ from mlx_intent.tuner.calibrate import (
 
 @click.command("calibrate")
 @click.argument("model")
-@click.option("--data", default="dev", show_default=True, help="Labelled JSONL, or a name in benchmarks/data.")
+@click.option(
+    "--data",
+    multiple=True,
+    help="Labelled JSONL or a name, repeatable: the calibration split, never a reported set. "
+    "[default: calib; e5-small: calib, public-calib]",
+)
 @click.option(
     "--verify/--no-verify",
     default=True,
@@ -39,11 +46,12 @@ from mlx_intent.tuner.calibrate import (
     help="Run the model again at the fitted temperature and score that run.",
 )
 @settings_options
-def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -> None:
+def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings: Settings) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
     on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
 
-    MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead (saved beside the lexicons).
+    MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead (saved beside the lexicons);
+    `e5-small` refits its head's temperature, multi-intent threshold and blend with the keyword tier.
 
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
@@ -52,8 +60,19 @@ def calibrate_command(model: str, data: str, verify: bool, settings: Settings) -
 
     if settings.home is not None:  # the registry reads the environment
         os.environ["MLX_INTENT_HOME"] = str(settings.home)
-    path = data_path(data)
-    rows = read_labelled(path)
+    if model == ENCODER:
+        from mlx_intent.tuner.encoder import recalibrate
+
+        rows = [
+            {**r, "_source": p.stem}
+            for p in map(data_path, data or ("calib", "public-calib"))
+            for r in read_labelled(p)
+        ]
+        recalibrate(rows, report=click.echo)
+        return
+    paths = [data_path(d) for d in data or ("calib",)]
+    rows = [r for p in paths for r in read_labelled(p)]
+    path = paths[0] if len(paths) == 1 else Path("+".join(str(p) for p in paths))
     if model == "keyword":
         return calibrate_keyword(path, rows)
     texts = [r["text"] for r in rows]

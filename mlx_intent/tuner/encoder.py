@@ -212,7 +212,7 @@ def train_encoder(
         }
         (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if calib_rows:
-            record["calibration"] = calibrate_head(EncoderClassifier(head_dir=tmp), calib_rows, report)
+            record.update(calibrate_head(EncoderClassifier(head_dir=tmp), calib_rows, report))
             (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -224,7 +224,11 @@ def train_encoder(
 
 
 def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print, batch: int = 32) -> dict:
-    """Temperature and multi-intent threshold of a trained head, fitted on ``rows`` (the calibration split)."""
+    """{"calibration": temperature and multi-intent threshold, "combination": the blend with the keyword
+    tier}, both fitted on ``rows`` (the calibration split)."""
+    from mlx_intent.encoder import blend, fit_blend
+    from mlx_intent.keyword import KeywordClassifier
+
     probs, multi = [], []
     for a in range(0, len(rows), batch):
         p, m = clf.distributions([r["text"] for r in rows[a : a + batch]], temperature=1.0)
@@ -249,4 +253,36 @@ def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print,
         f"calibration on {len(rows)} rows: T = {temperature:g}, threshold {threshold:g}, "
         f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}"
     )
-    return record
+    keyword = KeywordClassifier()
+    answers = [keyword.classify(r["text"]) for r in rows]
+    a, b, b_general = fit_blend(raw, answers, gold)
+    mixed = blend(raw, answers, a, b, b_general)
+    right = [int(np.argmax(p)) == g for p, g in zip(mixed, gold)]
+    combination = {
+        "a": a,
+        "b": b,
+        "b_general": b_general,
+        "keyword_platt": list(keyword.platt) if keyword.platt is not None else None,
+        "fitted_on": record["fitted_on"],
+        "accuracy": round(float(np.mean(right)), 4),
+        "ece": round(scores.ece(mixed.max(axis=1).tolist(), right), 4),
+    }
+    report(
+        f"blend with the keyword tier: a = {a:g}, b = {b:g}, b_general = {b_general:g}; "
+        f"accuracy {combination['accuracy']:.1%} (e5 alone {record['accuracy']:.1%}), ECE {combination['ece']:.3f}"
+    )
+    return {"calibration": record, "combination": combination}
+
+
+def recalibrate(rows: list[dict], head_dir: Path | None = None, report: Callable[[str], None] = print) -> dict:
+    """Refit a trained head's calibration and blend on ``rows`` and rewrite its head.json atomically."""
+    from mlx_intent.encoder import EncoderClassifier
+
+    folder = Path(head_dir) if head_dir is not None else HEAD_DIR
+    clf = EncoderClassifier(head_dir=folder)
+    fitted = calibrate_head(clf, rows, report)
+    record = {**clf.record, **fitted}
+    tmp = folder / f".{HEAD_CONFIG}.partial"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / HEAD_CONFIG)
+    return fitted
