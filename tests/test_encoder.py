@@ -237,3 +237,28 @@ def test_the_chain_blends_only_when_the_keyword_tier_comes_next():
     assert floored.tiers[0].threshold >= 0.5
     apart = build_chain(Settings(chain=(ENCODER, "general")))
     assert apart.tiers[0].threshold == 0.5
+
+
+def test_a_blended_tier_is_not_vetoed_again_but_still_gets_the_second_intents():
+    """Rule 1's veto hands a model's social answer to the keyword tier; a tier that blends the keyword
+    tier in has already weighed that reading, so only the multi-intent merge applies to it."""
+    from mlx_intent.chain import Tier
+
+    def social(texts):
+        return [{"primary_intent": "greeting", "confidence": 0.9, "all_intents": ["greeting"]} for _ in texts]
+
+    def food(texts):
+        return [{"primary_intent": "restaurant", "confidence": 0.9, "all_intents": ["restaurant"]} for _ in texts]
+
+    kw = keyword_tier()
+    text = "Hi! Where can I eat fish near Galata Tower?"
+    for veto, tier in ((True, "keyword"), (False, "m")):
+        chain = Chain([Tier("m", social, model="m", veto=veto), kw], cache_size=0, secondaries=kw.run)
+        assert chain.classify(text)["tier"] == tier
+    merged = Chain([Tier("m", food, model="m", veto=False), kw], cache_size=0, secondaries=kw.run).classify(text)
+    assert merged["tier"] == "m" and "nearby_locations" in merged["all_intents"]
+    from mlx_intent.chain import build_chain
+    from mlx_intent.settings import Settings
+
+    assert build_chain(Settings(chain=(ENCODER, "keyword"))).tiers[0].veto is False
+    assert build_chain(Settings(chain=(ENCODER, "keyword"), combine=False)).tiers[0].veto is True
