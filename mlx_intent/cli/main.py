@@ -176,14 +176,14 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     multiple=True,
     help="e5-small: calibration JSONL or name, repeatable; never trained on. [default: calib, public-calib]",
 )
-@click.option("--epochs", default=None, type=float, help="Passes over the training examples. [1; e5-small: 4]")
+@click.option("--epochs", default=None, type=float, help="Passes over the training examples. [1; e5-small: 5]")
 @click.option("--iters", type=int, default=None, help="Training steps (overrides --epochs; LLMs).")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="[16; e5-small: 32]")
 @click.option("--learning-rate", default=3e-4, show_default=True)
 @click.option("--num-layers", default=8, show_default=True, help="Top layers that get LoRA (LLMs).")
 @click.option("--rank", default=16, show_default=True, help="LoRA rank.")
 @click.option(
-    "--tune-layers", default=2, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
+    "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
 @click.option("--seed", default=0, show_default=True)
 def train(
@@ -230,7 +230,7 @@ def train(
                 train_rows,
                 calib_rows,
                 tuned_layers=tune_layers,
-                epochs=int(epochs or 4),
+                epochs=int(epochs or 5),
                 batch_size=batch_size or 32,
                 learning_rate=learning_rate,
                 seed=seed,
