@@ -53,7 +53,8 @@ class IntentClassifier:
 
     ``IntentClassifier()`` picks the best available model, honouring LLM_MODEL and
     LLM_FALLBACK_MODEL (see ``loading.select_from_settings``); pass ``model_name`` to choose one, or an already
-    loaded ``model``/``tokenizer`` pair.
+    loaded ``model``/``tokenizer`` pair.  ``home`` is the models folder (``Settings.home``; None: the
+    registry default).
     """
 
     def __init__(
@@ -67,22 +68,25 @@ class IntentClassifier:
         threshold: float | None = None,
         use_adapter: bool = True,
         cache_dir: Path | None = None,
+        home: Path | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.name = model_name or loading.select_from_settings()
+        self.name = model_name or loading.select_from_settings(home=home)
         self.spec = registry.get_spec(self.name)
+        self.home = home
         # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
-        adapter = registry.adapter_dir(self.name) if use_adapter and registry.has_adapter(self.name) else None
+        has_adapter = use_adapter and registry.has_adapter(self.name, home)
+        adapter = registry.adapter_dir(self.name, home) if has_adapter else None
         self.adapter = adapter
         style = (
             json.loads((adapter / "adapter_config.json").read_text()).get("prompt_style", "full") if adapter else "full"
         )
         if model is None:
-            model, tokenizer = loading.load(self.name, adapter=adapter)
+            model, tokenizer = loading.load(self.name, adapter=adapter, home=home)
         self.model, self.tokenizer = model, tokenizer
         self.mode = mode
-        folder = registry.resolve_dir(self.name)
+        folder = registry.resolve_dir(self.name, home)
         # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
         self.calibration_dir = adapter or folder
         calib = _calibration(self.calibration_dir)

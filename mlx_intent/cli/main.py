@@ -17,7 +17,7 @@ from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
-from mlx_intent.cli.options import chain_for, config_command, settings_options
+from mlx_intent.cli.options import chain_for, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
@@ -186,6 +186,7 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     "--tune-layers", default=2, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
 @click.option("--seed", default=0, show_default=True)
+@home_options
 def train(
     model,
     train_data,
@@ -199,6 +200,7 @@ def train(
     rank,
     tune_layers,
     seed,
+    settings: Settings,
 ) -> None:
     """Fine-tune MODEL on labelled data.
 
@@ -217,7 +219,7 @@ def train(
         def rows_of(names):
             rows, counts = [], {}
             for name in names:
-                path = data_path(name)
+                path = data_path(name, settings.home)
                 part = [{**r, "_source": path.stem} for r in read_labelled(path)]
                 rows += part
                 counts[path.stem] = len(part)
@@ -252,8 +254,8 @@ def train(
         raise InputError("an LLM adapter trains on one --data file and takes no --calib (run mlx-intent calibrate)")
     summary = train_adapter(
         model,
-        data_path(train_data[0] if train_data else "train"),
-        data_path(valid_data) if valid_data else None,
+        data_path(train_data[0] if train_data else "train", settings.home),
+        data_path(valid_data, settings.home) if valid_data else None,
         iters=iters,
         epochs=epochs or 1.0,
         batch_size=batch_size or 16,
@@ -262,9 +264,10 @@ def train(
         rank=rank,
         seed=seed,
         report=report,
+        home=settings.home,
     )
     click.echo(
-        f"adapter for {model}: {registry.adapter_dir(model)} "
+        f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
 
@@ -276,15 +279,12 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--model", help="Selection override, as for classify.")
-def models_list(model: str | None) -> None:
+@home_options
+def models_list(model: str | None, settings: Settings) -> None:
     """Show every registry model: state, size on disk, memory, and which one is selected."""
     from mlx_intent.models.loading import select_from_settings
-    from mlx_intent.settings import SettingsError, load_settings
 
-    try:
-        settings = load_settings()
-    except SettingsError as e:
-        raise click.ClickException(str(e)) from None
+    home = settings.home
     try:
         selected = select_from_settings(model, settings)
     except (registry.ModelNotAvailableError, registry.UnknownModelError) as e:
@@ -292,15 +292,15 @@ def models_list(model: str | None) -> None:
         click.echo(f"note: {e}", err=True)
     rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo")]
     for spec in registry.REGISTRY.values():
-        path = registry.resolve_dir(spec.name)
+        path = registry.resolve_dir(spec.name, home)
         peak = registry.read_stamp(path).get("peak_memory") if path else None
         lo, hi = spec.memory_gb
         rows.append(
             (
                 "*" if spec.name == selected else "",
                 spec.name,
-                registry.state(spec.name),
-                _human(registry.disk_size(spec.name)) if registry.state(spec.name) != "missing" else "-",
+                registry.state(spec.name, home),
+                _human(registry.disk_size(spec.name, home)) if registry.state(spec.name, home) != "missing" else "-",
                 f"{lo:g}-{hi:g} GB",
                 _human(peak) if peak else "-",
                 spec.mlx_repo or f"bundled ({spec.gguf_package})",
@@ -309,18 +309,19 @@ def models_list(model: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    click.echo(f"\nmodels folder: {registry.home()}   (* = selected now)")
+    click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
 
 
 @models.command("convert")
 @click.option("--gguf", "gguf", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file.")
 @click.option("--name", required=True, help="Registry name (or a new name) for the MLX folder.")
 @click.option("--force", is_flag=True, help="Replace an existing converted model.")
-def models_convert(gguf: Path, name: str, force: bool) -> None:
+@home_options
+def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> None:
     """Convert a Llama-architecture GGUF (Q4_0, Q4_1, Q8_0, F16, F32) to an MLX 4-bit folder."""
     from mlx_intent.models.gguf import GGUFError, convert_gguf
 
-    out = registry.home() / name
+    out = registry.home(settings.home) / name
     if registry.is_mlx_folder(out) and not force:
         raise click.ClickException(f"{out} already holds a converted model; use --force to replace it")
     try:
@@ -333,14 +334,15 @@ def models_convert(gguf: Path, name: str, force: bool) -> None:
 @models.command("pull")
 @click.argument("name")
 @click.option("--from-source", is_flag=True, help="Download the original weights and convert them to 4-bit.")
-def models_pull(name: str, from_source: bool) -> None:
+@home_options
+def models_pull(name: str, from_source: bool, settings: Settings) -> None:
     """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
 
     Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
     try:
-        path = hub.pull(name, from_source=from_source)
+        path = hub.pull(name, from_source=from_source, home=settings.home)
     except registry.UnknownModelError as e:
         raise ModelError(str(e)) from None
     except hub.PullError as e:
