@@ -105,6 +105,7 @@ class ModelPool:
     mode: str = "score"
     memory: int | None = None  # bytes the device can give; None = ask the device
     home: Path | None = None  # the models folder (Settings.home); None = the registry default
+    sample: bool = False  # generate mode samples at each model's ModelSpec.temperature (classify --sample)
     loaded: OrderedDict = field(default_factory=OrderedDict)
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     unstamped: dict[str, int] = field(default_factory=dict)  # just loaded: MLX bytes in use before the load
@@ -133,7 +134,7 @@ class ModelPool:
                 from mlx_intent.classifier import IntentClassifier
 
                 before = _start_peak()
-                clf = IntentClassifier(name, mode=self.mode, home=self.home)
+                clf = IntentClassifier(name, mode=self.mode, home=self.home, sample=self.sample)
             except Exception as e:  # corrupt weights, missing files, out of memory...
                 self.failed[name] = (time.monotonic(), f"{type(e).__name__}: {e}")
                 raise PassOver(Reason.LOAD_FAILED, f"load failed: {type(e).__name__}: {e}") from e

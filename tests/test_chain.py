@@ -359,7 +359,7 @@ class FakeClassifier:
     fail: list[BaseException] = []  # raised, in order, by the next constructions
     confidence = 0.9
 
-    def __init__(self, name: str, mode: str = "score", home=None):
+    def __init__(self, name: str, mode: str = "score", home=None, sample=False):
         FakeClassifier.made.append(name)
         if FakeClassifier.fail:
             raise FakeClassifier.fail.pop(0)

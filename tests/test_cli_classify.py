@@ -220,3 +220,28 @@ def test_classify_finds_a_model_converted_into_the_home_it_is_given(converted_ho
     assert {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")} == before
     assert "MLX_INTENT_HOME" not in os.environ
     assert (converted_home / "smollm2-135m" / "mlx_intent.json").is_file()  # loaded from there
+
+
+def test_sample_needs_generate_mode():
+    result = run(*KEYWORD, "--sample", "Where is the ferry?")
+    assert result.exit_code == 2 and "--sample needs --mode generate" in result.output
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_classify_sample_samples_at_the_models_temperature(llm, monkeypatch, sample):
+    """``classify --mode generate --sample`` samples at ModelSpec.temperature; without --sample it is greedy."""
+    import dataclasses
+
+    from mlx_intent import classifier
+    from mlx_intent.models import registry
+
+    spec = registry.REGISTRY["smollm2-135m"]
+    monkeypatch.setitem(registry.REGISTRY, "smollm2-135m", dataclasses.replace(spec, temperature=0.7))
+    seen = []
+    real = classifier.branch_probs
+    monkeypatch.setattr(classifier, "branch_probs", lambda logits, t: seen.append(t) or real(logits, t))
+    args = [*LLM, "--mode", "generate", *(["--sample"] if sample else [])]
+    result = run(*args, "Where can I eat fish in Kadıköy?")
+    assert result.exit_code == 0, result.output
+    schema.validate(json.loads(result.output))
+    assert (0.7 in seen) is sample

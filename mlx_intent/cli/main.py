@@ -114,8 +114,13 @@ def _done_ids(output: Path) -> set[str]:
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
 @click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
+@click.option(
+    "--sample",
+    is_flag=True,
+    help="With --mode generate: sample at each model's recommended temperature (models table) instead of greedily.",
+)
 @settings_options
-def classify(text, input_path, output, resume, verbose, settings: Settings) -> None:
+def classify(text, input_path, output, resume, verbose, sample, settings: Settings) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
@@ -124,26 +129,36 @@ def classify(text, input_path, output, resume, verbose, settings: Settings) -> N
     """
     if (text is None) == (input_path is None):
         raise click.UsageError("give either TEXT or --input")
+    if sample and settings.mode != "generate":
+        raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
     if text is not None:
         if not text.strip():
             raise InputError("text is empty")
-        result = chain_for(settings).classify(text)
+        result = _chain(settings, sample).classify(text)
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
     if output is None:
         raise click.UsageError("--input needs --output")
-    _classify_file(input_path, output, resume, settings)
+    _classify_file(input_path, output, resume, settings, sample)
 
 
-def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings) -> None:
+def _chain(settings: Settings, sample: bool):
+    """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads)."""
+    chain = chain_for(settings)
+    if chain.pool is not None:
+        chain.pool.sample = sample
+    return chain
+
+
+def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False) -> None:
     """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
     from tqdm import tqdm
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
     done = _done_ids(output) if resume else set()
-    chain = chain_for(settings)
+    chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
     with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
 

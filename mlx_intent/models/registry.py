@@ -30,7 +30,7 @@ class ModelSpec:
     source_repo: str | None  # original weights (for --from-source)
     mlx_repo: str | None  # ready MLX 4-bit repo on the Hub
     context: int  # tokens of context this project uses
-    temperature: float  # recommended sampling temperature for generate mode
+    temperature: float  # recommended sampling temperature of generate mode, used by `classify --sample` only
     memory_gb: tuple[float, float]  # memory budget, low and high estimate
     chat_format: str  # llama3 | zephyr | chatml
     rank: int  # preference when several fit: higher is better
