@@ -8,7 +8,6 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -22,6 +21,7 @@ from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
+from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
 from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
@@ -67,43 +67,29 @@ main.add_command(data_command)
 
 def _read_jsonl(path: str, done: set[str]):
     """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
-    error naming the line at the first malformed one."""
-    stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
-    with stream:
-        for n, raw in enumerate(stream, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-                obj = json.loads(line)
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{n}: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f'{path}:{n}: expected an object with a string "text"') from None
-            if not obj["text"].strip():
-                raise InputError(f"{path}:{n}: text is empty")
-            ident = str(obj.get("id", n))
-            if ident not in done:
-                yield n, ident, obj["text"]
+    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON)."""
+    for n, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InputError(f'{path}:{n}: expected an object with a string "text"')
+        if not obj["text"].strip():
+            raise InputError(f"{path}:{n}: text is empty")
+        ident = str(obj.get("id", n))
+        if ident not in done:
+            yield n, ident, obj["text"]
 
 
 def _done_ids(output: Path) -> set[str]:
-    """Ids already written to ``output``.  A torn last line (an interrupted run) is cut
-    off first, so the next record does not glue onto it; its query is redone."""
+    """Ids already written to ``output``.  Its tail is repaired first (mlx_intent.jsonl.repair_tail), so the
+    next record does not glue onto a line torn by an interrupted run: a fragment is cut off and its query
+    redone, a whole record missing its newline is ended and counts.  Unreadable lines are not ids."""
     ids: set[str] = set()
     if not output.is_file():
         return ids
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(output, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    for line in data.decode("utf-8", errors="replace").splitlines():
+    repair_file(output)
+    for n, raw in enumerate(output.read_bytes().split(b"\n"), 1):
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
+            ids.add(str(parse_line(raw, str(output), n)["id"]))
+        except (JSONLError, KeyError, TypeError):
             continue
     return ids
 
