@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
@@ -104,6 +105,8 @@ class ModelPool:
     retry_after_s: float = 60.0
     mode: str = "score"
     memory: int | None = None  # bytes the device can give; None = ask the device
+    home: Path | None = None  # the models folder (Settings.home); None = the registry default
+    sample: bool = False  # generate mode samples at each model's ModelSpec.temperature (classify --sample)
     loaded: OrderedDict = field(default_factory=OrderedDict)
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     unstamped: dict[str, int] = field(default_factory=dict)  # just loaded: MLX bytes in use before the load
@@ -120,7 +123,7 @@ class ModelPool:
                     raise PassOver(
                         Reason.LOAD_FAILED, f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})"
                     )
-            if not loading.is_available(name):
+            if not loading.is_available(name, self.home):
                 raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
             if not loading.fits(name, self.memory):
                 raise PassOver(
@@ -132,7 +135,7 @@ class ModelPool:
                 from mlx_intent.classifier import IntentClassifier
 
                 before = _start_peak()
-                clf = IntentClassifier(name, mode=self.mode)
+                clf = IntentClassifier(name, mode=self.mode, home=self.home, sample=self.sample)
             except Exception as e:  # corrupt weights, missing files, out of memory...
                 self.failed[name] = (time.monotonic(), f"{type(e).__name__}: {e}")
                 raise PassOver(Reason.LOAD_FAILED, f"load failed: {type(e).__name__}: {e}") from e
@@ -145,7 +148,7 @@ class ModelPool:
         """After a model's first run since its load, write the memory its load and run took (peak less what
         was in use before) next to its weights: ``mlx-intent models list`` shows it as "peak seen"."""
         before = self.unstamped.pop(name, None)
-        path = registry.resolve_dir(name) if before is not None else None
+        path = registry.resolve_dir(name, self.home) if before is not None else None
         if path is None:
             return
         import mlx.core as mx
@@ -429,7 +432,7 @@ def model_floor(settings: Settings, names: list[str]) -> float:
 def build_chain(settings: Settings, names: list[str] | None = None, memory: int | None = None) -> Chain:
     """The chain from settings: ``names`` (--chain) or MLX_INTENT_CHAIN, else the default."""
     names = list(names or settings.chain or default_chain_names(settings))
-    pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory)
+    pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
     floor = model_floor(settings, names)
     tiers = []
     secondaries = None

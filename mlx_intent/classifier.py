@@ -53,7 +53,10 @@ class IntentClassifier:
 
     ``IntentClassifier()`` picks the best available model, honouring LLM_MODEL and
     LLM_FALLBACK_MODEL (see ``loading.select_from_settings``); pass ``model_name`` to choose one, or an already
-    loaded ``model``/``tokenizer`` pair.
+    loaded ``model``/``tokenizer`` pair.  ``home`` is the models folder (``Settings.home``; None: the
+    registry default).  ``temperature`` is the calibration temperature of the confidence; ``sample`` makes
+    generate mode sample at the model's recommended sampling temperature (``ModelSpec.temperature``)
+    instead of decoding greedily.
     """
 
     def __init__(
@@ -67,22 +70,27 @@ class IntentClassifier:
         threshold: float | None = None,
         use_adapter: bool = True,
         cache_dir: Path | None = None,
+        home: Path | None = None,
+        sample: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.name = model_name or loading.select_from_settings()
+        self.name = model_name or loading.select_from_settings(home=home)
         self.spec = registry.get_spec(self.name)
+        self.home = home
         # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
-        adapter = registry.adapter_dir(self.name) if use_adapter and registry.has_adapter(self.name) else None
+        has_adapter = use_adapter and registry.has_adapter(self.name, home)
+        adapter = registry.adapter_dir(self.name, home) if has_adapter else None
         self.adapter = adapter
         style = (
             json.loads((adapter / "adapter_config.json").read_text()).get("prompt_style", "full") if adapter else "full"
         )
         if model is None:
-            model, tokenizer = loading.load(self.name, adapter=adapter)
+            model, tokenizer = loading.load(self.name, adapter=adapter, home=home)
         self.model, self.tokenizer = model, tokenizer
         self.mode = mode
-        folder = registry.resolve_dir(self.name)
+        self.sample = sample
+        folder = registry.resolve_dir(self.name, home)
         # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
         self.calibration_dir = adapter or folder
         calib = _calibration(self.calibration_dir)
@@ -277,11 +285,19 @@ class IntentClassifier:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    def stream(self, text: str, temperature: float = 0.0, seed: int | None = None) -> Iterator[str | dict]:
+    def stream(
+        self, text: str, temperature: float | None = None, seed: int | None = None, sample: bool | None = None
+    ) -> Iterator[str | dict]:
         """Constrained generation: yields pieces of JSON text as they are decided, then the result.
 
-        ``temperature`` 0 is greedy; above 0 samples among the valid tokens.  The
-        confidence is the calibrated probability of the primary's path, never typed."""
+        ``temperature`` 0 is greedy; above 0 samples among the valid tokens at that temperature.  None (the
+        default) is greedy unless ``sample`` (default: the classifier's ``sample``) asks for sampling, which
+        then runs at the model's recommended temperature, ``ModelSpec.temperature`` (0 for the bundled
+        model: greedy still).  The confidence is the calibrated probability of the primary's path, never
+        typed, whatever the sampling."""
+        if temperature is None:
+            sample = self.sample if sample is None else sample
+            temperature = self.spec.temperature if sample else 0.0
         start = time.perf_counter()
         ids, truncated = self.query_ids(text)
         rng = np.random.default_rng(seed)

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlx_intent.jsonl import JSONLError, iter_jsonl, repair_tail
+
 # Upper edges (ms) of the latency buckets, 1-2-5 spaced; one more bucket holds everything above the last.
 LATENCY_EDGES_MS: tuple[float, ...] = (
     1,
@@ -226,26 +228,7 @@ class ClassificationLog:
             raise
 
     def _repair_tail(self) -> None:
-        size = os.fstat(self._fd).st_size
-        if size == 0 or os.pread(self._fd, 1, size - 1) == b"\n":
-            return
-        line_start = size
-        while line_start > 0:  # find where the last line begins, reading backwards in blocks
-            block_start = max(0, line_start - 65536)
-            newline = os.pread(self._fd, line_start - block_start, block_start).rfind(b"\n")
-            if newline >= 0:
-                line_start = block_start + newline + 1
-                break
-            line_start = block_start
-        try:
-            whole = isinstance(json.loads(os.pread(self._fd, size - line_start, line_start)), dict)
-        except ValueError:
-            whole = False
-        if whole:
-            os.write(self._fd, b"\n")
-        else:
-            os.ftruncate(self._fd, line_start)
-        os.fsync(self._fd)
+        repair_tail(self._fd)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record as one line and fsync, so a returned call means a durable line."""
@@ -284,17 +267,15 @@ def read_log(path: Path | str) -> LogRecords:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
         raise LogError(f"cannot read log {path}: {e.strerror or e}") from None
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
     records = LogRecords()
-    for i, (number, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
+    try:
+        for number, record in iter_jsonl(lines, str(path)):
             if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        except ValueError as e:
-            if i == len(numbered) - 1:
-                records.skipped = 1
-                break
-            raise LogError(f"{path}:{number}: corrupt record ({e}); only a torn last line is tolerated") from None
-        records.append(record)
+                raise JSONLError(str(path), number, f"expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    except JSONLError as e:
+        if any(line.strip() for line in lines[e.line :]):
+            why = f"corrupt record ({e.reason}); only a torn last line is tolerated"
+            raise LogError(f"{path}:{e.line}: {why}") from None
+        records.skipped = 1
     return records

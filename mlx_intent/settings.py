@@ -279,5 +279,13 @@ def load_settings(
     return Settings(**values, sources=sources)  # type: ignore[arg-type]
 
 
+def environment_home(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The ``home`` setting's environment layer alone (MLX_INTENT_HOME, default ``os.environ``), parsed as
+    load_settings parses it: the models folder of library calls given no home (``IntentClassifier()``,
+    ``loading.load``...).  Commands pass ``Settings.home`` down instead; this is the only place that reads it."""
+    environ = os.environ if environ is None else environ
+    return SPECS["home"].parse(environ.get(SPECS["home"].env))  # type: ignore[return-value]
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")

@@ -359,7 +359,7 @@ class FakeClassifier:
     fail: list[BaseException] = []  # raised, in order, by the next constructions
     confidence = 0.9
 
-    def __init__(self, name: str, mode: str = "score"):
+    def __init__(self, name: str, mode: str = "score", home=None, sample=False):
         FakeClassifier.made.append(name)
         if FakeClassifier.fail:
             raise FakeClassifier.fail.pop(0)
@@ -375,7 +375,7 @@ def fake_models(monkeypatch, models_home) -> type[FakeClassifier]:
     monkeypatch.setattr(FakeClassifier, "made", [])
     monkeypatch.setattr(FakeClassifier, "fail", [])
     monkeypatch.setattr("mlx_intent.classifier.IntentClassifier", FakeClassifier)
-    monkeypatch.setattr(loading, "is_available", lambda name: True)
+    monkeypatch.setattr(loading, "is_available", lambda name, home=None: True)
     monkeypatch.setattr(loading, "fits", lambda name, memory=None: True)
     return FakeClassifier
 

@@ -266,3 +266,44 @@ def test_only_the_most_recently_used_prompt_caches_are_kept(tmp_path):
     removed = prune_prompt_caches(tmp_path, keep=4)
     assert sorted(removed) == files[4:]  # the two least recently used
     assert len(list(tmp_path.glob("prompt_cache_*"))) == 4 and (tmp_path / "model.safetensors").exists()
+
+
+@pytest.fixture
+def sampled_at(clf, monkeypatch) -> list[float]:
+    """The temperatures generate mode samples at (ModelSpec.temperature set to 0.7 for the test);
+    the confidence's calibration temperature is left out."""
+    import dataclasses
+
+    from mlx_intent import classifier
+
+    monkeypatch.setattr(clf, "spec", dataclasses.replace(clf.spec, temperature=0.7))
+    seen: list[float] = []
+    real = classifier.branch_probs
+
+    def recording(logits, temperature):
+        if temperature != clf.temperature:
+            seen.append(temperature)
+        return real(logits, temperature)
+
+    monkeypatch.setattr(classifier, "branch_probs", recording)
+    return seen
+
+
+def test_generate_is_greedy_unless_sampling_is_asked_for(clf, sampled_at, monkeypatch):
+    """ModelSpec.temperature is the sampling temperature of generate mode, used only when the caller asks
+    for sampling (stream(sample=True), IntentClassifier(sample=True), classify --sample); default answers
+    stay greedy, and an explicit temperature still wins."""
+    greedy = clf.classify(TEXTS[1], mode="generate")
+    assert sampled_at == []
+    *_, again = clf.stream(TEXTS[1])
+    assert sampled_at == [] and again["json"] == greedy["json"]
+    *_, sampled = clf.stream(TEXTS[1], seed=0, sample=True)
+    assert sampled_at and set(sampled_at) == {0.7}
+    schema.validate({k: sampled[k] for k in schema.KEYS})
+    sampled_at.clear()
+    monkeypatch.setattr(clf, "sample", True)
+    clf.classify(TEXTS[1], mode="generate")
+    assert sampled_at and set(sampled_at) == {0.7}
+    sampled_at.clear()
+    list(clf.stream(TEXTS[1], temperature=0.0))  # an explicit 0 is greedy whatever sample says
+    assert sampled_at == []

@@ -33,7 +33,7 @@ def clean_env(monkeypatch, tmp_path, models_home):
 
 @pytest.fixture
 def llm(monkeypatch, bundled):
-    def load(name, adapter=None, dequantize=None):
+    def load(name, adapter=None, dequantize=None, home=None):
         assert name == "smollm2-135m" and adapter is None
         return bundled
 
@@ -174,3 +174,74 @@ def test_resume_cuts_a_torn_last_line(tmp_path):
     out.write_bytes(b'{"id": "1", "primary_intent": "greeting"}\n{"id": "2", "prim')
     assert _done_ids(out) == {"1"}
     assert out.read_bytes() == b'{"id": "1", "primary_intent": "greeting"}\n'
+
+
+@pytest.fixture
+def converted_home(tmp_path, monkeypatch):
+    """The bundled model converted by ``models convert --home X`` into X, with MLX_INTENT_HOME unset and the
+    registry's default folder an empty one (a home dropped on the way would find no model, and no GGUF is
+    converted again)."""
+    from mlx_intent.models import gguf, registry
+
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    monkeypatch.setattr(registry, "environment_home", lambda: tmp_path / "default")
+    home = tmp_path / "x"
+    gguf_path = registry.bundled_gguf(registry.get_spec("smollm2-135m"))
+    made = CliRunner().invoke(
+        main, ["models", "convert", "--gguf", str(gguf_path), "--name", "smollm2-135m", "--home", str(home)]
+    )
+    assert made.exit_code == 0, made.output
+    assert registry.is_mlx_folder(home / "smollm2-135m") and not (tmp_path / "default").exists()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again: the home was lost")
+
+    monkeypatch.setattr(gguf, "convert_gguf", no_conversion)
+    return home
+
+
+@pytest.mark.parametrize("how", ["--home", ".env"])
+def test_classify_finds_a_model_converted_into_the_home_it_is_given(converted_home, tmp_path, how):
+    """The home of --home or .env goes down to the registry as an argument: no MLX_INTENT_HOME, and
+    os.environ is left as it was (commands used to write MLX_INTENT_HOME into it)."""
+    import os
+
+    import mlx_intent.cli.options as options
+
+    assert not hasattr(options, "_apply_home")
+    args = ["--home", str(converted_home)] if how == "--home" else []
+    if how == ".env":
+        (tmp_path / ".env").write_text(f"MLX_INTENT_HOME={converted_home}\n")
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")}  # mlx-lm sets others
+    result = run(*LLM, "-v", *args, "Where can I eat fish in Kadıköy?")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["tier"] == "smollm2-135m" and answer["model"] == "smollm2-135m", answer["fallbacks"]
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")} == before
+    assert "MLX_INTENT_HOME" not in os.environ
+    assert (converted_home / "smollm2-135m" / "mlx_intent.json").is_file()  # loaded from there
+
+
+def test_sample_needs_generate_mode():
+    result = run(*KEYWORD, "--sample", "Where is the ferry?")
+    assert result.exit_code == 2 and "--sample needs --mode generate" in result.output
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_classify_sample_samples_at_the_models_temperature(llm, monkeypatch, sample):
+    """``classify --mode generate --sample`` samples at ModelSpec.temperature; without --sample it is greedy."""
+    import dataclasses
+
+    from mlx_intent import classifier
+    from mlx_intent.models import registry
+
+    spec = registry.REGISTRY["smollm2-135m"]
+    monkeypatch.setitem(registry.REGISTRY, "smollm2-135m", dataclasses.replace(spec, temperature=0.7))
+    seen = []
+    real = classifier.branch_probs
+    monkeypatch.setattr(classifier, "branch_probs", lambda logits, t: seen.append(t) or real(logits, t))
+    args = [*LLM, "--mode", "generate", *(["--sample"] if sample else [])]
+    result = run(*args, "Where can I eat fish in Kadıköy?")
+    assert result.exit_code == 0, result.output
+    schema.validate(json.loads(result.output))
+    assert (0.7 in seen) is sample

@@ -292,3 +292,35 @@ def test_cli_convert_succeeds(tmp_path, monkeypatch):
     assert registry.is_mlx_folder(tmp_path / "smol")
     again = CliRunner().invoke(main, ["models", "convert", "--gguf", str(GGUF), "--name", "smol"])
     assert again.exit_code == 1 and "use --force" in again.output
+
+
+def test_cli_convert_and_list_agree_on_the_home_they_are_given(tmp_path, monkeypatch):
+    """``models convert`` and ``models list`` take the home setting (--home, --env-file) as classify does,
+    with MLX_INTENT_HOME unset; neither writes it into the environment."""
+    import os
+
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    monkeypatch.setattr(registry, "environment_home", lambda: tmp_path / "default")
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "x"
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")}  # mlx-lm sets others
+    made = CliRunner().invoke(
+        main, ["models", "convert", "--gguf", str(GGUF), "--name", "smollm2-135m", "--home", str(home)]
+    )
+    assert made.exit_code == 0, made.output
+    assert registry.is_mlx_folder(home / "smollm2-135m")
+
+    def state_of(output: str) -> str:
+        cells = next(line for line in output.splitlines() if "smollm2-135m " in line).split()
+        return cells[cells.index("smollm2-135m") + 1]
+
+    listed = CliRunner().invoke(main, ["models", "list", "--home", str(home)])
+    assert listed.exit_code == 0, listed.output
+    assert f"models folder: {home}" in listed.output and state_of(listed.output) == "converted"
+    env_file = tmp_path / "settings.env"
+    env_file.write_text(f"MLX_INTENT_HOME={home}\n")
+    from_file = CliRunner().invoke(main, ["models", "list", "--env-file", str(env_file)])
+    assert from_file.exit_code == 0 and from_file.output == listed.output
+    default = CliRunner().invoke(main, ["models", "list"])
+    assert f"models folder: {tmp_path / 'default'}" in default.output and state_of(default.output) == "downloaded"
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")} == before

@@ -97,6 +97,24 @@ def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     assert registry.home() != tmp_path / "elsewhere"
 
 
+def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_path, monkeypatch):
+    """Path functions take the caller's home (Settings.home); None is the default, whose environment layer
+    settings reads (MLX_INTENT_HOME, parsed as load_settings parses it)."""
+    from mlx_intent.settings import environment_home, load_settings
+
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "env"))
+    given = tmp_path / "given"
+    assert registry.home(given) == given
+    assert registry.model_dir("tinyllama", given) == given / "tinyllama"
+    assert registry.hub_cache(given) == given / ".hub"
+    assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
+    assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
+    assert registry.state("tinyllama", given) == "missing"
+    assert environment_home({"MLX_INTENT_HOME": "~/m"}) == Path("~/m").expanduser()
+    assert environment_home({"MLX_INTENT_HOME": " "}) is None and environment_home({}) is None
+    assert environment_home() == load_settings(environ={"MLX_INTENT_HOME": str(tmp_path / "env")}).home
+
+
 def test_default_home_is_the_checkouts_models_folder(monkeypatch):
     """From a checkout the models folder is models/ beside pyproject.toml, where the adapters are committed."""
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)

@@ -75,7 +75,7 @@ def test_short_training_run_writes_an_adapter_that_classify_loads(bundled, model
 
     from mlx_intent.classifier import IntentClassifier
 
-    monkeypatch.setattr(registry, "adapter_dir", lambda name: out)
+    monkeypatch.setattr(registry, "adapter_dir", lambda name, home=None: out)
     clf = IntentClassifier("smollm2-135m")
     assert clf.adapter == out
     result = clf.classify("Where can I buy Turkish delight?")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -58,19 +57,17 @@ def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings:
     """
     from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, IntentClassifier
 
-    if settings.home is not None:  # the registry reads the environment
-        os.environ["MLX_INTENT_HOME"] = str(settings.home)
     if model == ENCODER:
         from mlx_intent.tuner.encoder import recalibrate
 
         rows = [
             {**r, "_source": p.stem}
-            for p in map(data_path, data or ("calib", "public-calib"))
+            for p in (data_path(d, settings.home) for d in data or ("calib", "public-calib"))
             for r in read_labelled(p)
         ]
         recalibrate(rows, report=click.echo)
         return
-    paths = [data_path(d) for d in data or ("calib",)]
+    paths = [data_path(d, settings.home) for d in data or ("calib",)]
     rows = [r for p in paths for r in read_labelled(p)]
     path = paths[0] if len(paths) == 1 else Path("+".join(str(p) for p in paths))
     if model == "keyword":
@@ -78,7 +75,7 @@ def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings:
     texts = [r["text"] for r in rows]
     gold = [INTENTS.index(r["primary_intent"]) for r in rows]
     try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model
-        clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD)
+        clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD, home=settings.home)
     except (registry.UnknownModelError, registry.ModelNotAvailableError) as e:
         raise ModelError(str(e)) from None
     with every_branch():

@@ -42,7 +42,7 @@ Exit codes: 0 done; 1 an error reported in words; {EXIT_INPUT} bad usage or bad 
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
 @settings_options
 def compare_command(a: str, b: str, data: str, report: Path | None, settings: Settings) -> None:
-    path = data_path(data)
+    path = data_path(data, settings.home)
     rows = read_labelled(path)
     names = (chain_names(a, settings), chain_names(b, settings))
     if not all(names):

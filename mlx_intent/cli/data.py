@@ -11,11 +11,13 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.options import home_options
 from mlx_intent.corpora.build import DEFAULT_GENERAL_CAP, DEFAULT_SEED, build, format_summary
 from mlx_intent.corpora.download import ChecksumError, corpora_home, fetch_corpus, fetched
 from mlx_intent.corpora.mapping import MapError
 from mlx_intent.corpora.readers import CorpusFormatError
 from mlx_intent.corpora.sources import CORPORA
+from mlx_intent.settings import Settings
 
 DEFAULT_OWN_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
@@ -43,12 +45,11 @@ def data_command() -> None:
 
 @data_command.command("fetch")
 @click.argument("name", metavar="NAME|all")
-@click.option(
-    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
-)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def fetch_cmd(name: str, home: Path | None, quiet: bool) -> None:
+@home_options
+def fetch_cmd(name: str, quiet: bool, settings: Settings) -> None:
     """Download corpus NAME (or all of them) into <home>/corpora/NAME at its pinned commit."""
+    home = settings.home
     names = list(CORPORA) if name == "all" else [name]
     for n in names:
         if n not in CORPORA:
@@ -88,9 +89,6 @@ def _parse_from(values: tuple[str, ...]) -> dict[str, Path]:
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default <home>/data).")
 @click.option(
-    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
-)
-@click.option(
     "--own-data",
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_OWN_DATA,
@@ -105,14 +103,16 @@ def _parse_from(values: tuple[str, ...]) -> dict[str, Path]:
     help="Largest share of `general` in public-train and public-calib.",
 )
 @click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the general-cap sample.")
+@home_options
 def build_cmd(
-    from_: tuple[str, ...], out: Path | None, home: Path | None, own_data: Path, general_cap: float, seed: int
+    from_: tuple[str, ...], out: Path | None, own_data: Path, general_cap: float, seed: int, settings: Settings
 ) -> None:
     """Map, de-duplicate and split the corpora; write public-*.jsonl, reserved-*.jsonl, summary.json.
 
     Reserved files (CLINC150 test, SLURP test, xSID, Snips) are for evaluation only:
     never train, calibrate or tune on them.
     """
+    home = settings.home
     sources = {n: p for n in CORPORA if (p := fetched(n, home))}
     sources |= _parse_from(from_)
     if not sources:
@@ -127,12 +127,11 @@ def build_cmd(
 
 
 @data_command.command("list")
-@click.option(
-    "--home", type=click.Path(file_okay=False, path_type=Path), help="Models home (default $MLX_INTENT_HOME)."
-)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Built folder (default <home>/data).")
-def list_cmd(home: Path | None, out: Path | None) -> None:
+@home_options
+def list_cmd(out: Path | None, settings: Settings) -> None:
     """Each corpus: fetched or not, its licence credit; then the built files and their row counts."""
+    home = settings.home
     for n, c in CORPORA.items():
         root = fetched(n, home)
         role = (

@@ -64,7 +64,7 @@ def eval_command(
     no_adapter: bool,
     settings: Settings,
 ) -> None:
-    path = data_path(data)
+    path = data_path(data, settings.home)
     rows = read_labelled(path)
     names = chain_names(None, settings)
     report = report or default_report("eval", path, names)

@@ -8,7 +8,6 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -17,11 +16,12 @@ from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
-from mlx_intent.cli.options import chain_for, config_command, settings_options
+from mlx_intent.cli.options import chain_for, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
+from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
 from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
@@ -67,43 +67,29 @@ main.add_command(data_command)
 
 def _read_jsonl(path: str, done: set[str]):
     """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
-    error naming the line at the first malformed one."""
-    stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
-    with stream:
-        for n, raw in enumerate(stream, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-                obj = json.loads(line)
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{n}: not valid UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise InputError(f'{path}:{n}: expected an object with a string "text"') from None
-            if not obj["text"].strip():
-                raise InputError(f"{path}:{n}: text is empty")
-            ident = str(obj.get("id", n))
-            if ident not in done:
-                yield n, ident, obj["text"]
+    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON)."""
+    for n, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise InputError(f'{path}:{n}: expected an object with a string "text"')
+        if not obj["text"].strip():
+            raise InputError(f"{path}:{n}: text is empty")
+        ident = str(obj.get("id", n))
+        if ident not in done:
+            yield n, ident, obj["text"]
 
 
 def _done_ids(output: Path) -> set[str]:
-    """Ids already written to ``output``.  A torn last line (an interrupted run) is cut
-    off first, so the next record does not glue onto it; its query is redone."""
+    """Ids already written to ``output``.  Its tail is repaired first (mlx_intent.jsonl.repair_tail), so the
+    next record does not glue onto a line torn by an interrupted run: a fragment is cut off and its query
+    redone, a whole record missing its newline is ended and counts.  Unreadable lines are not ids."""
     ids: set[str] = set()
     if not output.is_file():
         return ids
-    data = output.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(output, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
-    for line in data.decode("utf-8", errors="replace").splitlines():
+    repair_file(output)
+    for n, raw in enumerate(output.read_bytes().split(b"\n"), 1):
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
+            ids.add(str(parse_line(raw, str(output), n)["id"]))
+        except (JSONLError, KeyError, TypeError):
             continue
     return ids
 
@@ -114,8 +100,13 @@ def _done_ids(output: Path) -> set[str]:
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
 @click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
+@click.option(
+    "--sample",
+    is_flag=True,
+    help="With --mode generate: sample at each model's recommended temperature (models table) instead of greedily.",
+)
 @settings_options
-def classify(text, input_path, output, resume, verbose, settings: Settings) -> None:
+def classify(text, input_path, output, resume, verbose, sample, settings: Settings) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
@@ -124,26 +115,36 @@ def classify(text, input_path, output, resume, verbose, settings: Settings) -> N
     """
     if (text is None) == (input_path is None):
         raise click.UsageError("give either TEXT or --input")
+    if sample and settings.mode != "generate":
+        raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
     if text is not None:
         if not text.strip():
             raise InputError("text is empty")
-        result = chain_for(settings).classify(text)
+        result = _chain(settings, sample).classify(text)
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
     if output is None:
         raise click.UsageError("--input needs --output")
-    _classify_file(input_path, output, resume, settings)
+    _classify_file(input_path, output, resume, settings, sample)
 
 
-def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings) -> None:
+def _chain(settings: Settings, sample: bool):
+    """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads)."""
+    chain = chain_for(settings)
+    if chain.pool is not None:
+        chain.pool.sample = sample
+    return chain
+
+
+def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False) -> None:
     """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
     from tqdm import tqdm
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
     done = _done_ids(output) if resume else set()
-    chain = chain_for(settings)
+    chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
     with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
 
@@ -186,6 +187,7 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
 @click.option("--seed", default=0, show_default=True)
+@home_options
 def train(
     model,
     train_data,
@@ -199,6 +201,7 @@ def train(
     rank,
     tune_layers,
     seed,
+    settings: Settings,
 ) -> None:
     """Fine-tune MODEL on labelled data.
 
@@ -217,7 +220,7 @@ def train(
         def rows_of(names):
             rows, counts = [], {}
             for name in names:
-                path = data_path(name)
+                path = data_path(name, settings.home)
                 part = [{**r, "_source": path.stem} for r in read_labelled(path)]
                 rows += part
                 counts[path.stem] = len(part)
@@ -252,8 +255,8 @@ def train(
         raise InputError("an LLM adapter trains on one --data file and takes no --calib (run mlx-intent calibrate)")
     summary = train_adapter(
         model,
-        data_path(train_data[0] if train_data else "train"),
-        data_path(valid_data) if valid_data else None,
+        data_path(train_data[0] if train_data else "train", settings.home),
+        data_path(valid_data, settings.home) if valid_data else None,
         iters=iters,
         epochs=epochs or 1.0,
         batch_size=batch_size or 16,
@@ -262,9 +265,10 @@ def train(
         rank=rank,
         seed=seed,
         report=report,
+        home=settings.home,
     )
     click.echo(
-        f"adapter for {model}: {registry.adapter_dir(model)} "
+        f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
 
@@ -276,15 +280,12 @@ def models() -> None:
 
 @models.command("list")
 @click.option("--model", help="Selection override, as for classify.")
-def models_list(model: str | None) -> None:
+@home_options
+def models_list(model: str | None, settings: Settings) -> None:
     """Show every registry model: state, size on disk, memory, and which one is selected."""
     from mlx_intent.models.loading import select_from_settings
-    from mlx_intent.settings import SettingsError, load_settings
 
-    try:
-        settings = load_settings()
-    except SettingsError as e:
-        raise click.ClickException(str(e)) from None
+    home = settings.home
     try:
         selected = select_from_settings(model, settings)
     except (registry.ModelNotAvailableError, registry.UnknownModelError) as e:
@@ -292,15 +293,15 @@ def models_list(model: str | None) -> None:
         click.echo(f"note: {e}", err=True)
     rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo")]
     for spec in registry.REGISTRY.values():
-        path = registry.resolve_dir(spec.name)
+        path = registry.resolve_dir(spec.name, home)
         peak = registry.read_stamp(path).get("peak_memory") if path else None
         lo, hi = spec.memory_gb
         rows.append(
             (
                 "*" if spec.name == selected else "",
                 spec.name,
-                registry.state(spec.name),
-                _human(registry.disk_size(spec.name)) if registry.state(spec.name) != "missing" else "-",
+                registry.state(spec.name, home),
+                _human(registry.disk_size(spec.name, home)) if registry.state(spec.name, home) != "missing" else "-",
                 f"{lo:g}-{hi:g} GB",
                 _human(peak) if peak else "-",
                 spec.mlx_repo or f"bundled ({spec.gguf_package})",
@@ -309,18 +310,19 @@ def models_list(model: str | None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    click.echo(f"\nmodels folder: {registry.home()}   (* = selected now)")
+    click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
 
 
 @models.command("convert")
 @click.option("--gguf", "gguf", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file.")
 @click.option("--name", required=True, help="Registry name (or a new name) for the MLX folder.")
 @click.option("--force", is_flag=True, help="Replace an existing converted model.")
-def models_convert(gguf: Path, name: str, force: bool) -> None:
+@home_options
+def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> None:
     """Convert a Llama-architecture GGUF (Q4_0, Q4_1, Q8_0, F16, F32) to an MLX 4-bit folder."""
     from mlx_intent.models.gguf import GGUFError, convert_gguf
 
-    out = registry.home() / name
+    out = registry.home(settings.home) / name
     if registry.is_mlx_folder(out) and not force:
         raise click.ClickException(f"{out} already holds a converted model; use --force to replace it")
     try:
@@ -333,14 +335,15 @@ def models_convert(gguf: Path, name: str, force: bool) -> None:
 @models.command("pull")
 @click.argument("name")
 @click.option("--from-source", is_flag=True, help="Download the original weights and convert them to 4-bit.")
-def models_pull(name: str, from_source: bool) -> None:
+@home_options
+def models_pull(name: str, from_source: bool, settings: Settings) -> None:
     """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
 
     Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
     try:
-        path = hub.pull(name, from_source=from_source)
+        path = hub.pull(name, from_source=from_source, home=settings.home)
     except registry.UnknownModelError as e:
         raise ModelError(str(e)) from None
     except hub.PullError as e:

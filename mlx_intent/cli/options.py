@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import click
@@ -14,23 +13,26 @@ from mlx_intent.models import registry
 from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
 
 
-def settings_options(command: Callable) -> Callable:
-    """Add ``--env-file`` and one flag per setting to a click command, which then receives ``settings``.
+def settings_options(command: Callable, names: Iterable[str] = SPECS) -> Callable:
+    """Add ``--env-file`` and one flag per setting (of ``names``; default all) to a click command, which then
+    receives ``settings`` (every setting, from defaults, .env and the environment, and these flags).
 
     Flags take text and are parsed by load_settings, so a bad flag fails with the same message as a bad
     variable.  Their Python names are ``setting_<name>`` so they never clash with the command's own.
     """
+    names = tuple(names)
 
     @functools.wraps(command)
     def wrapper(*args: object, setting_env_file: Path | None, **kwargs: object) -> object:
-        cli = {name: kwargs.pop(f"setting_{name}") for name in SPECS}
+        cli = {name: kwargs.pop(f"setting_{name}") for name in names}
         try:
             settings = load_settings(cli, dotenv=setting_env_file)
         except SettingsError as e:
             raise click.ClickException(str(e)) from None
         return command(*args, settings=settings, **kwargs)
 
-    for name, spec in reversed(SPECS.items()):
+    for name in reversed(names):
+        spec = SPECS[name]
         option = click.option(
             flag(name),
             f"setting_{name}",
@@ -49,6 +51,12 @@ def settings_options(command: Callable) -> Callable:
     return env_file(wrapper)
 
 
+def home_options(command: Callable) -> Callable:
+    """``--home`` and ``--env-file`` only, for commands whose other flags would clash with the settings' own
+    (``models``, ``train``, ``data``): they receive ``settings`` and use ``settings.home``, as classify does."""
+    return settings_options(command, ("home",))
+
+
 @click.command("config")
 @settings_options
 def config_command(settings: Settings) -> None:
@@ -60,22 +68,15 @@ def config_command(settings: Settings) -> None:
         click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
 
 
-def _apply_home(settings: Settings) -> None:
-    """MLX_INTENT_HOME may come from .env or a flag: the registry reads the environment."""
-    if settings.home is not None:
-        os.environ["MLX_INTENT_HOME"] = str(settings.home)
-
-
 def chain_for(settings: Settings):
     """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3)."""
     from mlx_intent.chain import build_chain
 
-    _apply_home(settings)
     try:
         chain = build_chain(settings)
     except registry.UnknownModelError as e:
         raise ModelError(str(e)) from None
-    if settings.sources.get("model") == "command line" and registry.state(settings.model) == "missing":
+    if settings.sources.get("model") == "command line" and registry.state(settings.model, settings.home) == "missing":
         click.echo(
             f"warning: {settings.model} is not downloaded; get it with: {registry.how_to_get(settings.model)}", err=True
         )

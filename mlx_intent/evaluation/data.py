@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlx_intent.errors import InputError
+from mlx_intent.jsonl import read_jsonl
 from mlx_intent.schema import INTENTS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -13,16 +13,17 @@ DATA_DIR = ROOT / "benchmarks" / "data"
 REPORT_DIR = ROOT / "benchmarks" / "reports"
 
 
-def data_path(data: str) -> Path:
+def data_path(data: str, home: Path | None = None) -> Path:
     """A JSONL file, or a bare name of one under benchmarks/data (``dev``, ``train``, ``calib``) or
     under <models home>/data, where ``mlx-intent data build`` writes the public corpora
-    (``public-train``, ``public-heldout-clinc150``, ``reserved-xsid``...)."""
-    from mlx_intent.models.registry import home
+    (``public-train``, ``public-heldout-clinc150``, ``reserved-xsid``...); ``home`` is the models folder
+    (``Settings.home``; None: the registry default)."""
+    from mlx_intent.models import registry
 
     path = Path(data)
     if path.is_file():
         return path
-    places = [DATA_DIR / f"{data}.jsonl", home() / "data" / f"{data}.jsonl"]
+    places = [DATA_DIR / f"{data}.jsonl", registry.home(home) / "data" / f"{data}.jsonl"]
     for named in places:
         if not path.suffix and named.is_file():
             return named
@@ -35,21 +36,14 @@ def read_labelled(path: Path) -> list[dict]:
 
     Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
     rows = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InputError(f"{path}:{n}: not valid UTF-8 JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise InputError(f'{path}:{n}: expected an object with a non-empty string "text"')
-            primary = row.get("primary_intent")
-            all_intents = row.get("all_intents") or [primary]
-            if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
-                raise InputError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
-            rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
+    for n, row in read_jsonl(path):  # a line that is not UTF-8 JSON: a JSONLError (an InputError) naming it
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise InputError(f'{path}:{n}: expected an object with a non-empty string "text"')
+        primary = row.get("primary_intent")
+        all_intents = row.get("all_intents") or [primary]
+        if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
+            raise InputError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
+        rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
     if not rows:
         raise InputError(f"{path}: no rows")
     return rows

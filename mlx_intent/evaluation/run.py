@@ -39,8 +39,6 @@ def chain_names(spec: str | tuple[str, ...] | None, settings: Settings) -> tuple
 
 def make_chain(names: tuple[str, ...], settings: Settings) -> Chain:
     """The chain of ``names`` with the query cache off, so repeated texts are timed for real."""
-    if settings.home is not None:  # the registry reads the environment
-        os.environ["MLX_INTENT_HOME"] = str(settings.home)
     try:
         return build_chain(dataclasses.replace(settings, chain=names, cache_size=0))
     except registry.UnknownModelError as e:
@@ -54,7 +52,9 @@ def use_base_models(chain: Chain) -> None:
     for tier in chain.tiers:
         if tier.model is not None and chain.pool is not None:
             try:
-                chain.pool.loaded[tier.model] = IntentClassifier(tier.model, mode=chain.pool.mode, use_adapter=False)
+                chain.pool.loaded[tier.model] = IntentClassifier(
+                    tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home
+                )
             except registry.ModelNotAvailableError as e:
                 raise ModelError(str(e)) from None
 

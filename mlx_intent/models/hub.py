@@ -20,8 +20,8 @@ class PullError(RuntimeError):
     """A model could not be pulled; the message says why and what to do."""
 
 
-def pull(name: str, from_source: bool = False) -> Path:
-    """Make ``name`` loadable and return its MLX folder.
+def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path:
+    """Make ``name`` loadable under ``home`` (the registry default if None) and return its MLX folder.
 
     Default: download the ready MLX 4-bit repo into the hub cache.  ``from_source``:
     download the original weights and quantize them to 4-bit here with mlx-lm.  The
@@ -30,12 +30,12 @@ def pull(name: str, from_source: bool = False) -> Path:
     """
     spec = registry.get_spec(name)
     if from_source:
-        return _pull_source(spec)
+        return _pull_source(spec, home)
     if spec.mlx_repo is None:
         from mlx_intent.models.gguf import GGUFError
 
         try:
-            return registry.require_dir(name)
+            return registry.require_dir(name, home)
         except registry.ModelNotAvailableError:
             raise PullError(
                 f"{name} is not downloaded from the Hub: it ships as a GGUF in a Python package; "
@@ -43,23 +43,23 @@ def pull(name: str, from_source: bool = False) -> Path:
             ) from None
         except GGUFError as e:
             raise PullError(f"{name}: cannot convert the bundled GGUF: {e}") from None
-    path = registry.resolve_dir(name)
+    path = registry.resolve_dir(name, home)
     if path is not None:
         return path
-    path = _download(spec, spec.mlx_repo, registry.hub_cache(), into_cache=True)
+    path = _download(spec, spec.mlx_repo, registry.hub_cache(home), into_cache=True, home=home)
     if not registry.is_mlx_folder(path):
         raise PullError(f"{name}: {spec.mlx_repo} holds no MLX model (config.json and model*.safetensors) in {path}")
     return path
 
 
-def _pull_source(spec: registry.ModelSpec) -> Path:
+def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
     """Download the original weights and quantize them (4-bit, group 64) into model_dir, atomically."""
     if spec.source_repo is None:
         raise PullError(f"{spec.name} has no source repo to convert from")
-    out = registry.model_dir(spec.name)
+    out = registry.model_dir(spec.name, home)
     if registry.is_mlx_folder(out):
         return out
-    source = _download(spec, spec.source_repo, registry.source_dir(spec), into_cache=False)
+    source = _download(spec, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
     from mlx_lm import convert
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def _pull_source(spec: registry.ModelSpec) -> Path:
     return out
 
 
-def _download(spec: registry.ModelSpec, repo: str, place: Path, into_cache: bool) -> Path:
+def _download(spec: registry.ModelSpec, repo: str, place: Path, into_cache: bool, home: Path | None = None) -> Path:
     """snapshot_download of the files a model needs into the hub cache or a plain folder, errors put in words."""
     import httpx2
     from huggingface_hub import snapshot_download
@@ -84,10 +84,10 @@ def _download(spec: registry.ModelSpec, repo: str, place: Path, into_cache: bool
     try:
         return Path(snapshot_download(repo, allow_patterns=registry.HUB_PATTERNS, **where))
     except (OSError, httpx2.HTTPError) as e:  # the Hub's errors are OSErrors; transport errors are httpx2's
-        raise PullError(explain(e, spec.name, repo, place)) from e
+        raise PullError(explain(e, spec.name, repo, place, home)) from e
 
 
-def explain(error: Exception, name: str, repo: str, place: Path) -> str:
+def explain(error: Exception, name: str, repo: str, place: Path, home: Path | None = None) -> str:
     """The message for a failed download: what went wrong and what the user can do."""
     import httpx2
     from huggingface_hub import constants, errors, get_token
@@ -120,7 +120,8 @@ def explain(error: Exception, name: str, repo: str, place: Path) -> str:
         return f"{head}: the Hub answered {status}: {str(error).splitlines()[0]}. Try again later."
     if isinstance(error, (httpx2.HTTPError, ConnectionError, TimeoutError)):
         return f"{head}: network error ({error.__class__.__name__}: {error}); pull again: it resumes where it stopped."
-    return f"{head}: {error.__class__.__name__}: {error}; check the free space and permissions of {registry.home()}."
+    folder = registry.home(home)
+    return f"{head}: {error.__class__.__name__}: {error}; check the free space and permissions of {folder}."
 
 
 def _reach_advice() -> str:

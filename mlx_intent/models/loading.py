@@ -24,9 +24,10 @@ def fits(name: str, memory: int | None = None) -> bool:
     return get_spec(name).memory_gb[1] * GB <= memory
 
 
-def is_available(name: str) -> bool:
-    """On disk, or convertible from a bundled GGUF without any download."""
-    return state(name) != "missing"
+def is_available(name: str, home: Path | None = None) -> bool:
+    """On disk (under ``home``, the registry default if None), or convertible from a bundled GGUF without
+    any download."""
+    return state(name, home) != "missing"
 
 
 def select_best_model(
@@ -34,8 +35,9 @@ def select_best_model(
     env_model: str | None = None,
     env_fallback: str | None = None,
     memory: int | None = None,
+    home: Path | None = None,
 ) -> str:
-    """The model to use.
+    """The model to use, among those on disk under ``home``.
 
     ``model`` (the --model option) wins outright.  Otherwise ``env_model``
     (LLM_MODEL) if it is available and fits, else ``env_fallback``
@@ -44,14 +46,14 @@ def select_best_model(
     """
     if model is not None:
         get_spec(model)
-        if not is_available(model):
+        if not is_available(model, home):
             raise ModelNotAvailableError(f"model {model!r} is not downloaded; get it with: {how_to_get(model)}")
         return model
     memory = backend.available_memory() if memory is None else memory
     for name in (env_model, env_fallback):
-        if name is not None and (get_spec(name) and is_available(name) and fits(name, memory)):
+        if name is not None and (get_spec(name) and is_available(name, home) and fits(name, memory)):
             return name
-    usable = [s for s in REGISTRY.values() if is_available(s.name) and fits(s.name, memory)]
+    usable = [s for s in REGISTRY.values() if is_available(s.name, home) and fits(s.name, memory)]
     if not usable:
         raise ModelNotAvailableError(
             "no model is available that fits in "
@@ -60,22 +62,27 @@ def select_best_model(
     return max(usable, key=lambda s: s.rank).name
 
 
-def select_from_settings(model: str | None = None, settings=None, memory: int | None = None) -> str:
+def select_from_settings(
+    model: str | None = None, settings=None, memory: int | None = None, home: Path | None = None
+) -> str:
     """``select_best_model`` with LLM_MODEL / LLM_FALLBACK_MODEL from ``settings`` (default: load_settings(),
-    i.e. .env and the environment), as the README's selection promises."""
+    i.e. .env and the environment), as the README's selection promises, among the models under ``home``
+    (default: the settings' home)."""
     if settings is None:
         from mlx_intent.settings import load_settings
 
         settings = load_settings()
-    return select_best_model(model, settings.model, settings.fallback_model, memory)
+    home = settings.home if home is None else home
+    return select_best_model(model, settings.model, settings.fallback_model, memory, home)
 
 
-def load(name: str, adapter: Path | None = None, dequantize: bool | None = None):
+def load(name: str, adapter: Path | None = None, dequantize: bool | None = None, home: Path | None = None):
     """Load ``name`` and return ``(model, tokenizer)`` (an mlx-lm TokenizerWrapper).
 
     On Metal (and CUDA) the weights stay 4-bit.  On the CPU they are dequantized to
     float32 at load: MLX's CPU 4-bit matmul is slow for prefill, float32 runs on
-    OpenBLAS.  ``adapter`` is a LoRA adapter folder from ``mlx-intent train``.
+    OpenBLAS.  ``adapter`` is a LoRA adapter folder from ``mlx-intent train``; ``home`` the models folder
+    (the registry default if None).
     """
     backend.use_openblas()
     cpu_kernels.install()
@@ -84,7 +91,7 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None)
     from mlx_lm import load as mlx_load
     from mlx_lm.utils import dequantize_model
 
-    path = require_dir(name)
+    path = require_dir(name, home)
     start = time.perf_counter()
     model, tokenizer = mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
     if dequantize is None:

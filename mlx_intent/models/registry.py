@@ -1,9 +1,13 @@
 """The model registry: every model mlx-intent knows, where it lives, and its state.
 
-One file, one source of truth.  Models live under one folder, ``models/`` of the
-checkout by default, or ``$MLX_INTENT_HOME``.  A model's MLX folder is
-``<home>/<name>/``; weights pulled from the Hub are cached by huggingface-hub
-under ``<home>/.hub/``.
+One file, one source of truth.  Models live under one folder, the ``home`` setting
+(``--home``, ``.env`` or ``$MLX_INTENT_HOME``; see ``mlx_intent.settings``), else ``models/``
+of the checkout.  A model's MLX folder is ``<home>/<name>/``; weights pulled from the Hub
+are cached by huggingface-hub under ``<home>/.hub/``.
+
+Every function that resolves a path takes ``home``: the caller's models folder (commands
+pass ``Settings.home``); None is the default of ``home()``.  This module never reads the
+environment.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlx_intent.settings import environment_home
 
 GB = 1024**3
 STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
@@ -24,7 +30,7 @@ class ModelSpec:
     source_repo: str | None  # original weights (for --from-source)
     mlx_repo: str | None  # ready MLX 4-bit repo on the Hub
     context: int  # tokens of context this project uses
-    temperature: float  # recommended sampling temperature for generate mode
+    temperature: float  # recommended sampling temperature of generate mode, used by `classify --sample` only
     memory_gb: tuple[float, float]  # memory budget, low and high estimate
     chat_format: str  # llama3 | zephyr | chatml
     rank: int  # preference when several fit: higher is better
@@ -106,23 +112,29 @@ def get_spec(name: str) -> ModelSpec:
     return REGISTRY[name]
 
 
-def home() -> Path:
-    """The models folder: $MLX_INTENT_HOME, else models/ of the checkout, else ~/.cache."""
-    if env := os.environ.get("MLX_INTENT_HOME"):
-        return Path(env).expanduser()
+def home(home: Path | None = None) -> Path:
+    """The models folder: ``home`` when given, else the home setting's environment layer
+    (MLX_INTENT_HOME, read by settings), else models/ of the checkout, else ~/.cache."""
+    if home is not None:
+        return Path(home).expanduser()
+    if (env := environment_home()) is not None:
+        return env
     checkout = Path(__file__).resolve().parents[2]  # mlx_intent/models/registry.py -> the checkout
     if (checkout / "pyproject.toml").is_file():
         return checkout / "models"
     return Path("~/.cache/mlx-intent/models").expanduser()
 
 
-def hub_cache() -> Path:
-    return home() / ".hub"
+_home = home  # for the functions below, whose ``home`` argument hides it
 
 
-def model_dir(name: str) -> Path:
+def hub_cache(home: Path | None = None) -> Path:
+    return _home(home) / ".hub"
+
+
+def model_dir(name: str, home: Path | None = None) -> Path:
     """Where the MLX folder of ``name`` lives once converted (or linked after a pull)."""
-    return home() / get_spec(name).name
+    return _home(home) / get_spec(name).name
 
 
 def bundled_gguf(spec: ModelSpec) -> Path | None:
@@ -144,7 +156,7 @@ def is_mlx_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-def pulled_dir(spec: ModelSpec) -> Path | None:
+def pulled_dir(spec: ModelSpec, home: Path | None = None) -> Path | None:
     """The snapshot of the ready MLX repo in the hub cache, if it was pulled."""
     if spec.mlx_repo is None:
         return None
@@ -152,33 +164,35 @@ def pulled_dir(spec: ModelSpec) -> Path | None:
 
     try:  # same patterns as the pull, or the snapshot looks incomplete (README.md was never fetched)
         path = Path(
-            snapshot_download(spec.mlx_repo, cache_dir=hub_cache(), local_files_only=True, allow_patterns=HUB_PATTERNS)
+            snapshot_download(
+                spec.mlx_repo, cache_dir=hub_cache(home), local_files_only=True, allow_patterns=HUB_PATTERNS
+            )
         )
     except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
         return None
     return path if is_mlx_folder(path) else None
 
 
-def resolve_dir(name: str) -> Path | None:
+def resolve_dir(name: str, home: Path | None = None) -> Path | None:
     """The loadable MLX folder of a model: converted under home, else pulled into the hub cache."""
     spec = get_spec(name)
-    local = model_dir(name)
+    local = model_dir(name, home)
     if is_mlx_folder(local):
         return local
-    return pulled_dir(spec)
+    return pulled_dir(spec, home)
 
 
-def adapter_dir(name: str) -> Path:
+def adapter_dir(name: str, home: Path | None = None) -> Path:
     """The LoRA adapter of ``name`` from ``mlx-intent train`` (small; committed for the bundled model)."""
-    return home() / "adapters" / get_spec(name).name
+    return _home(home) / "adapters" / get_spec(name).name
 
 
-def has_adapter(name: str) -> bool:
-    return (adapter_dir(name) / "adapters.safetensors").is_file()
+def has_adapter(name: str, home: Path | None = None) -> bool:
+    return (adapter_dir(name, home) / "adapters.safetensors").is_file()
 
 
-def source_dir(spec: ModelSpec) -> Path:
-    return home() / f"{spec.name}.source"
+def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
+    return _home(home) / f"{spec.name}.source"
 
 
 def read_stamp(path: Path) -> dict:
@@ -196,20 +210,20 @@ def write_stamp(path: Path, **fields) -> None:
     os.replace(tmp, path / STAMP)
 
 
-def state(name: str) -> str:
+def state(name: str, home: Path | None = None) -> str:
     """missing / downloaded / converted / ready (loaded successfully at least once)."""
     spec = get_spec(name)
-    path = resolve_dir(name)
+    path = resolve_dir(name, home)
     if path is not None:
         return "ready" if read_stamp(path).get("loaded") else "converted"
-    if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec).is_dir()):
+    if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec, home).is_dir()):
         return "downloaded"
     return "missing"
 
 
-def disk_size(name: str) -> int:
+def disk_size(name: str, home: Path | None = None) -> int:
     """Bytes on disk of the model's MLX folder (following the hub cache's links)."""
-    path = resolve_dir(name)
+    path = resolve_dir(name, home)
     if path is None:
         gguf = bundled_gguf(get_spec(name))
         return gguf.stat().st_size if gguf else 0
@@ -223,15 +237,15 @@ def how_to_get(name: str) -> str:
     return f"mlx-intent models pull {name}"
 
 
-def require_dir(name: str) -> Path:
+def require_dir(name: str, home: Path | None = None) -> Path:
     """The MLX folder of ``name``, converting the bundled GGUF on first use."""
     spec = get_spec(name)
-    path = resolve_dir(name)
+    path = resolve_dir(name, home)
     if path is not None:
         return path
     gguf = bundled_gguf(spec)
     if gguf is not None:
         from mlx_intent.models.gguf import convert_gguf
 
-        return convert_gguf(gguf, model_dir(name))
+        return convert_gguf(gguf, model_dir(name, home))
     raise ModelNotAvailableError(f"model {name!r} is not downloaded; get it with: {how_to_get(name)}")

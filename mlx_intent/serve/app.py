@@ -394,11 +394,12 @@ def create_app(
     def models():
         """Every registry model: its state on disk, whether this server has it loaded, its place in the chain."""
         loaded = chain.pool.loaded if chain.pool is not None else {}
+        home = chain.pool.home if chain.pool is not None else None
         return {
             "models": [
                 {
                     "name": name,
-                    "state": registry.state(name),
+                    "state": registry.state(name, home),
                     "loaded": name in loaded,
                     "tier": chain.names.index(name) if name in chain.names else None,
                 }

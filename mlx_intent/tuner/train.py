@@ -123,8 +123,10 @@ def train_adapter(
     seed: int = 0,
     out_dir: Path | None = None,
     report: Callable[[str], None] = print,
+    home: Path | None = None,
 ) -> dict:
-    """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary."""
+    """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary.
+    ``home`` is the models folder the model loads from and the adapter goes to (None: the registry default)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, evaluate, train
@@ -132,7 +134,7 @@ def train_adapter(
 
     spec = registry.get_spec(name)
     mx.random.seed(seed)
-    model, tokenizer = loading.load(name)  # float32 on the CPU, 4-bit on Metal (QLoRA)
+    model, tokenizer = loading.load(name, home=home)  # float32 on the CPU, 4-bit on Metal (QLoRA)
     model.freeze()
     lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(LORA_KEYS)}
     num_layers = min(num_layers, len(model.model.layers))
@@ -141,7 +143,7 @@ def train_adapter(
     valid_set = build_examples(read_labelled(valid_path), tokenizer, spec.chat_format, style) if valid_path else None
     batch_size = min(batch_size, len(train_set))
     iters = iters or max(1, int(epochs * len(train_set) / batch_size))
-    out_dir = out_dir or registry.adapter_dir(name)
+    out_dir = out_dir or registry.adapter_dir(name, home)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     losses: dict[str, list] = {"train": [], "valid": []}
