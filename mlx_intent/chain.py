@@ -227,10 +227,13 @@ def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> 
 
 
 def default_chain_names(settings: Settings) -> list[str]:
+    """The LLMs (Llama 3.2 3B, TinyLlama, or LLM_MODEL / LLM_FALLBACK_MODEL), then e5-small blended with the
+    keyword tier, then general.  The bundled SmolLM2-135M is not in it: on the public sets it added
+    nothing to the blend and cost ~200 ms a query on this CPU (benchmarks/reports/chains-llm.md); name it
+    with --chain, or LLM_MODEL=smollm2-135m, to use it."""
     names = [
         settings.model or registry.PRIMARY,
         settings.fallback_model or registry.FALLBACK,
-        registry.BUNDLED,
         ENCODER,
         KEYWORD,
         GENERAL,

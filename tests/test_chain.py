@@ -287,11 +287,13 @@ def no_env(monkeypatch, tmp_path):
 
 
 def test_default_chain_names(no_env):
-    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, BUNDLED, ENCODER, KEYWORD, GENERAL]
+    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, ENCODER, KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": "tinyllama", "LLM_FALLBACK_MODEL": "llama-3.1-8b"})
-    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", BUNDLED, ENCODER, KEYWORD, GENERAL]
-    settings = load_settings(environ={"LLM_MODEL": BUNDLED})  # a repeated tier is listed once, first place
-    assert default_chain_names(settings) == [BUNDLED, FALLBACK, ENCODER, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", ENCODER, KEYWORD, GENERAL]
+    settings = load_settings(environ={"LLM_MODEL": BUNDLED, "LLM_FALLBACK_MODEL": PRIMARY})
+    assert default_chain_names(settings) == [BUNDLED, PRIMARY, ENCODER, KEYWORD, GENERAL]
+    settings = load_settings(environ={"LLM_MODEL": FALLBACK})  # a repeated tier is listed once, first place
+    assert default_chain_names(settings) == [FALLBACK, ENCODER, KEYWORD, GENERAL]
 
 
 def test_chain_setting_and_flag_set_the_order(no_env, models_home):

@@ -1,18 +1,20 @@
-"""The default chain as the README's figures run it: the shipped keyword calibration on.
+"""The default chain as the README's figures run it: the shipped calibrations on.
 
-conftest.py turns the shipped calibration off for the whole session (tests see raw keyword confidences);
-this test puts it back and checks the chain applies it."""
+conftest.py turns the shipped keyword calibration off for the whole session (tests see raw keyword
+confidences); these tests put it back and check the chain applies it: in the floor of an LLM tier placed
+before the keyword tier, and inside the e5-small tier's blend, which is what answers by default here."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from mlx_intent import keyword
-from mlx_intent.chain import KEYWORD, build_chain, default_chain_names
-from mlx_intent.models.registry import BUNDLED
+from mlx_intent import encoder, keyword
+from mlx_intent.chain import ENCODER, KEYWORD, build_chain, default_chain_names
+from mlx_intent.models.registry import BUNDLED, FALLBACK, PRIMARY
 from mlx_intent.settings import Settings
 
 SHIPPED = keyword.LEXICON_DIR / "calibration.json"
@@ -26,36 +28,32 @@ def shipped_calibration(monkeypatch):
     return json.loads(SHIPPED.read_text())
 
 
-def test_the_default_chain_applies_the_shipped_keyword_calibration(
-    models_home, shipped_calibration, monkeypatch, tmp_path
-):
-    settings = Settings()
-    names = default_chain_names(settings)
+def test_the_default_chain_is_the_llms_then_the_blend(models_home):
+    assert default_chain_names(Settings()) == [PRIMARY, FALLBACK, ENCODER, KEYWORD, "general"]
+
+
+def test_an_llm_before_the_keyword_tier_must_beat_its_calibrated_accuracy(models_home, shipped_calibration):
+    settings = Settings(chain=(BUNDLED, ENCODER, KEYWORD))
     chain = build_chain(settings)
     floor = shipped_calibration["accuracy"]
-    # the bundled model must beat the keyword tier's calibrated accuracy (the model floor), not min_confidence
     assert floor > settings.min_confidence
-    assert chain.tiers[names.index(BUNDLED)].threshold == floor
+    assert chain.tiers[0].threshold == floor
+
+
+def test_the_default_chain_answers_with_the_blend_of_the_shipped_calibrations(models_home, shipped_calibration):
+    chain = build_chain(Settings(cache_size=0))
     rows = [json.loads(line) for line in DEV.read_text().splitlines()[::60]][:9]  # all six languages
-    results = chain.classify_batch([r["text"] for r in rows])
-    for result in results:
-        if result["tier"] == BUNDLED:
-            assert result["confidence"] >= floor
-    # the floor, and only it, sent some answers of the model down to the keyword tier
-    floored = [
-        f
-        for r in results
-        for f in r["fallbacks"]
-        if f["tier"] == BUNDLED and f["kind"] == "low_confidence" and f["reason"].endswith(f"< {floor:.2f}")
-    ]
-    assert floored
-    assert any(float(f["reason"].split()[2]) >= settings.min_confidence for f in floored)
-    # the keyword tier's answers carry its Platt-scaled confidence, not the raw one
-    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "none.json")
-    raw = keyword.KeywordClassifier()
-    platt = tuple(shipped_calibration["platt"])
-    by_keyword = [(row, r) for row, r in zip(rows, results) if r["tier"] == KEYWORD]
-    assert by_keyword
-    for row, result in by_keyword:
-        uncalibrated = raw.classify(row["text"])["confidence"]
-        assert result["confidence"] == keyword.calibrate(uncalibrated, platt) != uncalibrated
+    texts = [r["text"] for r in rows]
+    results = chain.classify_batch(texts)
+    assert {r["tier"] for r in results} == {ENCODER}  # the LLMs are not installed here; the blend takes all
+    assert all(f["kind"] == "not_installed" for r in results for f in r["fallbacks"])
+    # the blend uses the keyword tier's Platt-scaled confidence: recompute it by hand from the parts
+    clf = chain.tiers[[t.name for t in chain.tiers].index(ENCODER)].load()
+    assert clf.keyword is not None and clf.keyword.platt == tuple(shipped_calibration["platt"])
+    probs, _ = clf.distributions(texts)
+    calibrated = [keyword.KeywordClassifier().classify(t) for t in texts]
+    expected = encoder.blend(probs, calibrated, *clf.config.combination).max(axis=1)
+    assert np.allclose([r["confidence"] for r in results], expected, atol=1e-4)
+    raw = keyword.KeywordClassifier(platt=None)
+    unblended = encoder.blend(probs, [raw.classify(t) for t in texts], *clf.config.combination).max(axis=1)
+    assert not np.allclose(unblended, expected, atol=1e-3)  # so the calibration made a difference
