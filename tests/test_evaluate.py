@@ -153,7 +153,9 @@ def test_eval_writes_report_figures_predictions_and_checks_min_accuracy(tiny, tm
     assert "| valid JSON (schema.validate) | 100.0% |" in text
     assert "| fallback rate at run time (a tier passed the query over) | 0.0% |" in text
     assert "| tiers not installed here (not counted as fallbacks) | none |" in text
-    assert "latency per query p50" in result.output and f"report: {report}" in result.output
+    assert "latency per query p50" in result.output
+    plots = "plots beside it: tiny-*.png (confusion, languages, latency, reliability)"
+    assert f"report: {report}; {plots}" in result.output
 
     # the same run against an accuracy it cannot reach
     failed = CliRunner().invoke(main, [*args, "--min-accuracy", "1.01"])
@@ -173,7 +175,8 @@ def test_eval_general_tier_and_fallback_rate(tiny, tmp_path):
 
 
 def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
-    """A tier that takes 500 ms per call of 5 queries: 100 ms per query is the headline, 500 ms per call."""
+    """A tier that takes 500 ms per call of 5 queries: 100 ms per query is the headline, 500 ms per call.
+    A tier above it, always unsure, makes every query a run-time fallback."""
     from types import SimpleNamespace
 
     from mlx_intent import chain as chain_module
@@ -188,16 +191,22 @@ def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
         now[0] += 0.5
         return [{"primary_intent": "general", "confidence": 0.9, "all_intents": ["general"]} for _ in texts]
 
+    def unsure(texts):
+        return [{"primary_intent": "general", "confidence": 0.1, "all_intents": ["general"]} for _ in texts]
+
     rows = read_labelled(tiny)
-    summary = summarize(rows, run(Chain([Tier("slow", slow, model="m")], cache_size=0), rows, 5), "slow")
+    chain = Chain([Tier("unsure", unsure, threshold=0.5), Tier("slow", slow, model="m")], cache_size=0)
+    summary = summarize(rows, run(chain, rows, 5), "unsure")
     assert summary["latency"][95] == pytest.approx(100.0) and summary["latency_per_call"][95] == pytest.approx(500.0)
     assert summary["batch_texts"] == {"mean": 5, "max": 5}
-    assert "latency per query p50 100.0 ms  p95 100.0 ms  fallback at run time 0.0%" in headline(summary)
+    assert "latency per query p50 100.0 ms  p95 100.0 ms  fallback at run time 100.0%" in headline(summary)
     lines = footer(summary, tiny.with_suffix(".md"), {})
     assert lines[0] == "answered by: slow 100.0%"
     assert lines[1] == (
         "latency per query: p50 100.0 ms, p95 100.0 ms (per call of up to 5 queries: p50 500.0 ms, p95 500.0 ms)"
     )
+    assert lines[2] == "fallback at run time: 100.0% of queries (unsure low_confidence 10)"
+    assert lines[3] == f"report: {tiny.with_suffix('.md')}"
 
 
 def test_eval_tiers_not_installed_are_not_fallbacks(tiny, tmp_path, models_home):

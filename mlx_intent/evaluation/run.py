@@ -174,6 +174,7 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         }
     fallbacks = [res.get("fallbacks") or () for res in results]
     reasons = Counter(f"{f['tier']}: {f['reason']}" for fs in fallbacks for f in fs if not is_absent(f))
+    kinds = Counter(f"{f['tier']} {f.get('kind', '?')}" for fs in fallbacks for f in fs if not is_absent(f))
     absent = dict(outcome.get("absent") or {})
     for f in (f for fs in fallbacks for f in fs if is_absent(f)):
         absent.setdefault(f["tier"], f["reason"])
@@ -212,6 +213,7 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         "absent_tiers": absent,
         "per_tier": _group(tiers, correct),
         "reasons": reasons,
+        "runtime_kinds": kinds,
         "correct_flags": correct,
         **{k: outcome[k] for k in ("peak_mlx_mb", "max_rss_mb", "load_avg", "models", "skipped")},
     }
@@ -447,9 +449,10 @@ def footer(s: dict[str, Any], report: Path, figures: dict[str, str]) -> list[str
         f"latency per query: p50 {num(lat[50], 1)} ms, p95 {num(lat[95], 1)} ms "
         f"(per call of up to {s['batch_texts']['max']} queries: p50 {num(call[50], 1)} ms, p95 {num(call[95], 1)} ms)",
         f"fallback at run time: {pct(s['fallback_rate'])} of queries"
+        + (f" ({', '.join(f'{k} {n}' for k, n in s['runtime_kinds'].most_common(3))})" if s["runtime_kinds"] else "")
         + (f"; not installed here, not counted: {', '.join(absent)}" if absent else ""),
         f"report: {shown(report)}"
-        + (f"; figures beside it: {', '.join(figures[k] for k in sorted(figures))}" if figures else ""),
+        + (f"; plots beside it: {report.stem}-*.png ({', '.join(sorted(figures))})" if figures else ""),
     ]
     if registry.PRIMARY in absent:
         lines.append(f"next step on a Mac: {registry.how_to_get(registry.PRIMARY)} (Llama 3.2 3B, the first tier)")
