@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
-from mlx_intent.metrics import ClassificationLog, Metrics, log_record
+from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
 from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
@@ -49,8 +49,16 @@ class Reason(str, Enum):
 # Reasons that may not recur (a timeout under load, a crash, a load that may succeed after the back-off):
 # answers given because of them are not cached, or one bad moment would pin a worse answer.
 TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED})
-# Reasons that will not change while the process runs: such a tier is not the one to wait for.
+# Reasons that will not change while the process runs: such a tier is not the one to wait for.  Being absent
+# here is a configuration fact, not a fallback: fallback rates and alerts count only the other reasons
+# (metrics.ABSENT_KINDS holds the same values, for modules that cannot import this one).
 ABSENT = frozenset({Reason.NOT_INSTALLED, Reason.TOO_LARGE})
+
+
+def timing_fields(call_ms: float, texts: int) -> dict:
+    """The latency fields of a result from a call of ``texts`` texts that took ``call_ms``."""
+    texts = max(texts, 1)
+    return {"latency_ms": round(call_ms, 2), "latency_per_query_ms": round(call_ms / texts, 3), "batch_texts": texts}
 
 
 class PassOver(Exception):
@@ -290,7 +298,9 @@ class Chain:
         """Answers in order; uncached texts go down the chain together, one batch per tier.
 
         ``latency_ms`` is the call's time in the chain, less the time tiers spent loading models
-        (a one-time cost: ``mlx-intent models list`` shows it)."""
+        (a one-time cost: ``mlx-intent models list`` shows it); the call answers ``batch_texts`` texts at
+        once, so ``latency_per_query_ms`` is ``latency_ms / batch_texts``, each query's share of it.
+        ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(texts)
         keys = [f"{self.names}|{normalize(t) if isinstance(t, str) else ''}" for t in texts]
@@ -312,17 +322,19 @@ class Chain:
             todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks)
             loading += load_ms
         elapsed = (time.perf_counter() - start) * 1000 - loading
+        timing = timing_fields(elapsed, len(texts))
         labels = labels or [None] * len(texts)
         for i, res in enumerate(results):
             if not res.get("cached"):
-                res.update(fallbacks=fallbacks[i], cached=False, latency_ms=round(elapsed, 2))
+                res.update(fallbacks=fallbacks[i], cached=False, **timing)
+                res["runtime_fallback"] = runtime_fallback(fallbacks[i])
                 if self.cache_size and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
                     with self._lock:
                         self.cache[keys[i]] = dict(res)  # callers may edit what they get back
                         while len(self.cache) > self.cache_size:
                             self.cache.popitem(last=False)
             else:
-                res["latency_ms"] = round(elapsed, 3)
+                res.update(timing)
         records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
         if self.log is not None:
             self.log.write_many(records)

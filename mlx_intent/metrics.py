@@ -61,6 +61,23 @@ def peak_memory_mb() -> float | None:
         return None
 
 
+# The fallback kinds (chain.Reason values) of a tier that is absent here: not downloaded, or too large for
+# this machine.  That is a configuration fact, listed once (``absent_tiers``), not a fallback: the fallback
+# rate and its alert count only tiers passed over at run time.  chain.ABSENT holds the same kinds.
+ABSENT_KINDS = frozenset({"not_installed", "too_large"})
+
+
+def is_absent(entry: Mapping[str, Any]) -> bool:
+    """Whether a ``fallbacks`` entry says its tier is absent here (an entry without a kind is not)."""
+    return entry.get("kind") in ABSENT_KINDS
+
+
+def runtime_fallback(fallbacks) -> bool:
+    """Whether a tier passed over at run time (failed to load, raised, timed out, answered invalidly or
+    unsure, rule 1): any ``fallbacks`` entry other than an absent tier."""
+    return any(not is_absent(f) for f in fallbacks or ())
+
+
 def _rate(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
@@ -85,10 +102,14 @@ class Metrics:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self._reservoir_size = reservoir_size
+        # Latency per query (a call's time over the texts it answered: the headline) and per call (the time
+        # of the whole batch the query came in), sampled in pairs.
         self._latencies: list[float] = []
+        self._call_latencies: list[float] = []
         self._latency_buckets = [0] * (len(LATENCY_EDGES_MS) + 1)
-        self._latency_sum = 0.0
-        self._latency_max = 0.0
+        self._latency_sum = self._call_latency_sum = 0.0
+        self._latency_max = self._call_latency_max = 0.0
+        self._batch_texts_sum = self._batch_texts_max = 0
         self._confidence_bins = [0] * CONFIDENCE_BINS
         self._intents: Counter[str] = Counter()
         self._tiers: Counter[str] = Counter()
@@ -96,23 +117,31 @@ class Metrics:
         self._models: Counter[str] = Counter()
         self._tier_intents: dict[str, Counter[str]] = {}
         self._reasons: Counter[str] = Counter()
-        self._count = self._fallbacks = self._invalid_json = self._cached = 0
+        self._absent: dict[str, dict[str, Any]] = {}
+        self._count = self._fallbacks = self._passed_over = self._invalid_json = self._cached = 0
         self._labelled = self._correct = 0
         self._peak_memory_mb: float | None = None
 
     def record(self, result: Mapping[str, Any], lang: str | None = None, label: str | None = None) -> None:
-        """Count one result: primary_intent, confidence, tier and latency_ms are required; model, fallbacks,
-        cached, valid_json (True if absent) and peak_memory_mb (read from MLX if absent) are optional.
-        Fallback reasons are counted as "tier: reason"."""
+        """Count one result: primary_intent, confidence, tier and latency_ms (the call's) are required;
+        latency_per_query_ms and batch_texts (else latency_ms and 1: a record of one text per call), model,
+        fallbacks, cached, valid_json (True if absent) and peak_memory_mb (read from MLX if absent) are
+        optional.  Run-time fallback reasons are counted as "tier: reason"; a tier absent here is listed
+        once in absent_tiers and is not a fallback."""
         intent = str(result["primary_intent"])
         confidence = float(result["confidence"])
         tier = str(result["tier"])
         model = str(result.get("model") or "(none)")
-        latency = float(result["latency_ms"])
+        call_latency = float(result["latency_ms"])
+        per_query = result.get("latency_per_query_ms")
+        latency = call_latency if per_query is None else float(per_query)
+        batch = int(result.get("batch_texts") or 1)
         # Bins first: a bad value raises here, before anything is counted.
         conf_bin = min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
         latency_bucket = bisect.bisect_right(LATENCY_EDGES_MS, latency)
-        reasons = [f"{f.get('tier', '?')}: {f.get('reason', '?')}" for f in result.get("fallbacks") or ()]
+        fallbacks = list(result.get("fallbacks") or ())
+        absent = [f for f in fallbacks if is_absent(f)]
+        reasons = [f"{f.get('tier', '?')}: {f.get('reason', '?')}" for f in fallbacks if not is_absent(f)]
         memory = result.get("peak_memory_mb")
         if memory is not None:
             memory = float(memory)
@@ -129,12 +158,24 @@ class Metrics:
             self._latency_buckets[latency_bucket] += 1
             self._latency_sum += latency
             self._latency_max = max(self._latency_max, latency)
+            self._call_latency_sum += call_latency
+            self._call_latency_max = max(self._call_latency_max, call_latency)
+            self._batch_texts_sum += batch
+            self._batch_texts_max = max(self._batch_texts_max, batch)
             if len(self._latencies) < self._reservoir_size:
                 self._latencies.append(latency)
+                self._call_latencies.append(call_latency)
             else:  # Algorithm R: every latency seen so far stays in the sample with equal probability
                 slot = self._random.randrange(n)
                 if slot < self._reservoir_size:
                     self._latencies[slot] = latency
+                    self._call_latencies[slot] = call_latency
+            for f in absent:
+                name = str(f.get("tier", "?"))
+                if name in self._absent or len(self._absent) < MAX_REASONS:
+                    seen = self._absent.setdefault(name, {"kind": f.get("kind"), "reason": f.get("reason"), "count": 0})
+                    seen["count"] += 1
+            self._passed_over += bool(fallbacks)
             if reasons:
                 self._fallbacks += 1
                 for reason in reasons:
@@ -152,7 +193,7 @@ class Metrics:
         """A plain JSON-able summary; rates and percentiles are None when there is nothing to divide."""
         with self._lock:
             n = self._count
-            ordered = sorted(self._latencies)
+            ordered, calls = sorted(self._latencies), sorted(self._call_latencies)
             return {
                 "count": n,
                 "by_intent": dict(self._intents),
@@ -160,7 +201,9 @@ class Metrics:
                 "by_lang": dict(self._langs),
                 "by_model": dict(self._models),
                 "by_tier_intent": {tier: dict(c) for tier, c in self._tier_intents.items()},
+                # Per query (the headline): each query's share of the call that answered it.
                 "latency_ms": {
+                    "per": "query",
                     "p50": percentile_sorted(ordered, 50),
                     "p95": percentile_sorted(ordered, 95),
                     "p99": percentile_sorted(ordered, 99),
@@ -169,10 +212,22 @@ class Metrics:
                     "edges": list(LATENCY_EDGES_MS),
                     "counts": list(self._latency_buckets),
                 },
+                # Per call: the time of the whole batch each query came in (counted once per query).
+                "latency_per_call_ms": {
+                    "p50": percentile_sorted(calls, 50),
+                    "p95": percentile_sorted(calls, 95),
+                    "p99": percentile_sorted(calls, 99),
+                    "mean": self._call_latency_sum / n if n else None,
+                    "max": self._call_latency_max if n else None,
+                },
+                "batch_texts": {"mean": self._batch_texts_sum / n if n else None, "max": self._batch_texts_max or None},
+                # Run-time fallbacks only; tiers absent here are listed once, apart.
                 "fallback": {
                     "count": self._fallbacks,
                     "rate": _rate(self._fallbacks, n),
                     "reasons": dict(self._reasons.most_common()),
+                    "absent_tiers": {name: dict(seen) for name, seen in self._absent.items()},
+                    "passed_over": {"count": self._passed_over, "rate": _rate(self._passed_over, n)},
                 },
                 "valid_json_rate": _rate(n - self._invalid_json, n),
                 "confidence": {

@@ -558,6 +558,62 @@ def test_model_loading_is_not_counted_in_latency(monkeypatch):
     assert result["latency_ms"] == pytest.approx(250.0)
 
 
+def test_latency_per_query_is_the_calls_time_over_its_texts(monkeypatch):
+    """A slow tier answers a batch of 8 in one call of 800 ms: each query's share is 100 ms, labelled apart
+    from the call's 800 ms; a call of one text is its own query."""
+    now = [0.0]
+    monkeypatch.setattr(chain_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0]))
+
+    def slow(texts):
+        now[0] += 0.8
+        return [answer("weather") for _ in texts]
+
+    chain = Chain([Tier("slow", slow, model="m")], cache_size=0)
+    results = chain.classify_batch([f"rain {i}?" for i in range(8)])
+    for result in results:
+        assert result["latency_ms"] == pytest.approx(800.0)
+        assert result["latency_per_query_ms"] == pytest.approx(800.0 / 8)
+        assert result["batch_texts"] == 8
+    single = chain.classify("rain?")
+    assert single["latency_ms"] == pytest.approx(800.0) and single["latency_per_query_ms"] == pytest.approx(800.0)
+    snap = chain.metrics.snapshot()
+    assert snap["latency_ms"]["per"] == "query"
+    assert snap["latency_ms"]["p50"] == pytest.approx(100.0) and snap["latency_ms"]["max"] == pytest.approx(800.0)
+    assert snap["latency_per_call_ms"]["p50"] == pytest.approx(800.0)
+    assert snap["batch_texts"] == {"mean": pytest.approx(65 / 9), "max": 8}
+
+
+def test_absent_tiers_are_not_runtime_fallbacks(models_home):
+    """A tier not downloaded here is a configuration fact: listed once, apart; only tiers passed over while
+    running (here one unsure) count as fallbacks."""
+    unsure = const_tier("unsure", confidence=0.2, threshold=0.5)
+    chain = Chain([llm_tier(FALLBACK, ModelPool(), 0.5, 1e9), unsure, const_tier()], cache_size=0)
+    first = chain.classify("fish?")
+    assert [f["kind"] for f in first["fallbacks"]] == ["not_installed", "low_confidence"]
+    assert first["runtime_fallback"] is True
+    absent_only = Chain([llm_tier(FALLBACK, ModelPool(), 0.5, 1e9), const_tier()], cache_size=0)
+    absent_only.metrics = chain.metrics
+    second = absent_only.classify_batch(["fish?", "more fish?"])
+    assert all(r["runtime_fallback"] is False and r["fallbacks"][0]["kind"] == "not_installed" for r in second)
+    fb = chain.metrics.snapshot()["fallback"]
+    assert fb["count"] == 1 and fb["rate"] == pytest.approx(1 / 3)
+    assert fb["reasons"] == {"unsure: low confidence: 0.20 < 0.50": 1}
+    assert fb["absent_tiers"] == {
+        FALLBACK: {
+            "kind": "not_installed",
+            "reason": "not downloaded (get it with: mlx-intent models pull tinyllama)",
+            "count": 3,
+        }
+    }
+    assert fb["passed_over"] == {"count": 3, "rate": 1.0}
+
+
+def test_absent_kinds_agree():
+    from mlx_intent.metrics import ABSENT_KINDS
+
+    assert {r.value for r in chain_module.ABSENT} == ABSENT_KINDS
+
+
 def opinion(primary: str, extra: list[str]):
     """A stand-in keyword tier that reads every text as ``primary`` plus ``extra``."""
     reading = {"primary_intent": primary, "confidence": 0.5, "all_intents": [primary, *extra]}

@@ -60,6 +60,7 @@ def check_output_rows(rows: list[dict], ids: list[str]) -> None:
         schema.validate({k: row[k] for k in ANSWER_KEYS})
         assert row["tier"] == row["model"] == "smollm2-135m"
         assert row["latency_ms"] > 0
+        assert row["latency_per_query_ms"] == pytest.approx(row["latency_ms"] / row["batch_texts"], abs=0.01)
 
 
 QUERIES = [

@@ -151,7 +151,11 @@ def test_eval_writes_report_figures_predictions_and_checks_min_accuracy(tiny, tm
     correct = sum(x["correct"] for x in lines)
     assert f"({correct}/10)" in text and correct >= 5
     assert "| valid JSON (schema.validate) | 100.0% |" in text
-    assert "| fallback rate (answer not from the first tier) | 0.0% |" in text
+    assert "| fallback rate at run time (a tier passed the query over) | 0.0% |" in text
+    assert "| tiers not installed here (not counted as fallbacks) | none |" in text
+    assert "latency per query p50" in result.output
+    plots = "plots beside it: tiny-*.png (confusion, languages, latency, reliability)"
+    assert f"report: {report}; {plots}" in result.output
 
     # the same run against an accuracy it cannot reach
     failed = CliRunner().invoke(main, [*args, "--min-accuracy", "1.01"])
@@ -168,6 +172,60 @@ def test_eval_general_tier_and_fallback_rate(tiny, tmp_path):
     text = report.read_text()
     assert "**10.0%** (1/10)" in text  # only the visa question is "general"
     assert "| greeting accuracy | 0.0% (of 1) |" in text
+
+
+def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
+    """A tier that takes 500 ms per call of 5 queries: 100 ms per query is the headline, 500 ms per call.
+    A tier above it, always unsure, makes every query a run-time fallback."""
+    from types import SimpleNamespace
+
+    from mlx_intent import chain as chain_module
+    from mlx_intent.chain import Chain, Tier
+    from mlx_intent.evaluation.data import read_labelled
+    from mlx_intent.evaluation.run import footer, headline, run, summarize
+
+    now = [0.0]
+    monkeypatch.setattr(chain_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0]))
+
+    def slow(texts):
+        now[0] += 0.5
+        return [{"primary_intent": "general", "confidence": 0.9, "all_intents": ["general"]} for _ in texts]
+
+    def unsure(texts):
+        return [{"primary_intent": "general", "confidence": 0.1, "all_intents": ["general"]} for _ in texts]
+
+    rows = read_labelled(tiny)
+    chain = Chain([Tier("unsure", unsure, threshold=0.5), Tier("slow", slow, model="m")], cache_size=0)
+    summary = summarize(rows, run(chain, rows, 5), "unsure")
+    assert summary["latency"][95] == pytest.approx(100.0) and summary["latency_per_call"][95] == pytest.approx(500.0)
+    assert summary["batch_texts"] == {"mean": 5, "max": 5}
+    assert "latency per query p50 100.0 ms  p95 100.0 ms  fallback at run time 100.0%" in headline(summary)
+    lines = footer(summary, tiny.with_suffix(".md"), {})
+    assert lines[0] == "answered by: slow 100.0%"
+    assert lines[1] == (
+        "latency per query: p50 100.0 ms, p95 100.0 ms (per call of up to 5 queries: p50 500.0 ms, p95 500.0 ms)"
+    )
+    assert lines[2] == "fallback at run time: 100.0% of queries (unsure low_confidence 10)"
+    assert lines[3] == f"report: {tiny.with_suffix('.md')}"
+
+
+def test_eval_tiers_not_installed_are_not_fallbacks(tiny, tmp_path, models_home):
+    """The 3B and TinyLlama are not downloaded here: every query passes them over, yet the run-time
+    fallback rate is 0; they are listed once, with the next step."""
+    report = tmp_path / "absent.md"
+    args = ["eval", str(tiny), "--chain", "llama-3.2-3b,tinyllama,keyword", "--report", str(report)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "fallback at run time 0.0%" in result.output
+    assert "fallback at run time: 0.0% of queries; not installed here, not counted: llama-3.2-3b, tinyllama" in (
+        result.output
+    )
+    assert "next step on a Mac: mlx-intent models pull llama-3.2-3b" in result.output
+    text = report.read_text()
+    assert "| fallback rate at run time (a tier passed the query over) | 0.0% |" in text
+    assert "| tiers not installed here (not counted as fallbacks) | llama-3.2-3b, tinyllama |" in text
+    assert "| answer not from the first tier | 100.0% |" in text
+    assert "Top run-time pass-over reasons" not in text
 
 
 def test_eval_bad_data_and_unknown_model(tmp_path, tiny):

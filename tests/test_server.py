@@ -318,6 +318,43 @@ def test_metrics_count_cache_hits(keyword_url):
     assert metric_samples(httpx.get(f"{keyword_url}/metrics").text)["mlx_intent_cache_hits_total"] >= 1
 
 
+def test_metrics_and_results_tell_absent_tiers_from_runtime_fallbacks():
+    """A tier not installed here is a gauge (a configuration fact), never a fallback; a tier passed over at
+    run time (unsure) is counted by kind and in the answers that fell back.  Latency per query is the
+    request's time over its texts."""
+
+    def absent():
+        raise PassOver(Reason.NOT_INSTALLED, "not downloaded (get it with: mlx-intent models pull big)")
+
+    def picky(texts):
+        return [
+            {"primary_intent": "weather", "confidence": 0.9 if "rain" in t else 0.2, "all_intents": ["weather"]}
+            for t in texts
+        ]
+
+    chain = Chain(
+        [Tier("big", lambda texts: [], absent, model="big"), Tier("picky", picky, threshold=0.5), keyword_tier()],
+        cache_size=0,
+    )
+    with running(create_app(SETTINGS, chain)) as (base, _):
+        until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
+        rain = post(base, "/v1/classify", {"text": "rain tomorrow?"}).json()
+        assert rain["tier"] == "picky" and rain["runtime_fallback"] is False
+        assert [f["kind"] for f in rain["fallbacks"]] == ["not_installed"]
+        assert rain["latency_per_query_ms"] == pytest.approx(rain["latency_ms"], abs=0.01)
+        both = post(base, "/v1/classify/batch", {"texts": ["where can I eat fish?", "hello!"]}).json()["results"]
+        for r in both:
+            assert r["tier"] == "keyword" and r["runtime_fallback"] is True
+            assert [f["kind"] for f in r["fallbacks"]] == ["not_installed", "low_confidence"]
+            assert r["latency_per_query_ms"] == pytest.approx(r["latency_ms"] / 2, abs=0.01)
+        samples = metric_samples(httpx.get(f"{base}/metrics").text)
+    assert samples['mlx_intent_tier_absent{reason="not_installed",tier="big"}'] == 1
+    assert samples['mlx_intent_fallbacks_total{reason="low_confidence",tier="picky"}'] == 2
+    assert not any(k.startswith("mlx_intent_fallbacks_total") and 'tier="big"' in k for k in samples)
+    assert samples["mlx_intent_fallback_answers_total"] == 2
+    assert samples['mlx_intent_tiers_total{tier="picky"}'] + samples['mlx_intent_tiers_total{tier="keyword"}'] == 3
+
+
 def metric_samples(text: str) -> dict[str, float]:
     return {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])

@@ -85,9 +85,7 @@ def test_check_thresholds():
         return [(a.level, a.metric) for a in check(summarize(records))]
 
     assert alerts([record(i, latency_ms=P95_LATENCY_MAX_MS) for i in range(20)]) == []  # at the line: fine
-    assert alerts([record(i, latency_ms=P95_LATENCY_MAX_MS + 1) for i in range(20)]) == [
-        ("warning", "p95_latency_ms")
-    ]
+    assert alerts([record(i, latency_ms=P95_LATENCY_MAX_MS + 1) for i in range(20)]) == [("warning", "p95_latency_ms")]
     assert FALLBACK_RATE_MAX == 0.10 and ACCURACY_MIN == 0.80
     assert alerts([record(i, fallback=i < 2) for i in range(20)]) == []  # 10%
     assert alerts([record(i, fallback=i < 3) for i in range(20)]) == [("warning", "fallback_rate")]  # 15%
@@ -97,6 +95,48 @@ def test_check_thresholds():
     heavy = check(summarize([record(i, memory_mb=PEAK_MEMORY_MAX_MB + 1) for i in range(20)]))
     assert [(a.level, a.metric) for a in heavy] == [("critical", "peak_memory_mb")]
     assert "GB" in heavy[0].message and heavy[0].threshold == PEAK_MEMORY_MAX_MB == 7 * 1024
+
+
+ABSENT = [
+    {
+        "tier": "llama-3.2-3b",
+        "reason": "not downloaded (get it with: mlx-intent models pull llama-3.2-3b)",
+        "kind": "not_installed",
+    },
+    {"tier": "tinyllama", "reason": "does not fit in memory (needs 2 GB)", "kind": "too_large"},
+]
+
+
+def test_tiers_absent_here_raise_no_fallback_alert(tmp_path):
+    """Every answer passed over two tiers that are not installed here: a configuration fact, listed once,
+    with no fallback warning; one tier passed over at run time in 3 of 20 still warns."""
+    absent_only = [{**record(i), "fallbacks": ABSENT} for i in range(20)]
+    summary = summarize(absent_only)
+    assert summary["fallback"]["rate"] == 0.0 and summary["fallback"]["passed_over"]["rate"] == 1.0
+    assert list(summary["fallback"]["absent_tiers"]) == ["llama-3.2-3b", "tinyllama"]
+    assert check(summary) == []
+    log = write_log(tmp_path / "log.jsonl", absent_only)
+    result = CliRunner().invoke(stats_command, [log, "--check"])
+    assert result.exit_code == 0 and "OK: no alerts" in result.output, result.output
+    report = CliRunner().invoke(stats_command, [log]).output
+    assert "fallback rate   0.0% (0) at run time" in report
+    assert "absent tiers    llama-3.2-3b: not downloaded" in report and report.count("tinyllama") == 1
+
+    mixed = [{**r, "fallbacks": [*ABSENT, *r["fallbacks"]]} for r in (record(i, fallback=i < 3) for i in range(20))]
+    alerts = check(summarize(mixed))
+    assert [(a.metric, a.value) for a in alerts] == [("fallback_rate", pytest.approx(3 / 20))]
+    assert alerts[0].message == "fallback rate 15.0% at run time > 10%"
+
+
+def test_latency_alert_is_per_query():
+    """A batch of 8 taking 1600 ms is 200 ms per query: no latency alert (a log without the per-query
+    field is read as one text per call)."""
+    batched = [{**record(i, latency_ms=1600.0), "latency_per_query_ms": 200.0, "batch_texts": 8} for i in range(16)]
+    summary = summarize(batched)
+    assert summary["latency_ms"]["p95"] == 200.0 and summary["latency_per_call_ms"]["p95"] == 1600.0
+    assert summary["batch_texts"] == {"mean": 8.0, "max": 8}
+    assert check(summary) == []
+    assert [a.metric for a in check(summarize([record(i, latency_ms=1600.0) for i in range(16)]))] == ["p95_latency_ms"]
 
 
 def test_no_labels_means_no_accuracy_alert():

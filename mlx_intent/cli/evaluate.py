@@ -14,8 +14,9 @@ from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import (
     chain_names,
     default_report,
+    footer,
+    headline,
     make_chain,
-    num,
     pct,
     prediction_rows,
     render,
@@ -36,7 +37,9 @@ without handing queries over, pass --min-confidence 0 and a large --latency-budg
 
 \b
 Writes REPORT (default benchmarks/reports/eval-<data>-<tiers>.md) and beside it
-<report>-confusion.png, -reliability.png, -languages.png, -latency.png.
+<report>-confusion.png, -reliability.png, -languages.png, -latency.png; ends with a short summary:
+the tiers that answered, latency per query (a batch call's time over its queries) and per call, the
+fallback rate at run time (tiers not installed here are listed apart, not counted) and the next step.
 
 \b
 Exit codes:
@@ -91,10 +94,9 @@ def eval_command(
         with predictions.open("w", encoding="utf-8") as f:
             for line in prediction_rows(rows, outcome["results"]):
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    click.echo(
-        f"accuracy {pct(summary['accuracy'])}  macro-F1 {num(summary['macro_f1'])}  ECE {num(summary['ece'])}  "
-        f"p95 {num(summary['latency'][95], 1)} ms  fallback {pct(summary['fallback_rate'])}"
-    )
+    click.echo(headline(summary))
+    for line in footer(summary, report, figures):
+        click.echo(f"  {line}")
     if min_accuracy is not None and summary["accuracy"] < min_accuracy:
         click.echo(f"accuracy {pct(summary['accuracy'])} is below --min-accuracy {min_accuracy:.1%}", err=True)
         sys.exit(EXIT_ERROR)

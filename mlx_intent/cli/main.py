@@ -27,7 +27,8 @@ from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
 
 ANSWER_KEYS = KEYS  # the answer's keys, from the schema
-OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms")
+# latency_ms is the batch call's time (batch_texts queries at once); latency_per_query_ms each query's share.
+OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms", "latency_per_query_ms", "batch_texts")
 
 
 class Group(click.Group):

@@ -25,15 +25,17 @@ from mlx_intent.stats import (
 
 _HELP = f"""Summarize a classification log (JSON lines; default: the MLX_INTENT_LOG setting).
 
-Prints counts by intent, tier and language, latency p50/p95/p99, fallback rate and top reasons,
-valid-JSON rate, confidence histogram, cache hit rate, peak memory and, where records carry labels,
-accuracy.  --plot DIR writes latency.png, confidence.png and intents_by_tier.png.
+Prints counts by intent, tier and language, latency p50/p95/p99 per query (each query's share of
+the batch call that answered it) and per call, the run-time fallback rate and its top reasons, the
+tiers absent here (not installed, too large: listed once, not counted as fallbacks), valid-JSON rate,
+confidence histogram, cache hit rate, peak memory and, where records carry labels, accuracy.
+--plot DIR writes latency.png, confidence.png and intents_by_tier.png.
 
 \b
 --check prints the alerts instead and exits with:
   {EXIT_OK}  no alert
-  {EXIT_WARNING}  warnings only: p95 latency > {P95_LATENCY_MAX_MS:g} ms,
-     fallback rate > {FALLBACK_RATE_MAX:.0%}
+  {EXIT_WARNING}  warnings only: p95 latency per query > {P95_LATENCY_MAX_MS:g} ms,
+     run-time fallback rate > {FALLBACK_RATE_MAX:.0%} (absent tiers do not count)
   {EXIT_CRITICAL}  any critical: accuracy < {ACCURACY_MIN:.0%} (labelled records),
      peak memory > {PEAK_MEMORY_MAX_MB / 1024:g} GB
 A missing, unreadable or empty log is an error (exit 1).

@@ -68,10 +68,11 @@ def render(
         ("valid JSON", "valid_json_rate", pct),
         ("ECE", "ece", num),
         ("Brier (binary)", "brier", num),
-        ("fallback rate", "fallback_rate", pct),
+        ("fallback rate at run time", "fallback_rate", pct),
     ]
     rows = [[name, show(a[key]), show(b[key]), _change(a[key], b[key], show)] for name, key, show in overall]
-    timing = [(f"latency p{q} per call (ms)", a["latency"][q], b["latency"][q]) for q in (50, 95, 99)]
+    timing = [(f"latency p{q} per query (ms)", a["latency"][q], b["latency"][q]) for q in (50, 95, 99)]
+    timing += [(f"latency p{q} per call (ms)", a["latency_per_call"][q], b["latency_per_call"][q]) for q in (50, 95)]
     timing.append(("wall time per query (ms)", a["per_query_ms"], b["per_query_ms"]))
     rows += [[name, num(x, 2), num(y, 2), f"{y - x:+.2f}"] for name, x, y in timing]
     out += table(["metric", "A", "B", "B − A"], rows)

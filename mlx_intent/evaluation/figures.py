@@ -102,7 +102,7 @@ def write_figures(summary: dict[str, Any], report: Path) -> dict[str, str]:
         ax.hist(latency, bins=40, color="tab:blue")
     for q, style in ((50, "-"), (95, "--"), (99, ":")):
         ax.axvline(s["latency"][q], color="k", ls=style, lw=1, label=f"p{q} {s['latency'][q]:.1f} ms")
-    ax.set(xlabel="latency per call (ms)", ylabel="queries", title="Latency")
+    ax.set(xlabel="latency per query (ms)", ylabel="queries", title="Latency per query")
     ax.legend()
     save(fig, "latency")
     return written

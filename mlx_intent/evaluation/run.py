@@ -18,11 +18,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mlx_intent.chain import GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
+from mlx_intent.chain import ABSENT, GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
 from mlx_intent.evaluation.data import REPORT_DIR
-from mlx_intent.metrics import peak_memory_mb
+from mlx_intent.metrics import is_absent, peak_memory_mb, runtime_fallback
 from mlx_intent.models import registry
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
 from mlx_intent.settings import Settings
@@ -59,17 +59,18 @@ def use_base_models(chain: Chain) -> None:
                 raise ModelError(str(e)) from None
 
 
-def warm_up(chain: Chain) -> dict[str, str]:
+def warm_up(chain: Chain) -> tuple[dict[str, str], dict[str, str]]:
     """Load every tier before timing, so model loading is not counted as query latency.
 
-    Returns {tier: reason} for tiers that cannot load: they pass over during the run too."""
-    skipped = {}
+    Returns ({tier: reason} for tiers that failed to load, {tier: reason} for tiers absent here: not
+    installed or too large, a configuration fact).  Both pass over during the run too."""
+    skipped, absent = {}, {}
     for tier in chain.tiers:
         try:
             tier.load()
         except PassOver as e:
-            skipped[tier.name] = str(e)
-    return skipped
+            (absent if e.kind in ABSENT else skipped)[tier.name] = str(e)
+    return skipped, absent
 
 
 def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> dict[str, Any]:
@@ -77,10 +78,12 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
     from tqdm import tqdm
 
     load_before = os.getloadavg()
-    skipped = warm_up(chain)
+    skipped, absent = warm_up(chain)
     mx = sys.modules.get("mlx.core")
     if mx is not None:  # the peak while classifying, loaded weights included
         mx.reset_peak_memory()
+    for tier, reason in absent.items():
+        print(f"note: tier {tier} is not installed here and is skipped: {reason}", file=sys.stderr)
     for tier, reason in skipped.items():
         print(f"warning: tier {tier} passes over: {reason}", file=sys.stderr)
     results: list[dict] = []
@@ -95,6 +98,7 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
         "results": results,
         "wall_s": wall,
         "skipped": skipped,
+        "absent": absent,
         "peak_mlx_mb": peak_memory_mb(),
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / (1024 if sys.platform != "darwin" else 1024**2),
@@ -153,7 +157,9 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
     same_set = [set(r["all_intents"]) == set(res["all_intents"]) for r, res in zip(rows, results)]
     jac = [scores.jaccard(r["all_intents"], res["all_intents"]) for r, res in zip(rows, results)]
     multi = [i for i, r in enumerate(rows) if len(set(r["all_intents"])) > 1]
-    latency = [float(res["latency_ms"]) for res in results]
+    call_latency = [float(res["latency_ms"]) for res in results]
+    latency = [float(res.get("latency_per_query_ms", res["latency_ms"])) for res in results]  # the headline
+    batch = [int(res.get("batch_texts") or 1) for res in results]
 
     per_intent = {}
     for intent in INTENTS:
@@ -166,7 +172,12 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
             "precision": tp / predicted if predicted else None,
             "f1": 2 * tp / (support + predicted) if support + predicted else None,
         }
-    reasons = Counter(f"{f['tier']}: {f['reason']}" for res in results for f in res.get("fallbacks", ()))
+    fallbacks = [res.get("fallbacks") or () for res in results]
+    reasons = Counter(f"{f['tier']}: {f['reason']}" for fs in fallbacks for f in fs if not is_absent(f))
+    kinds = Counter(f"{f['tier']} {f.get('kind', '?')}" for fs in fallbacks for f in fs if not is_absent(f))
+    absent = dict(outcome.get("absent") or {})
+    for f in (f for fs in fallbacks for f in fs if is_absent(f)):
+        absent.setdefault(f["tier"], f["reason"])
     greeting = [c for g, c in zip(gold, correct) if g == "greeting"]
     return {
         "n": len(rows),
@@ -188,13 +199,21 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         "brier": scores.brier_binary(conf, correct),
         "reliability": scores.reliability(conf, correct),
         "mean_confidence": sum(conf) / len(conf),
+        # Latency per query (each query's share of its batch call: the headline), and per call.
         "latency": {q: scores.percentile(latency, q) for q in (50, 95, 99)} | {"max": max(latency)},
+        "latency_per_call": {q: scores.percentile(call_latency, q) for q in (50, 95, 99)} | {"max": max(call_latency)},
+        "batch_texts": {"mean": sum(batch) / len(batch), "max": max(batch)},
         "latencies": latency,
         "per_query_ms": outcome["wall_s"] * 1000 / len(rows),
         "wall_s": outcome["wall_s"],
-        "fallback_rate": sum(t != first_tier for t in tiers) / len(tiers),
+        # Run-time fallbacks: a tier passed the query over while running.  A tier absent here (not installed,
+        # too large) is a configuration fact, listed once in absent_tiers.
+        "fallback_rate": sum(map(runtime_fallback, fallbacks)) / len(results),
+        "not_first_rate": sum(t != first_tier for t in tiers) / len(tiers),
+        "absent_tiers": absent,
         "per_tier": _group(tiers, correct),
         "reasons": reasons,
+        "runtime_kinds": kinds,
         "correct_flags": correct,
         **{k: outcome[k] for k in ("peak_mlx_mb", "max_rss_mb", "load_avg", "models", "skipped")},
     }
@@ -215,6 +234,7 @@ def prediction_rows(rows: list[dict], results: list[dict]) -> list[dict]:
             "model": res.get("model"),
             "top": res.get("top"),
             "latency_ms": res["latency_ms"],
+            "latency_per_query_ms": res.get("latency_per_query_ms"),
         }
         for r, res in zip(rows, results)
     ]
@@ -282,6 +302,8 @@ def machine_lines(summary: dict[str, Any], who: str = "") -> list[str]:
         lines.append(
             f"Model {name}{who}: {adapter}; temperature {m['temperature']:g}, threshold {m['threshold']:g} ({source})."
         )
+    for tier, reason in summary.get("absent_tiers", {}).items():
+        lines.append(f"Tier {tier}{who} is not installed here (passed over, not counted as a fallback): {reason}.")
     for tier, reason in summary["skipped"].items():
         lines.append(f"**Tier {tier}{who} could not load and passed over every query:** {reason}.")
     return lines
@@ -298,13 +320,13 @@ def render(
     figures: dict[str, str],
 ) -> str:
     s = summary
-    lat = s["latency"]
+    lat, call, batch = s["latency"], s["latency_per_call"], s["batch_texts"]
     out = [f"# {title}", "", f"Reproduce: `{command}`", ""]
     out += [f"Data: `{shown(data)}`, {s['n']} queries ({s['multi_n']} multi-intent).", ""]
     out += [
         f"Chain: {' → '.join(names)}{' → general' if names[-1] != GENERAL else ''}; mode {settings.mode}, "
         f"batch size {settings.batch_size}, min confidence {settings.min_confidence:g}"
-        f"{_floor_note(settings, names)}, latency budget {settings.latency_budget_ms:g} ms per batch, query cache off.",
+        f"{_floor_note(settings, names)}, latency budget {settings.latency_budget_ms:g} ms per query, query cache off.",
         "",
     ]
     out += [line + "\n" for line in machine_lines(s)]
@@ -323,11 +345,17 @@ def render(
             ["ECE (15 equal-width bins)", num(s["ece"])],
             ["Brier (binary, primary's confidence)", num(s["brier"])],
             ["mean confidence", num(s["mean_confidence"])],
-            ["latency per call p50 / p95 / p99 (ms)", " / ".join(num(lat[q], 1) for q in (50, 95, 99))],
+            ["**latency per query** p50 / p95 / p99 (ms)", " / ".join(num(lat[q], 1) for q in (50, 95, 99))],
+            [
+                f"latency per call (batches of up to {settings.batch_size}) p50 / p95 / p99 (ms)",
+                " / ".join(num(call[q], 1) for q in (50, 95, 99)),
+            ],
             ["wall time per query (ms)", num(s["per_query_ms"], 2)],
             ["peak MLX memory", "-" if s["peak_mlx_mb"] is None else f"{s['peak_mlx_mb']:.1f} MB"],
             ["max resident memory of the process", f"{s['max_rss_mb']:.1f} MB"],
-            ["fallback rate (answer not from the first tier)", pct(s["fallback_rate"])],
+            ["fallback rate at run time (a tier passed the query over)", pct(s["fallback_rate"])],
+            ["tiers not installed here (not counted as fallbacks)", ", ".join(s["absent_tiers"]) or "none"],
+            ["answer not from the first tier", pct(s["not_first_rate"])],
         ],
     )
     out += [
@@ -376,8 +404,12 @@ def render(
     out += _figure(figures, "reliability", "Reliability diagram")
     out += ["## Latency", ""]
     out += [
-        f"Per call of the chain, a batch of up to {settings.batch_size} queries (each query waits for its batch): "
-        f"p50 {num(lat[50], 1)} ms, p95 {num(lat[95], 1)} ms, p99 {num(lat[99], 1)} ms, max {num(lat['max'], 1)} ms. "
+        f"Per query (a call's time over the queries it answered): p50 {num(lat[50], 1)} ms, "
+        f"p95 {num(lat[95], 1)} ms, p99 {num(lat[99], 1)} ms, max {num(lat['max'], 1)} ms.",
+        "",
+        f"Per call of the chain, a batch of up to {settings.batch_size} queries ({batch['mean']:.1f} on average; "
+        f"each query of a batch waits for the whole call): p50 {num(call[50], 1)} ms, p95 {num(call[95], 1)} ms, "
+        f"p99 {num(call[99], 1)} ms, max {num(call['max'], 1)} ms. "
         f"Wall time {s['wall_s']:.1f} s for {s['n']} queries ({num(s['per_query_ms'], 2)} ms per query); "
         "models were loaded before timing.",
         "",
@@ -392,9 +424,39 @@ def render(
         ],
     )
     if s["reasons"]:
-        out += ["Top pass-over reasons:", ""]
+        out += ["Top run-time pass-over reasons:", ""]
         out += table(["reason", "n"], [[r.replace("|", "\\|"), str(n)] for r, n in s["reasons"].most_common(8)])
     return "\n".join(out)
+
+
+def headline(s: dict[str, Any]) -> str:
+    """The one line ``eval`` ends its figures with: latency per query, fallbacks at run time."""
+    lat = s["latency"]
+    return (
+        f"accuracy {pct(s['accuracy'])}  macro-F1 {num(s['macro_f1'])}  ECE {num(s['ece'])}  "
+        f"latency per query p50 {num(lat[50], 1)} ms  p95 {num(lat[95], 1)} ms  "
+        f"fallback at run time {pct(s['fallback_rate'])}"
+    )
+
+
+def footer(s: dict[str, Any], report: Path, figures: dict[str, str]) -> list[str]:
+    """A short plain summary after the headline: who answered, latency per query and per call, fallbacks
+    at run time apart from the tiers absent here, where the report and figures are, and the next step."""
+    lat, call, absent = s["latency"], s["latency_per_call"], s["absent_tiers"]
+    tiers = sorted(s["per_tier"].items(), key=lambda kv: -kv[1]["n"])
+    lines = [
+        "answered by: " + ", ".join(f"{t} {pct(g['n'] / s['n'])}" for t, g in tiers),
+        f"latency per query: p50 {num(lat[50], 1)} ms, p95 {num(lat[95], 1)} ms "
+        f"(per call of up to {s['batch_texts']['max']} queries: p50 {num(call[50], 1)} ms, p95 {num(call[95], 1)} ms)",
+        f"fallback at run time: {pct(s['fallback_rate'])} of queries"
+        + (f" ({', '.join(f'{k} {n}' for k, n in s['runtime_kinds'].most_common(3))})" if s["runtime_kinds"] else "")
+        + (f"; not installed here, not counted: {', '.join(absent)}" if absent else ""),
+        f"report: {shown(report)}"
+        + (f"; plots beside it: {report.stem}-*.png ({', '.join(sorted(figures))})" if figures else ""),
+    ]
+    if registry.PRIMARY in absent:
+        lines.append(f"next step on a Mac: {registry.how_to_get(registry.PRIMARY)} (Llama 3.2 3B, the first tier)")
+    return lines
 
 
 def _figure(figures: dict[str, str], key: str, alt: str) -> list[str]:

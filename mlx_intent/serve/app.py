@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_intent.chain import Chain, Reason
-from mlx_intent.metrics import MB
+from mlx_intent.metrics import MB, is_absent
 from mlx_intent.models import registry
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
@@ -121,8 +121,17 @@ class ClassifyResult(Answer):
 
     tier: str = Field(description="The tier that answered.")
     model: str | None = Field(description="Its model; null for the keyword and general tiers.")
-    fallbacks: list[Fallback] = Field(description="Tiers above it and why they did not answer.")
+    fallbacks: list[Fallback] = Field(
+        description="Tiers above it and why they did not answer; kinds not_installed and too_large mean the tier "
+        "is absent here (a configuration fact), the others that it was passed over at run time."
+    )
+    runtime_fallback: bool = Field(
+        False, description="A tier was passed over at run time (not merely absent here): what the fallback rate counts."
+    )
     latency_ms: float = Field(description="Time in the server for this request, queueing included.")
+    latency_per_query_ms: float | None = Field(
+        None, description="latency_ms over the request's texts: each text's share (equal for /v1/classify)."
+    )
     cached: bool
     lang: str | None = None
 
@@ -185,8 +194,23 @@ class Prometheus:
         self.intents = Counter("mlx_intent_intents", "Answers by primary intent", ["intent"], registry=r)
         self.tiers = Counter("mlx_intent_tiers", "Answers by the tier that gave them", ["tier"], registry=r)
         self.fallbacks = Counter(
-            "mlx_intent_fallbacks", "Tiers passed over, by reason kind", ["tier", "reason"], registry=r
+            "mlx_intent_fallbacks",
+            "Tiers passed over at run time, by reason kind (tiers absent here: mlx_intent_tier_absent)",
+            ["tier", "reason"],
+            registry=r,
         )
+        self.fallback_answers = Counter(
+            "mlx_intent_fallback_answers",
+            "Answers a tier passed over at run time: the fallback rate is this over mlx_intent_tiers",
+            registry=r,
+        )
+        self.absent = Gauge(
+            "mlx_intent_tier_absent",
+            "1 for a tier absent here (reason not_installed or too_large): a configuration fact, not a fallback",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.absent_seen: set[tuple[str, str]] = set()
         self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
@@ -198,8 +222,18 @@ class Prometheus:
     def answered(self, result: dict) -> None:
         self.intents.labels(result["primary_intent"]).inc()
         self.tiers.labels(result["tier"]).inc()
+        present = {result["tier"]}
         for f in result.get("fallbacks") or ():
-            self.fallbacks.labels(f["tier"], f["kind"]).inc()
+            if is_absent(f):
+                self.absent.labels(f["tier"], f["kind"]).set(1)
+                self.absent_seen.add((f["tier"], f["kind"]))
+            else:
+                self.fallbacks.labels(f["tier"], f["kind"]).inc()
+                present.add(f["tier"])
+        self.fallback_answers.inc(len(present) > 1)
+        for tier, kind in self.absent_seen:
+            if tier in present:  # pulled since, and loaded: no longer absent
+                self.absent.labels(tier, kind).set(0)
         if result.get("cached"):
             self.cache_hits.inc()
 
@@ -325,8 +359,9 @@ def create_app(
             texts
         )
 
-    def shown(result: dict, start: float) -> dict:
-        out = {**result, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+    def shown(result: dict, start: float, texts: int = 1) -> dict:
+        latency = (time.perf_counter() - start) * 1000
+        out = {**result, "latency_ms": round(latency, 2), "latency_per_query_ms": round(latency / texts, 3)}
         prometheus.answered(out)
         return ClassifyResult.model_validate(out).model_dump()
 
@@ -339,7 +374,7 @@ def create_app(
             results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
         except asyncio.TimeoutError:  # the job is cancelled if not begun; if begun, its answer is dropped
             results = timed_out(texts)
-        return [shown(r, start) for r in results]
+        return [shown(r, start, len(texts)) for r in results]
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
     async def classify(body: ClassifyRequest):
