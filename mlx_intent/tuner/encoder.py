@@ -129,7 +129,7 @@ def train_encoder(
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    model, tokenizer = e5.load()
+    model, tokenizer = e5.load(e5.default_weights())  # the weights the tier will serve with
     first = model.config.layers - tuned_layers
     ids = encode_ids(tokenizer, [r["text"] for r in train_rows])
     labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
