@@ -444,8 +444,13 @@ def model_floor(settings: Settings, names: list[str]) -> float:
     return calibrated_accuracy() or 0.0
 
 
-def build_chain(settings: Settings, names: list[str] | None = None, memory: int | None = None) -> Chain:
-    """The chain from settings: ``names`` (--chain) or MLX_INTENT_CHAIN, else the default."""
+def build_chain(settings: Settings | None = None, names: list[str] | None = None, memory: int | None = None) -> Chain:
+    """The chain from settings (default: ``load_settings()``: .env, then the environment): ``names``
+    (--chain) or MLX_INTENT_CHAIN, else the default."""
+    if settings is None:
+        from mlx_intent.settings import load_settings
+
+        settings = load_settings()
     names = list(names or settings.chain or default_chain_names(settings))
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
     floor = model_floor(settings, names)

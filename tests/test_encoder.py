@@ -262,3 +262,12 @@ def test_a_blended_tier_is_not_vetoed_again_but_still_gets_the_second_intents():
 
     assert build_chain(Settings(chain=(ENCODER, "keyword"))).tiers[0].veto is False
     assert build_chain(Settings(chain=(ENCODER, "keyword"), combine=False)).tiers[0].veto is True
+
+
+def test_the_python_api_reaches_the_chain_and_the_encoder(models_home):
+    import mlx_intent
+
+    chain = mlx_intent.build_chain()
+    assert ENCODER in chain.names and mlx_intent.EncoderClassifier is EncoderClassifier
+    result = chain.classify("Wann fährt die letzte Fähre nach Kadıköy?")
+    assert result["tier"] == ENCODER and result["primary_intent"] in INTENTS
