@@ -8,6 +8,7 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -314,6 +315,29 @@ def models_list(model: str | None, settings: Settings) -> None:
     click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
 
 
+# Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/
+# (models pull e5-small), .hub/ (the pull cache); <model>.source/ holds the weights of a pull --from-source.
+RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _convert_target(name: str, home: Path | None) -> Path:
+    """The folder ``models convert --name`` may (re)write: a plain name straight under the models home, not one
+    of its reserved folders, and, if it exists, an MLX model folder (the converter replaces it whole)."""
+    if not _PLAIN_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES or name.endswith(".source"):
+        raise InputError(
+            f"--name {name!r}: expected a plain model name (letters, digits, '.', '-', '_', not starting with '.'), "
+            f"not one of the models folder's own folders ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
+        )
+    root = registry.home(home)
+    out = root / name
+    if out.resolve().parent != root.resolve():
+        raise InputError(f"--name {name!r}: {out} is not directly in the models folder {root}")
+    if out.is_symlink() or (out.exists() and not registry.is_mlx_folder(out)):
+        raise click.ClickException(f"{out} exists and is not a converted MLX model; refusing to replace it")
+    return out
+
+
 @models.command("convert")
 @click.option("--gguf", "gguf", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file.")
 @click.option("--name", required=True, help="Registry name (or a new name) for the MLX folder.")
@@ -323,8 +347,8 @@ def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> No
     """Convert a Llama-architecture GGUF (Q4_0, Q4_1, Q8_0, F16, F32) to an MLX 4-bit folder."""
     from mlx_intent.models.gguf import GGUFError, convert_gguf
 
-    out = registry.home(settings.home) / name
-    if registry.is_mlx_folder(out) and not force:
+    out = _convert_target(name, settings.home)
+    if out.exists() and not force:
         raise click.ClickException(f"{out} already holds a converted model; use --force to replace it")
     try:
         convert_gguf(gguf, out, progress=lambda msg: click.echo(f"  {msg}", err=True))
