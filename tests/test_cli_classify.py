@@ -246,3 +246,22 @@ def test_classify_sample_samples_at_the_models_temperature(llm, monkeypatch, sam
     assert result.exit_code == 0, result.output
     schema.validate(json.loads(result.output))
     assert (0.7 in seen) is sample
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("via", ["same path", "symlink", "relative path"])
+def test_output_that_is_the_input_is_refused_and_left_intact(tmp_path, monkeypatch, via, resume):
+    """--input X --output X used to empty X (the output was opened for writing before the input was read)."""
+    source = write_jsonl(tmp_path / "in.jsonl", QUERIES)
+    before = (tmp_path / "in.jsonl").read_bytes()
+    out = source
+    if via == "symlink":
+        (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+        out = str(tmp_path / "link.jsonl")
+    elif via == "relative path":
+        monkeypatch.chdir(tmp_path)
+        out = "./in.jsonl"
+    result = run("--input", source, "--output", out, *(["--resume"] if resume else []), *KEYWORD)
+    assert result.exit_code == 2, result.output
+    assert "is the --input file" in result.stderr
+    assert (tmp_path / "in.jsonl").read_bytes() == before

@@ -8,6 +8,7 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
+    if input_path != "-" and output.exists() and os.path.samefile(input_path, output):
+        raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
