@@ -192,6 +192,9 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing adapter (e5-small: head); the old one is kept as NAME.previous/."
+)
 @home_options
 def train(
     model,
@@ -206,6 +209,7 @@ def train(
     rank,
     tune_layers,
     seed,
+    force,
     settings: Settings,
 ) -> None:
     """Fine-tune MODEL on labelled data.
@@ -219,6 +223,7 @@ def train(
     from mlx_intent.tuner.train import train_adapter
 
     report = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    _check_replace(_train_target(model, settings.home), force)
     if model == ENCODER:
         from mlx_intent.tuner.encoder import train_encoder
 
@@ -252,10 +257,6 @@ def train(
             f"{summary['train_seconds']:.0f} s)"
         )
         return
-    try:
-        registry.get_spec(model)
-    except registry.UnknownModelError as e:
-        raise ModelError(str(e)) from None
     if len(train_data) > 1 or calib_data:
         raise InputError("an LLM adapter trains on one --data file and takes no --calib (run mlx-intent calibrate)")
     summary = train_adapter(
@@ -276,6 +277,30 @@ def train(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
+
+
+def _train_target(model: str, home: Path | None) -> Path:
+    """The folder ``train MODEL`` writes: the e5-small head shipped in the package, else MODEL's adapter."""
+    if model == ENCODER:
+        from mlx_intent.encoder import HEAD_DIR
+
+        return HEAD_DIR
+    try:
+        return registry.adapter_dir(model, home)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+
+
+def _check_replace(target: Path, force: bool) -> None:
+    """Before any training: an existing adapter or head (and the calibration.json beside it) is only replaced
+    with --force, and then kept as <name>.previous/."""
+    from mlx_intent.tuner import previous_dir
+
+    if target.exists() and not force:
+        raise click.ClickException(
+            f"{target} already holds a trained model (and its calibration); use --force to replace it "
+            f"(the old one is then kept in {previous_dir(target)})"
+        )
 
 
 @main.group()
