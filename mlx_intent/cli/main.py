@@ -68,30 +68,47 @@ main.add_command(calibrate_command)
 main.add_command(data_command)
 
 
+def id_key(ident) -> str:
+    """How ids compare: as JSON values (``2`` is not ``"2"``, ``null`` is not ``"None"``)."""
+    return json.dumps(ident, ensure_ascii=False, sort_keys=True)
+
+
 def _read_jsonl(path: str, done: set[str]):
     """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
-    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON)."""
+    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
+    that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
+    gets its line number, as a string.  Lines whose ``id_key`` is in ``done`` are skipped."""
+    seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f'{path}:{n}: expected an object with a string "text"')
         if not obj["text"].strip():
             raise InputError(f"{path}:{n}: text is empty")
-        ident = str(obj.get("id", n))
-        if ident not in done:
+        ident = obj["id"] if "id" in obj else str(n)
+        key = id_key(ident)
+        if key in seen:
+            raise InputError(
+                f"{path}:{n}: id {key} is also the id of line {seen[key]}"
+                + ("" if "id" in obj else " (a line without an id gets its line number)")
+                + "; ids must be unique"
+            )
+        seen[key] = n
+        if key not in done:
             yield n, ident, obj["text"]
 
 
 def _done_ids(output: Path) -> set[str]:
-    """Ids already written to ``output``.  Its tail is repaired first (mlx_intent.jsonl.repair_tail), so the
-    next record does not glue onto a line torn by an interrupted run: a fragment is cut off and its query
-    redone, a whole record missing its newline is ended and counts.  Unreadable lines are not ids."""
+    """The ``id_key`` of the ids already written to ``output``.  Its tail is repaired first
+    (mlx_intent.jsonl.repair_tail), so the next record does not glue onto a line torn by an interrupted run:
+    a fragment is cut off and its query redone, a whole record missing its newline is ended and counts.
+    Unreadable lines are not ids."""
     ids: set[str] = set()
     if not output.is_file():
         return ids
     repair_file(output)
     for n, raw in enumerate(output.read_bytes().split(b"\n"), 1):
         try:
-            ids.add(str(parse_line(raw, str(output), n)["id"]))
+            ids.add(id_key(parse_line(raw, str(output), n)["id"]))
         except (JSONLError, KeyError, TypeError):
             continue
     return ids
