@@ -173,7 +173,7 @@ def test_resume_cuts_a_torn_last_line(tmp_path):
 
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": "1", "primary_intent": "greeting"}\n{"id": "2", "prim')
-    assert _done_ids(out) == {"1"}
+    assert _done_ids(out) == {json.dumps("1")}
     assert out.read_bytes() == b'{"id": "1", "primary_intent": "greeting"}\n'
 
 
@@ -246,3 +246,59 @@ def test_classify_sample_samples_at_the_models_temperature(llm, monkeypatch, sam
     assert result.exit_code == 0, result.output
     schema.validate(json.loads(result.output))
     assert (0.7 in seen) is sample
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("via", ["same path", "symlink", "relative path"])
+def test_output_that_is_the_input_is_refused_and_left_intact(tmp_path, monkeypatch, via, resume):
+    """--input X --output X used to empty X (the output was opened for writing before the input was read)."""
+    source = write_jsonl(tmp_path / "in.jsonl", QUERIES)
+    before = (tmp_path / "in.jsonl").read_bytes()
+    out = source
+    if via == "symlink":
+        (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+        out = str(tmp_path / "link.jsonl")
+    elif via == "relative path":
+        monkeypatch.chdir(tmp_path)
+        out = "./in.jsonl"
+    result = run("--input", source, "--output", out, *(["--resume"] if resume else []), *KEYWORD)
+    assert result.exit_code == 2, result.output
+    assert "is the --input file" in result.stderr
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "lines, first, second",
+    [
+        ([{"id": "a", "text": "hi"}, {"text": "hello"}, {"id": "2", "text": "ferry"}], 2, 3),  # missing -> "2"
+        ([{"id": 7, "text": "hi"}, {"id": 7, "text": "hello"}], 1, 2),
+        ([{"id": None, "text": "hi"}, {"id": None, "text": "hello"}], 1, 2),
+        ([{"id": "x", "text": "hi"}, {"id": "y", "text": "yo"}, {"id": "x", "text": "hello"}], 1, 3),
+    ],
+)
+def test_duplicate_ids_in_one_input_exit_2_naming_both_lines(tmp_path, lines, first, second):
+    """A line without an id got its line number, colliding with an explicit "2", and --resume then skipped one."""
+    out = tmp_path / "out.jsonl"
+    result = run("--input", write_jsonl(tmp_path / "in.jsonl", lines), "--output", str(out), *KEYWORD)
+    assert result.exit_code == 2, result.output
+    assert f"in.jsonl:{second}:" in result.stderr and f"line {first}" in result.stderr and "unique" in result.stderr
+
+
+def test_ids_are_json_values_so_resume_skips_only_the_same_id(tmp_path):
+    """2 and "2" are different ids, null is null (it used to become "None"): --resume skips exactly the done ones."""
+    lines = [
+        {"id": 2, "text": "where can I eat fish"},
+        {"id": "2", "text": "hello"},
+        {"id": None, "text": "a ferry to Kadikoy"},
+        {"id": "None", "text": "thanks"},
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    first = run("--input", source, "--output", str(out), *KEYWORD)
+    assert first.exit_code == 0, first.output
+    assert [r["id"] for r in read_jsonl(out)] == [2, "2", None, "None"]
+    rows = read_jsonl(out)
+    out.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n", encoding="utf-8")  # 2 and null done
+    again = run("--input", source, "--output", str(out), "--resume", *KEYWORD)
+    assert again.exit_code == 0, again.output
+    assert [r["id"] for r in read_jsonl(out)] == [2, None, "2", "None"]

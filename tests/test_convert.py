@@ -324,3 +324,41 @@ def test_cli_convert_and_list_agree_on_the_home_they_are_given(tmp_path, monkeyp
     default = CliRunner().invoke(main, ["models", "list"])
     assert f"models folder: {tmp_path / 'default'}" in default.output and state_of(default.output) == "downloaded"
     assert {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")} == before
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else b"") for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "adapters", "Adapters", "data", "corpora", "e5-small", ".hub", "../x", "a/b", "x.source"]
+)
+def test_cli_convert_refuses_a_name_that_is_not_a_plain_model_name(tmp_path, monkeypatch, name):
+    """--name '' or '.' used to wipe the models folder, 'adapters' every adapter, '../x' a folder outside it."""
+    home = tmp_path / "home"
+    (home / "adapters" / "smollm2-135m").mkdir(parents=True)
+    (home / "adapters" / "smollm2-135m" / "adapters.safetensors").write_bytes(b"lora")
+    (home / "data").mkdir()
+    (home / "data" / "train.jsonl").write_text("{}\n")
+    (home / "e5-small").mkdir()
+    (home / "e5-small" / "config.json").write_text("{}")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    before = _tree(tmp_path)
+    monkeypatch.setenv("MLX_INTENT_HOME", str(home))
+    result = CliRunner().invoke(main, ["models", "convert", "--gguf", str(GGUF), "--name", name, "--force"])
+    assert result.exit_code == 2, result.output
+    assert "plain model name" in result.output or "not directly in the models folder" in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_cli_convert_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path, monkeypatch):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["models", "convert", "--gguf", str(GGUF), "--name", "notes", "--force"])
+    assert result.exit_code == 1 and "not a converted MLX model" in result.output
+    assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
+    with pytest.raises(GGUFError, match="not an MLX model folder"):
+        convert_gguf(GGUF, tmp_path / "notes")
+    assert (tmp_path / "notes" / "a.txt").read_text() == "mine" and not list(tmp_path.glob(".*partial"))

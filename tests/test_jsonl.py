@@ -164,4 +164,4 @@ def test_the_callers_share_the_reader_and_the_repair(tmp_path):
         read_log(write(path, b'{"i": 0\n{"i": 1}\n'))
     assert read_log(write(path, b'{"i": 0}\n{"i": 1')).skipped == 1
     path.write_bytes(b'{"id": "1"}\n{"id": "2"}')  # a whole record that only lacks its newline: kept
-    assert _done_ids(path) == {"1", "2"} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
+    assert _done_ids(path) == {json.dumps("1"), json.dumps("2")} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'

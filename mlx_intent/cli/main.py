@@ -8,6 +8,8 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import click
@@ -66,30 +68,47 @@ main.add_command(calibrate_command)
 main.add_command(data_command)
 
 
+def id_key(ident) -> str:
+    """How ids compare: as JSON values (``2`` is not ``"2"``, ``null`` is not ``"None"``)."""
+    return json.dumps(ident, ensure_ascii=False, sort_keys=True)
+
+
 def _read_jsonl(path: str, done: set[str]):
     """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
-    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON)."""
+    error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
+    that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
+    gets its line number, as a string.  Lines whose ``id_key`` is in ``done`` are skipped."""
+    seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f'{path}:{n}: expected an object with a string "text"')
         if not obj["text"].strip():
             raise InputError(f"{path}:{n}: text is empty")
-        ident = str(obj.get("id", n))
-        if ident not in done:
+        ident = obj["id"] if "id" in obj else str(n)
+        key = id_key(ident)
+        if key in seen:
+            raise InputError(
+                f"{path}:{n}: id {key} is also the id of line {seen[key]}"
+                + ("" if "id" in obj else " (a line without an id gets its line number)")
+                + "; ids must be unique"
+            )
+        seen[key] = n
+        if key not in done:
             yield n, ident, obj["text"]
 
 
 def _done_ids(output: Path) -> set[str]:
-    """Ids already written to ``output``.  Its tail is repaired first (mlx_intent.jsonl.repair_tail), so the
-    next record does not glue onto a line torn by an interrupted run: a fragment is cut off and its query
-    redone, a whole record missing its newline is ended and counts.  Unreadable lines are not ids."""
+    """The ``id_key`` of the ids already written to ``output``.  Its tail is repaired first
+    (mlx_intent.jsonl.repair_tail), so the next record does not glue onto a line torn by an interrupted run:
+    a fragment is cut off and its query redone, a whole record missing its newline is ended and counts.
+    Unreadable lines are not ids."""
     ids: set[str] = set()
     if not output.is_file():
         return ids
     repair_file(output)
     for n, raw in enumerate(output.read_bytes().split(b"\n"), 1):
         try:
-            ids.add(str(parse_line(raw, str(output), n)["id"]))
+            ids.add(id_key(parse_line(raw, str(output), n)["id"]))
         except (JSONLError, KeyError, TypeError):
             continue
     return ids
@@ -144,6 +163,8 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
+    if input_path != "-" and output.exists() and os.path.samefile(input_path, output):
+        raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
@@ -188,6 +209,9 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing adapter (e5-small: head); the old one is kept as NAME.previous/."
+)
 @home_options
 def train(
     model,
@@ -202,6 +226,7 @@ def train(
     rank,
     tune_layers,
     seed,
+    force,
     settings: Settings,
 ) -> None:
     """Fine-tune MODEL on labelled data.
@@ -215,6 +240,7 @@ def train(
     from mlx_intent.tuner.train import train_adapter
 
     report = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    _check_replace(_train_target(model, settings.home), force)
     if model == ENCODER:
         from mlx_intent.tuner.encoder import train_encoder
 
@@ -248,10 +274,6 @@ def train(
             f"{summary['train_seconds']:.0f} s)"
         )
         return
-    try:
-        registry.get_spec(model)
-    except registry.UnknownModelError as e:
-        raise ModelError(str(e)) from None
     if len(train_data) > 1 or calib_data:
         raise InputError("an LLM adapter trains on one --data file and takes no --calib (run mlx-intent calibrate)")
     summary = train_adapter(
@@ -272,6 +294,30 @@ def train(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
+
+
+def _train_target(model: str, home: Path | None) -> Path:
+    """The folder ``train MODEL`` writes: the e5-small head shipped in the package, else MODEL's adapter."""
+    if model == ENCODER:
+        from mlx_intent.encoder import HEAD_DIR
+
+        return HEAD_DIR
+    try:
+        return registry.adapter_dir(model, home)
+    except registry.UnknownModelError as e:
+        raise ModelError(str(e)) from None
+
+
+def _check_replace(target: Path, force: bool) -> None:
+    """Before any training: an existing adapter or head (and the calibration.json beside it) is only replaced
+    with --force, and then kept as <name>.previous/."""
+    from mlx_intent.tuner import previous_dir
+
+    if target.exists() and not force:
+        raise click.ClickException(
+            f"{target} already holds a trained model (and its calibration); use --force to replace it "
+            f"(the old one is then kept in {previous_dir(target)})"
+        )
 
 
 @main.group()
@@ -335,6 +381,29 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
     return ("", ENCODER, state, size, "~0.3 GB", "-", source)
 
 
+# Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/
+# (models pull e5-small), .hub/ (the pull cache); <model>.source/ holds the weights of a pull --from-source.
+RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _convert_target(name: str, home: Path | None) -> Path:
+    """The folder ``models convert --name`` may (re)write: a plain name straight under the models home, not one
+    of its reserved folders, and, if it exists, an MLX model folder (the converter replaces it whole)."""
+    if not _PLAIN_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES or name.endswith(".source"):
+        raise InputError(
+            f"--name {name!r}: expected a plain model name (letters, digits, '.', '-', '_', not starting with '.'), "
+            f"not one of the models folder's own folders ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
+        )
+    root = registry.home(home)
+    out = root / name
+    if out.resolve().parent != root.resolve():
+        raise InputError(f"--name {name!r}: {out} is not directly in the models folder {root}")
+    if out.is_symlink() or (out.exists() and not registry.is_mlx_folder(out)):
+        raise click.ClickException(f"{out} exists and is not a converted MLX model; refusing to replace it")
+    return out
+
+
 @models.command("convert")
 @click.option("--gguf", "gguf", required=True, type=click.Path(dir_okay=False, path_type=Path), help="GGUF file.")
 @click.option("--name", required=True, help="Registry name (or a new name) for the MLX folder.")
@@ -344,8 +413,8 @@ def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> No
     """Convert a Llama-architecture GGUF (Q4_0, Q4_1, Q8_0, F16, F32) to an MLX 4-bit folder."""
     from mlx_intent.models.gguf import GGUFError, convert_gguf
 
-    out = registry.home(settings.home) / name
-    if registry.is_mlx_folder(out) and not force:
+    out = _convert_target(name, settings.home)
+    if out.exists() and not force:
         raise click.ClickException(f"{out} already holds a converted model; use --force to replace it")
     try:
         convert_gguf(gguf, out, progress=lambda msg: click.echo(f"  {msg}", err=True))

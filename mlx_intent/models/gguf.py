@@ -329,6 +329,14 @@ def _plain(meta: dict) -> dict[str, Any]:
     return out
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an earlier conversion (an MLX model folder: config.json and model*.safetensors) may be replaced."""
+    if out_dir.is_symlink() or (
+        out_dir.exists() and not ((out_dir / "config.json").is_file() and any(out_dir.glob("model*.safetensors")))
+    ):
+        raise GGUFError(f"{out_dir} exists and is not an MLX model folder; refusing to replace it")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress=None) -> Path:
     """Convert ``gguf_path`` into the model folder ``out_dir``, atomically.
 
@@ -343,6 +351,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     say("reading header")
     header = read_header(gguf_path)
     check_supported(header, gguf_path)
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -361,6 +370,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
             json.dumps({"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}, indent=2)
         )
         if out_dir.exists():
+            _check_replaceable(out_dir)
             shutil.rmtree(out_dir)
         tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, out_dir)

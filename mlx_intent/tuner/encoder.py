@@ -26,6 +26,7 @@ from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, encode_ids, 
 from mlx_intent.evaluation import scores
 from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.tuner import install
 from mlx_intent.tuner.calibrate import fit_temperature, temper
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95
@@ -214,9 +215,7 @@ def train_encoder(
         if calib_rows:
             record.update(calibrate_head(EncoderClassifier(head_dir=tmp), calib_rows, report))
             (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        install(tmp, out_dir)  # an earlier head goes to <name>.previous/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

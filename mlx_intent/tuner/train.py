@@ -24,6 +24,7 @@ from mlx_intent.evaluation.data import read_labelled
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab
+from mlx_intent.tuner import install
 
 LORA_KEYS = (
     "self_attn.q_proj",
@@ -126,6 +127,7 @@ def train_adapter(
     home: Path | None = None,
 ) -> dict:
     """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary.
+    An adapter already in ``out_dir`` is kept aside as ``<name>.previous/`` (``mlx-intent train`` asks for --force).
     ``home`` is the models folder the model loads from and the adapter goes to (None: the registry default)."""
     import mlx.core as mx
     import mlx.optimizers as optim
@@ -195,10 +197,8 @@ def train_adapter(
             "losses": losses,
         }
         (tmp / "adapter_config.json").write_text(json.dumps(summary, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        tmp.rename(out_dir)
+        install(tmp, out_dir)  # an earlier adapter goes to <name>.previous/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
