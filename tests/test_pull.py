@@ -263,15 +263,22 @@ def test_hf_token_is_sent_as_bearer(hub, tmp_path):
     assert {auth for _, _, auth in hub.requests} == {"Bearer hf_fake"}
 
 
-def test_repo_not_found(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tinyllama", "the repo was not found on the Hub (404)"),
+        ("e5-small", "cannot pull e5-small (intfloat/multilingual-e5-small)"),  # the encoder's own path
+    ],
+)
+def test_repo_not_found(tmp_path, name, message):
     hub = FakeHub({})
     try:
-        result = run_cli("models", "pull", "tinyllama", home=tmp_path / "home", endpoint=hub.url)
+        result = run_cli("models", "pull", name, home=tmp_path / "home", endpoint=hub.url)
     finally:
         hub.close()
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "the repo was not found on the Hub (404)" in result.stderr
+    assert message in result.stderr
 
 
 def test_hub_unreachable(tmp_path):
