@@ -336,8 +336,8 @@ class Chain:
             else:
                 res.update(timing)
         records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
-        if self.log is not None:
-            self.log.write_many(records)
+        if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
+            self.metrics.record_log_failures(self.log.write_many(records))
         return results
 
     def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:

@@ -168,7 +168,9 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
-    with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
+    # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
+    out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    with out, tqdm(unit="q", disable=None) as bar:
 
         def flush() -> None:
             results = chain.classify_batch([t for _, _, t in batch])
@@ -187,6 +189,8 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
             if batch:
                 flush()
     click.echo(f"wrote {output}", err=True)
+    if lost := chain.metrics.log_write_failures:
+        click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
 
 
 @main.command()
