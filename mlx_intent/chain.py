@@ -21,7 +21,6 @@ from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
-from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
 
@@ -303,11 +302,13 @@ class Chain:
         ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(texts)
-        keys = [f"{self.names}|{normalize(t) if isinstance(t, str) else ''}" for t in texts]
+        # Keyed on the text exactly as the tiers get it: any folding (case, emoji, punctuation) would hand one
+        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").
+        keys = [t if isinstance(t, str) else None for t in texts]
         todo = []
         with self._lock:
             for i, key in enumerate(keys):
-                hit = self.cache.get(key)
+                hit = None if key is None else self.cache.get(key)
                 if hit is not None:
                     self.cache.move_to_end(key)
                     self.cache_hits += 1
@@ -328,7 +329,7 @@ class Chain:
             if not res.get("cached"):
                 res.update(fallbacks=fallbacks[i], cached=False, **timing)
                 res["runtime_fallback"] = runtime_fallback(fallbacks[i])
-                if self.cache_size and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
+                if self.cache_size and keys[i] is not None and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
                     with self._lock:
                         self.cache[keys[i]] = dict(res)  # callers may edit what they get back
                         while len(self.cache) > self.cache_size:

@@ -11,9 +11,11 @@ import warnings
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_intent import metrics
-from mlx_intent.chain import Chain, keyword_tier
+from mlx_intent.chain import Chain, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.schema import INTENTS
@@ -136,3 +138,44 @@ def test_the_server_answers_through_a_full_disk_and_counts_it(tmp_path, full_dis
             scraped = client.get("/metrics").text
     count = re.search(r"^mlx_intent_log_write_failures (\S+)$", scraped, re.M)
     assert count and float(count[1]) == log.failures == 3  # the warm-up's answer and the two requests'
+
+
+# ---- 6. the result cache never returns another text's answer ---------------------------------------------
+
+# Pairs that normalize() folds together, though the keyword tier reads them apart (emoji, uppercase IST).
+PAIRS = [("🙂🙂", "☔☔☔"), ("Wie komme ich zum ist?", "Wie komme ich zum IST?"), ("kadikoy", "Kadıköy?")]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_a_cached_answer_is_the_answer_to_that_text(pair):
+    uncached = Chain([keyword_tier()], cache_size=0)
+    expected = answers(uncached.classify_batch(list(pair)))
+    if pair != PAIRS[-1]:
+        assert expected[0] != expected[1]  # so a shared cache entry would show
+    for order in (pair, pair[::-1]):
+        chain = Chain([keyword_tier()])
+        got = {text: answers([chain.classify(text)])[0] for text in order}
+        assert [got[t] for t in pair] == expected
+
+
+def test_the_blend_caches_per_text_too():
+    chain = build_chain(Settings(chain=("e5-small", "keyword")))
+    fresh = build_chain(Settings(chain=("e5-small", "keyword"), cache_size=0))
+    for a, b in PAIRS[:2]:
+        chain.classify(a)
+        assert answers([chain.classify(b)]) == answers([fresh.classify(b)])
+
+
+# Pieces that fold alike to normalize() but that the tiers tell apart, and plain text.
+TEXTS = st.lists(
+    st.sampled_from(["IST", "ist", "☔", "🙂", "?", "!", ",", " ", "\n", "Hello", "hello", "rain", "food", "where"]),
+    max_size=8,
+).map("".join) | st.text(max_size=20)
+
+
+@given(TEXTS, TEXTS)
+@settings(max_examples=200, deadline=None)
+def test_any_text_cached_after_any_other_answers_as_uncached(first, second):
+    chain, uncached = Chain([keyword_tier()]), Chain([keyword_tier()], cache_size=0)
+    chain.classify(first)
+    assert answers([chain.classify(second)]) == answers([uncached.classify(second)])
