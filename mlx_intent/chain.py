@@ -91,10 +91,12 @@ class Tier:
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
 
 
-def keyword_tier() -> Tier:
+def keyword_tier(home: Path | None = None) -> Tier:
+    """The keyword tier, with the fit of ``home`` (the models folder) or the packaged one."""
     from mlx_intent.keyword import KeywordClassifier
 
-    keyword = KeywordClassifier()  # a broken lexicon or calibration file fails at start-up, naming it
+    # A broken lexicon fails at start-up, naming it; a broken calibration only costs the calibration (a warning).
+    keyword = KeywordClassifier(home=home)
     return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts])
 
 
@@ -204,13 +206,19 @@ class Lazy:
             return self.value
 
 
-def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0, combine: bool = False) -> Tier:
+def encoder_tier(
+    threshold: float,
+    budget_ms: float | None,
+    retry_after_s: float = 60.0,
+    combine: bool = False,
+    home: Path | None = None,
+) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
     the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays)."""
     from mlx_intent import encoder
 
-    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine), encoder.available, retry_after_s)
+    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine, home=home), encoder.available, retry_after_s)
     return Tier(
         encoder.NAME,
         lambda texts: lazy.get().classify_batch(texts),
@@ -442,7 +450,7 @@ def model_floor(settings: Settings, names: list[str]) -> float:
 
     if not settings.keyword_floor or KEYWORD not in names:
         return 0.0
-    return calibrated_accuracy() or 0.0
+    return calibrated_accuracy(home=settings.home) or 0.0
 
 
 def build_chain(settings: Settings | None = None, names: list[str] | None = None, memory: int | None = None) -> Chain:
@@ -459,7 +467,7 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     secondaries = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(keyword_tier())
+            tiers.append(keyword_tier(settings.home))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
@@ -470,7 +478,8 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
                 threshold = 0.0 if blended else threshold
-                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s, blended))
+                budget, retry = settings.latency_budget_ms, settings.retry_after_s
+                tiers.append(encoder_tier(threshold, budget, retry, blended, settings.home))
             else:
                 tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None

@@ -269,6 +269,7 @@ def train(
                 learning_rate=learning_rate,
                 seed=seed,
                 sources=sources,
+                home=settings.home,
                 report=report,
             )
         except ValueError as e:
@@ -363,6 +364,31 @@ def models_list(model: str | None, settings: Settings) -> None:
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
+    click.echo("calibrations (the fit each tier reads; a file that cannot be used is IGNORED, with the reason):")
+    fits = _calibrations(home)
+    width = max(len(name) for name in fits) + 1
+    for name, loaded in fits.items():
+        click.echo(f"  {name + ':':<{width}}  {loaded.describe()}")
+
+
+def _calibrations(home: Path | None) -> dict:
+    """The fit each tier reads (calibration.Loaded), as it would load now: the keyword tier, e5-small, and
+    every LLM that is on disk."""
+    from mlx_intent import encoder, keyword
+    from mlx_intent.calibration import Loaded
+    from mlx_intent.classifier import load_calibration
+
+    fits = {"keyword": keyword.load_fit(home=home)}
+    try:
+        fits[ENCODER] = encoder.HeadConfig.read(encoder.HEAD_DIR, home)[0].source
+    except encoder.HeadError as e:
+        fits[ENCODER] = Loaded(problems=(str(e),))
+    for name in registry.REGISTRY:
+        adapter = registry.adapter_dir(name, home)
+        folder = adapter if registry.has_adapter(name, home) else registry.resolve_dir(name, home)
+        if folder is not None:
+            fits[name] = load_calibration(folder, name)
+    return fits
 
 
 def _encoder_row(home: Path | None) -> tuple[str, ...]:
