@@ -21,7 +21,6 @@ from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
-from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
 
@@ -92,10 +91,12 @@ class Tier:
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
 
 
-def keyword_tier() -> Tier:
+def keyword_tier(home: Path | None = None) -> Tier:
+    """The keyword tier, with the fit of ``home`` (the models folder) or the packaged one."""
     from mlx_intent.keyword import KeywordClassifier
 
-    keyword = KeywordClassifier()  # a broken lexicon or calibration file fails at start-up, naming it
+    # A broken lexicon fails at start-up, naming it; a broken calibration only costs the calibration (a warning).
+    keyword = KeywordClassifier(home=home)
     return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts])
 
 
@@ -205,13 +206,19 @@ class Lazy:
             return self.value
 
 
-def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0, combine: bool = False) -> Tier:
+def encoder_tier(
+    threshold: float,
+    budget_ms: float | None,
+    retry_after_s: float = 60.0,
+    combine: bool = False,
+    home: Path | None = None,
+) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
     the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays)."""
     from mlx_intent import encoder
 
-    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine), encoder.available, retry_after_s)
+    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine, home=home), encoder.available, retry_after_s)
     return Tier(
         encoder.NAME,
         lambda texts: lazy.get().classify_batch(texts),
@@ -303,11 +310,13 @@ class Chain:
         ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
         start = time.perf_counter()
         results: list[dict | None] = [None] * len(texts)
-        keys = [f"{self.names}|{normalize(t) if isinstance(t, str) else ''}" for t in texts]
+        # Keyed on the text exactly as the tiers get it: any folding (case, emoji, punctuation) would hand one
+        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").
+        keys = [t if isinstance(t, str) else None for t in texts]
         todo = []
         with self._lock:
             for i, key in enumerate(keys):
-                hit = self.cache.get(key)
+                hit = None if key is None else self.cache.get(key)
                 if hit is not None:
                     self.cache.move_to_end(key)
                     self.cache_hits += 1
@@ -328,7 +337,7 @@ class Chain:
             if not res.get("cached"):
                 res.update(fallbacks=fallbacks[i], cached=False, **timing)
                 res["runtime_fallback"] = runtime_fallback(fallbacks[i])
-                if self.cache_size and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
+                if self.cache_size and keys[i] is not None and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
                     with self._lock:
                         self.cache[keys[i]] = dict(res)  # callers may edit what they get back
                         while len(self.cache) > self.cache_size:
@@ -336,8 +345,8 @@ class Chain:
             else:
                 res.update(timing)
         records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
-        if self.log is not None:
-            self.log.write_many(records)
+        if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
+            self.metrics.record_log_failures(self.log.write_many(records))
         return results
 
     def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:
@@ -441,7 +450,7 @@ def model_floor(settings: Settings, names: list[str]) -> float:
 
     if not settings.keyword_floor or KEYWORD not in names:
         return 0.0
-    return calibrated_accuracy() or 0.0
+    return calibrated_accuracy(home=settings.home) or 0.0
 
 
 def build_chain(settings: Settings | None = None, names: list[str] | None = None, memory: int | None = None) -> Chain:
@@ -458,7 +467,7 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     secondaries = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(keyword_tier())
+            tiers.append(keyword_tier(settings.home))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
@@ -469,7 +478,8 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
                 threshold = 0.0 if blended else threshold
-                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s, blended))
+                budget, retry = settings.latency_budget_ms, settings.retry_after_s
+                tiers.append(encoder_tier(threshold, budget, retry, blended, settings.home))
             else:
                 tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None

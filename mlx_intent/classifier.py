@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_intent import calibration
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
@@ -39,13 +40,17 @@ class EmptyTextError(ValueError):
     """Text that is empty or only whitespace / control characters."""
 
 
-def _calibration(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        return json.loads((path / CALIBRATION).read_text())
-    except (OSError, ValueError):
-        return {}
+def _parse_calibration(record: dict, path: Path) -> dict[str, float]:
+    """temperature (required, in calibration.T_RANGE: 0 would make every confidence 1.0) and threshold (in (0, 1])."""
+    return {
+        "temperature": calibration.number(record, "temperature", *calibration.T_RANGE),
+        "threshold": calibration.number(record, "threshold", 0.0, 1.0, default=DEFAULT_THRESHOLD, open_low=True),
+    }
+
+
+def load_calibration(folder: Path | None, name: str = "LLM") -> calibration.Loaded:
+    """The fit in ``folder``/calibration.json, checked; a bad file is warned about and the model answers raw."""
+    return calibration.load([folder / CALIBRATION] if folder is not None else [], _parse_calibration, name)
 
 
 class IntentClassifier:
@@ -93,7 +98,8 @@ class IntentClassifier:
         folder = registry.resolve_dir(self.name, home)
         # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
         self.calibration_dir = adapter or folder
-        calib = _calibration(self.calibration_dir)
+        self.calibration = load_calibration(self.calibration_dir, self.name)  # .problems: files it ignored
+        calib = self.calibration.fit or {}
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)

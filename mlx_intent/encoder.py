@@ -26,12 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_intent import calibration
 from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, MAX_INTENTS, to_json
 
 NAME = "e5-small"
 HEAD_DIR = Path(__file__).resolve().parent / "weights" / NAME  # package data: head.safetensors, head.json
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head.json"
+# `mlx-intent calibrate e5-small` writes <models home>/calibration/e5-small.json (never into the package), naming
+# the head it was fitted for; the tier prefers it to head.json's own fit while that head is installed.
+FIT_NAME = NAME
 MAX_TOKENS = 128  # a query longer than this is cut: intent sits early, and cost grows with length
 TOP = 5
 # The pooled embedding is L2-normalised, so its entries are ~0.05: scaled up, a linear head reaches
@@ -54,43 +58,61 @@ class HeadConfig:
     calibrated_on: str | None = None
     combination: tuple[float, float, float] | None = None  # (a, b, b_general) with the keyword tier
     keyword_platt: tuple[float, float] | None = None  # the keyword calibration the combination was fitted with
+    source: calibration.Loaded = calibration.Loaded()  # the file the fit came from, and the files ignored
 
     @classmethod
-    def read(cls, folder: Path) -> tuple[HeadConfig, dict]:
+    def read(cls, folder: Path, home: Path | None = None) -> tuple[HeadConfig, dict]:
+        """The head's record, and its fit: ``mlx-intent calibrate e5-small``'s under the models home when it was
+        fitted for this head, else head.json's own.  A bad head (other labels, tuned layers) is a HeadError; a
+        bad fit is only warned about, and the head answers with the next fit in line, else raw."""
         path = folder / HEAD_CONFIG
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise HeadError(f"no trained head at {folder} (train one: mlx-intent train {NAME})") from None
-        except ValueError as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise HeadError(f"{path}: not JSON ({e})") from None
-        if record.get("labels") != list(INTENTS):
+        if not isinstance(record, dict) or record.get("labels") != list(INTENTS):
             raise HeadError(f"{path}: trained for other labels than the 15 intents of mlx_intent.schema")
-        cal = record.get("calibration") or {}
-        t, thr = cal.get("temperature", 1.0), cal.get("threshold", 0.5)
         k = record.get("tuned_layers")
-        ok = (
-            isinstance(k, int)
-            and 0 <= k <= 12
-            and isinstance(t, (int, float))
-            and math.isfinite(t)
-            and 0.05 <= t <= 20
-            and isinstance(thr, (int, float))
-            and 0 < thr < 1
-        )
-        if not ok:
-            raise HeadError(f"{path}: tuned_layers, temperature or threshold out of range")
-        combo, platt = record.get("combination"), None
-        if combo is not None:
-            try:
-                weights = tuple(float(combo[key]) for key in ("a", "b", "b_general"))
-                platt = tuple(float(x) for x in combo["keyword_platt"]) if combo.get("keyword_platt") else None
-            except (KeyError, TypeError, ValueError):
-                raise HeadError(f"{path}: combination needs numbers a, b, b_general") from None
-            if not all(math.isfinite(w) and 0 <= w <= 5 for w in weights) or weights[0] <= 0:
-                raise HeadError(f"{path}: combination weights out of range")
-            combo = weights
-        return cls(k, float(t), float(thr), cal.get("fitted_on"), combo, platt), record
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 12:
+            raise HeadError(f"{path}: tuned_layers out of range")
+        home_fit = calibration.home_file(FIT_NAME, home)
+        loaded = calibration.load([home_fit, path], lambda r, p: _parse_fit(r, p != path, folder), NAME)
+        t, thr, fitted_on, combo, platt = loaded.fit or (1.0, 0.5, None, None, None)
+        return cls(k, t, thr, fitted_on, combo, platt, loaded), record
+
+
+def head_fingerprint(folder: Path) -> str:
+    """What a fit under the models home was fitted for: the head's weights."""
+    return calibration.fingerprint([folder / HEAD_WEIGHTS])
+
+
+def _parse_fit(record: dict, from_home: bool, folder: Path) -> tuple:
+    """(temperature, threshold, fitted_on, combination or None, keyword_platt or None) of a head.json, or of a fit
+    under the models home, which must name this head (``head``: its fingerprint)."""
+    fail = calibration.CalibrationError
+    if from_home and record.get("head") != head_fingerprint(folder):
+        raise fail(f"fitted for another head than {folder} (refit: mlx-intent calibrate {NAME})")
+    cal = record.get("calibration") or {}
+    if not isinstance(cal, dict):
+        raise fail("calibration is not an object")
+    t = calibration.number(cal, "temperature", *calibration.T_RANGE, default=1.0)
+    thr = calibration.number(cal, "threshold", 0.0, 1.0, default=0.5, open_low=True)
+    if thr == 1.0:
+        raise fail("threshold = 1 is out of range ((0, 1))")
+    fitted_on = cal.get("fitted_on")
+    combo, platt = record.get("combination"), None
+    if combo is not None:
+        if not isinstance(combo, dict):
+            raise fail("combination is not an object")
+        if combo.get("keyword_platt") is not None:
+            pair = calibration.numbers(combo["keyword_platt"], "keyword_platt", 2)
+            platt = tuple(calibration.checked(x, "keyword_platt", -math.inf, math.inf) for x in pair)
+        combo = tuple(calibration.number(combo, key, 0.0, 5.0) for key in ("a", "b", "b_general"))
+        if combo[0] == 0:
+            raise fail("combination weight a = 0 is out of range ((0, 5])")
+    return t, thr, fitted_on if isinstance(fitted_on, (str, list)) else None, combo, platt
 
 
 def head_module(hidden: int, n: int):
@@ -161,7 +183,14 @@ def answer(probs: np.ndarray, multi: np.ndarray, threshold: float) -> tuple[str,
 class EncoderClassifier:
     """The e5-small tier behind the same ``classify_batch(texts) -> [result]`` call as the LLM tiers."""
 
-    def __init__(self, weights: Path | None = None, head_dir: Path | None = None, combine: bool = False) -> None:
+    def __init__(
+        self,
+        weights: Path | None = None,
+        head_dir: Path | None = None,
+        combine: bool = False,
+        home: Path | None = None,
+    ) -> None:
+        """``home``: the models folder, where `mlx-intent calibrate` keeps its fits (None: the registry default)."""
         backend.use_openblas()
         import mlx.core as mx
         from mlx.utils import tree_unflatten
@@ -169,7 +198,8 @@ class EncoderClassifier:
         from mlx_intent.models import e5
 
         self.head_dir = Path(head_dir) if head_dir is not None else HEAD_DIR
-        self.config, self.record = HeadConfig.read(self.head_dir)
+        self.home = home
+        self.config, self.record = HeadConfig.read(self.head_dir, home)
         self.model, self.tokenizer = e5.load(weights if weights is not None else e5.default_weights())
         self.head = head_module(self.model.config.hidden, len(INTENTS))
         try:
@@ -193,7 +223,7 @@ class EncoderClassifier:
 
         if self.config.combination is None:
             return None
-        keyword = KeywordClassifier()
+        keyword = KeywordClassifier(home=self.home)
         if self.config.keyword_platt is not None and keyword.platt is not None:
             if not np.allclose(self.config.keyword_platt, keyword.platt, atol=1e-4):
                 warnings.warn(

@@ -8,20 +8,23 @@ and as the fallback when no model is loaded.  The lexicons are the TSV files in
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_intent import calibration
 from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
-# Platt scaling of the confidence, fitted by `mlx-intent calibrate keyword`; it belongs to
-# this version of the lexicons, so it ships beside them.
+# Platt scaling of the confidence; the fit that belongs to this version of the lexicons ships beside them.
 CALIBRATION_PATH = LEXICON_DIR / "calibration.json"
+# `mlx-intent calibrate keyword` writes <models home>/calibration/keyword.json instead (never into the package),
+# naming the lexicons it was fitted for; the tier prefers it while they are the ones installed.
+FIT_NAME = "keyword"
+PLATT_RANGE = ((0.0, 100.0), (-100.0, 100.0))  # a > 0 keeps the ranking of answers; b any sane offset
 
 # Evidence at or above this is a request of its own; below it a term only anchors
 # a request (a landmark or district named inside "best kebab in Kadıköy").
@@ -433,28 +436,42 @@ def classify_keywords(text: str, lexicon: Lexicon | None = None) -> dict[str, An
     }
 
 
-def _calibration_record(path: Path | None) -> dict | None:
-    path = CALIBRATION_PATH if path is None else path
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        a, b = record["platt"]
-        return {**record, "platt": (float(a), float(b)), "accuracy": float(record.get("accuracy", 0.0))}
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError) as e:
-        raise LexiconError(f"{path}: not a keyword calibration file ({e})") from None
+def lexicon_fingerprint() -> str:
+    """What a fit under the models home was fitted for: the package's lexicon files."""
+    return calibration.fingerprint(sorted(LEXICON_DIR.glob("*.tsv")))
 
 
-def load_calibration(path: Path | None = None) -> tuple[float, float] | None:
-    """(a, b) of the fitted Platt scaling, or None when there is no fit (raw confidences)."""
-    record = _calibration_record(path)
-    return None if record is None else record["platt"]
+def _parse_calibration(record: dict, path: Path) -> dict:
+    """{"platt": (a, b), "accuracy": float or None}, checked; a fit under the home must name these lexicons."""
+    (a_low, a_high), (b_low, b_high) = PLATT_RANGE
+    a, b = calibration.numbers(record.get("platt"), "platt", 2)
+    platt = (
+        calibration.checked(a, "platt a", a_low, a_high, open_low=True),
+        calibration.checked(b, "platt b", b_low, b_high),
+    )
+    accuracy = calibration.number(record, "accuracy", 0.0, 1.0, default=None)
+    if "lexicons" in record and record["lexicons"] != lexicon_fingerprint():
+        raise calibration.CalibrationError("fitted for other lexicons than these (refit: mlx-intent calibrate keyword)")
+    return {"platt": platt, "accuracy": accuracy}
 
 
-def calibrated_accuracy(path: Path | None = None) -> float | None:
+def load_fit(path: Path | None = None, home: Path | None = None) -> calibration.Loaded:
+    """The tier's fit: ``path`` alone when given, else the home's (mlx-intent calibrate keyword), else the
+    packaged one.  A bad file is warned about and skipped, so the tier always answers (raw at worst)."""
+    candidates = [path] if path is not None else [calibration.home_file(FIT_NAME, home), CALIBRATION_PATH]
+    return calibration.load(candidates, _parse_calibration, "keyword tier")
+
+
+def load_calibration(path: Path | None = None, home: Path | None = None) -> tuple[float, float] | None:
+    """(a, b) of the fitted Platt scaling, or None when there is no usable fit (raw confidences)."""
+    fit = load_fit(path, home).fit
+    return None if fit is None else fit["platt"]
+
+
+def calibrated_accuracy(path: Path | None = None, home: Path | None = None) -> float | None:
     """The tier's accuracy on the data its calibration was fitted on, or None without a fit."""
-    record = _calibration_record(path)
-    return None if record is None else record["accuracy"] or None
+    fit = load_fit(path, home).fit
+    return None if fit is None else fit["accuracy"] or None
 
 
 def platt_scale(confidence: float, a: float, b: float) -> float:
@@ -472,9 +489,18 @@ class KeywordClassifier:
     """The keyword tier behind the same `classify(text) -> dict` call as the model tiers,
     with the calibrated confidence when `mlx-intent calibrate keyword` has fitted one."""
 
-    def __init__(self, lexicon: Lexicon | None = None, platt: tuple[float, float] | None | str = "saved") -> None:
+    def __init__(
+        self,
+        lexicon: Lexicon | None = None,
+        platt: tuple[float, float] | None | str = "saved",
+        home: Path | None = None,
+    ) -> None:
+        """``platt`` "saved": the fit of ``load_fit(home=home)`` (kept in ``calibration``, with any file ignored)."""
         self.lexicon = lexicon if lexicon is not None else default_lexicon()
-        self.platt = load_calibration() if platt == "saved" else platt
+        self.calibration = load_fit(home=home) if platt == "saved" else calibration.Loaded()
+        if platt == "saved":
+            platt = self.calibration.fit["platt"] if self.calibration.fit else None
+        self.platt = platt
 
     def classify(self, text: str) -> dict[str, Any]:
         result = classify_keywords(text, self.lexicon)

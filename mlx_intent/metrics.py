@@ -2,7 +2,9 @@
 
 Metrics keep bounded memory however long the process runs: counters over small key sets, fixed
 latency and confidence buckets, and a fixed-size reservoir sample of latencies for the percentiles.
-The log survives crashes: each record is one ``write`` of a whole line followed by ``fsync``.
+The log survives crashes: each record is one ``write`` of a whole line followed by ``fsync``.  It never
+costs an answer: a record that cannot be written (a full disk, text that is not UTF-8) is counted
+(``log_write_failures``) and warned about once, and the answer is given all the same.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlx_intent.errors import warn_once
 from mlx_intent.jsonl import JSONLError, iter_jsonl, repair_tail
 
 # Upper edges (ms) of the latency buckets, 1-2-5 spaced; one more bucket holds everything above the last.
@@ -121,6 +124,19 @@ class Metrics:
         self._count = self._fallbacks = self._passed_over = self._invalid_json = self._cached = 0
         self._labelled = self._correct = 0
         self._peak_memory_mb: float | None = None
+        self._log_write_failures = 0
+
+    def record_log_failures(self, records: int) -> None:
+        """Count answers given whose log record could not be written (ClassificationLog.write_many)."""
+        if not records:
+            return
+        with self._lock:
+            self._log_write_failures += records
+
+    @property
+    def log_write_failures(self) -> int:
+        """Answers given whose log record was lost; cheap (read on every /metrics scrape)."""
+        return self._log_write_failures
 
     def record(self, result: Mapping[str, Any], lang: str | None = None, label: str | None = None) -> None:
         """Count one result: primary_intent, confidence, tier and latency_ms (the call's) are required;
@@ -236,6 +252,7 @@ class Metrics:
                 },
                 "cache": {"hits": self._cached, "rate": _rate(self._cached, n)},
                 "peak_memory_mb": self._peak_memory_mb,
+                "log_write_failures": self._log_write_failures,
                 "accuracy": {
                     "labelled": self._labelled,
                     "correct": self._correct,
@@ -275,6 +292,8 @@ class ClassificationLog:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self.failures = 0  # records that could not be written (their answers were given)
+        self.error: str | None = None  # why the last one could not
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             self._repair_tail()
@@ -285,21 +304,62 @@ class ClassificationLog:
     def _repair_tail(self) -> None:
         repair_tail(self._fd)
 
-    def write(self, record: Mapping[str, Any]) -> None:
-        """Append one record as one line and fsync, so a returned call means a durable line."""
-        self.write_many([record])
+    def write(self, record: Mapping[str, Any]) -> int:
+        """Append one record as one line and fsync; 1 if it could not be written, else 0 (see write_many)."""
+        return self.write_many([record])
 
-    def write_many(self, records: list[Mapping[str, Any]]) -> None:
-        """Append whole lines with one write and one fsync (a batch costs one fsync, not one per line)."""
-        if not records:
-            return
-        line = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records)
-        line = line.encode("utf-8")
+    def write_many(self, records: list[Mapping[str, Any]]) -> int:
+        """Append whole lines with one write and one fsync (a batch costs one fsync, not one per line); return
+        how many records could not be written.
+
+        Never raises for the data or the disk, since the answers are already computed: text that is not
+        UTF-8 (a lone surrogate, as JSON's "\\ud800" reads) is written as its JSON escape, a record JSON cannot
+        hold is left out, and a failed write (a full disk) is cut back off, so the log keeps whole lines only.
+        Lost records are counted in ``failures`` and warned about once per log, never once per line."""
+        lines, why = [], ""
+        for record in records:
+            try:
+                line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            except (TypeError, ValueError) as e:  # an object JSON cannot write, a circular reference
+                why = f"a record JSON cannot hold ({type(e).__name__}: {e})"
+                continue
+            lines.append(line.encode("utf-8", "backslashreplace"))  # a lone surrogate back to its JSON escape
         with self._lock:
-            view = memoryview(line)
-            while view:  # a regular file takes the whole line at once; loop only for the rare short write
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            lost = len(records) - len(lines)
+            if lines:
+                data, start = b"".join(lines), None
+                try:
+                    start = os.fstat(self._fd).st_size
+                    view = memoryview(data)
+                    while view:  # a regular file takes the whole line at once; loop only for the rare short write
+                        view = view[os.write(self._fd, view) :]
+                    os.fsync(self._fd)
+                except OSError as e:
+                    self._cut(start, len(data))
+                    lost, why = len(records), e.strerror or str(e)
+            if lost:
+                self._failed(lost, why)
+        return lost
+
+    def _cut(self, start: int | None, size: int) -> None:
+        """Take what a failed write of ``size`` bytes at ``start`` left back off (best effort), so the log keeps
+        whole lines; not if the file grew past it (another writer's lines may follow)."""
+        if start is None:
+            return
+        try:
+            if start < os.fstat(self._fd).st_size <= start + size:
+                os.ftruncate(self._fd, start)
+        except OSError:
+            pass  # the next open's repair_tail cuts a torn line off
+
+    def _failed(self, records: int, why: str) -> None:
+        self.failures += records
+        self.error = why
+        warn_once(
+            ("log", str(self.path)),
+            f"cannot write the classification log {self.path}: {why}; answers are still given, their lost "
+            "records are counted (log_write_failures)",
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -40,10 +40,12 @@ def bundled(models_home):
 def no_keyword_calibration(tmp_path_factory):
     """Tests see the keyword tier's raw confidence and no model floor from it, whatever fit ships
     beside the lexicons; the calibration tests install one of their own (session scope: before
-    any module-scoped chain is built)."""
-    from mlx_intent import keyword
+    any module-scoped chain is built).  Fits that `mlx-intent calibrate` left under a developer's models
+    home are never read either: the tiers look for them under a name no such command wrote."""
+    from mlx_intent import encoder, keyword
 
-    shipped = keyword.CALIBRATION_PATH
+    saved = keyword.CALIBRATION_PATH, keyword.FIT_NAME, encoder.FIT_NAME
     keyword.CALIBRATION_PATH = tmp_path_factory.mktemp("keyword") / "no-calibration.json"
+    keyword.FIT_NAME, encoder.FIT_NAME = "keyword-under-test", "e5-small-under-test"
     yield
-    keyword.CALIBRATION_PATH = shipped
+    keyword.CALIBRATION_PATH, keyword.FIT_NAME, encoder.FIT_NAME = saved

@@ -162,7 +162,8 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(
         )
         + "\n"
     )
-    result = CliRunner().invoke(main, ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6"])
+    args = ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6", "--force"]  # 12 rows < 50
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     written = json.loads((registry.resolve_dir("smollm2-135m") / CALIBRATION).read_text())
     assert set(written) >= {"temperature", "threshold", "fitted_on", "n", "ece_before", "ece_after"}
@@ -207,35 +208,44 @@ def test_keyword_calibration_is_monotone_and_a_probability(confidences, a, b):
 
 
 def test_calibrate_keyword_writes_the_fit_the_tier_reads(tmp_path, monkeypatch):
-    from mlx_intent import keyword
+    """Under the models home, not beside the lexicons (the installed package); the tier prefers it."""
+    from mlx_intent import calibration, keyword
     from mlx_intent.chain import keyword_tier
     from mlx_intent.cli.main import main
 
-    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "calibration.json")
+    packaged = tmp_path / "package" / "calibration.json"
+    packaged.parent.mkdir()
+    packaged.write_text(json.dumps({"platt": [1.0, 0.0], "accuracy": 0.5}))
+    monkeypatch.setattr(keyword, "CALIBRATION_PATH", packaged)
     data = tmp_path / "labelled.jsonl"
     lines = (json.dumps({"id": str(i), "text": t, "primary_intent": p}) for i, (t, p, _) in enumerate(LABELLED))
     data.write_text("".join(line + "\n" for line in lines))
-    result = CliRunner().invoke(main, ["calibrate", "keyword", "--data", str(data)])
+    home = tmp_path / "home"
+    args = ["calibrate", "keyword", "--data", str(data), "--home", str(home), "--force"]  # 12 rows < 50
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    written = json.loads(keyword.CALIBRATION_PATH.read_text())
+    assert json.loads(packaged.read_text()) == {"platt": [1.0, 0.0], "accuracy": 0.5}
+    written = json.loads(calibration.home_file(keyword.FIT_NAME, home).read_text())
     assert written["n"] == len(LABELLED) and written["fitted_on"].endswith("labelled.jsonl")
     assert written["ece_after"] <= written["ece_before"] + 1e-9
     a, b = written["platt"]
     text = LABELLED[1][0]
     raw = keyword.classify_keywords(text)
-    tiered = keyword_tier().run([text])[0]
+    tiered = keyword_tier(home).run([text])[0]
     assert tiered["primary_intent"] == raw["primary_intent"]
     assert tiered["confidence"] == pytest.approx(float(platt(np.array([raw["confidence"]]), a, b)[0]), abs=1e-4)
     assert keyword.KeywordClassifier(platt=None).classify(text)["confidence"] == raw["confidence"]
 
 
-def test_a_broken_keyword_calibration_is_named(tmp_path, monkeypatch):
+def test_a_broken_keyword_calibration_is_named_and_costs_only_the_calibration(tmp_path, monkeypatch):
     from mlx_intent import keyword
 
     bad = tmp_path / "calibration.json"
     bad.write_text('{"platt": "no"}')
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", bad)
-    with pytest.raises(keyword.LexiconError, match="calibration.json"):
-        keyword.KeywordClassifier()
+    with pytest.warns(RuntimeWarning, match="calibration.json"):
+        clf = keyword.KeywordClassifier()
+    assert clf.platt is None and clf.calibration.path is None
+    assert "platt" in clf.calibration.problems[0] and str(bad) in clf.calibration.problems[0]
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "absent.json")
     assert keyword.KeywordClassifier().platt is None

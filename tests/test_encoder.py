@@ -102,12 +102,11 @@ def test_answer_is_always_valid(probs, multi, threshold):
     ("change", "message"),
     [
         (lambda r: r.update(labels=list(reversed(r["labels"]))), "other labels"),
-        (lambda r: r["calibration"].update(temperature=0), "out of range"),
-        (lambda r: r["calibration"].update(threshold=float("nan")), "out of range"),
         (lambda r: r.update(tuned_layers=40), "out of range"),
     ],
 )
 def test_a_bad_head_record_is_refused(tiny_head, tmp_path, change, message):
+    """The head itself; a bad calibration in it only costs the calibration (test_faults_core.py)."""
     record = json.loads((tiny_head / encoder.HEAD_CONFIG).read_text())
     change(record)
     (tmp_path / encoder.HEAD_CONFIG).write_text(json.dumps(record))
@@ -193,18 +192,25 @@ def test_fit_blend_learns_to_trust_the_tier_that_is_right():
     assert b >= 1.0
 
 
-def test_recalibrate_rewrites_the_blend_and_the_chain_uses_it(tiny_head, tmp_path):
+def test_recalibrate_writes_the_blend_under_the_home_and_the_chain_uses_it(tiny_head, tmp_path):
+    """Never into the head's folder (the installed package for the shipped head): under the models home."""
     import shutil
 
+    from mlx_intent import calibration
     from mlx_intent.tuner.encoder import recalibrate
 
-    head = tmp_path / encoder.NAME
+    head, home = tmp_path / encoder.NAME, tmp_path / "home"
     shutil.copytree(tiny_head, head)
-    fitted = recalibrate(read_labelled(DATA_DIR / "calib.jsonl")[::10], head_dir=head, report=lambda m: None)
-    record = json.loads((head / encoder.HEAD_CONFIG).read_text())
-    assert record["combination"] == fitted["combination"] and record["training"]["rows"] == 150
-    blended = EncoderClassifier(head_dir=head, combine=True)
-    alone = EncoderClassifier(head_dir=head, combine=False)
+    before = (head / encoder.HEAD_CONFIG).read_bytes()
+    rows = read_labelled(DATA_DIR / "calib.jsonl")[::10]
+    fitted = recalibrate(rows, head_dir=head, home=home, report=lambda m: None)
+    assert (head / encoder.HEAD_CONFIG).read_bytes() == before
+    record = json.loads(calibration.home_file(encoder.FIT_NAME, home).read_text())
+    assert record["combination"] == fitted["combination"] and record["head"] == encoder.head_fingerprint(head)
+    blended = EncoderClassifier(head_dir=head, combine=True, home=home)
+    assert blended.config.source.path == calibration.home_file(encoder.FIT_NAME, home)
+    assert blended.config.combination == tuple(fitted["combination"][k] for k in ("a", "b", "b_general"))
+    alone = EncoderClassifier(head_dir=head, combine=False, home=home)
     assert blended.keyword is not None and alone.keyword is None
     texts = [r["text"] for r in read_labelled(DATA_DIR / "dev.jsonl")[::30]]
     a, b = blended.classify_batch(texts), alone.classify_batch(texts)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
+from mlx_intent import calibration
 from mlx_intent.cli.options import settings_options
 from mlx_intent.encoder import NAME as ENCODER
-from mlx_intent.errors import ModelError
+from mlx_intent.errors import InputError, ModelError
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import pct, shown
 from mlx_intent.models import registry
@@ -39,18 +39,26 @@ from mlx_intent.tuner.calibrate import (
     "[default: calib; e5-small: calib, public-calib]",
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help=f"Fit on fewer than {calibration.MIN_ROWS} labelled rows anyway (such a fit is mostly noise).",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
     help="Run the model again at the fitted temperature and score that run.",
 )
 @settings_options
-def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings: Settings) -> None:
+def calibrate_command(model: str, data: tuple[str, ...], force: bool, verify: bool, settings: Settings) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
     on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
 
-    MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead (saved beside the lexicons);
-    `e5-small` refits its head's temperature, multi-intent threshold and blend with the keyword tier.
+    MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead; `e5-small` refits its head's
+    temperature, multi-intent threshold and blend with the keyword tier.  Both are saved under the models folder
+    (<home>/calibration/keyword.json, e5-small.json), never into the installed package, and preferred to the
+    fits that ship with it while the lexicons or head they were fitted for are installed.  Files are replaced
+    atomically.  A fit needs at least 50 labelled rows, unless --force.
 
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
@@ -65,13 +73,15 @@ def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings:
             for p in (data_path(d, settings.home) for d in data or ("calib", "public-calib"))
             for r in read_labelled(p)
         ]
-        recalibrate(rows, report=click.echo)
+        _enough(rows, force)
+        recalibrate(rows, home=settings.home, report=click.echo)
         return
     paths = [data_path(d, settings.home) for d in data or ("calib",)]
     rows = [r for p in paths for r in read_labelled(p)]
+    _enough(rows, force)
     path = paths[0] if len(paths) == 1 else Path("+".join(str(p) for p in paths))
     if model == "keyword":
-        return calibrate_keyword(path, rows)
+        return calibrate_keyword(path, rows, settings.home)
     texts = [r["text"] for r in rows]
     gold = [INTENTS.index(r["primary_intent"]) for r in rows]
     try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model
@@ -101,7 +111,7 @@ def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings:
         "ece_after": round(after["ece"], 4),
         "adapter": shown(clf.adapter) if clf.adapter else None,  # a retrained adapter needs a new fit
     }
-    (folder / CALIBRATION).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    calibration.write(folder / CALIBRATION, record)
     click.echo(f"{'':<24}{'T = 1':>10}{f'T = {temperature:.3f}':>12}")
     for label, key, show in _SHOWN:
         click.echo(f"{label:<24}{show(before[key]):>10}{show(after[key]):>12}")
@@ -111,3 +121,13 @@ def calibrate_command(model: str, data: tuple[str, ...], verify: bool, settings:
         f" (at {DEFAULT_THRESHOLD:g}: {pct(default_match)}) over {len(rows)} rows"
     )
     click.echo(f"wrote {folder / CALIBRATION}")
+
+
+def _enough(rows: list[dict], force: bool) -> None:
+    """Refuse a fit on fewer than calibration.MIN_ROWS rows without --force: a temperature or a Platt fit on
+    a handful of rows follows their noise, and every confidence of the tier would carry it."""
+    if len(rows) < calibration.MIN_ROWS and not force:
+        raise InputError(
+            f"only {len(rows)} labelled rows: a calibration needs at least {calibration.MIN_ROWS} "
+            "(use --force to fit on fewer anyway)"
+        )

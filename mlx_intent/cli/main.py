@@ -168,7 +168,9 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
-    with open(output, "a" if resume else "w", encoding="utf-8") as out, tqdm(unit="q", disable=None) as bar:
+    # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
+    out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    with out, tqdm(unit="q", disable=None) as bar:
 
         def flush() -> None:
             results = chain.classify_batch([t for _, _, t in batch])
@@ -187,6 +189,8 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
             if batch:
                 flush()
     click.echo(f"wrote {output}", err=True)
+    if lost := chain.metrics.log_write_failures:
+        click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
 
 
 @main.command()
@@ -265,6 +269,7 @@ def train(
                 learning_rate=learning_rate,
                 seed=seed,
                 sources=sources,
+                home=settings.home,
                 report=report,
             )
         except ValueError as e:
@@ -359,6 +364,31 @@ def models_list(model: str | None, settings: Settings) -> None:
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
+    click.echo("calibrations (the fit each tier reads; a file that cannot be used is IGNORED, with the reason):")
+    fits = _calibrations(home)
+    width = max(len(name) for name in fits) + 1
+    for name, loaded in fits.items():
+        click.echo(f"  {name + ':':<{width}}  {loaded.describe()}")
+
+
+def _calibrations(home: Path | None) -> dict:
+    """The fit each tier reads (calibration.Loaded), as it would load now: the keyword tier, e5-small, and
+    every LLM that is on disk."""
+    from mlx_intent import encoder, keyword
+    from mlx_intent.calibration import Loaded
+    from mlx_intent.classifier import load_calibration
+
+    fits = {"keyword": keyword.load_fit(home=home)}
+    try:
+        fits[ENCODER] = encoder.HeadConfig.read(encoder.HEAD_DIR, home)[0].source
+    except encoder.HeadError as e:
+        fits[ENCODER] = Loaded(problems=(str(e),))
+    for name in registry.REGISTRY:
+        adapter = registry.adapter_dir(name, home)
+        folder = adapter if registry.has_adapter(name, home) else registry.resolve_dir(name, home)
+        if folder is not None:
+            fits[name] = load_calibration(folder, name)
+    return fits
 
 
 def _encoder_row(home: Path | None) -> tuple[str, ...]:

@@ -109,15 +109,13 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
 
 def _model_settings(chain: Chain) -> dict[str, dict]:
     """Temperature and threshold each loaded LLM tier used, and where they came from."""
-    from mlx_intent.classifier import CALIBRATION
-
     out = {}
     for name, clf in chain.pool.loaded.items() if chain.pool else ():
-        calibrated = clf.calibration_dir is not None and (clf.calibration_dir / CALIBRATION).is_file()
         out[name] = {
             "temperature": clf.temperature,
             "threshold": clf.threshold,
-            "calibration_file": calibrated,
+            "calibration_file": clf.calibration.path is not None,
+            "calibration_ignored": list(clf.calibration.problems),
             "adapter": shown(clf.adapter) if clf.adapter else None,
         }
     return out
@@ -298,6 +296,8 @@ def machine_lines(summary: dict[str, Any], who: str = "") -> list[str]:
     ]
     for name, m in summary["models"].items():
         source = "from calibration.json" if m["calibration_file"] else "defaults, no calibration.json"
+        if m.get("calibration_ignored"):
+            source += "; ignored " + "; ".join(m["calibration_ignored"])
         adapter = f"LoRA adapter {m['adapter']}" if m["adapter"] else "no adapter"
         lines.append(
             f"Model {name}{who}: {adapter}; temperature {m['temperature']:g}, threshold {m['threshold']:g} ({source})."

@@ -218,6 +218,12 @@ class Prometheus:
         Gauge("mlx_intent_queue_jobs", "Jobs waiting for the worker", registry=r).set_function(batcher.jobs.qsize)
         peak = Gauge("mlx_intent_peak_memory_bytes", "Peak MLX memory of this process", registry=r)
         peak.set_function(lambda: (chain.metrics.snapshot()["peak_memory_mb"] or 0) * MB)
+        lost = Gauge(
+            "mlx_intent_log_write_failures",
+            "Answers given whose classification log record could not be written (full disk...); only grows",
+            registry=r,
+        )
+        lost.set_function(lambda: chain.metrics.log_write_failures)
 
     def answered(self, result: dict) -> None:
         self.intents.labels(result["primary_intent"]).inc()

@@ -9,7 +9,6 @@ adapter (else in its folder), which IntentClassifier reads.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +16,12 @@ from contextlib import contextmanager
 import click
 import numpy as np
 
+from mlx_intent import calibration
+from mlx_intent.calibration import T_RANGE
 from mlx_intent.evaluation import scores
 from mlx_intent.evaluation.run import num, pct, shown
 from mlx_intent.schema import INTENTS
 
-T_RANGE = (0.05, 20.0)
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 11))  # 0.05 .. 0.5
 Tree = list  # nested lists of intent indices: one list per branch point of the trie
 
@@ -149,8 +149,9 @@ def cross_validated_ece(confidence: np.ndarray, correct: np.ndarray, folds: int 
     return scores.ece(out, correct)
 
 
-def calibrate_keyword(path, rows: list[dict]) -> None:
-    """Platt scaling of the keyword tier's confidence, saved beside its lexicons."""
+def calibrate_keyword(path, rows: list[dict], home=None) -> None:
+    """Platt scaling of the keyword tier's confidence, saved under the models home (``home``) with the
+    fingerprint of the lexicons it was fitted for; the tier prefers it to the packaged fit."""
     from mlx_intent import keyword
 
     results = [keyword.classify_keywords(r["text"]) for r in rows]
@@ -166,8 +167,9 @@ def calibrate_keyword(path, rows: list[dict]) -> None:
         "ece_before": round(scores.ece(conf, correct), 4),
         "ece_after": round(scores.ece(fitted, correct), 4),
         "ece_after_5fold": round(cross_validated_ece(conf, correct), 4),
+        "lexicons": keyword.lexicon_fingerprint(),
     }
-    keyword.CALIBRATION_PATH.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    written = calibration.write(calibration.home_file(keyword.FIT_NAME, home), record)
     accuracy = pct(float(correct.mean()))
     click.echo(f"keyword tier on {len(rows)} rows: accuracy {accuracy}, Platt a = {a:.4f}, b = {b:.4f}")
     click.echo(f"{'':<24}{'raw':>10}{'fitted':>10}")
@@ -176,7 +178,7 @@ def calibrate_keyword(path, rows: list[dict]) -> None:
     click.echo(f"{'Brier (binary)':<24}{before:>10}{after:>10}")
     click.echo(f"{'mean confidence':<24}{num(conf.mean()):>10}{num(fitted.mean()):>10}")
     click.echo(f"ECE of a fit on the other 4 of 5 folds: {num(record['ece_after_5fold'])}")
-    click.echo(f"wrote {keyword.CALIBRATION_PATH}")
+    click.echo(f"wrote {written}")
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -108,9 +107,11 @@ def train_encoder(
     seed: int = 0,
     sources: dict[str, int] | None = None,
     out_dir: Path | None = None,
+    home: Path | None = None,
     report: Callable[[str], None] = print,
 ) -> dict:
-    """Train and calibrate; write head.safetensors and head.json atomically into ``out_dir``; a summary."""
+    """Train and calibrate; write head.safetensors and head.json atomically into ``out_dir``; a summary.
+    ``home`` (the models folder) holds the keyword fit the blend is fitted with."""
     backend.use_openblas()
     import mlx.core as mx
     import mlx.nn as nn
@@ -213,7 +214,7 @@ def train_encoder(
         }
         (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if calib_rows:
-            record.update(calibrate_head(EncoderClassifier(head_dir=tmp), calib_rows, report))
+            record.update(calibrate_head(EncoderClassifier(head_dir=tmp, home=home), calib_rows, report))
             (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         install(tmp, out_dir)  # an earlier head goes to <name>.previous/
     except BaseException:
@@ -252,7 +253,7 @@ def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print,
         f"calibration on {len(rows)} rows: T = {temperature:g}, threshold {threshold:g}, "
         f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}"
     )
-    keyword = KeywordClassifier()
+    keyword = KeywordClassifier(home=clf.home)  # the keyword fit the blend will be used with
     answers = [keyword.classify(r["text"]) for r in rows]
     a, b, b_general = fit_blend(raw, answers, gold)
     mixed = blend(raw, answers, a, b, b_general)
@@ -273,15 +274,18 @@ def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print,
     return {"calibration": record, "combination": combination}
 
 
-def recalibrate(rows: list[dict], head_dir: Path | None = None, report: Callable[[str], None] = print) -> dict:
-    """Refit a trained head's calibration and blend on ``rows`` and rewrite its head.json atomically."""
-    from mlx_intent.encoder import EncoderClassifier
+def recalibrate(
+    rows: list[dict], head_dir: Path | None = None, home: Path | None = None, report: Callable[[str], None] = print
+) -> dict:
+    """Refit a trained head's calibration and blend on ``rows``; write them, with the head's fingerprint, to
+    ``<models home>/calibration/e5-small.json`` (atomically; never into the head's folder, which may be the
+    installed package), which the tier then prefers to head.json's own fit.  Returns the fit."""
+    from mlx_intent import calibration
+    from mlx_intent.encoder import FIT_NAME, EncoderClassifier, head_fingerprint
 
     folder = Path(head_dir) if head_dir is not None else HEAD_DIR
-    clf = EncoderClassifier(head_dir=folder)
+    clf = EncoderClassifier(head_dir=folder, home=home)
     fitted = calibrate_head(clf, rows, report)
-    record = {**clf.record, **fitted}
-    tmp = folder / f".{HEAD_CONFIG}.partial"
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / HEAD_CONFIG)
+    record = {"head": head_fingerprint(folder), "head_dir": str(folder), **fitted}
+    report(f"wrote {calibration.write(calibration.home_file(FIT_NAME, home), record)}")
     return fitted
