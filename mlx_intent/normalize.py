@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import unicodedata
 
+# The longest query any tier is given, in characters: the server refuses longer texts, the CLI cuts them
+# here before any tier tokenizes them (a 5 MB line took 43 s and 1.5 GB and held its whole batch up).
+MAX_TEXT_CHARS = 4000
+
 # Letters that case folding and decomposition leave apart but travellers mix up.
 _SPECIAL: dict[int, str | None] = {
     ord("ı"): "i",  # Turkish dotless i: Kadıköy == Kadikoy (İ/I fold to i on their own)
@@ -49,3 +53,14 @@ def normalize(text: str) -> str:
 def tokens(text: str) -> list[str]:
     """The normalized words of a text."""
     return normalize(text).split()
+
+
+def text_problem(text: str) -> str | None:
+    """Why no tier can be given ``text``, or None: one rule for the server and the CLI.  Empty: only blanks and
+    control or format characters (zero-width spaces, BOMs, direction marks), which every tier reads as nothing;
+    a lone surrogate (JSON's ``"\\ud800"``) is no character at all, and no log or output file can hold it."""
+    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
+        return "text is empty"
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        return "text holds a lone surrogate, which is not Unicode text"
+    return None

@@ -206,7 +206,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
     An unquoted ``#`` starts a comment at the start of a value or after whitespace (``a#b`` stays whole);
     double quotes understand backslash escapes, single quotes take the text literally.
-    A line that is not KEY=VALUE raises SettingsError naming the file and line.
+    A line that is not KEY=VALUE raises SettingsError naming the file and line number, never the line's text.
     """
     values: dict[str, str] = {}
     try:
@@ -218,7 +218,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
             continue
         m = _LINE.fullmatch(line)
         if m is None:
-            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {line.strip()!r}")
+            # the line itself is not echoed: a malformed line may well be a pasted token or password
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE (the line is not shown: it may hold a secret)")
         key, raw = m.groups()
         if raw.startswith('"'):
             q = _DOUBLE.fullmatch(raw)

@@ -10,7 +10,7 @@ bash scripts/setup.sh
 .venv/bin/mlx-intent models list
 .venv/bin/mlx-intent classify --verbose "Merhaba, where can I eat fish near Galata Tower?"
 .venv/bin/mlx-intent classify --input benchmarks/data/bench_queries.jsonl --output results.jsonl
-summary=$(.venv/bin/mlx-intent eval dev --report results-eval-dev.md)
+summary=$(.venv/bin/mlx-intent eval dev --report results-eval-dev.md --force)
 echo
 echo "Summary of the evaluation on the dev set ($(grep -c . benchmarks/data/dev.jsonl) queries, batches of 8):"
 echo "$summary"

@@ -76,7 +76,7 @@ def quantized_logits(quantized) -> dict[str, mx.array]:
 
 def reference_model(requantize_embedding: bool) -> nn.Module:
     """A float32 Llama from the GGUF tensors, optionally with the embedding requantized as the converter does."""
-    weights, meta = mx.load(str(GGUF), return_metadata=True)
+    weights = mx.load(str(GGUF))
     tensors = {}
     for name, w in weights.items():
         if name.endswith((".scales", ".biases")):
@@ -91,7 +91,7 @@ def reference_model(requantize_embedding: bool) -> nn.Module:
         key = "model.embed_tokens.weight"
         q = mx.quantize(tensors[key].astype(mx.float16), group_size=32, bits=4)
         tensors[key] = mx.dequantize(*q, group_size=32, bits=4).astype(mx.float32)
-    config = gguf.model_config(gguf._plain(meta), tied="lm_head.weight" not in tensors)
+    config = gguf.model_config(gguf.read_header(GGUF).metadata, tied="lm_head.weight" not in tensors)
     del config["quantization"]
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.load_weights(list(tensors.items()))

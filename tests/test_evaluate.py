@@ -157,10 +157,10 @@ def test_eval_writes_report_figures_predictions_and_checks_min_accuracy(tiny, tm
     plots = "plots beside it: tiny-*.png (confusion, languages, latency, reliability)"
     assert f"report: {report}; {plots}" in result.output
 
-    # the same run against an accuracy it cannot reach
-    failed = CliRunner().invoke(main, [*args, "--min-accuracy", "1.01"])
+    # the same run (replacing its report: --force) against an accuracy it cannot reach
+    failed = CliRunner().invoke(main, [*args, "--force", "--min-accuracy", "1.01"])
     assert failed.exit_code == 2  # out of range: a usage error
-    failed = CliRunner().invoke(main, [*args, "--min-accuracy", f"{(correct + 0.5) / 10}"])
+    failed = CliRunner().invoke(main, [*args, "--force", "--min-accuracy", f"{(correct + 0.5) / 10}"])
     assert failed.exit_code == 1
     assert "below --min-accuracy" in failed.output
 

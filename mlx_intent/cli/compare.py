@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.evaluate import check_outputs
 from mlx_intent.cli.options import settings_options
 from mlx_intent.errors import EXIT_INPUT, EXIT_MODEL
 from mlx_intent.evaluation import scores
@@ -26,9 +27,9 @@ from mlx_intent.settings import Settings
 _HELP = f"""A/B test: run chains A and B (comma-separated tiers, e.g. keyword and smollm2-135m,keyword) on DATA.
 
 DATA is a labelled JSONL file or a name (dev, train) in benchmarks/data.  Writes a side-by-side report
-(default benchmarks/reports/compare-<data>-<A>-vs-<B>.md) with per-intent and per-language deltas and
-McNemar's test of the accuracy difference (exact binomial below {scores.MCNEMAR_EXACT_BELOW} discordant pairs,
-else chi-square with continuity correction).
+(default compare-<data>-<A>-vs-<B>.md in the current folder; an existing one is replaced only with
+--force) with per-intent and per-language deltas and McNemar's test of the accuracy difference (exact
+binomial below {scores.MCNEMAR_EXACT_BELOW} discordant pairs, else chi-square with continuity correction).
 
 \b
 Exit codes: 0 done; 1 an error reported in words; {EXIT_INPUT} bad usage or bad data; {EXIT_MODEL} an unknown model.
@@ -40,14 +41,16 @@ Exit codes: 0 done; 1 an error reported in words; {EXIT_INPUT} bad usage or bad 
 @click.argument("b")
 @click.argument("data")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Markdown report to write.")
+@click.option("--force", is_flag=True, help="Replace an existing report.")
 @settings_options
-def compare_command(a: str, b: str, data: str, report: Path | None, settings: Settings) -> None:
+def compare_command(a: str, b: str, data: str, report: Path | None, force: bool, settings: Settings) -> None:
     path = data_path(data, settings.home)
     rows = read_labelled(path)
     names = (chain_names(a, settings), chain_names(b, settings))
     if not all(names):
         raise click.UsageError("A and B must each name at least one tier")
     report = report or default_report("compare", path, *names)
+    check_outputs(settings, force, report)
     summaries = []
     for label, tiers in zip("AB", names):
         chain = make_chain(tiers, settings)

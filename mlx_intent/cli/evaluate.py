@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from mlx_intent.cli.options import settings_options
-from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL
+from mlx_intent.cli.options import check_log, check_writable, settings_options
+from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, UserError
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import (
     chain_names,
@@ -36,8 +36,9 @@ smollm2-135m,keyword,general), else the settings; the query cache is off.  To sc
 without handing queries over, pass --min-confidence 0 and a large --latency-budget-ms.
 
 \b
-Writes REPORT (default benchmarks/reports/eval-<data>-<tiers>.md) and beside it
-<report>-confusion.png, -reliability.png, -languages.png, -latency.png; ends with a short summary:
+Writes REPORT (default eval-<data>-<tiers>.md in the current folder; an existing one is replaced only
+with --force) and beside it <report>-confusion.png, -reliability.png, -languages.png, -latency.png;
+ends with a short summary:
 the tiers that answered, latency per query (a batch call's time over its queries) and per call, the
 fallback rate at run time (tiers not installed here are listed apart, not counted) and the next step.
 
@@ -58,6 +59,7 @@ Exit codes:
 )
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), help=f"Exit {EXIT_ERROR} when accuracy is below this.")
 @click.option("--no-adapter", is_flag=True, help="Score the base models, without their LoRA adapters.")
+@click.option("--force", is_flag=True, help="Replace an existing report (and predictions).")
 @settings_options
 def eval_command(
     data: str,
@@ -65,38 +67,56 @@ def eval_command(
     predictions: Path | None,
     min_accuracy: float | None,
     no_adapter: bool,
+    force: bool,
     settings: Settings,
 ) -> None:
     path = data_path(data, settings.home)
     rows = read_labelled(path)
     names = chain_names(None, settings)
     report = report or default_report("eval", path, names)
+    check_outputs(settings, force, report, predictions)
     chain = make_chain(names, settings)
     if no_adapter:
         use_base_models(chain)
     outcome = run(chain, rows, settings.batch_size)
     summary = summarize(rows, outcome, chain.names[0])
-    report.parent.mkdir(parents=True, exist_ok=True)
     try:
-        from mlx_intent.evaluation.figures import write_figures
+        report.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from mlx_intent.evaluation.figures import write_figures
 
-        figures = write_figures(summary, report)
-    except ImportError:
-        click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
-        figures = {}
-    command = reproduce(
-        ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
-    )
-    title = f"Evaluation: {' → '.join(names)} on {path.stem}"
-    text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
-    write_report(text, report)
-    if predictions is not None:
-        with predictions.open("w", encoding="utf-8") as f:
-            for line in prediction_rows(rows, outcome["results"]):
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            figures = write_figures(summary, report)
+        except ImportError:
+            click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
+            figures = {}
+        command = reproduce(
+            ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
+        )
+        title = f"Evaluation: {' → '.join(names)} on {path.stem}"
+        text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
+        write_report(text, report)
+        if predictions is not None:
+            with predictions.open("w", encoding="utf-8") as f:
+                for line in prediction_rows(rows, outcome["results"]):
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or predictions or report}: {e.strerror or e}") from None
     click.echo(headline(summary))
     for line in footer(summary, report, figures):
         click.echo(f"  {line}")
     if min_accuracy is not None and summary["accuracy"] < min_accuracy:
         click.echo(f"accuracy {pct(summary['accuracy'])} is below --min-accuracy {min_accuracy:.1%}", err=True)
         sys.exit(EXIT_ERROR)
+
+
+def check_outputs(settings: Settings, force: bool, report: Path, predictions: Path | None = None) -> None:
+    """Before the run, not after it: the log, the report (and the figures beside it) and the predictions can be
+    written, and no existing report or predictions file is replaced without --force."""
+    check_log(settings)
+    for path, what in ((report, "--report"), (predictions, "--predictions")):
+        if path is not None and path.exists() and not force:
+            raise click.ClickException(f"{what} {path} exists; use --force to replace it, or name another file")
+    check_writable(report, "--report", make_parents=True)
+    check_writable(report.with_name(f"{report.stem}-confusion.png"), "--report (its figures)", make_parents=True)
+    if predictions is not None:
+        check_writable(predictions, "--predictions")

@@ -8,6 +8,7 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,13 +19,14 @@ from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
-from mlx_intent.cli.options import chain_for, config_command, home_options, settings_options
+from mlx_intent.cli.options import chain_for, check_writable, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
+from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import KEYS
 from mlx_intent.settings import Settings
 
@@ -73,6 +75,17 @@ def id_key(ident) -> str:
     return json.dumps(ident, ensure_ascii=False, sort_keys=True)
 
 
+def _query(text: str, where: str = "") -> str:
+    """The text the chain is given, by the server's rule: cut to MAX_TEXT_CHARS, with a note, before any tier
+    tokenizes it (the server refuses longer texts), and refused when no tier could read it (text_problem)."""
+    if len(text) > MAX_TEXT_CHARS:
+        click.echo(f"warning: {where}text of {len(text)} characters cut to its first {MAX_TEXT_CHARS}", err=True)
+        text = text[:MAX_TEXT_CHARS]
+    if (problem := text_problem(text)) is not None:
+        raise InputError(f"{where}{problem}")
+    return text
+
+
 def _read_jsonl(path: str, done: set[str]):
     """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
     error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
@@ -82,8 +95,7 @@ def _read_jsonl(path: str, done: set[str]):
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f'{path}:{n}: expected an object with a string "text"')
-        if not obj["text"].strip():
-            raise InputError(f"{path}:{n}: text is empty")
+        text = _query(obj["text"], f"{path}:{n}: ")
         ident = obj["id"] if "id" in obj else str(n)
         key = id_key(ident)
         if key in seen:
@@ -94,7 +106,7 @@ def _read_jsonl(path: str, done: set[str]):
             )
         seen[key] = n
         if key not in done:
-            yield n, ident, obj["text"]
+            yield n, ident, text
 
 
 def _done_ids(output: Path) -> set[str]:
@@ -138,14 +150,13 @@ def classify(text, input_path, output, resume, verbose, sample, settings: Settin
     if sample and settings.mode != "generate":
         raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
     if text is not None:
-        if not text.strip():
-            raise InputError("text is empty")
-        result = _chain(settings, sample).classify(text)
+        result = _chain(settings, sample).classify(_query(text))
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
     if output is None:
         raise click.UsageError("--input needs --output")
+    check_writable(output, "--output")
     _classify_file(input_path, output, resume, settings, sample)
 
 
@@ -168,29 +179,52 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample)
     batch: list[tuple[int, str, str]] = []
-    # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
-    out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-    with out, tqdm(unit="q", disable=None) as bar:
+    unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
+    try:
+        # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
+        out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        with out, tqdm(unit="q", disable=None) as bar:
 
-        def flush() -> None:
-            results = chain.classify_batch([t for _, _, t in batch])
-            for (_, ident, _), res in zip(batch, results):
-                out.write(json.dumps({"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(len(batch))
-            batch.clear()
+            def flush() -> None:
+                results = chain.classify_batch([t for _, _, t in batch])
+                rows = [
+                    {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}} for (_, ident, _), res in zip(batch, results)
+                ]
+                try:
+                    out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                    out.flush()
+                except OSError as e:
+                    unwritable.append(e)
+                    raise
+                bar.update(len(batch))
+                batch.clear()
 
-        try:
-            for item in _read_jsonl(input_path, done):
-                batch.append(item)
-                if len(batch) >= settings.batch_size:
+            try:
+                for item in _read_jsonl(input_path, done):
+                    batch.append(item)
+                    if len(batch) >= settings.batch_size:
+                        flush()
+            finally:
+                if batch and not unwritable:
                     flush()
-        finally:
-            if batch:
-                flush()
+    except OSError as e:
+        if not unwritable and e.filename != str(output):
+            raise
+        error = unwritable[0] if unwritable else e
+        raise UserError(
+            f"cannot write {output}: {error.strerror or error}; the lines written before stay, "
+            "and --resume finishes the rest"
+        ) from None
     click.echo(f"wrote {output}", err=True)
     if lost := chain.metrics.log_write_failures:
         click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets nan and inf through; a training run on them would only waste its time."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @main.command()
@@ -203,12 +237,22 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     multiple=True,
     help="e5-small: calibration JSONL or name, repeatable; never trained on. [default: calib, public-calib]",
 )
-@click.option("--epochs", default=None, type=float, help="Passes over the training examples. [1; e5-small: 5]")
-@click.option("--iters", type=int, default=None, help="Training steps (overrides --epochs; LLMs).")
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    callback=_finite,
+    help="Passes over the training examples. [1; e5-small: 5]",
+)
+@click.option("--iters", type=click.IntRange(1), default=None, help="Training steps (overrides --epochs; LLMs).")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="[16; e5-small: 32]")
-@click.option("--learning-rate", default=3e-4, show_default=True)
-@click.option("--num-layers", default=8, show_default=True, help="Top layers that get LoRA (LLMs).")
-@click.option("--rank", default=16, show_default=True, help="LoRA rank.")
+@click.option(
+    "--learning-rate", default=3e-4, show_default=True, type=click.FloatRange(0, min_open=True), callback=_finite
+)
+@click.option(
+    "--num-layers", default=8, show_default=True, type=click.IntRange(1), help="Top layers that get LoRA (LLMs)."
+)
+@click.option("--rank", default=16, show_default=True, type=click.IntRange(1), help="LoRA rank.")
 @click.option(
     "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
@@ -244,7 +288,9 @@ def train(
     from mlx_intent.tuner.train import train_adapter
 
     report = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    _check_replace(_train_target(model, settings.home), force)
+    target = _train_target(model, settings.home)
+    _check_replace(target, force)
+    _clean_stale(target.parent)
     if model == ENCODER:
         from mlx_intent.tuner.encoder import train_encoder
 
@@ -299,6 +345,13 @@ def train(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove the staging folders that killed conversions and trainings left in ``folder``, with a note."""
+    from mlx_intent.staging import clean_stale
+
+    clean_stale(folder, lambda msg: click.echo(f"note: {msg}", err=True))
 
 
 def _train_target(model: str, home: Path | None) -> Path:
@@ -400,7 +453,7 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
         weights = e5.default_weights(home)
     except FileNotFoundError:
         weights = None
-    why = encoder.available() if weights is not None else "missing"
+    why = encoder.available(home=home) if weights is not None else "missing"
     if weights is None:
         state, size = "missing", "-"
     else:
@@ -446,6 +499,7 @@ def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> No
     out = _convert_target(name, settings.home)
     if out.exists() and not force:
         raise click.ClickException(f"{out} already holds a converted model; use --force to replace it")
+    _clean_stale(out.parent)
     try:
         convert_gguf(gguf, out, progress=lambda msg: click.echo(f"  {msg}", err=True))
     except GGUFError as e:
@@ -463,6 +517,7 @@ def models_pull(name: str, from_source: bool, settings: Settings) -> None:
     Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
+    _clean_stale(registry.home(settings.home))
     try:
         path = hub.pull(name, from_source=from_source, home=settings.home)
     except registry.UnknownModelError as e:

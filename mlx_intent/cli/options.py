@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import click
 
-from mlx_intent.errors import ModelError
+from mlx_intent.errors import InputError, ModelError
 from mlx_intent.models import registry
 from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
 
@@ -68,10 +69,42 @@ def config_command(settings: Settings) -> None:
         click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
 
 
+def check_writable(path: Path, what: str, *, folder: bool = False, make_parents: bool = False) -> None:
+    """Fail now, in words (InputError, exit 2), where a command could not write ``path`` at the end of its run.
+
+    ``what`` names the path for the user (``--output``...); ``path`` is a file, or with ``folder`` a directory.
+    With ``make_parents`` the command creates missing folders, so the nearest existing one must be writable."""
+    if path.exists():
+        if path.is_dir() != folder:
+            raise InputError(f"{what} {path}: " + ("not a folder" if folder else "a folder, not a file"))
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise InputError(f"{what} {path}: not writable")
+        return
+    parent = path.parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise InputError(f"{what} {path}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: folder {parent} is not writable")
+
+
+def check_log(settings: Settings) -> None:
+    """The classification log (``--log`` or MLX_INTENT_LOG) must be writable before a run starts."""
+    if settings.log is not None:
+        source = settings.sources.get("log", "default")
+        what = "--log" if source == "command line" else f"{SPECS['log'].env} (from {source})"
+        check_writable(settings.log, what)
+
+
 def chain_for(settings: Settings):
-    """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3)."""
+    """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3), an unwritable
+    log an InputError (exit 2)."""
     from mlx_intent.chain import build_chain
 
+    check_log(settings)
     try:
         chain = build_chain(settings)
     except registry.UnknownModelError as e:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.options import check_writable
 from mlx_intent.metrics import read_log
 from mlx_intent.settings import SettingsError, load_settings
 from mlx_intent.stats import (
@@ -44,9 +45,7 @@ A missing, unreadable or empty log is an error (exit 1).
 
 @click.command("stats", help=_HELP)
 @click.argument("log", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="Write PNG charts here."
-)
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), help="Write PNG charts here.")
 @click.option("--check", "check_only", is_flag=True, help="Print only the alerts and set the exit code.")
 def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool) -> None:
     """Report on a log; with --check, alert and set the exit code (see _HELP)."""
@@ -59,6 +58,8 @@ def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool) -> 
             raise click.ClickException("no log given: pass LOG or set MLX_INTENT_LOG")
     if not log.is_file():
         raise click.ClickException(f"no log file at {log}")
+    if plot_dir is not None:
+        check_writable(plot_dir, "--plot", folder=True, make_parents=True)
     try:
         records = read_log(log)
         summary = summarize(records)
@@ -72,6 +73,8 @@ def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool) -> 
             paths = write_plots(summary, plot_dir)
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise click.ClickException(f"cannot write {e.filename or plot_dir}: {e.strerror or e}") from None
         for path in paths:
             click.echo(f"wrote {path}", err=True)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from mlx_intent.errors import InputError
 from mlx_intent.jsonl import read_jsonl
+from mlx_intent.normalize import text_problem
 from mlx_intent.schema import INTENTS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = ROOT / "benchmarks" / "data"
-REPORT_DIR = ROOT / "benchmarks" / "reports"
 
 
 def data_path(data: str, home: Path | None = None) -> Path:
@@ -37,12 +37,16 @@ def read_labelled(path: Path) -> list[dict]:
     Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
     rows = []
     for n, row in read_jsonl(path):  # a line that is not UTF-8 JSON: a JSONLError (an InputError) naming it
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or text_problem(row["text"]) is not None:
             raise InputError(f'{path}:{n}: expected an object with a non-empty string "text"')
         primary = row.get("primary_intent")
         all_intents = row.get("all_intents") or [primary]
-        if primary not in INTENTS or not isinstance(all_intents, list) or set(all_intents) - set(INTENTS):
+        if not isinstance(all_intents, list) or not all(
+            isinstance(i, str) and i in INTENTS for i in [primary, *all_intents]
+        ):
             raise InputError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
+        if not isinstance(row.get("lang"), (str, type(None))):
+            raise InputError(f"{path}:{n}: lang must be a language code such as en")
         rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
     if not rows:
         raise InputError(f"{path}: no rows")

@@ -21,7 +21,6 @@ from typing import Any
 from mlx_intent.chain import ABSENT, GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
-from mlx_intent.evaluation.data import REPORT_DIR
 from mlx_intent.metrics import is_absent, peak_memory_mb, runtime_fallback
 from mlx_intent.models import registry
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
@@ -467,7 +466,9 @@ def _figure(figures: dict[str, str], key: str, alt: str) -> list[str]:
 
 
 def default_report(kind: str, data: Path, *labels: tuple[str, ...]) -> Path:
-    return REPORT_DIR / f"{kind}-{data.stem}-{'-vs-'.join('+'.join(names) for names in labels)}.md"
+    """The report of a run given no --report: in the current folder, never among the committed reports of
+    benchmarks/reports (those are written by naming them, with --force)."""
+    return Path(f"{kind}-{data.stem}-{'-vs-'.join('+'.join(names) for names in labels)}.md")
 
 
 def write_report(text: str, report: Path) -> None:

@@ -11,13 +11,15 @@ bit for bit, everything else is quantized once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from mlx_intent.staging import staging_dir
 
 GGUF_MAGIC = b"GGUF"
 GROUP_SIZE = 32
@@ -47,6 +49,16 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # GGUF metadata value types: struct format for scalars; 8 = string, 9 = array.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_INTEGER = (0, 1, 2, 3, 4, 5, 10, 11)
+# The fewest bytes one item can take (a string: its length; an array: item type and count), so that a count
+# is checked against what is left of the file before anything is allocated for it.
+_MIN_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALAR.items()}, _STRING: 8, _ARRAY: 12}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, ndim, type, offset
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 4  # arrays of arrays: llama.cpp writes none; a crafted file could recurse without end
+# The metadata the converter reads: these are required, and must be positive integers.
+REQUIRED_LLAMA = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 
 # GGUF tensor names -> mlx-lm llama names.
 _LAYER_NAMES = {
@@ -80,7 +92,8 @@ _PRE_TOKENIZERS = {
 
 
 class GGUFError(ValueError):
-    """A GGUF file this converter cannot read, with what is wrong in words."""
+    """A GGUF file this converter cannot read, with what is wrong in words: the one error a GGUF file, however
+    malformed, makes read_header, check_supported or convert_gguf raise (the CLI reports it in words)."""
 
 
 @dataclass(frozen=True)
@@ -115,27 +128,48 @@ def _unpack(f: BinaryIO, fmt: str, what: str) -> Any:
     return struct.unpack(fmt, _read(f, struct.calcsize(fmt), what))[0]
 
 
+def _left(f: BinaryIO) -> int:
+    """Bytes from the current position to the end of the file."""
+    return os.fstat(f.fileno()).st_size - f.tell()
+
+
+def _count(f: BinaryIO, n: int, item_bytes: int, what: str) -> int:
+    """``n`` items of at least ``item_bytes`` each must fit in the rest of the file: a corrupt count is an error
+    here, not a MemoryError or an hour-long loop."""
+    if n * item_bytes > _left(f):
+        raise GGUFError(f"{f.name}: corrupt header ({n} items in {what}, more than the file can hold)")
+    return n
+
+
 def _string(f: BinaryIO, what: str) -> str:
-    n = _unpack(f, "<Q", what)
-    if n > 1 << 30:
-        raise GGUFError(f"{f.name}: corrupt header (string of {n} bytes in {what})")
+    n = _count(f, _unpack(f, "<Q", what), 1, what)
     return _read(f, n, what).decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, vtype: int, key: str) -> Any:
+def _value(f: BinaryIO, vtype: int, key: str, depth: int = 0) -> Any:
     if vtype in _SCALAR:
         return _unpack(f, _SCALAR[vtype], key)
     if vtype == _STRING:
         return _string(f, key)
     if vtype == _ARRAY:
-        itype, n = _unpack(f, "<I", key), _unpack(f, "<Q", key)
+        itype = _unpack(f, "<I", key)
+        if itype not in _MIN_BYTES or (itype == _ARRAY and depth >= MAX_NESTING):
+            raise GGUFError(f"{f.name}: corrupt header (array of type {itype} in {key!r})")
+        n = _count(f, _unpack(f, "<Q", key), _MIN_BYTES[itype], repr(key))
         if itype in _SCALAR:  # read numeric arrays in one go
             fmt = _SCALAR[itype]
-            size = struct.calcsize(fmt)
-            raw = _read(f, size * n, key)
+            raw = _read(f, struct.calcsize(fmt) * n, key)
             return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-        return [_value(f, itype, key) for _ in range(n)]
+        return [_value(f, itype, key, depth + 1) for _ in range(n)]
     raise GGUFError(f"{f.name}: corrupt header (unknown metadata type {vtype} for {key!r})")
+
+
+def _alignment(path: Path, metadata: dict[str, Any]) -> int:
+    """``general.alignment`` (default 32): a positive power of two, or the data offsets mean nothing."""
+    alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise GGUFError(f"{path}: corrupt header (general.alignment = {alignment!r}, expected a power of two)")
+    return alignment
 
 
 def read_header(path: str | os.PathLike) -> GGUFHeader:
@@ -151,7 +185,8 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         version = _unpack(f, "<I", "version")
         if version not in (2, 3):
             raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
-        n_tensors, n_kv = _unpack(f, "<Q", "tensor count"), _unpack(f, "<Q", "metadata count")
+        n_tensors = _count(f, _unpack(f, "<Q", "tensor count"), _MIN_TENSOR_BYTES, "the tensor table")
+        n_kv = _count(f, _unpack(f, "<Q", "metadata count"), _MIN_KV_BYTES, "the metadata")
         metadata = {}
         for _ in range(n_kv):
             key = _string(f, "metadata key")
@@ -160,6 +195,8 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         for _ in range(n_tensors):
             name = _string(f, "tensor name")
             ndim = _unpack(f, "<I", name)
+            if ndim > MAX_DIMS:
+                raise GGUFError(f"{path}: corrupt header (tensor {name!r} has {ndim} dimensions, at most {MAX_DIMS})")
             dims = [_unpack(f, "<Q", name) for _ in range(ndim)]
             ttype = _unpack(f, "<I", name)
             offset = _unpack(f, "<Q", name)
@@ -170,7 +207,7 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
             for d in dims:
                 count *= d
             infos.append(TensorInfo(name, tuple(reversed(dims)), tname, offset, count // block * block_bytes))
-        alignment = int(metadata.get("general.alignment", 32))
+        alignment = _alignment(path, metadata)
         data_start = -(-f.tell() // alignment) * alignment
     end = max((t.offset + t.nbytes for t in infos), default=0)
     if data_start + end > size:
@@ -198,8 +235,49 @@ def check_supported(header: GGUFHeader, path: str | os.PathLike = "") -> None:
     if model != "gpt2":
         raise GGUFError(f"{path}: unsupported tokenizer model {model!r} (supported: byte-level BPE 'gpt2')")
     pre = header.metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
         raise GGUFError(f"{path}: unsupported pre-tokenizer {pre!r} (supported: {', '.join(sorted(_PRE_TOKENIZERS))})")
+    _check_metadata(header.metadata, path)
+
+
+def _check_metadata(meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """Every key model_config, tokenizer_config and build_tokenizer read: present where required, of its type."""
+
+    def bad(key: str, expected: str) -> GGUFError:
+        return GGUFError(f"{path}: bad metadata: {key} is {meta.get(key)!r}, expected {expected}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in REQUIRED_LLAMA:
+        if f"llama.{key}" not in meta:
+            raise GGUFError(f"{path}: missing metadata llama.{key} (required: llama.{', llama.'.join(REQUIRED_LLAMA)})")
+    for key in (*REQUIRED_LLAMA, "attention.head_count_kv", "rope.dimension_count", "vocab_size", "context_length"):
+        value = meta.get(f"llama.{key}", 1)
+        if not integer(value) or value < 1:
+            raise bad(f"llama.{key}", "a positive integer")
+    for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        value = meta.get(f"llama.{key}", 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad(f"llama.{key}", "a positive number")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokenizer.ggml.tokens", "a list of strings")
+    merges = meta.get("tokenizer.ggml.merges", [])
+    vocab = set(tokens)
+    if not isinstance(merges, list) or not all(
+        isinstance(m, str) and " " in m and {*m.split(" ", 1), m.replace(" ", "", 1)} <= vocab for m in merges
+    ):
+        raise bad("tokenizer.ggml.merges", "a list of 'left right' strings of tokens (whose join is a token)")
+    types = meta.get("tokenizer.ggml.token_type", [])
+    if not isinstance(types, list) or not all(integer(t) for t in types):
+        raise bad("tokenizer.ggml.token_type", "a list of integers")
+    for key in ("bos", "eos", "unknown", "padding"):
+        value = meta.get(f"tokenizer.ggml.{key}_token_id", 0)
+        if not integer(value) or value < 0:
+            raise bad(f"tokenizer.ggml.{key}_token_id", "a token id")
+    if not isinstance(meta.get("tokenizer.chat_template", ""), str):
+        raise bad("tokenizer.chat_template", "a string")
 
 
 def mlx_name(gguf_name: str) -> str:
@@ -317,18 +395,6 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _plain(meta: dict) -> dict[str, Any]:
-    """mx.load returns scalars as 0-d arrays; turn them into Python values."""
-    import mlx.core as mx
-
-    out = {}
-    for k, v in meta.items():
-        if isinstance(v, mx.array):
-            v = v.item() if v.ndim == 0 else v.tolist()
-        out[k] = v
-    return out
-
-
 def _check_replaceable(out_dir: Path) -> None:
     """Only an earlier conversion (an MLX model folder: config.json and model*.safetensors) may be replaced."""
     if out_dir.is_symlink() or (
@@ -352,12 +418,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     header = read_header(gguf_path)
     check_supported(header, gguf_path)
     _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         say("loading tensors")
-        weights, meta = mx.load(str(gguf_path), return_metadata=True)
-        meta = _plain(meta)
+        try:
+            weights = mx.load(str(gguf_path))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise GGUFError(f"{gguf_path}: MLX cannot read the tensors ({e})") from None
+        meta = header.metadata  # checked by check_supported
         say("converting weights to 4-bit")
         converted = convert_weights(weights)
         tied = "lm_head.weight" not in converted

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from mlx_intent.models import registry
+from mlx_intent.staging import staging_dir
 
 E5_NAME = "e5-small"  # not an LLM of the registry: the encoder tier's weights (models/e5.py)
 
@@ -80,8 +80,7 @@ def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
     source = _download(spec.name, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
     from mlx_lm import convert
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    holder = staging_dir(out)
     try:
         mlx_path = holder / "mlx"  # mlx-lm refuses an existing folder
         convert(hf_path=str(source), mlx_path=str(mlx_path), quantize=True, q_bits=4, q_group_size=64)

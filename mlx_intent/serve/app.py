@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlx_intent.chain import Chain, Reason
 from mlx_intent.metrics import MB, is_absent
 from mlx_intent.models import registry
+from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
     STREAM,
@@ -42,7 +42,6 @@ from mlx_intent.settings import MAX_WAIT_MS, MODES, QUEUE_SIZE, Settings
 
 log = logging.getLogger("mlx_intent.cli.serve")
 
-MAX_TEXT_CHARS = 4000
 MAX_BATCH_TEXTS = 64
 MAX_BODY_BYTES = 64 * 1024
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
@@ -56,10 +55,9 @@ ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json",
 
 
 def _readable(text: str) -> str:
-    """Reject what no tier can read: only blanks and control or format characters (pydantic already
-    refuses lone surrogates)."""
-    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
-        raise ValueError("text is empty")
+    """Reject what no tier can read, by the rule the CLI applies too (normalize.text_problem)."""
+    if (problem := text_problem(text)) is not None:
+        raise ValueError(problem)
     return text
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, encode_ids, 
 from mlx_intent.evaluation import scores
 from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.staging import staging_dir
 from mlx_intent.tuner import install
 from mlx_intent.tuner.calibrate import fit_temperature, temper
 
@@ -187,8 +187,7 @@ def train_encoder(
     train_seconds = time.perf_counter() - start
 
     out_dir = Path(out_dir) if out_dir is not None else HEAD_DIR
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     tmp.chmod(0o755)  # mkdtemp makes it private; the head is package data that others read
     try:
         tensors = {f"head.{k}": v for k, v in tree_flatten(top.head.parameters())}

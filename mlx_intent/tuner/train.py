@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mlx_intent.classifier import special_strings
+from mlx_intent.errors import InputError
 from mlx_intent.evaluation.data import read_labelled
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab
+from mlx_intent.staging import staging_dir
 from mlx_intent.tuner import install
 
 LORA_KEYS = (
@@ -134,6 +135,8 @@ def train_adapter(
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, evaluate, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    if batch_size < 1:  # before the model loads; 0 would only fail (ZeroDivisionError) after it
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
     spec = registry.get_spec(name)
     mx.random.seed(seed)
     model, tokenizer = loading.load(name, home=home)  # float32 on the CPU, 4-bit on Metal (QLoRA)
@@ -146,8 +149,7 @@ def train_adapter(
     batch_size = min(batch_size, len(train_set))
     iters = iters or max(1, int(epochs * len(train_set) / batch_size))
     out_dir = out_dir or registry.adapter_dir(name, home)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     losses: dict[str, list] = {"train": [], "valid": []}
 
     class Progress(TrainingCallback):
