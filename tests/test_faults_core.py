@@ -79,13 +79,23 @@ def test_a_lone_surrogate_is_answered_and_logged_as_its_json_escape(tmp_path):
 
 def test_classify_input_with_a_surrogate_and_a_log_answers_every_line(tmp_path):
     data, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "log.jsonl"
-    data.write_text('{"id": "a\\udc80", "text": "hello \\ud800 where is taksim"}\n{"id": 2, "text": "thanks"}\n')
+    data.write_text('{"id": "a\\udc80", "text": "hello where is taksim"}\n{"id": 2, "text": "thanks"}\n')
     env = {"MLX_INTENT_LOG": str(log), "MLX_INTENT_CHAIN": "keyword"}
     result = CliRunner().invoke(main, ["classify", "--input", str(data), "--output", str(out)], env=env)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == [json.loads('"a\\udc80"'), 2]
-    assert [r["text"] for r in read_log(log)] == [json.loads('"hello \\ud800 where is taksim"'), "thanks"]
+    assert [r["text"] for r in read_log(log)] == ["hello where is taksim", "thanks"]
+
+
+def test_classify_input_refuses_a_surrogate_text_as_the_server_does(tmp_path):
+    """One text rule for CLI and server (normalize.text_problem): a lone surrogate is refused, naming the line,
+    before anything is answered or logged."""
+    data, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "log.jsonl"
+    data.write_text('{"id": 1, "text": "thanks"}\n{"id": 2, "text": "hello \\ud800 where is taksim"}\n')
+    env = {"MLX_INTENT_LOG": str(log), "MLX_INTENT_CHAIN": "keyword"}
+    result = CliRunner().invoke(main, ["classify", "--input", str(data), "--output", str(out)], env=env)
+    assert result.exit_code == 2 and "in.jsonl:2" in result.output and "surrogate" in result.output
 
 
 def test_a_full_disk_is_counted_warned_once_and_leaves_whole_lines(tmp_path, full_disk):
