@@ -128,8 +128,11 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.RLock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only before SQLite creates anything
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only before SQLite creates anything
+        except OSError as e:
+            raise StoreError(f"cannot open the feedback store {path}: {e.strerror or e}") from None
         try:
             os.chmod(path, 0o600)
         except PermissionError:  # someone else's file: theirs to protect
@@ -151,20 +154,26 @@ class Store:
         """One transaction, holding the write lock from its start (BEGIN IMMEDIATE): what it reads stays true
         until it commits, in this process and every other."""
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:  # locked past the busy timeout, a full disk, a corrupt page
+                raise StoreError(f"{self.path}: {e}") from None
 
     def read(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self.lock:
-            cursor = self.conn.execute(sql, tuple(args))
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            try:
+                cursor = self.conn.execute(sql, tuple(args))
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row)) for row in cursor.fetchall()]
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.path}: {e}") from None
 
     def _migrate(self) -> None:
         with self.write() as db:
@@ -242,8 +251,8 @@ def record_results(store: Store, records: Iterable[Mapping[str, Any]]) -> None:
     try:
         with store.write() as db:
             db.executemany(f"INSERT OR IGNORE INTO results VALUES ({', '.join('?' * 15)})", rows)
-    except sqlite3.Error as e:
-        log.warning("feedback store %s: %d results not recorded (%s)", store.path, len(rows), e)
+    except StoreError as e:
+        log.warning("feedback store: %d results not recorded (%s)", len(rows), e)
 
 
 # ---- feedback -----------------------------------------------------------------------------------
@@ -597,8 +606,8 @@ class Recalibrator:
         while not self._stop.wait(self.poll_s):
             try:
                 self.check()
-            except (sqlite3.Error, StoreError) as e:
-                log.warning("recalibration: cannot read %s: %s", self.store.path, e)
+            except StoreError as e:
+                log.warning("recalibration: cannot read the feedback store: %s", e)
 
     def start(self) -> Recalibrator:
         self._thread = threading.Thread(target=self._watch, name="recalibrator", daemon=True)

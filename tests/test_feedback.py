@@ -138,6 +138,14 @@ def test_commands_that_read_never_create_a_store(home):
     assert result.exit_code == EXIT_INPUT and "no feedback store" in result.output and not home.exists()
 
 
+def test_a_corrupt_store_is_named_in_words(home):
+    home.mkdir(parents=True)
+    (home / fb.DB_NAME).write_bytes(b"not a database, " * 256)
+    result = cli("feedback", "list", home=home)
+    assert result.exit_code == 1 and "feedback.db" in result.output and "not a database" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 # ---- adding feedback ----------------------------------------------------------------------------
 
 
