@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from mlx_intent.encoder import NAME as ENCODER
+from mlx_intent.feedback import Store, new_id, record_results
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
@@ -272,6 +273,7 @@ class Chain:
         log: ClassificationLog | None = None,
         pool: ModelPool | None = None,
         secondaries: Callable[[list[str]], list[dict]] | None = None,
+        store: Store | None = None,
     ):
         if not tiers or tiers[-1].name != GENERAL:
             tiers = [*tiers, general_tier()]
@@ -287,11 +289,12 @@ class Chain:
         # all_intents rarely names a second intent; the keyword tier (``secondaries``) gives
         # a second opinion: see _second_opinion.
         self.secondaries = secondaries
+        self.store = store  # the feedback store that keeps every result (mlx_intent.feedback), or None
         self._lock = threading.Lock()
 
     def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
-        """A variant of this chain: other ``tiers`` or ``cache_size``, the same metrics, log, model pool and
-        keyword second opinion (``secondaries``), and a cache of its own.  Every copy of a chain (another
+        """A variant of this chain: other ``tiers`` or ``cache_size``, the same metrics, log, feedback store, model
+        pool and keyword second opinion (``secondaries``), and a cache of its own.  Every copy of a chain (another
         decoding mode, the chain below timed-out LLM tiers, a stream's replay) is made here, so none
         loses the rule-1 veto or the multi-intent merge."""
         return Chain(
@@ -301,6 +304,7 @@ class Chain:
             log=self.log,
             pool=self.pool,
             secondaries=self.secondaries,
+            store=self.store,
         )
 
     def classify(self, text: str, label: str | None = None) -> dict:
@@ -349,9 +353,12 @@ class Chain:
                             self.cache.popitem(last=False)
             else:
                 res.update(timing)
+            res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
         records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
         if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
             self.metrics.record_log_failures(self.log.write_many(records))
+        if self.store is not None:
+            record_results(self.store, records)
         return results
 
     def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:

@@ -398,8 +398,11 @@ _DEFAULT: dict[str, IntentClassifier] = {}
 
 
 def classify(text: str, model: str | None = None, mode: str = "score") -> dict:
-    """Classify one text with a shared classifier (loaded on first use)."""
+    """Classify one text with a shared classifier (loaded on first use); the result's ``id`` is its own, as
+    the chain's are (``mlx_intent.feedback``)."""
+    from mlx_intent.feedback import new_id
+
     name = model or loading.select_from_settings()
     if name not in _DEFAULT:
         _DEFAULT[name] = IntentClassifier(name)
-    return _DEFAULT[name].classify(text, mode=mode)
+    return {**_DEFAULT[name].classify(text, mode=mode), "id": new_id()}

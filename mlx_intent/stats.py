@@ -16,7 +16,8 @@ from mlx_intent.metrics import Metrics
 from mlx_intent.schema import INTENTS, LANGUAGES
 
 # The seed's alert thresholds.
-ACCURACY_MIN = 0.80  # below: critical (only where labels are present)
+ACCURACY_MIN = 0.80  # below: critical (only where labels are present; for feedback, the seed's user satisfaction)
+FEEDBACK_MIN_RECORDS = 20  # fewer feedback records raise no accuracy alert: a few unhappy users are not a trend
 P95_LATENCY_MAX_MS = 1000.0  # per query; above: warning
 FALLBACK_RATE_MAX = 0.10  # run-time fallbacks (a tier merely absent here is not one); above: warning
 PEAK_MEMORY_MAX_MB = 7 * 1024.0  # 7 GB (in MiB, like peak_memory_mb); above: critical
@@ -48,10 +49,21 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return metrics.snapshot()
 
 
+def feedback_alert(figures: Mapping[str, Any] | None) -> Alert | None:
+    """The critical alert of the accuracy the feedback reports (``mlx_intent.feedback.accuracy``), from
+    FEEDBACK_MIN_RECORDS records on; /metrics shows the same."""
+    if not figures or figures["count"] < FEEDBACK_MIN_RECORDS or figures["rate"] >= ACCURACY_MIN:
+        return None
+    rate = figures["rate"]
+    why = f"feedback accuracy {rate:.1%} < {ACCURACY_MIN:.0%} ({figures['corrected']} of {figures['count']} corrected)"
+    return Alert("critical", "feedback_accuracy", rate, ACCURACY_MIN, why)
+
+
 def check(summary: Mapping[str, Any]) -> list[Alert]:
     """The alerts a summary raises; figures that are None (no data) raise none.  Latency is per query;
-    the fallback rate counts tiers passed over at run time, not those absent here (not installed, too large)."""
-    alerts = []
+    the fallback rate counts tiers passed over at run time, not those absent here (not installed, too large);
+    ``summary["feedback"]``, where present, is the feedback store's accuracy."""
+    alerts = [a for a in [feedback_alert(summary.get("feedback"))] if a is not None]
     accuracy = summary["accuracy"]["rate"]
     if accuracy is not None and accuracy < ACCURACY_MIN:
         alerts.append(
@@ -139,6 +151,13 @@ def _counts_table(title: str, counts: Mapping[str, int], order: Iterable[str], t
     return _table(rows)
 
 
+def feedback_line(figures: Mapping[str, Any]) -> str:
+    """The feedback row of the report: accuracy over the judged answers."""
+    if not figures["count"]:
+        return "-"
+    return f"{_pct(figures['rate'])} ({figures['confirmed']} confirmed, {figures['corrected']} corrected)"
+
+
 def render(summary: Mapping[str, Any], skipped: int = 0) -> str:
     """The text report of `mlx-intent stats`."""
     n = summary["count"]
@@ -152,6 +171,7 @@ def render(summary: Mapping[str, Any], skipped: int = 0) -> str:
             "accuracy",
             f"{_pct(acc['rate'])} ({acc['correct']}/{acc['labelled']} labelled)" if acc["labelled"] else "-",
         ],
+        *([["feedback", feedback_line(summary["feedback"])]] if summary.get("feedback") else []),
         [
             "latency ms",
             f"p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}  per query",

@@ -135,6 +135,7 @@ def test_the_api_result_lists_the_15_intents_and_keeps_its_own_fields():
     assert props["all_intents"]["items"]["enum"] == list(INTENTS)
     answer = {"primary_intent": "weather", "confidence": 0.5, "all_intents": ["weather"]}
     extra = {"tier": "keyword", "model": None, "fallbacks": [], "latency_ms": 1.0, "cached": False, "top": [1]}
+    extra["id"] = "0f" * 16  # every result carries its id (mlx_intent.feedback)
     shown = ClassifyResult.model_validate({**answer, **extra}).model_dump()
     assert schema.answer_of(shown) == answer and "top" not in shown
     with pytest.raises(ValidationError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 
 from mlx_intent import calibration
 from mlx_intent.cli.options import settings_options
@@ -13,21 +12,11 @@ from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import pct, shown
+from mlx_intent.feedback import calibration_rows, db_path
 from mlx_intent.models import registry
-from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.schema import MAX_INTENTS
 from mlx_intent.settings import Settings
-from mlx_intent.tuner.calibrate import (
-    _SHOWN,
-    _distributions,
-    _figures,
-    calibrate_keyword,
-    every_branch,
-    fit_temperature,
-    fit_threshold,
-    set_match,
-    temper,
-    trie_tree,
-)
+from mlx_intent.tuner.calibrate import _SHOWN, _figures, calibrate_keyword, fit_scoring, set_match
 
 
 @click.command("calibrate")
@@ -44,13 +33,20 @@ from mlx_intent.tuner.calibrate import (
     help=f"Fit on fewer than {calibration.MIN_ROWS} labelled rows anyway (such a fit is mostly noise).",
 )
 @click.option(
+    "--from-feedback",
+    is_flag=True,
+    help="Fit on the calibration part of the feedback records (mlx-intent feedback) instead of --data.",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
     help="Run the model again at the fitted temperature and score that run.",
 )
 @settings_options
-def calibrate_command(model: str, data: tuple[str, ...], force: bool, verify: bool, settings: Settings) -> None:
+def calibrate_command(
+    model: str, data: tuple[str, ...], force: bool, from_feedback: bool, verify: bool, settings: Settings
+) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
     on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
 
@@ -58,48 +54,41 @@ def calibrate_command(model: str, data: tuple[str, ...], force: bool, verify: bo
     temperature, multi-intent threshold and blend with the keyword tier.  Both are saved under the models folder
     (<home>/calibration/keyword.json, e5-small.json), never into the installed package, and preferred to the
     fits that ship with it while the lexicons or head they were fitted for are installed.  Files are replaced
-    atomically.  A fit needs at least 50 labelled rows, unless --force.
+    atomically.  A fit needs at least 50 labelled rows, unless --force.  --from-feedback fits on confirmed and
+    corrected answers (their calibration part; too few are refused).
 
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
     """
     from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, IntentClassifier
 
+    if from_feedback:
+        if data:
+            raise click.UsageError("--from-feedback fits on the feedback records: give no --data")
+        rows, path = calibration_rows(settings.home), db_path(settings.home)
+    else:
+        names = data or (("calib", "public-calib") if model == ENCODER else ("calib",))
+        paths = [data_path(d, settings.home) for d in names]
+        rows = [{**r, "_source": p.stem} for p in paths for r in read_labelled(p)]
+        path = paths[0] if len(paths) == 1 else Path("+".join(str(p) for p in paths))
+        _enough(rows, force)
     if model == ENCODER:
         from mlx_intent.tuner.encoder import recalibrate
 
-        rows = [
-            {**r, "_source": p.stem}
-            for p in (data_path(d, settings.home) for d in data or ("calib", "public-calib"))
-            for r in read_labelled(p)
-        ]
-        _enough(rows, force)
         recalibrate(rows, home=settings.home, report=click.echo)
         return
-    paths = [data_path(d, settings.home) for d in data or ("calib",)]
-    rows = [r for p in paths for r in read_labelled(p)]
-    _enough(rows, force)
-    path = paths[0] if len(paths) == 1 else Path("+".join(str(p) for p in paths))
     if model == "keyword":
         return calibrate_keyword(path, rows, settings.home)
-    texts = [r["text"] for r in rows]
-    gold = [INTENTS.index(r["primary_intent"]) for r in rows]
     try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model
         clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD, home=settings.home)
     except (registry.UnknownModelError, registry.ModelNotAvailableError) as e:
         raise ModelError(str(e)) from None
-    with every_branch():
-        raw = _distributions(clf, texts, settings.batch_size, "T=1")
-    tree = trie_tree(clf._branch)
-    temperature = round(fit_temperature(raw, gold, tree), 4)
-    fitted = temper(raw, temperature, tree)
+    fit = fit_scoring(clf, rows, settings.batch_size, verify)
     if verify:
-        clf.temperature = temperature
-        run = _distributions(clf, texts, settings.batch_size, f"T={temperature:.3f}")
-        click.echo(f"verify: largest |p(run) - p(fit)| = {np.abs(run - fitted).max():.2e}", err=True)
-        fitted = run
-    gold_sets = [set(r["all_intents"]) for r in rows]
-    threshold = fit_threshold(fitted, gold_sets, MAX_INTENTS, DEFAULT_THRESHOLD)
+        click.echo(f"verify: largest |p(run) - p(fit)| = {fit['gap']:.2e}", err=True)
+    temperature, threshold, raw, fitted, gold, gold_sets = (
+        fit[k] for k in ("temperature", "threshold", "raw", "fitted", "gold", "gold_sets")
+    )
     before, after = _figures(raw, gold), _figures(fitted, gold)
     folder = clf.calibration_dir
     record = {

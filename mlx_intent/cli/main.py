@@ -19,11 +19,13 @@ from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
+from mlx_intent.cli.feedback import feedback_command
 from mlx_intent.cli.options import chain_for, check_writable, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
+from mlx_intent.feedback import FEEDBACK_WEIGHT, fold_feedback, open_store, training_rows
 from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
@@ -68,6 +70,7 @@ main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(calibrate_command)
 main.add_command(data_command)
+main.add_command(feedback_command)
 
 
 def id_key(ident) -> str:
@@ -137,8 +140,13 @@ def _done_ids(output: Path) -> set[str]:
     is_flag=True,
     help="With --mode generate: sample at each model's recommended temperature (models table) instead of greedily.",
 )
+@click.option(
+    "--record",
+    is_flag=True,
+    help="Keep texts and results in <models folder>/feedback.db for `mlx-intent feedback add ID`; show each id.",
+)
 @settings_options
-def classify(text, input_path, output, resume, verbose, sample, settings: Settings) -> None:
+def classify(text, input_path, output, resume, verbose, sample, record, settings: Settings) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
@@ -150,25 +158,30 @@ def classify(text, input_path, output, resume, verbose, sample, settings: Settin
     if sample and settings.mode != "generate":
         raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
     if text is not None:
-        result = _chain(settings, sample).classify(_query(text))
+        result = _chain(settings, sample, record).classify(_query(text))
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
+        shown = {"id": result["id"], **shown} if record else shown
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
     if output is None:
         raise click.UsageError("--input needs --output")
     check_writable(output, "--output")
-    _classify_file(input_path, output, resume, settings, sample)
+    _classify_file(input_path, output, resume, settings, sample, record)
 
 
-def _chain(settings: Settings, sample: bool):
-    """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads)."""
+def _chain(settings: Settings, sample: bool, record: bool = False):
+    """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads); with
+    ``record`` it keeps its results in the feedback store."""
     chain = chain_for(settings)
     if chain.pool is not None:
         chain.pool.sample = sample
+    chain.store = open_store(settings.home) if record else None
     return chain
 
 
-def _classify_file(input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False) -> None:
+def _classify_file(
+    input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False, record: bool = False
+) -> None:
     """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
     from tqdm import tqdm
 
@@ -177,7 +190,7 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
     if input_path != "-" and output.exists() and os.path.samefile(input_path, output):
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
-    chain = _chain(settings, sample)
+    chain = _chain(settings, sample, record)
     batch: list[tuple[int, str, str]] = []
     unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
     try:
@@ -188,7 +201,9 @@ def _classify_file(input_path: str, output: Path, resume: bool, settings: Settin
             def flush() -> None:
                 results = chain.classify_batch([t for _, _, t in batch])
                 rows = [
-                    {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}} for (_, ident, _), res in zip(batch, results)
+                    {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}
+                    | ({"result_id": res["id"]} if record else {})  # the id feedback refers to
+                    for (_, ident, _), res in zip(batch, results)
                 ]
                 try:
                     out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -260,6 +275,11 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option(
     "--force", is_flag=True, help="Replace an existing adapter (e5-small: head); the old one is kept as NAME.previous/."
 )
+@click.option(
+    "--with-feedback",
+    is_flag=True,
+    help=f"Add the training part of the feedback records (mlx-intent feedback), each {FEEDBACK_WEIGHT} times.",
+)
 @home_options
 def train(
     model,
@@ -275,6 +295,7 @@ def train(
     tune_layers,
     seed,
     force,
+    with_feedback,
     settings: Settings,
 ) -> None:
     """Fine-tune MODEL on labelled data.
@@ -291,6 +312,7 @@ def train(
     target = _train_target(model, settings.home)
     _check_replace(target, force)
     _clean_stale(target.parent)
+    feedback = training_rows(settings.home) if with_feedback else []
     if model == ENCODER:
         from mlx_intent.tuner.encoder import train_encoder
 
@@ -304,6 +326,8 @@ def train(
             return rows, counts
 
         train_rows, sources = rows_of(train_data or ("train", "public-train"))
+        if feedback:
+            train_rows, sources = fold_feedback(train_rows, feedback), {**sources, "feedback": len(feedback)}
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
         try:
             summary = train_encoder(
@@ -340,6 +364,7 @@ def train(
         seed=seed,
         report=report,
         home=settings.home,
+        feedback=feedback,
     )
     click.echo(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from mlx_intent.cli.options import chain_for, settings_options
+from mlx_intent.feedback import Recalibrator, open_store
 from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
 
 
@@ -28,10 +29,29 @@ from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
     "--queue-size", default=QUEUE_SIZE, show_default=True, type=click.IntRange(1), help="Jobs waiting; then 503."
 )
 @click.option("--no-batching", is_flag=True, help="Run one text at a time (for comparison).")
+@click.option("--no-record", is_flag=True, help="Keep no texts and answers (then POST /v1/feedback answers 404).")
+@click.option(
+    "--recalibrate-every",
+    type=click.IntRange(1),
+    default=None,
+    metavar="N",
+    help="Refit the serving tier's calibration on the feedback after every N new records, without a restart.",
+)
 @settings_options
-def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_batching, settings: Settings) -> None:
+def serve_command(
+    host,
+    port,
+    request_timeout_ms,
+    max_wait_ms,
+    queue_size,
+    no_batching,
+    no_record,
+    recalibrate_every,
+    settings: Settings,
+) -> None:
     """Serve classification over HTTP: POST /v1/classify, /v1/classify/batch, /v1/classify/stream;
-    GET /v1/models, /healthz, /metrics; OpenAPI at /docs.
+    POST /v1/feedback; GET /v1/models, /healthz, /metrics; OpenAPI at /docs.  Every answer and its text are
+    kept in <models folder>/feedback.db (owner-only) for /v1/feedback, unless --no-record.
 
     \b
     mlx-intent serve --chain smollm2-135m,keyword
@@ -43,9 +63,14 @@ def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_ba
         from mlx_intent.serve.app import create_app
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
+    chain = chain_for(settings)
+    chain.store = None if no_record else open_store(settings.home)
+    if recalibrate_every and chain.store is None:
+        raise click.UsageError("--recalibrate-every needs the answers recorded: drop --no-record")
+    recalibrator = Recalibrator(chain, recalibrate_every).start() if recalibrate_every else None
     app = create_app(
         settings,
-        chain_for(settings),
+        chain,
         request_timeout_ms=request_timeout_ms,
         max_wait_ms=max_wait_ms,
         queue_size=queue_size,
@@ -54,4 +79,8 @@ def serve_command(host, port, request_timeout_ms, max_wait_ms, queue_size, no_ba
     # Every request is answered within its timeout (by the keyword tier if need be), so a shutdown that
     # waits a little longer than that finishes all of them.
     grace = int(app.state.request_timeout_ms / 1000) + 10
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+    try:
+        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+    finally:
+        if recalibrator is not None:
+            recalibrator.stop()

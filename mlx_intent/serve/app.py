@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason
 from mlx_intent.metrics import MB, is_absent
 from mlx_intent.models import registry
@@ -47,7 +48,7 @@ MAX_BODY_BYTES = 64 * 1024
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream")
+JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream", "/v1/feedback")
 ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json", "/docs")
 
 
@@ -117,6 +118,7 @@ class Answer(BaseModel):
 class ClassifyResult(Answer):
     model_config = ConfigDict(extra="ignore")  # a tier's other fields (top, truncated) are not shown
 
+    id: str = Field(description="This answer's id, for POST /v1/feedback.")
     tier: str = Field(description="The tier that answered.")
     model: str | None = Field(description="Its model; null for the keyword and general tiers.")
     fallbacks: list[Fallback] = Field(
@@ -132,6 +134,18 @@ class ClassifyResult(Answer):
     )
     cached: bool
     lang: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """A correction (the right primary_intent, optionally all_intents) or, with correct, a confirmation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64, description="The id of the answer judged.")
+    primary_intent: Intent | None = None
+    all_intents: list[Intent] | None = Field(None, min_length=1, max_length=MAX_INTENTS)
+    correct: bool = Field(False, description="The answer was right.")
+    replace: bool = Field(False, description="Replace feedback already given for this id (else 409).")
 
 
 class BatchResult(BaseModel):
@@ -170,6 +184,13 @@ ERRORS = {
         422: "A field is missing or invalid.",
         503: "Queue full or shutting down; see Retry-After.",
     }.items()
+}
+
+
+FEEDBACK_ERRORS = {
+    **ERRORS,
+    404: {"model": ErrorBody, "description": "No such answer recorded here."},
+    409: {"model": ErrorBody, "description": "Feedback given already for this id; send replace."},
 }
 
 
@@ -321,6 +342,8 @@ def create_app(
         queue_size=queue_size,
     )
     prometheus = Prometheus(batcher, chain)
+    if chain.store is not None:
+        feedback.register_metrics(prometheus.registry, chain.store)
     batcher.on_batch = prometheus.batches.observe
     health = {"ready": False, "status": "warming", "primary": None, "detail": None}
 
@@ -428,6 +451,17 @@ def create_app(
             else:
                 yield event("error", {"error": "stream failed", "detail": data})
                 return
+
+    @app.post("/v1/feedback", status_code=201, responses=FEEDBACK_ERRORS)
+    def feedback_route(body: FeedbackRequest):
+        """Correct an answer by its id (404: not recorded here; 409: judged already, unless replace)."""
+        if chain.store is None:
+            return error(404, "this server does not record answers (started with --no-record)")
+        try:
+            fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
+            return feedback.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
+        except feedback.FeedbackError as e:
+            return error(e.status, str(e))
 
     @app.get("/v1/models", response_model=ModelsResult)
     def models():

@@ -20,7 +20,7 @@ from mlx_intent import calibration
 from mlx_intent.calibration import T_RANGE
 from mlx_intent.evaluation import scores
 from mlx_intent.evaluation.run import num, pct, shown
-from mlx_intent.schema import INTENTS
+from mlx_intent.schema import INTENTS, MAX_INTENTS
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 11))  # 0.05 .. 0.5
 Tree = list  # nested lists of intent indices: one list per branch point of the trie
@@ -206,6 +206,44 @@ def _distributions(clf, texts: list[str], batch_size: int, desc: str) -> np.ndar
             rows += [[d[name] for name in INTENTS] for d in clf.distributions(batch)]
             bar.update(len(batch))
     return np.array(rows, dtype=np.float64)
+
+
+def fit_scoring(clf, rows: list[dict], batch_size: int = 8, verify: bool = False) -> dict:
+    """An LLM tier's temperature (NLL of the gold primary, from one pass at T = 1 over every branch point)
+    and multi-intent threshold (all_intents exact match) on labelled ``rows``; ``clf`` keeps its own.
+
+    Returns the fit with ``raw`` (T = 1) and ``fitted`` distributions, ``gold`` and ``gold_sets``; with
+    ``verify`` the model runs again at the fitted T, ``fitted`` is that run and ``gap`` its largest distance
+    from the fit."""
+    from mlx_intent.classifier import DEFAULT_THRESHOLD
+
+    texts = [r["text"] for r in rows]
+    gold = [INTENTS.index(r["primary_intent"]) for r in rows]
+    gold_sets = [set(r["all_intents"]) for r in rows]
+    saved, gap = clf.temperature, None
+    try:
+        clf.temperature = 1.0
+        with every_branch():
+            raw = _distributions(clf, texts, batch_size, "T=1")
+        tree = trie_tree(clf._branch)
+        temperature = round(fit_temperature(raw, gold, tree), 4)
+        fitted = temper(raw, temperature, tree)
+        if verify:
+            clf.temperature = temperature
+            run = _distributions(clf, texts, batch_size, f"T={temperature:.3f}")
+            gap, fitted = float(np.abs(run - fitted).max()), run
+    finally:
+        clf.temperature = saved
+    threshold = fit_threshold(fitted, gold_sets, MAX_INTENTS, DEFAULT_THRESHOLD)
+    return {
+        "temperature": temperature,
+        "threshold": threshold,
+        "raw": raw,
+        "fitted": fitted,
+        "gold": gold,
+        "gold_sets": gold_sets,
+        "gap": gap,
+    }
 
 
 def _figures(probs: np.ndarray, gold: list[int]) -> dict[str, float]:

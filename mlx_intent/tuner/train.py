@@ -21,6 +21,7 @@ from pathlib import Path
 from mlx_intent.classifier import special_strings
 from mlx_intent.errors import InputError
 from mlx_intent.evaluation.data import read_labelled
+from mlx_intent.feedback import fold_feedback
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
 from mlx_intent.sampler import AnswerVocab
@@ -126,8 +127,10 @@ def train_adapter(
     out_dir: Path | None = None,
     report: Callable[[str], None] = print,
     home: Path | None = None,
+    feedback: list[dict] | None = None,
 ) -> dict:
     """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary.
+    ``feedback`` rows (``mlx_intent.feedback.training_rows``) are folded into the training rows, outweighing them.
     An adapter already in ``out_dir`` is kept aside as ``<name>.previous/`` (``mlx-intent train`` asks for --force).
     ``home`` is the models folder the model loads from and the adapter goes to (None: the registry default)."""
     import mlx.core as mx
@@ -144,7 +147,8 @@ def train_adapter(
     lora = {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": list(LORA_KEYS)}
     num_layers = min(num_layers, len(model.model.layers))
     linear_to_lora_layers(model, num_layers, lora)
-    train_set = build_examples(read_labelled(train_path), tokenizer, spec.chat_format, style)
+    rows = fold_feedback(read_labelled(train_path), feedback) if feedback else read_labelled(train_path)
+    train_set = build_examples(rows, tokenizer, spec.chat_format, style)
     valid_set = build_examples(read_labelled(valid_path), tokenizer, spec.chat_format, style) if valid_path else None
     batch_size = min(batch_size, len(train_set))
     iters = iters or max(1, int(epochs * len(train_set) / batch_size))
@@ -189,6 +193,7 @@ def train_adapter(
             "lora_parameters": lora,
             "prompt_style": style,
             "train": str(train_path),
+            "feedback": len(feedback or ()),
             "valid": str(valid_path) if valid_path else None,
             "examples": len(train_set),
             "iters": iters,

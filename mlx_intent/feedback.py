@@ -1,0 +1,620 @@
+"""Corrections and confirmations of the chain's answers: one SQLite store under the models home.
+
+Every result of the chain carries an ``id`` (``new_id``: 128 random bits, uuid4 hex).  The store keeps the
+results a later correction can refer to, and the corrections themselves: ``<models home>/feedback.db``,
+stdlib ``sqlite3`` in WAL mode (readers never block the writer), ``busy_timeout`` for the other processes
+(``mlx-intent feedback add`` while ``serve`` runs), ``synchronous=FULL`` and one transaction per write, so a
+write that returned is on disk and a kill -9 loses nothing committed.  A version table drives migrations.
+
+Results are recorded at classify time, and only where the user asked for it: ``mlx-intent serve`` records
+by default (feedback is what its ``/v1/feedback`` route is for; ``--no-record`` turns it off),
+``mlx-intent classify`` only with ``--record``, the Python API when a store is attached
+(``chain.store = open_store(home)``).  The store is self-contained (a correction joins its result by id in
+one indexed lookup), while the JSONL classification log (``MLX_INTENT_LOG``) carries the same ``id`` on every
+line, so log and store join on it too.  Travellers' texts are personal: the database file is created
+owner-only (0600; SQLite gives its -wal and -shm files the same mode) and nothing leaves the machine.
+
+The rows have room for what issue 14's other parts add: ``user`` (per-user thresholds) and ``context`` (the
+earlier turns of a conversation, JSON), and a result's ``context_used`` flag feeds the active-learning queue.
+
+Learning from the records: ``fold_feedback`` adds them to training rows (each one ``FEEDBACK_WEIGHT`` times,
+replacing written rows of the same text); ``calibration_rows`` gives calibration; the two never share a
+record (a stable hash of the text assigns each to one part, as the public corpora are split), so a tier is
+never calibrated on what it was trained on.  ``Recalibrator`` refits a serving tier's calibration after every
+N new records and swaps it in without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mlx_intent.errors import InputError, UserError
+from mlx_intent.schema import INTENTS, MAX_INTENTS, SchemaError, validate
+
+log = logging.getLogger("mlx_intent.feedback")
+
+DB_NAME = "feedback.db"
+BUSY_TIMEOUT_MS = 10_000
+FEEDBACK_WEIGHT = 3  # a correction counts this many written rows in training
+CALIB_SHARE = 0.25  # of the records (by a hash of the text): calibration; the rest: training
+MIN_CALIBRATION_RECORDS = 30  # fewer and a refit would follow noise
+# Kinds of ``fallbacks`` entries (chain.Reason values) where a tier above the one that answered gave an answer
+# that was overruled: the tiers disagreed.  (This module cannot import chain, which imports it.)
+DISAGREEING_KINDS = frozenset({"low_confidence", "rule1"})
+# The active-learning queue ranks by margin between the top two intents, less these for the other signals.
+DISAGREEMENT_BONUS, CONTEXT_BONUS = 0.5, 0.25
+POLL_S = 1.0
+
+# One entry per schema version: the statements that bring version n - 1 to n.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE results (
+            id TEXT PRIMARY KEY,
+            ts TEXT NOT NULL,
+            user TEXT,
+            text TEXT NOT NULL,
+            context TEXT,
+            lang TEXT,
+            primary_intent TEXT NOT NULL,
+            confidence REAL NOT NULL,
+            all_intents TEXT NOT NULL,
+            tier TEXT,
+            model TEXT,
+            margin REAL NOT NULL,
+            disagreement INTEGER NOT NULL DEFAULT 0,
+            context_used INTEGER NOT NULL DEFAULT 0,
+            result TEXT NOT NULL
+        )""",
+        # seq grows with every write, a replacement included: "N new records" counts it.
+        """CREATE TABLE feedback (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE REFERENCES results (id),
+            ts TEXT NOT NULL,
+            user TEXT,
+            source TEXT NOT NULL,
+            correct INTEGER NOT NULL,
+            primary_intent TEXT NOT NULL,
+            all_intents TEXT NOT NULL
+        )""",
+        "CREATE INDEX results_ts ON results (ts)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class FeedbackError(InputError):
+    """A feedback request that cannot be stored (exit 2); ``status`` is its HTTP code."""
+
+    status = 422
+
+
+class UnknownResult(FeedbackError):
+    status = 404
+
+
+class DuplicateFeedback(FeedbackError):
+    status = 409
+
+
+class StoreError(UserError):
+    """The database cannot be opened or used: a corrupt file, a newer schema, a read-only folder."""
+
+
+def new_id() -> str:
+    """A result id: 128 random bits as 32 hex digits, unique and not guessable."""
+    return uuid.uuid4().hex
+
+
+def db_path(home: Path | None = None) -> Path:
+    from mlx_intent.models import registry
+
+    return registry.home(home) / DB_NAME
+
+
+class Store:
+    """One connection to the database, shared by the threads of a process under a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only before SQLite creates anything
+        except OSError as e:
+            raise StoreError(f"cannot open the feedback store {path}: {e.strerror or e}") from None
+        try:
+            os.chmod(path, 0o600)
+        except PermissionError:  # someone else's file: theirs to protect
+            pass
+        try:
+            self.conn = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: {e}") from None
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, holding the write lock from its start (BEGIN IMMEDIATE): what it reads stays true
+        until it commits, in this process and every other."""
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:  # locked past the busy timeout, a full disk, a corrupt page
+                raise StoreError(f"{self.path}: {e}") from None
+
+    def read(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self.lock:
+            try:
+                cursor = self.conn.execute(sql, tuple(args))
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row)) for row in cursor.fetchall()]
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.path}: {e}") from None
+
+    def _migrate(self) -> None:
+        with self.write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this mlx-intent's ({SCHEMA_VERSION})"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    db.execute(statement)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def open_store(home: Path | None = None, create: bool = True) -> Store | None:
+    """The store of the models folder ``home`` (None: the registry default); None where there is none and
+    ``create`` is off (commands that only read never create one)."""
+    path = db_path(home)
+    if not create and not path.is_file():
+        return None
+    return Store(path)
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+def margin_of(result: Mapping[str, Any]) -> float:
+    """The probability gap between the top two intents: from ``top`` where the tier gave it, else the
+    smallest gap the confidence allows (2 c - 1, the rest of the mass on one intent)."""
+    probs = sorted((float(p) for _, p in result.get("top") or ()), reverse=True)
+    if len(probs) >= 2:
+        return round(max(0.0, probs[0] - probs[1]), 4)
+    return round(max(0.0, 2 * float(result["confidence"]) - 1), 4)
+
+
+def record_results(store: Store, records: Iterable[Mapping[str, Any]]) -> None:
+    """Keep classification records (the log's lines: a result plus ts, text, lang; optional user, context)
+    in one transaction.  A store that fails costs the records, never the answers: it is logged."""
+    rows = []
+    for r in records:
+        if not isinstance(r.get("text"), str):
+            continue
+        fallbacks = r.get("fallbacks") or ()
+        rest = {k: v for k, v in r.items() if k not in ("text", "context", "user")}
+        rows.append(
+            (
+                r["id"],
+                r.get("ts") or "",
+                r.get("user"),
+                r["text"],
+                None if r.get("context") is None else json.dumps(r["context"], ensure_ascii=False),
+                r.get("lang"),
+                r["primary_intent"],
+                float(r["confidence"]),
+                json.dumps(r["all_intents"], ensure_ascii=False),
+                r.get("tier"),
+                r.get("model"),
+                margin_of(r),
+                sum(f.get("kind") in DISAGREEING_KINDS for f in fallbacks),
+                int(bool(r.get("context_used"))),
+                json.dumps(rest, ensure_ascii=False, default=str),
+            )
+        )
+    if not rows:
+        return
+    try:
+        with store.write() as db:
+            db.executemany(f"INSERT OR IGNORE INTO results VALUES ({', '.join('?' * 15)})", rows)
+    except StoreError as e:
+        log.warning("feedback store: %d results not recorded (%s)", len(rows), e)
+
+
+# ---- feedback -----------------------------------------------------------------------------------
+
+
+def _known(names: list[object], more: object = None) -> None:
+    """Every name (and every item of ``more``, where it is a list) one of the 15 intents; else a FeedbackError
+    that lists them."""
+    unknown = [n for n in [*names, *(more if isinstance(more, list) else [])] if n not in INTENTS]
+    if unknown:
+        raise FeedbackError(f"unknown intent {unknown[0]!r}; the intents are: {', '.join(INTENTS)}")
+
+
+def check_labels(primary_intent: object, all_intents: object = None) -> tuple[str, list[str]]:
+    """(primary, all_intents) by the output schema's rules; all_intents defaults to the primary alone."""
+    _known([primary_intent], all_intents)
+    labels = [primary_intent] if all_intents is None else all_intents
+    try:
+        validate({"primary_intent": primary_intent, "confidence": 1.0, "all_intents": labels})
+    except SchemaError as e:
+        raise FeedbackError(f"{e} (all_intents: 1 to {MAX_INTENTS} distinct intents, primary_intent first)") from None
+    return primary_intent, list(labels)  # type: ignore[return-value]
+
+
+def add_feedback(
+    store: Store,
+    result_id: str,
+    primary_intent: str | None = None,
+    all_intents: list[str] | None = None,
+    *,
+    correct: bool = False,
+    replace: bool = False,
+    user: str | None = None,
+    source: str = "cli",
+) -> dict[str, Any]:
+    """Store a correction (the right ``primary_intent``, optionally ``all_intents``) or, with ``correct``, a
+    confirmation of result ``result_id``; one transaction.  UnknownResult, FeedbackError (bad intents) and
+    DuplicateFeedback (feedback already given, unless ``replace``) say why not."""
+    from datetime import datetime, timezone
+
+    if not correct and primary_intent is None:
+        raise FeedbackError('give the right primary_intent, or "correct": true to confirm the answer')
+    _known([primary_intent] if primary_intent is not None else [], all_intents)
+    if primary_intent is not None:
+        check_labels(primary_intent, all_intents)
+    ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    with store.write() as db:
+        row = db.execute("SELECT primary_intent, all_intents FROM results WHERE id = ?", (result_id,)).fetchone()
+        if row is None:
+            raise UnknownResult(
+                f"unknown result id {result_id!r}: not in {store.path} (results are recorded by mlx-intent serve, "
+                "and by classify --record)"
+            )
+        answered, answered_all = row[0], json.loads(row[1])
+        if correct:
+            if primary_intent not in (None, answered):
+                raise FeedbackError(f"a confirmation of {result_id} names {primary_intent}, but it answered {answered}")
+            primary_intent, all_intents = check_labels(answered, answered_all if all_intents is None else all_intents)
+        else:
+            primary_intent, all_intents = check_labels(primary_intent, all_intents)
+        earlier = db.execute("SELECT correct, primary_intent FROM feedback WHERE id = ?", (result_id,)).fetchone()
+        if earlier is not None and not replace:
+            verdict = "confirmed" if earlier[0] else f"corrected to {earlier[1]}"
+            raise DuplicateFeedback(
+                f"feedback for {result_id} was already given ({verdict}); replace it with --replace "
+                '(HTTP: "replace": true)'
+            )
+        right = primary_intent == answered
+        db.execute(
+            "INSERT OR REPLACE INTO feedback (id, ts, user, source, correct, primary_intent, all_intents) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (result_id, ts, user, source, int(right), primary_intent, json.dumps(all_intents)),
+        )
+    return {
+        "id": result_id,
+        "verdict": "confirmed" if right else "corrected",
+        "answer": answered,
+        "primary_intent": primary_intent,
+        "all_intents": all_intents,
+        "replaced": earlier is not None,
+    }
+
+
+_JOINED = """SELECT f.seq, f.id, f.ts, f.user AS feedback_user, f.source, f.correct, f.primary_intent, f.all_intents,
+    r.ts AS result_ts, r.user, r.text, r.context, r.lang, r.primary_intent AS answer, r.all_intents AS answer_all,
+    r.confidence, r.tier, r.model FROM feedback f JOIN results r ON r.id = f.id"""
+
+
+def _joined(row: dict) -> dict[str, Any]:
+    return {
+        **row,
+        "correct": bool(row["correct"]),
+        "all_intents": json.loads(row["all_intents"]),
+        "answer_all": json.loads(row["answer_all"]),
+        "context": None if row["context"] is None else json.loads(row["context"]),
+    }
+
+
+def list_feedback(store: Store, limit: int | None = None) -> list[dict[str, Any]]:
+    """Feedback joined with its results, newest first."""
+    rows = store.read(_JOINED + " ORDER BY f.seq DESC LIMIT ?", (-1 if limit is None else limit,))
+    return [_joined(r) for r in rows]
+
+
+def part_of(text: str) -> str:
+    """``calib`` or ``train``: a stable hash of the normalized text, so a record never changes part and two
+    records of one text share it."""
+    from mlx_intent.corpora.build import hash_fraction, text_key
+
+    return "calib" if hash_fraction(text_key(text)) < CALIB_SHARE else "train"
+
+
+def export_rows(store: Store) -> list[dict[str, Any]]:
+    """Every feedback record as a labelled row (what ``read_labelled``, ``train --data`` and ``eval`` read),
+    with its part, the answer it judged, its context and user; oldest first."""
+    out = []
+    for r in reversed(list_feedback(store)):
+        out.append(
+            {
+                "id": r["id"],
+                "text": r["text"],
+                "lang": r["lang"],
+                "primary_intent": r["primary_intent"],
+                "all_intents": r["all_intents"],
+                "context": r["context"],
+                "user": r["user"],
+                "part": part_of(r["text"]),
+                "correct": r["correct"],
+                "answer": {
+                    "primary_intent": r["answer"],
+                    "confidence": r["confidence"],
+                    "all_intents": r["answer_all"],
+                },
+                "tier": r["tier"],
+                "ts": r["ts"],
+            }
+        )
+    return out
+
+
+def feedback_rows(store: Store | None, part: str | None = None) -> list[dict[str, Any]]:
+    """Labelled rows of the records (of ``part``, ``train`` or ``calib``; None: all), ``_source`` feedback."""
+    if store is None:
+        return []
+    keep = ("id", "text", "lang", "primary_intent", "all_intents", "context")
+    return [
+        {**{k: r[k] for k in keep}, "_source": "feedback"}
+        for r in export_rows(store)
+        if part is None or r["part"] == part
+    ]
+
+
+def training_rows(home: Path | None = None) -> list[dict[str, Any]]:
+    """The training part of the records, for ``train --with-feedback``; an InputError when there is none."""
+    path = db_path(home)
+    rows = feedback_rows(open_store(home, create=False), "train")
+    if not rows:
+        raise InputError(
+            f"--with-feedback: no feedback records to train on in {path} (the training part: "
+            f"{1 - CALIB_SHARE:.0%} of them by a hash of the text)"
+        )
+    return rows
+
+
+def calibration_rows(home: Path | None = None, minimum: int | None = None) -> list[dict[str, Any]]:
+    """The calibration part of the records, for ``calibrate --from-feedback``; an InputError below ``minimum``
+    (default MIN_CALIBRATION_RECORDS)."""
+    minimum = MIN_CALIBRATION_RECORDS if minimum is None else minimum
+    rows = feedback_rows(open_store(home, create=False), "calib")
+    if len(rows) < minimum:
+        raise InputError(
+            f"--from-feedback: {len(rows)} records in the calibration part of {db_path(home)}, at least {minimum} "
+            f"needed (that part is {CALIB_SHARE:.0%} of the records, by a hash of the text; the rest trains)"
+        )
+    return rows
+
+
+def fold_feedback(rows: list[dict], feedback: list[dict], weight: int = FEEDBACK_WEIGHT) -> list[dict]:
+    """Training rows with the feedback records folded in: a written row whose text a record judged is
+    dropped (the correction says what it means), and each record counts ``weight`` times."""
+    from mlx_intent.normalize import normalize
+
+    judged = {normalize(r["text"]) for r in feedback}
+    kept = [r for r in rows if normalize(r["text"]) not in judged]
+    return kept + [dict(r) for r in feedback for _ in range(weight)]
+
+
+# ---- active learning ----------------------------------------------------------------------------
+
+
+def queue(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    """Recorded results without feedback, the most worth a label first: the smallest margin between the top
+    two intents, less DISAGREEMENT_BONUS where tiers disagreed and CONTEXT_BONUS where context decided."""
+    rows = store.read(
+        f"""SELECT r.id, r.ts, r.text, r.primary_intent, r.confidence, r.all_intents, r.tier, r.margin,
+            r.disagreement, r.context_used,
+            r.margin - {DISAGREEMENT_BONUS} * (r.disagreement > 0) - {CONTEXT_BONUS} * r.context_used AS score
+        FROM results r LEFT JOIN feedback f ON f.id = r.id WHERE f.id IS NULL
+        ORDER BY score ASC, r.ts DESC LIMIT ?""",
+        (limit,),
+    )
+    return [{**r, "all_intents": json.loads(r["all_intents"]), "context_used": bool(r["context_used"])} for r in rows]
+
+
+# ---- monitoring ---------------------------------------------------------------------------------
+
+
+def accuracy(store: Store | None) -> dict[str, Any]:
+    """{"count", "confirmed", "corrected", "rate"}: the share of judged answers whose primary was right."""
+    if store is None:
+        return {"count": 0, "confirmed": 0, "corrected": 0, "rate": None}
+    row = store.read("SELECT count(*) AS n, coalesce(sum(correct), 0) AS right FROM feedback")[0]
+    n, right = row["n"], row["right"]
+    return {"count": n, "confirmed": right, "corrected": n - right, "rate": right / n if n else None}
+
+
+def written(store: Store) -> int:
+    """Feedback writes so far (a replacement counts): what ``Recalibrator`` counts new records by."""
+    return store.read("SELECT coalesce(max(seq), 0) AS n FROM feedback")[0]["n"]
+
+
+def register_metrics(registry, store: Store) -> None:
+    """Gauges of the feedback in a Prometheus registry, read from the store at each scrape (other processes
+    write to it too): accuracy, records by verdict, and the critical alert of ``stats --check``."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from mlx_intent.stats import feedback_alert
+
+    class Collector:
+        def collect(self):
+            figures = accuracy(store)
+            rate = GaugeMetricFamily(
+                "mlx_intent_feedback_accuracy", "Share of judged answers whose primary intent was right (NaN: none)"
+            )
+            rate.add_metric([], math.nan if figures["rate"] is None else figures["rate"])
+            records = GaugeMetricFamily("mlx_intent_feedback_records", "Feedback records", labels=["verdict"])
+            records.add_metric(["confirmed"], figures["confirmed"])
+            records.add_metric(["corrected"], figures["corrected"])
+            alert = GaugeMetricFamily(
+                "mlx_intent_feedback_accuracy_critical", "1 while feedback accuracy raises the critical alert"
+            )
+            alert.add_metric([], float(feedback_alert(figures) is not None))
+            return [rate, records, alert]
+
+    registry.register(Collector())
+
+
+# ---- real-time calibration ----------------------------------------------------------------------
+
+
+def refit_classifier(clf, rows: list[dict], batch_size: int = 8) -> dict | None:
+    """Fit a loaded tier's calibration on ``rows`` and swap it in (None: a tier with nothing to refit here).
+    The e5-small tier gets a new frozen HeadConfig in one reference swap; an LLM tier a new temperature and
+    threshold.  Call it where no classification runs beside it (``Recalibrator`` does)."""
+    from mlx_intent.classifier import IntentClassifier
+    from mlx_intent.encoder import EncoderClassifier
+
+    if isinstance(clf, EncoderClassifier):
+        from mlx_intent.tuner.encoder import calibrate_head
+
+        fitted = calibrate_head(clf, rows, report=log.info)
+        cal, combo = fitted["calibration"], fitted["combination"]
+        clf.config = replace(
+            clf.config,
+            temperature=float(cal["temperature"]),
+            threshold=float(cal["threshold"]),
+            calibrated_on="feedback",
+            combination=(float(combo["a"]), float(combo["b"]), float(combo["b_general"])),
+            keyword_platt=tuple(combo["keyword_platt"]) if combo.get("keyword_platt") else None,
+        )
+        return fitted
+    if isinstance(clf, IntentClassifier):
+        from mlx_intent.tuner.calibrate import fit_scoring
+
+        fit = fit_scoring(clf, rows, batch_size)
+        clf.temperature, clf.threshold = fit["temperature"], fit["threshold"]
+        return {"temperature": fit["temperature"], "threshold": fit["threshold"], "n": len(rows)}
+    return None
+
+
+class Recalibrator:
+    """``serve --recalibrate-every N``: after every N new feedback records, refit the calibration of the
+    serving tier (the first model tier of ``chain`` that loads) on the calibration part, without a restart.
+
+    A background thread watches the store (other processes may write to it) and readies the rows; the fit
+    itself runs when the chain next readies that tier, in its ``load`` step: in the thread that classifies,
+    so a model never runs in two threads at once (MLX must not), outside any latency budget, and the swap
+    lands between two batches.  The tiers of ``chain`` are wrapped in place: build it before the chains
+    derived from it (the server's)."""
+
+    def __init__(
+        self,
+        chain,
+        every: int,
+        *,
+        minimum: int | None = None,
+        poll_s: float | None = None,
+        refit: Callable[[object, list[dict]], dict | None] = refit_classifier,
+    ) -> None:
+        """``minimum`` records in the calibration part (default MIN_CALIBRATION_RECORDS) before a refit; the
+        store is looked at every ``poll_s`` seconds (default POLL_S)."""
+        if chain.store is None:
+            raise ValueError("recalibration needs a chain that records (a store)")
+        self.store, self.every, self.refit = chain.store, every, refit
+        self.minimum = MIN_CALIBRATION_RECORDS if minimum is None else minimum
+        self.poll_s = POLL_S if poll_s is None else poll_s
+        self.seen = written(self.store)
+        self.pending: list[dict] | None = None
+        self.refits: list[dict] = []  # what each refit fitted, in order
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        chain.tiers[:] = [replace(t, load=self._loading(t.load)) if t.model else t for t in chain.tiers]
+
+    def _loading(self, load: Callable[[], object]) -> Callable[[], object]:
+        def wrapped():
+            clf = load()
+            with self._lock:
+                rows, self.pending = self.pending, None
+            if rows is not None:
+                try:
+                    fitted = self.refit(clf, rows)
+                except Exception as e:  # a failed refit keeps the calibration that was serving
+                    log.warning("recalibration on %d feedback records failed: %s: %s", len(rows), type(e).__name__, e)
+                    fitted = {}
+                if fitted is None:  # nothing to refit in this tier: the next one that loads gets the rows
+                    with self._lock:
+                        self.pending = self.pending or rows
+                elif fitted:
+                    self.refits.append(fitted)
+                    log.info("recalibrated on %d feedback records", len(rows))
+            return clf
+
+        return wrapped
+
+    def check(self) -> bool:
+        """One look at the store: with N new records since the last refit, ready the next one; whether it did."""
+        count = written(self.store)
+        if count - self.seen < self.every:
+            return False
+        self.seen = count
+        rows = feedback_rows(self.store, "calib")
+        if len(rows) < self.minimum:
+            log.info("recalibration waits: %d records in the calibration part, %d needed", len(rows), self.minimum)
+            return False
+        with self._lock:
+            self.pending = rows
+        return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except StoreError as e:
+                log.warning("recalibration: cannot read the feedback store: %s", e)
+
+    def start(self) -> Recalibrator:
+        self._thread = threading.Thread(target=self._watch, name="recalibrator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
