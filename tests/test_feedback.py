@@ -372,16 +372,15 @@ def test_a_short_llm_training_run_takes_the_feedback(bundled, models_home, tmp_p
 
 
 def test_calibrate_from_feedback_fits_on_the_calibration_part_or_refuses(chain, home, tmp_path, monkeypatch):
-    from mlx_intent import keyword
+    from mlx_intent import calibration, keyword
 
-    monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "calibration.json")
     judge(chain, labelled("calib")[:10])
     few = cli("calibrate", "keyword", "--from-feedback", home=home)
     assert few.exit_code == EXIT_INPUT and "10 records in the calibration part" in few.output
     judge(chain, labelled("calib")[10:40] + labelled("train")[:20])
     done = cli("calibrate", "keyword", "--from-feedback", home=home)
     assert done.exit_code == 0, done.output
-    record = json.loads(keyword.CALIBRATION_PATH.read_text())
+    record = json.loads(calibration.home_file(keyword.FIT_NAME, home).read_text())  # under the home, not the package
     assert record["n"] == 40 and record["fitted_on"].endswith(fb.DB_NAME)
     both = cli("calibrate", "keyword", "--from-feedback", "--data", "calib", home=home)
     assert both.exit_code == 2 and "give no --data" in both.output

@@ -56,6 +56,8 @@ A missing, unreadable or empty log is an error (exit 1).
 @functools.partial(settings_options, names=("home", "log"))
 def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool, settings: Settings) -> None:
     """Report on a log and the feedback store; with --check, alert and set the exit code (see _HELP)."""
+    if plot_dir is not None:
+        check_writable(plot_dir, "--plot", folder=True, make_parents=True)
     store = open_store(settings.home, create=False)
     feedback = accuracy(store) if store is not None else None
     log = log or settings.log
@@ -77,8 +79,6 @@ def stats_command(log: Path | None, plot_dir: Path | None, check_only: bool, set
 
     if plot_dir is not None and not records:
         raise click.ClickException("--plot needs a classification log")
-    if plot_dir is not None:
-        check_writable(plot_dir, "--plot", folder=True, make_parents=True)
     if plot_dir is not None:
         try:
             paths = write_plots(summary, plot_dir)
