@@ -12,11 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.feedback import Store, new_id, record_results
 from mlx_intent.langid import detect_language
@@ -55,6 +56,14 @@ TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED})
 ABSENT = frozenset({Reason.NOT_INSTALLED, Reason.TOO_LARGE})
 
 
+def cache_key(context: Context, text: str):
+    """A text's cache key: the text itself, with its earlier turns when it has any (they may change its answer);
+    None for what is not a text (never cached)."""
+    if not isinstance(text, str):
+        return None
+    return (context, text) if context else text
+
+
 def timing_fields(call_ms: float, texts: int) -> dict:
     """The latency fields of a result from a call of ``texts`` texts that took ``call_ms``."""
     texts = max(texts, 1)
@@ -90,6 +99,7 @@ class Tier:
     threshold: float = 0.0
     budget_ms: float | None = None
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
+    contextual: bool = False  # ``run(texts, contexts)`` reads the earlier turns (the LLM tiers' chat)
 
 
 def keyword_tier(home: Path | None = None) -> Tier:
@@ -239,12 +249,15 @@ def encoder_tier(
 def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
     registry.get_spec(name)  # unknown names fail when the chain is built
 
-    def run(texts: list[str]) -> list[dict]:
-        answers = pool.get(name).classify_batch(texts)
+    def run(texts: list[str], contexts: list[tuple[str, ...]] | None = None) -> list[dict]:
+        clf = pool.get(name)
+        answers = clf.classify_batch(texts) if contexts is None else clf.classify_batch(texts, contexts=contexts)
         pool.stamp_peak(name)
         return answers
 
-    return Tier(name, run, lambda: pool.get(name), model=name, threshold=threshold, budget_ms=budget_ms)
+    return Tier(
+        name, run, lambda: pool.get(name), model=name, threshold=threshold, budget_ms=budget_ms, contextual=True
+    )
 
 
 def default_chain_names(settings: Settings) -> list[str]:
@@ -274,6 +287,7 @@ class Chain:
         pool: ModelPool | None = None,
         secondaries: Callable[[list[str]], list[dict]] | None = None,
         store: Store | None = None,
+        followup: Detector | None = None,
     ):
         if not tiers or tiers[-1].name != GENERAL:
             tiers = [*tiers, general_tier()]
@@ -290,6 +304,9 @@ class Chain:
         # a second opinion: see _second_opinion.
         self.secondaries = secondaries
         self.store = store  # the feedback store that keeps every result (mlx_intent.feedback), or None
+        # Whether a turn reads as a follow-up of its earlier turns (mlx_intent/context.py): learned on the
+        # encoder when the chain has one, else the keyword rule.
+        self.followup = followup or rule_detector
         self._lock = threading.Lock()
 
     def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
@@ -305,23 +322,67 @@ class Chain:
             pool=self.pool,
             secondaries=self.secondaries,
             store=self.store,
+            followup=self.followup,
         )
 
-    def classify(self, text: str, label: str | None = None) -> dict:
-        return self.classify_batch([text], labels=[label])[0]
+    def classify(self, text: str, label: str | None = None, context: Sequence[str] | None = None) -> dict:
+        return self.classify_batch([text], labels=[label], contexts=[context])[0]
 
-    def classify_batch(self, texts: list[str], labels: list[str | None] | None = None) -> list[dict]:
+    def classify_batch(
+        self,
+        texts: list[str],
+        labels: list[str | None] | None = None,
+        contexts: Sequence[Sequence[str] | None] | None = None,
+    ) -> list[dict]:
         """Answers in order; uncached texts go down the chain together, one batch per tier.
+
+        ``contexts`` gives each text its earlier turns (oldest first, mlx_intent/context.py): each earlier
+        turn is answered as the conversation stood then (cached like any answer), and a text that reads as a
+        follow-up takes the topic it continues (``context_used``, on every result).
 
         ``latency_ms`` is the call's time in the chain, less the time tiers spent loading models
         (a one-time cost: ``mlx-intent models list`` shows it); the call answers ``batch_texts`` texts at
         once, so ``latency_per_query_ms`` is ``latency_ms / batch_texts``, each query's share of it.
         ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
         start = time.perf_counter()
-        results: list[dict | None] = [None] * len(texts)
-        # Keyed on the text exactly as the tiers get it: any folding (case, emoji, punctuation) would hand one
-        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").
-        keys = [t if isinstance(t, str) else None for t in texts]
+        contexts = [tuple(c or ()) for c in (contexts if contexts is not None else [None] * len(texts))]
+        if len(contexts) != len(texts):
+            raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
+        # Every (earlier turns, turn) to answer, each once: the texts, and each earlier turn as it stood then.
+        items: list[tuple[Context, str]] = []
+        where: dict = {}
+        asked = []
+        for text, ctx in zip(texts, contexts):
+            for i in range(len(ctx) + 1):
+                turn = (ctx[:i], ctx[i]) if i < len(ctx) else (ctx, text)
+                key = cache_key(*turn)
+                if key is None or key not in where:
+                    items.append(turn)
+                    if key is not None:
+                        where[key] = len(items) - 1
+            asked.append(len(items) - 1 if key is None else where[key])
+        keys = [cache_key(*item) for item in items]
+        results, loading = self._answer(items, keys)
+        elapsed = (time.perf_counter() - start) * 1000 - loading
+        timing = timing_fields(elapsed, len(texts))
+        labels = labels or [None] * len(texts)
+        out = []
+        for j in asked:
+            res = dict(results[j])  # one text asked twice gets two answers, two ids
+            res.update(timing)
+            res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
+            out.append(res)
+        records = [self._record(text, res, label, ctx) for text, res, label, ctx in zip(texts, out, labels, contexts)]
+        if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
+            self.metrics.record_log_failures(self.log.write_many(records))
+        if self.store is not None:
+            record_results(self.store, records)
+        return out
+
+    def _answer(self, items: list[tuple[Context, str]], keys: list) -> tuple[list[dict], float]:
+        """The answers to ``items`` (cached, or down the tiers and then through the context rule; cached where
+        nothing transient happened), and the ms spent loading models."""
+        results: list[dict | None] = [None] * len(items)
         todo = []
         with self._lock:
             for i, key in enumerate(keys):
@@ -332,36 +393,50 @@ class Chain:
                     results[i] = {**hit, "cached": True}
                 else:
                     todo.append(i)
+        fresh = list(todo)
         fallbacks: dict[int, list[dict]] = {i: [] for i in todo}
         loading = 0.0  # ms spent loading models: a one-time cost, not the queries' latency
+        texts = [text for _, text in items]
+        contexts = [ctx for ctx, _ in items]
         for tier in self.tiers:
             if not todo:
                 break
-            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks)
+            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, contexts)
             loading += load_ms
-        elapsed = (time.perf_counter() - start) * 1000 - loading
-        timing = timing_fields(elapsed, len(texts))
-        labels = labels or [None] * len(texts)
-        for i, res in enumerate(results):
-            if not res.get("cached"):
-                res.update(fallbacks=fallbacks[i], cached=False, **timing)
-                res["runtime_fallback"] = runtime_fallback(fallbacks[i])
-                if self.cache_size and keys[i] is not None and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
-                    with self._lock:
-                        self.cache[keys[i]] = dict(res)  # callers may edit what they get back
-                        while len(self.cache) > self.cache_size:
-                            self.cache.popitem(last=False)
-            else:
-                res.update(timing)
-            res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
-        records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
-        if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
-            self.metrics.record_log_failures(self.log.write_many(records))
-        if self.store is not None:
-            record_results(self.store, records)
-        return results
+        for i in fresh:
+            results[i].update(fallbacks=fallbacks[i], cached=False, context_used=False)
+            results[i]["runtime_fallback"] = runtime_fallback(fallbacks[i])
+        self._continue(items, keys, fresh, results)
+        for i in fresh:
+            if self.cache_size and keys[i] is not None and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
+                with self._lock:
+                    self.cache[keys[i]] = dict(results[i])  # callers may edit what they get back
+                    while len(self.cache) > self.cache_size:
+                        self.cache.popitem(last=False)
+        return results, loading
 
-    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:
+    def _continue(self, items: list[tuple[Context, str]], keys: list, fresh: list[int], results) -> None:
+        """Give each fresh turn with earlier turns the topic it continues, where it reads as a follow-up;
+        shorter conversations first, so that every earlier turn's answer is final before a later one reads it."""
+        follow = [i for i in fresh if items[i][0] and isinstance(items[i][1], str)]
+        if not follow:
+            return
+        asked = [(items[i][0], items[i][1], results[i]) for i in follow]
+        try:
+            chances = self.followup(asked)
+        except Exception:  # a failing learned test costs the context, never the answer
+            chances = rule_detector(asked)
+        at = {key: i for i, key in enumerate(keys) if key is not None}
+        for i, p in sorted(zip(follow, chances), key=lambda f: len(items[f[0]][0])):
+            ctx = items[i][0]
+            earlier = [at.get(cache_key(ctx[:k], ctx[k])) for k in range(len(ctx))]
+            continued = topic([results[k] for k in earlier if k is not None])
+            if p >= 0.5 and continued is not None:
+                results[i] = inherit(results[i], continued, p)
+
+    def _run_tier(
+        self, tier: Tier, texts, todo: list[int], results, fallbacks, contexts=None
+    ) -> tuple[list[int], float]:
         """Run ``tier`` on the texts still unanswered; return those it passed over, and the
         milliseconds ``tier.load()`` took."""
         t_load = time.perf_counter()
@@ -371,7 +446,11 @@ class Chain:
             finally:
                 load_ms = (time.perf_counter() - t_load) * 1000
             t0 = time.perf_counter()
-            answers = list(tier.run([texts[i] for i in todo]))
+            batch = [texts[i] for i in todo]
+            if tier.contextual and contexts is not None and any(contexts[i] for i in todo):
+                answers = list(tier.run(batch, [contexts[i] for i in todo]))
+            else:
+                answers = list(tier.run(batch))
             spent = (time.perf_counter() - t0) * 1000
         except PassOver as e:
             return self._pass(tier, todo, e.kind, str(e), fallbacks), load_ms
@@ -442,12 +521,15 @@ class Chain:
             fallbacks[i].append(fallback(tier.name, kind, reason))
         return todo
 
-    def _record(self, text: str, result: dict, label: str | None) -> dict:
-        """Count the result in the metrics; return its log line."""
+    def _record(self, text: str, result: dict, label: str | None, context: Context = ()) -> dict:
+        """Count the result in the metrics; return its log line (with its earlier turns, if any)."""
         lang = detect_language(text) if isinstance(text, str) else None
         result["lang"] = lang
         self.metrics.record(result, lang=lang, label=label)
-        return log_record(result, text, lang, label=label)
+        record = log_record(result, text, lang, label=label)
+        if context:
+            record["context"] = list(context)
+        return record
 
 
 def model_floor(settings: Settings, names: list[str]) -> float:
@@ -476,7 +558,7 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
     floor = model_floor(settings, names)
     tiers = []
-    secondaries = None
+    secondaries = followup = None
     for i, name in enumerate(names):
         if name == KEYWORD:
             tiers.append(keyword_tier(settings.home))
@@ -492,7 +574,8 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 threshold = 0.0 if blended else threshold
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
                 tiers.append(encoder_tier(threshold, budget, retry, blended, settings.home))
+                followup = followup or learned_detector(tiers[-1].load)
             else:
                 tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
     log = ClassificationLog(settings.log) if settings.log else None
-    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries)
+    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries, followup=followup)
