@@ -171,3 +171,77 @@ def learned_detector(load_encoder: Callable[[], object]) -> Detector:
         return head(items) if head is not None else rule_detector(items)
 
     return detect
+
+
+# ---- training: python -m mlx_intent.context -----------------------------------------------------------------
+
+L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+AUGMENT = 600  # single-turn requests of train.jsonl, each after an earlier turn of the context set: not follow-ups
+
+
+def calibration_part(text: str) -> bool:
+    """The fifth of the context training set (by a hash of the text) that chooses the head's L2 weight."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 5 == 0
+
+
+def train_head(context_rows: list[dict], single_rows: list[dict], folder: Path | None = None, seed: int = 0) -> dict:
+    """Fit the follow-up head on (earlier turns, turn) rows labelled follow_up or not (new_request, social), plus
+    ``AUGMENT`` single-turn requests after a random earlier turn; the L2 weight is chosen on the calibration
+    fifth, then the head is refitted on all rows.  Writes head.npz and head.json into ``folder``."""
+    from mlx_intent.chain import build_chain
+    from mlx_intent.encoder import head_fingerprint
+    from mlx_intent.settings import load_settings
+
+    rng = np.random.default_rng(seed)
+    chain = build_chain(load_settings(), names=["e5-small", "keyword", "general"])
+    encoder = chain.tiers[0].load()
+    requests = [r for r in single_rows if r["primary_intent"] != SOCIAL_INTENT]
+    picked = rng.choice(len(requests), size=min(AUGMENT, len(requests)), replace=False)
+    earlier = [tuple(r["context"]) for r in context_rows]
+    rows = [
+        (tuple(r["context"]), r["text"], r["kind"] == "follow_up", calibration_part(r["text"])) for r in context_rows
+    ]
+    rows += [
+        (earlier[rng.integers(len(earlier))], requests[i]["text"], False, calibration_part(requests[i]["text"]))
+        for i in picked
+    ]
+    texts = [t for _, t, _, _ in rows]
+    raws = [r for a in range(0, len(texts), 64) for r in chain.classify_batch(texts[a : a + 64])]
+    own = np.concatenate([encoder.embeddings(texts[a : a + 64]) for a in range(0, len(texts), 64)])
+    pairs = [pair_text(c, t) for c, t, _, _ in rows]
+    pair = np.concatenate([encoder.embeddings(pairs[a : a + 64]) for a in range(0, len(pairs), 64)])
+    x = features(own, pair, raws, texts)
+    y = np.array([f for _, _, f, _ in rows], dtype=np.float64)
+    cal = np.array([c for *_, c in rows])
+
+    def held_out(l2: float) -> float:
+        w = fit_logistic(x[~cal], y[~cal], l2)
+        return float(((x[cal] @ w >= 0) == (y[cal] > 0)).mean())
+
+    scores = {l2: held_out(l2) for l2 in L2_GRID}
+    l2 = max(L2_GRID, key=lambda v: (scores[v], v))
+    w = fit_logistic(x, y, l2)
+    folder = Path(folder) if folder is not None else HEAD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / HEAD_FILE, w=w.astype(np.float32))
+    record = {
+        "encoder_head": head_fingerprint(encoder.head_dir),
+        "l2": l2,
+        "calibration_accuracy": {str(k): round(v, 4) for k, v in scores.items()},
+        "rows": len(rows),
+        "follow_ups": int(y.sum()),
+        "train_accuracy": round(float(((x @ w >= 0) == (y > 0)).mean()), 4),
+        "trained_on": ["benchmarks/data/context-train.jsonl", f"benchmarks/data/train.jsonl ({len(picked)} rows)"],
+    }
+    (folder / HEAD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+if __name__ == "__main__":
+    from mlx_intent.evaluation.data import data_path, read_labelled
+
+    print(
+        json.dumps(train_head(read_labelled(data_path("context-train")), read_labelled(data_path("train"))), indent=2)
+    )

@@ -34,7 +34,16 @@ from mlx_intent.settings import Settings
 
 ANSWER_KEYS = KEYS  # the answer's keys, from the schema
 # latency_ms is the batch call's time (batch_texts queries at once); latency_per_query_ms each query's share.
-OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms", "latency_per_query_ms", "batch_texts")
+OUTPUT_KEYS = (
+    "id",
+    *ANSWER_KEYS,
+    "model",
+    "tier",
+    "latency_ms",
+    "latency_per_query_ms",
+    "batch_texts",
+    "context_used",
+)
 
 
 class Group(click.Group):
@@ -89,8 +98,20 @@ def _query(text: str, where: str = "") -> str:
     return text
 
 
+def _context(turns, where: str = "") -> tuple[str, ...]:
+    """Earlier turns (``--context``, a line's ``"context"``) by the rule of a text (each cut and refused as
+    ``_query`` does) and of the server's ``context`` (mlx_intent.context.context_problem: at most 5 texts)."""
+    from mlx_intent.context import context_problem
+
+    if isinstance(turns, (list, tuple)):
+        turns = [_query(t, f"{where}context turn {i}: ") if isinstance(t, str) else t for i, t in enumerate(turns, 1)]
+    if (problem := context_problem(turns)) is not None:
+        raise InputError(f"{where}{problem}")
+    return tuple(turns)
+
+
 def _read_jsonl(path: str, done: set[str]):
-    """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
+    """Yield (line number, id, text, context) from a JSONL file or '-' (stdin); stop with a clear
     error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
     that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
     gets its line number, as a string.  Lines whose ``id_key`` is in ``done`` are skipped."""
@@ -99,6 +120,7 @@ def _read_jsonl(path: str, done: set[str]):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f'{path}:{n}: expected an object with a string "text"')
         text = _query(obj["text"], f"{path}:{n}: ")
+        context = _context(obj["context"], f"{path}:{n}: ") if obj.get("context") is not None else ()
         ident = obj["id"] if "id" in obj else str(n)
         key = id_key(ident)
         if key in seen:
@@ -109,7 +131,7 @@ def _read_jsonl(path: str, done: set[str]):
             )
         seen[key] = n
         if key not in done:
-            yield n, ident, text
+            yield n, ident, text, context
 
 
 def _done_ids(output: Path) -> set[str]:
@@ -131,7 +153,16 @@ def _done_ids(output: Path) -> set[str]:
 
 @main.command()
 @click.argument("text", required=False)
-@click.option("--input", "input_path", metavar="IN.jsonl", help='JSONL of {"id", "text"} lines, or - for stdin.')
+@click.option(
+    "--input", "input_path", metavar="IN.jsonl", help='JSONL of {"id", "text", "context"?} lines, or - for stdin.'
+)
+@click.option(
+    "--context",
+    "context",
+    multiple=True,
+    metavar="TEXT",
+    help="An earlier turn of the conversation, oldest first (repeatable, at most 5; with TEXT).",
+)
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
 @click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
@@ -146,20 +177,25 @@ def _done_ids(output: Path) -> set[str]:
     help="Keep texts and results in <models folder>/feedback.db for `mlx-intent feedback add ID`; show each id.",
 )
 @settings_options
-def classify(text, input_path, output, resume, verbose, sample, record, settings: Settings) -> None:
+def classify(text, input_path, context, output, resume, verbose, sample, record, settings: Settings) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
     mlx-intent classify "Where can I eat fish in Kadıköy?"
+    mlx-intent classify --context "Will it rain today?" "and tomorrow?"
     mlx-intent classify --input queries.jsonl --output results.jsonl --resume
     """
     if (text is None) == (input_path is None):
         raise click.UsageError("give either TEXT or --input")
+    if context and input_path is not None:
+        raise click.UsageError('--context goes with TEXT; --input lines carry their own "context"')
     if sample and settings.mode != "generate":
         raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
     if text is not None:
-        result = _chain(settings, sample, record).classify(_query(text))
-        shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
+        turns = _context(list(context), "--context: ") if context else ()
+        result = _chain(settings, sample, record).classify(_query(text), context=turns)
+        keys = (*ANSWER_KEYS, "context_used") if turns else ANSWER_KEYS
+        shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in keys}
         shown = {"id": result["id"], **shown} if record else shown
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
@@ -191,7 +227,7 @@ def _classify_file(
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample, record)
-    batch: list[tuple[int, str, str]] = []
+    batch: list[tuple[int, str, str, tuple[str, ...]]] = []
     unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
     try:
         # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
@@ -199,11 +235,11 @@ def _classify_file(
         with out, tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
-                results = chain.classify_batch([t for _, _, t in batch])
+                results = chain.classify_batch([t for _, _, t, _ in batch], contexts=[c for *_, c in batch])
                 rows = [
                     {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}
                     | ({"result_id": res["id"]} if record else {})  # the id feedback refers to
-                    for (_, ident, _), res in zip(batch, results)
+                    for (_, ident, _, _), res in zip(batch, results)
                 ]
                 try:
                     out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlx_intent.context import context_problem
 from mlx_intent.errors import InputError
 from mlx_intent.jsonl import read_jsonl
 from mlx_intent.normalize import text_problem
@@ -32,7 +33,8 @@ def data_path(data: str, home: Path | None = None) -> Path:
 
 
 def read_labelled(path: Path) -> list[dict]:
-    """Rows {id, text, lang, primary_intent, all_intents}; all_intents defaults to [primary_intent].
+    """Rows {id, text, lang, primary_intent, all_intents, and optionally context (earlier turns) and kind};
+    all_intents defaults to [primary_intent].
 
     Stops at the first bad line, naming it: evaluating on silently skipped rows would mislead."""
     rows = []
@@ -47,6 +49,8 @@ def read_labelled(path: Path) -> list[dict]:
             raise InputError(f"{path}:{n}: primary_intent and all_intents must be among the 15 intents")
         if not isinstance(row.get("lang"), (str, type(None))):
             raise InputError(f"{path}:{n}: lang must be a language code such as en")
+        if row.get("context") is not None and (problem := context_problem(row["context"])) is not None:
+            raise InputError(f"{path}:{n}: {problem}")
         rows.append({**row, "id": str(row.get("id", n)), "all_intents": all_intents})
     if not rows:
         raise InputError(f"{path}: no rows")

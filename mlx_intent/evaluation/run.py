@@ -90,7 +90,8 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
     with tqdm(total=len(rows), unit="q", desc=desc, disable=None) as bar:
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
-            results += chain.classify_batch([r["text"] for r in batch], labels=[r["primary_intent"] for r in batch])
+            texts, labels = [r["text"] for r in batch], [r["primary_intent"] for r in batch]
+            results += chain.classify_batch(texts, labels=labels, contexts=[r.get("context") for r in batch])
             bar.update(len(batch))
     wall = time.perf_counter() - start
     return {
@@ -185,6 +186,11 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         "greeting_n": len(greeting),
         "per_intent": per_intent,
         "per_lang": _group(langs, correct),
+        # A conversation set (context-dev): its kinds of turn (follow_up, new_request, social) per language.
+        "per_kind_lang": _group([f"{r['kind']} {lang}" for r, lang in zip(rows, langs)], correct)
+        if all("kind" in r for r in rows)
+        else {},
+        "context_used_rate": sum(bool(res.get("context_used")) for res in results) / len(results),
         "confusion": Counter(zip(gold, pred)),
         "multi_n": len(multi),
         "exact_multi": sum(same_set[i] for i in multi) / len(multi) if multi else None,
@@ -371,6 +377,9 @@ def render(
         ],
     )
     out += _figure(figures, "languages", "Accuracy per language")
+    if s.get("per_kind_lang"):
+        out += kind_table(s["per_kind_lang"])
+        out += [f"The earlier turns decided {pct(s['context_used_rate'])} of the answers (context_used).", ""]
     out += ["## Per intent (by gold primary_intent)", ""]
     out += table(
         ["intent", "n", "correct", "accuracy", "precision", "F1"],
@@ -426,6 +435,18 @@ def render(
         out += ["Top run-time pass-over reasons:", ""]
         out += table(["reason", "n"], [[r.replace("|", "\\|"), str(n)] for r, n in s["reasons"].most_common(8)])
     return "\n".join(out)
+
+
+def kind_table(groups: dict[str, dict]) -> list[str]:
+    """Accuracy per kind of turn (rows) and language (columns), from summarize's per_kind_lang."""
+    kinds = sorted({k.split(" ")[0] for k in groups})
+    langs = lang_order({k.split(" ", 1)[1] for k in groups})
+    rows = []
+    for kind in kinds:
+        cells = [groups.get(f"{kind} {lang}") for lang in langs]
+        n, right = sum(g["n"] for g in cells if g), sum(g["correct"] for g in cells if g)
+        rows.append([kind, *(pct(g["accuracy"]) if g else "–" for g in cells), f"{pct(right / n)} ({right}/{n})"])
+    return ["## Per kind of turn and language", "", *table(["kind", *langs, "all"], rows)]
 
 
 def headline(s: dict[str, Any]) -> str:

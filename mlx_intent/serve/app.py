@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason
+from mlx_intent.context import MAX_CONTEXT_TURNS
 from mlx_intent.metrics import MB, is_absent
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
@@ -39,6 +40,7 @@ from mlx_intent.serve.batcher import (
     fallback_chain,
     mode_chain,
 )
+from mlx_intent.serve.sessions import MAX_SESSION_ID, Sessions
 from mlx_intent.settings import MAX_WAIT_MS, MODES, QUEUE_SIZE, Settings
 
 log = logging.getLogger("mlx_intent.cli.serve")
@@ -66,14 +68,51 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValid
 Mode = Literal[MODES]  # type: ignore[valid-type]
 
 
-class ClassifyRequest(BaseModel):
+class Turn(BaseModel):
+    """A text and where it stands in a conversation: its earlier turns, or the session that keeps them."""
+
     text: Text = Field(description=f"The traveller's query, 1 to {MAX_TEXT_CHARS} characters.")
+    context: list[Text] | None = Field(
+        None,
+        max_length=MAX_CONTEXT_TURNS,
+        description=f"Earlier user turns, oldest first (at most {MAX_CONTEXT_TURNS}).",
+    )
+    session: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SESSION_ID,
+        description=f"A conversation id: the server keeps its last {MAX_CONTEXT_TURNS} turns for 20 minutes "
+        "as the context of the next.",
+    )
+
+    @model_validator(mode="after")
+    def _one_memory(self) -> Turn:
+        if self.context is not None and self.session is not None:
+            raise ValueError("give context or session, not both")
+        return self
+
+
+class ClassifyRequest(Turn):
     mode: Mode | None = Field(None, description="LLM decoding; default: the server's mode setting.")
 
 
 class BatchRequest(BaseModel):
-    texts: list[Text] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="Queries, answered in order.")
+    texts: list[Text] | None = Field(
+        None, min_length=1, max_length=MAX_BATCH_TEXTS, description="Queries, answered in order."
+    )
+    items: list[Turn] | None = Field(
+        None, min_length=1, max_length=MAX_BATCH_TEXTS, description="Or queries with their context or session."
+    )
     mode: Mode | None = None
+
+    @model_validator(mode="after")
+    def _texts_or_items(self) -> BatchRequest:
+        if (self.texts is None) == (self.items is None):
+            raise ValueError("give texts or items")
+        return self
+
+    def turns(self) -> list[Turn]:
+        return self.items if self.items is not None else [Turn(text=t) for t in self.texts]
 
 
 class StreamRequest(BaseModel):
@@ -133,6 +172,7 @@ class ClassifyResult(Answer):
         None, description="latency_ms over the request's texts: each text's share (equal for /v1/classify)."
     )
     cached: bool
+    context_used: bool = Field(False, description="The earlier turns decided the answer (a follow-up).")
     lang: str | None = None
 
 
@@ -327,11 +367,12 @@ def create_app(
     max_wait_ms: float = MAX_WAIT_MS,
     queue_size: int = QUEUE_SIZE,
     batching: bool = True,
+    sessions: Sessions | None = None,
 ) -> FastAPI:
     """The service around ``chain`` (built from ``settings``; its LLM tiers decode in settings.mode).
 
     ``request_timeout_ms`` defaults to TIMEOUT_FACTOR latency budgets; ``batching=False`` runs one text
-    at a time (for comparison)."""
+    at a time (for comparison); ``sessions`` keeps the conversations of requests that name one."""
     timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
     chains = {mode: chain if mode == settings.mode else mode_chain(chain, mode) for mode in MODES}
     batcher = Batcher(
@@ -370,21 +411,22 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batcher, app.state.health, app.state.request_timeout_ms = batcher, health, timeout_ms
+    sessions = app.state.sessions = sessions if sessions is not None else Sessions()
     app.add_middleware(Guard, prometheus=prometheus)
     _handlers(app)
 
-    def submit(texts: list[str], mode: str, emit=None) -> Job | JSONResponse:
+    def submit(texts: list[str], mode: str, emit=None, contexts=None) -> Job | JSONResponse:
         try:
-            return batcher.submit(Job(texts, mode, emit=emit, deadline=time.monotonic() + timeout_ms / 1000))
+            deadline = time.monotonic() + timeout_ms / 1000
+            return batcher.submit(Job(texts, mode, emit=emit, deadline=deadline, contexts=contexts))
         except QueueFull as e:
             return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def timed_out(texts: list[str]) -> list[dict]:
-        return fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(
-            texts
-        )
+    def timed_out(texts: list[str], contexts=None) -> list[dict]:
+        below = fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms")
+        return below.classify_batch(texts, contexts=contexts)
 
     def shown(result: dict, start: float, texts: int = 1) -> dict:
         latency = (time.perf_counter() - start) * 1000
@@ -392,27 +434,46 @@ def create_app(
         prometheus.answered(out)
         return ClassifyResult.model_validate(out).model_dump()
 
-    async def classify_texts(texts: list[str], mode: str | None) -> list[dict] | JSONResponse:
+    def contexts_of(turns: list[Turn]) -> list[tuple[str, ...]]:
+        """Each turn's earlier turns: its own context, or its session's (with the batch's earlier turns of the
+        same session after them), the newest MAX_CONTEXT_TURNS."""
+        said: dict[str, list[str]] = {}
+        out = []
+        for turn in turns:
+            if turn.session is None:
+                out.append(tuple(turn.context or ()))
+                continue
+            kept = said.setdefault(turn.session, list(sessions.context(turn.session)))
+            out.append(tuple(kept[-MAX_CONTEXT_TURNS:]))
+            kept.append(turn.text)
+        return out
+
+    async def classify_texts(turns: list[Turn], mode: str | None) -> list[dict] | JSONResponse:
         start = time.perf_counter()
-        job = submit(texts, mode or settings.mode)
+        texts, contexts = [t.text for t in turns], contexts_of(turns)
+        job = submit(texts, mode or settings.mode, contexts=contexts)
         if isinstance(job, JSONResponse):
             return job
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
         except asyncio.TimeoutError:  # the job is cancelled if not begun; if begun, its answer is dropped
-            results = timed_out(texts)
+            results = timed_out(texts, contexts)
+        for turn in turns:  # answered: the turns join their sessions
+            if turn.session is not None:
+                sessions.add(turn.session, turn.text)
         return [shown(r, start, len(texts)) for r in results]
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
     async def classify(body: ClassifyRequest):
-        """Classify one text through the fallback chain (batched with concurrent requests)."""
-        results = await classify_texts([body.text], body.mode)
+        """Classify one text through the fallback chain (batched with concurrent requests); with ``context``
+        or ``session``, as a turn of a conversation (``context_used`` says when the earlier turns decided)."""
+        results = await classify_texts([body], body.mode)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
     async def classify_batch(body: BatchRequest):
-        """Classify up to 64 texts; results in the same order."""
-        results = await classify_texts(body.texts, body.mode)
+        """Classify up to 64 texts (``texts``, or ``items`` with their context or session); results in order."""
+        results = await classify_texts(body.turns(), body.mode)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(

@@ -50,6 +50,7 @@ class Job:
     future: Future = field(default_factory=Future)
     emit: Callable[[str, object], None] | None = None
     deadline: float = math.inf
+    contexts: list[tuple[str, ...]] | None = None  # each text's earlier turns (mlx_intent/context.py)
 
 
 STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
@@ -63,7 +64,15 @@ def mode_chain(chain: Chain, mode: str) -> Chain:
 
 
 def _in_mode(tier: Tier, mode: str) -> Tier:
-    return replace(tier, run=lambda texts: tier.load().classify_batch(texts, mode=mode))
+    def run(texts: list[str], contexts=None) -> list[dict]:
+        clf = tier.load()
+        return (
+            clf.classify_batch(texts, mode=mode)
+            if contexts is None
+            else clf.classify_batch(texts, mode=mode, contexts=contexts)
+        )
+
+    return replace(tier, run=run)
 
 
 def fallback_chain(chain: Chain, kind: Reason, reason: str) -> Chain:
@@ -217,12 +226,13 @@ class Batcher:
 
     def _run_group(self, group: list[Job], mode: str) -> None:
         texts = [t for job in group for t in job.texts]
+        contexts = [c for job in group for c in (job.contexts or [()] * len(job.texts))]
         try:
             results: list[dict] = []
             for start in range(0, len(texts), self.max_batch):
                 chunk = texts[start : start + self.max_batch]
                 began = time.perf_counter()
-                results += self.chains[mode].classify_batch(chunk)
+                results += self.chains[mode].classify_batch(chunk, contexts=contexts[start : start + self.max_batch])
                 self._learn(mode, (time.perf_counter() - began) / len(chunk))
                 self.on_batch(len(chunk))
         except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
