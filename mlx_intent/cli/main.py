@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
@@ -66,6 +67,7 @@ main.add_command(eval_command)
 main.add_command(compare_command)
 main.add_command(calibrate_command)
 main.add_command(data_command)
+main.add_command(bench_command)
 
 
 def id_key(ident) -> str:
