@@ -141,7 +141,7 @@ def test_steps_counts_every_step_of_the_encoder():
     phases = []
     bench.bench_encoder(_texts(config), config, True, phases.append)
     assert len(phases) == bench.steps(bench.ENCODER, config)
-    assert phases.count("batch of 8") == 2 * 2  # 9 queries: batches of 8 and 1, twice
+    assert phases.count("batch of 8") == 2  # 9 queries: batches of 8 and 1, once
 
 
 def _texts(config: bench.BenchConfig) -> list[str]:
