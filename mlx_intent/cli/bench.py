@@ -18,7 +18,7 @@ DEFAULT = BenchConfig()
 _HELP = f"""Benchmark every model present here (or each --model): load time, prefill and decode tokens/s on a
 512-token prompt (as mlx_lm.benchmark measures them), scoring p50 / p95 / p99 and generation p50 on a
 fixed multilingual query set, batch-of-8 throughput, peak memory, valid-JSON rate, and the naive
-free-generation baseline on a few queries.  About two minutes for the bundled model on a laptop CPU.
+free-generation baseline on a few queries.  About two minutes for the bundled model on two busy CPU cores.
 
 \b
 Prints a Markdown table, or with --json one object:
