@@ -302,7 +302,7 @@ class ClassificationLog:
         self._lock = threading.Lock()
         self.failures = 0  # records that could not be written (their answers were given)
         self.error: str | None = None  # why the last one could not
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # travellers' texts: owner only
         try:
             self._repair_tail()
         except BaseException:

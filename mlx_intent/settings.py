@@ -21,6 +21,9 @@ MODES: tuple[str, ...] = ("score", "generate")
 BATCH_SIZE = 8
 MAX_WAIT_MS = 5.0
 QUEUE_SIZE = 256
+# Its connection limits (seconds): a whole request head, from a connection's opening or its last response;
+# a whole body, from the head; an idle connection.
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10.0, 10.0, 5.0
 
 
 class SettingsError(ValueError):
