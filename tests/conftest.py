@@ -47,3 +47,35 @@ def no_keyword_calibration(tmp_path_factory):
     keyword.CALIBRATION_PATH = tmp_path_factory.mktemp("keyword") / "no-calibration.json"
     yield
     keyword.CALIBRATION_PATH = shipped
+
+
+@pytest.fixture(scope="session")
+def standin_repos(tmp_path_factory) -> dict:
+    """Registry name -> its stand-in's mlx-community repo folder (tests/standins.py), built once."""
+    from standins import NAMES, build_repo
+
+    root = tmp_path_factory.mktemp("standin_repos")
+    return {name: build_repo(name, root / name) for name in NAMES}
+
+
+PULLED = ("llama-3.2-3b", "tinyllama")  # the design card's models, pulled as a new user pulls them
+
+
+@pytest.fixture(scope="session")
+def standin_home(standin_repos, tmp_path_factory):
+    """A models folder into which ``mlx-intent models pull`` fetched Llama 3.2 3B's and TinyLlama's stand-ins
+    from the fake hub (tests/fakehub.py), as a new user would."""
+    from fakehub import FakeHub, run_cli
+
+    from mlx_intent.models import registry
+
+    hub = FakeHub({registry.get_spec(name).mlx_repo: standin_repos[name] for name in PULLED})
+    home = tmp_path_factory.mktemp("standin_home") / "models"
+    try:
+        for name in PULLED:
+            result = run_cli("models", "pull", name, home=home, endpoint=hub.url)
+            assert result.returncode == 0, result.stderr
+            assert f"{name} is ready in" in result.stdout
+    finally:
+        hub.close()
+    return home
