@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_intent.models import loading, registry
-from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
+from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import MODES
@@ -98,9 +98,8 @@ class IntentClassifier:
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)
         self._specials = special_strings(tokenizer)
-        parts = split_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
-        self.prefix_ids = self.encode(parts.prefix)
-        self.suffix_ids = self.encode(parts.suffix)
+        self.prompt = chat_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
+        self.prefix_ids, self.suffix_ids = self.prompt.prefix, self.prompt.suffix
         self._chain, self._branch = self._root_chain()
         # Branch points below the first name token, and the longest path to one of them:
         # it rides along at the end of every scoring row (see ``distributions``).
@@ -123,7 +122,7 @@ class IntentClassifier:
         cleaned = clean_user_text(text, self._specials) if isinstance(text, str) else ""
         if not cleaned:
             raise EmptyTextError("text is empty")
-        ids = self.encode(cleaned)
+        ids = self.prompt.user(cleaned)
         budget = min(MAX_QUERY_TOKENS, self.spec.context - len(self.prefix_ids) - 64)
         return ids[:budget], len(ids) > budget
 
@@ -352,14 +351,6 @@ def prune_prompt_caches(folder: Path, keep: int = KEEP_PROMPT_CACHES) -> list[Pa
     for stale in caches[keep:]:
         stale.unlink(missing_ok=True)
     return caches[keep:]
-
-
-def special_strings(tokenizer) -> list[str]:
-    """Every special token's text, longest first: the declared ones and every added token marked
-    special (SmolLM2's <filename>, <jupyter_code>... are not in ``all_special_tokens``)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    found = {*getattr(tokenizer, "all_special_tokens", []), *(t.content for t in added.values() if t.special)}
-    return sorted(found - {""}, key=len, reverse=True)
 
 
 def _branch_nodes(node: Node, path: tuple[int, ...] = ()) -> Iterator[tuple[Node, list[int]]]:

@@ -105,6 +105,16 @@ CONFIGS = {
 }
 QUANTIZATION = {"group_size": 64, "bits": 4}
 NAMES = tuple(CONFIGS)
+# Queries for the stand-ins: several scripts, stray whitespace, punctuation where tokenizers split.
+TEXTS = [
+    "Hello! How are you?",
+    "Where can I eat fresh fish near the Galata tower tonight?",
+    "Yarın İstanbul'da hava nasıl olacak?",
+    "Как доехать из аэропорта SAW до Таксима?",
+    "هل ستمطر غدا في إسطنبول؟",
+    "  2 tickets   for Topkapı,\tplease  ",
+    "'quoted' and (bracketed) text: ok?",
+]
 
 
 def source(name: str) -> Path:
