@@ -80,8 +80,7 @@ class IntentClassifier:
         self.spec = registry.get_spec(self.name)
         self.home = home
         # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
-        has_adapter = use_adapter and registry.has_adapter(self.name, home)
-        adapter = registry.adapter_dir(self.name, home) if has_adapter else None
+        adapter = registry.find_adapter(self.name, home) if use_adapter else None
         self.adapter = adapter
         style = (
             json.loads((adapter / "adapter_config.json").read_text()).get("prompt_style", "full") if adapter else "full"

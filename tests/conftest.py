@@ -49,6 +49,19 @@ def no_keyword_calibration(tmp_path_factory):
     keyword.CALIBRATION_PATH = shipped
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shipped_adapters(tmp_path_factory):
+    """Tests see a model without the adapters that ship in the package (the bundled model's and its calibration,
+    found whatever the models folder is) unless they train one or point at them; nor may a test's calibrate
+    write beside them."""
+    from mlx_intent.models import registry
+
+    shipped = registry.PACKAGED_ADAPTERS
+    registry.PACKAGED_ADAPTERS = tmp_path_factory.mktemp("no-shipped-adapters")
+    yield
+    registry.PACKAGED_ADAPTERS = shipped
+
+
 @pytest.fixture(scope="session")
 def standin_repos(tmp_path_factory) -> dict:
     """Registry name -> its stand-in's mlx-community repo folder (tests/standins.py), built once."""

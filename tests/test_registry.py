@@ -122,11 +122,50 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
 
 
 def test_default_home_is_the_checkouts_models_folder(monkeypatch):
-    """From a checkout the models folder is models/ beside pyproject.toml, where the adapters are committed."""
+    """From a checkout the models folder is models/ beside pyproject.toml."""
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
     checkout = Path(__file__).resolve().parent.parent
     assert registry.home() == checkout / "models"
-    assert (registry.home() / "adapters" / "smollm2-135m" / "adapters.safetensors").is_file()
+
+
+SHIPPED = Path(registry.__file__).resolve().parents[1] / "weights" / "adapters"  # the package's own adapters
+
+
+@pytest.mark.parametrize("where", ["checkout", "MLX_INTENT_HOME", "--home"])
+def test_the_shipped_adapter_and_its_calibration_are_found_whatever_the_home(where, tmp_path, monkeypatch):
+    """The bundled model's adapter and calibration ship in the package: a models folder set by MLX_INTENT_HOME or
+    given by the caller used to lose them (an uncalibrated, untuned model answered instead)."""
+    monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", SHIPPED)
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    home = None
+    if where == "MLX_INTENT_HOME":
+        monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    elif where == "--home":
+        home = tmp_path
+    found = registry.find_adapter("smollm2-135m", home)
+    assert found == SHIPPED / "smollm2-135m"
+    assert {"adapters.safetensors", "adapter_config.json", "calibration.json"} <= {p.name for p in found.iterdir()}
+    assert registry.find_adapter("tinyllama", home) is None
+    if where != "checkout":  # one trained into the home (train writes there) wins; never written into the checkout
+        own = registry.adapter_dir("smollm2-135m", home)
+        assert own.is_relative_to(tmp_path)
+        own.mkdir(parents=True)
+        (own / "adapters.safetensors").write_bytes(b"lora")
+        assert registry.find_adapter("smollm2-135m", home) == own != found
+
+
+def test_the_classifier_runs_with_the_shipped_adapter_and_calibration(bundled, tmp_path, monkeypatch):
+    import json
+
+    from mlx_intent.classifier import IntentClassifier
+
+    monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", SHIPPED)
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    model, tokenizer = bundled  # weights as loaded; only the adapter and calibration matter here
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, cache_dir=tmp_path)
+    shipped = json.loads((SHIPPED / "smollm2-135m" / "calibration.json").read_text())
+    assert clf.adapter == SHIPPED / "smollm2-135m"
+    assert (clf.temperature, clf.threshold) == (shipped["temperature"], shipped["threshold"])
 
 
 def test_states(home):

@@ -22,6 +22,9 @@ from mlx_intent.settings import environment_home
 
 GB = 1024**3
 STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
+ADAPTER_FILE = "adapters.safetensors"
+# Adapters (with their calibration.json) that ship in the package: found whatever the models folder is.
+PACKAGED_ADAPTERS = Path(__file__).resolve().parents[1] / "weights" / "adapters"
 
 
 @dataclass(frozen=True)
@@ -185,12 +188,17 @@ def resolve_dir(name: str, home: Path | None = None) -> Path | None:
 
 
 def adapter_dir(name: str, home: Path | None = None) -> Path:
-    """The LoRA adapter of ``name`` from ``mlx-intent train`` (small; committed for the bundled model)."""
+    """Where ``mlx-intent train`` puts the LoRA adapter of ``name``: ``<home>/adapters/<name>/``."""
     return _home(home) / "adapters" / get_spec(name).name
 
 
-def has_adapter(name: str, home: Path | None = None) -> bool:
-    return (adapter_dir(name, home) / "adapters.safetensors").is_file()
+def find_adapter(name: str, home: Path | None = None) -> Path | None:
+    """The adapter ``name`` runs with: the one trained into ``home`` (``adapter_dir``), else the one shipped in
+    the package (the bundled model's, with its calibration.json), whatever the models folder is."""
+    for folder in (adapter_dir(name, home), PACKAGED_ADAPTERS / get_spec(name).name):
+        if (folder / ADAPTER_FILE).is_file():
+            return folder
+    return None
 
 
 def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
