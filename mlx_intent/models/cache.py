@@ -44,7 +44,7 @@ def prefill(model, ids: list[int]) -> SystemKV:
 def is_finite(system: SystemKV) -> bool:
     import mlx.core as mx
 
-    return all(bool(mx.isfinite(k).all().item() and mx.isfinite(v).all().item()) for k, v in system)
+    return bool(mx.stack([mx.isfinite(a).all() for layer in system for a in layer]).all().item())
 
 
 def batch(system: SystemKV, rows: int) -> list:
