@@ -133,10 +133,10 @@ class ModelPool:
                     raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, why))
             if not loading.is_available(name, self.home):
                 raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
-            if not loading.fits(name, self.memory):
-                raise PassOver(
-                    Reason.TOO_LARGE, f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)"
-                )
+            if not loading.fits(name, self.memory, self.home):
+                need = loading.budget(name, self.home)
+                why = f"does not fit in memory (needs {need.bytes / registry.GB:.1f} GB: {need.source})"
+                raise PassOver(Reason.TOO_LARGE, why)
             while len(self.loaded) >= self.max_loaded:
                 self.loaded.popitem(last=False)
             try:

