@@ -49,9 +49,26 @@ def _parse_calibration(record: dict, path: Path) -> dict[str, float]:
     }
 
 
-def load_calibration(folder: Path | None, name: str = "LLM") -> calibration.Loaded:
-    """The fit in ``folder``/calibration.json, checked; a bad file is warned about and the model answers raw."""
-    return calibration.load([folder / CALIBRATION] if folder is not None else [], _parse_calibration, name)
+def load_calibration(folder: Path | None, name: str = "LLM", home_fit: Path | None = None) -> calibration.Loaded:
+    """The fit in ``folder``/calibration.json, checked; a bad file is warned about and the model answers raw.
+    ``home_fit``: a fit under the models home for a shipped adapter in ``folder`` (which `mlx-intent calibrate`
+    never writes into), preferred while it names that adapter's weights."""
+    if folder is None:
+        return calibration.load([], _parse_calibration, name)
+    if home_fit is None:
+        return calibration.load([folder / CALIBRATION], _parse_calibration, name)
+
+    def parse(record: dict, path: Path) -> dict[str, float]:
+        if path == home_fit and record.get("weights") != adapter_fingerprint(folder):
+            raise calibration.CalibrationError(f"fitted for other weights than {folder} (refit: mlx-intent calibrate)")
+        return _parse_calibration(record, path)
+
+    return calibration.load([home_fit, folder / CALIBRATION], parse, name)
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """What a fit under the models home was fitted for: the adapter's weights and config."""
+    return calibration.fingerprint(sorted(p for p in folder.iterdir() if p.name != CALIBRATION and p.is_file()))
 
 
 class IntentClassifier:
@@ -96,9 +113,14 @@ class IntentClassifier:
         self.mode = mode
         self.sample = sample
         folder = registry.resolve_dir(self.name, home)
-        # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
+        # A calibration belongs to the weights as used: beside the adapter when there is one.  The package's
+        # own adapter is never written into: `mlx-intent calibrate` keeps its fit under the models home.
         self.calibration_dir = adapter or folder
-        self.calibration = load_calibration(self.calibration_dir, self.name)  # .problems: files it ignored
+        shipped = adapter is not None and registry.PACKAGED_ADAPTERS in Path(adapter).resolve().parents
+        home_fit = calibration.home_file(self.name, home) if shipped else None
+        self.calibration_file = home_fit or self.calibration_dir / CALIBRATION  # where a new fit goes
+        self.calibration_weights = adapter_fingerprint(adapter) if shipped else None
+        self.calibration = load_calibration(self.calibration_dir, self.name, home_fit)  # .problems: files ignored
         calib = self.calibration.fit or {}
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
