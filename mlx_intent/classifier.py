@@ -66,6 +66,22 @@ def load_calibration(folder: Path | None, name: str = "LLM", home_fit: Path | No
     return calibration.load([home_fit, folder / CALIBRATION], parse, name)
 
 
+def shipped_adapter_fit(name: str, adapter: Path | None, home: Path | None) -> Path | None:
+    """Where `mlx-intent calibrate` keeps the fit for ``adapter`` when it is one the package ships (under the
+    models home: never written into the package); None for an adapter trained into the home, or none."""
+    if adapter is None or registry.PACKAGED_ADAPTERS not in Path(adapter).resolve().parents:
+        return None
+    return calibration.home_file(name, home)
+
+
+def model_calibration(name: str, home: Path | None = None) -> calibration.Loaded | None:
+    """The fit model ``name`` reads as it would load now (its adapter's, else its folder's); None when it is
+    not on disk.  For `models list`."""
+    adapter = registry.find_adapter(name, home)
+    folder = adapter or registry.resolve_dir(name, home)
+    return None if folder is None else load_calibration(folder, name, shipped_adapter_fit(name, adapter, home))
+
+
 def adapter_fingerprint(folder: Path) -> str:
     """What a fit under the models home was fitted for: the adapter's weights and config."""
     return calibration.fingerprint(sorted(p for p in folder.iterdir() if p.name != CALIBRATION and p.is_file()))
@@ -116,10 +132,9 @@ class IntentClassifier:
         # A calibration belongs to the weights as used: beside the adapter when there is one.  The package's
         # own adapter is never written into: `mlx-intent calibrate` keeps its fit under the models home.
         self.calibration_dir = adapter or folder
-        shipped = adapter is not None and registry.PACKAGED_ADAPTERS in Path(adapter).resolve().parents
-        home_fit = calibration.home_file(self.name, home) if shipped else None
+        home_fit = shipped_adapter_fit(self.name, adapter, home)
         self.calibration_file = home_fit or self.calibration_dir / CALIBRATION  # where a new fit goes
-        self.calibration_weights = adapter_fingerprint(adapter) if shipped else None
+        self.calibration_weights = adapter_fingerprint(adapter) if home_fit else None
         self.calibration = load_calibration(self.calibration_dir, self.name, home_fit)  # .problems: files ignored
         calib = self.calibration.fit or {}
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))

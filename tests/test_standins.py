@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -108,7 +109,7 @@ def test_train_calibrate_and_classify_with_the_adapter(name, standin_home, clean
     data = write_rows(tmp_path / "rows.jsonl", [{**r, "id": str(i), "lang": "en"} for i, r in enumerate(ROWS)])
     out = cli("train", name, "--home", str(home), "--data", data, "--iters", "2", "--batch-size", "4")
     assert str(registry.adapter_dir(name, home)) in out
-    cli("calibrate", name, "--home", str(home), "--data", data, "--batch-size", "4")
+    cli("calibrate", name, "--home", str(home), "--data", data, "--batch-size", "4", "--force")  # 6 rows < 50
     fit = json.loads((registry.adapter_dir(name, home) / "calibration.json").read_text())
     clf = IntentClassifier(name, home=home)
     assert clf.adapter == registry.adapter_dir(name, home) and clf.temperature == fit["temperature"]
@@ -129,7 +130,11 @@ def test_serve_answers_with_the_pulled_model(standin_home):
         {"home": str(standin_home), "chain": "llama-3.2-3b,keyword", "min_confidence": "0", "keyword_floor": "off"},
         environ={},
     )
-    with TestClient(create_app(settings, build_chain(settings))) as client:
+    with TestClient(create_app(settings, build_chain(settings)), base_url="http://127.0.0.1") as client:
+        for _ in range(600):  # the warm-up loads the model in the background; until then lower tiers answer
+            if client.get("/healthz").json()["status"] != "warming":
+                break
+            time.sleep(0.1)
         answer = client.post("/v1/classify", json={"text": TEXTS[1]}).json()
         assert answer["tier"] == "llama-3.2-3b", answer
         batch = client.post("/v1/classify/batch", json={"texts": TEXTS[:3]}).json()

@@ -458,7 +458,7 @@ def _calibrations(home: Path | None) -> dict:
     every LLM that is on disk."""
     from mlx_intent import encoder, keyword
     from mlx_intent.calibration import Loaded
-    from mlx_intent.classifier import load_calibration
+    from mlx_intent.classifier import model_calibration
 
     fits = {"keyword": keyword.load_fit(home=home)}
     try:
@@ -466,10 +466,8 @@ def _calibrations(home: Path | None) -> dict:
     except encoder.HeadError as e:
         fits[ENCODER] = Loaded(problems=(str(e),))
     for name in registry.REGISTRY:
-        adapter = registry.adapter_dir(name, home)
-        folder = adapter if registry.has_adapter(name, home) else registry.resolve_dir(name, home)
-        if folder is not None:
-            fits[name] = load_calibration(folder, name)
+        if (loaded := model_calibration(name, home)) is not None:
+            fits[name] = loaded
     return fits
 
 
