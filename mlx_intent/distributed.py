@@ -240,7 +240,9 @@ def classify_file(group, input_path: str, output: Path, resume: bool, chain, bat
     done = written | (_done_ids(part) if resume else set())
     error: InputError | None = None  # a bad input line: every rank stops there
     failure: Exception | None = None  # this rank could not classify or write: it is named, the rest go on
-    with open(part, "a" if resume else "w", encoding="utf-8") as out, progress_bar(group) as bar:
+    # backslashreplace, as one process writes: an id with a lone surrogate goes back to the escape it was read from
+    mode = "a" if resume else "w"
+    with open(part, mode, encoding="utf-8", errors="backslashreplace") as out, progress_bar(group) as bar:
         lock = Lockstep(group, bar)
         batches = my_batches(_read_jsonl(input_path, set()), rank, size, batch_size, lambda i: id_key(i) in done)
         try:

@@ -98,14 +98,16 @@ def comparable(path: Path, drop: tuple[str, ...] = TIMING) -> list[str]:
 
 @pytest.fixture(scope="module")
 def queries(tmp_path_factory, models_home) -> Path:
-    """200 lines of dev (string ids, a few numeric ones, a few without an id: their line number stands in),
+    """200 lines of dev (string ids, a few numeric ones, a few without an id: their line number stands in, one
+    a lone surrogate),
     and beside them one.jsonl, what one process writes for them."""
     folder = tmp_path_factory.mktemp("queries")
     dev = (ROOT / "benchmarks" / "data" / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:200]
     rows = [{"id": i if i % 23 == 0 else row["id"], "text": row["text"]} for i, row in enumerate(map(json.loads, dev))]
     rows = [{"text": r["text"]} if i % 37 == 5 else r for i, r in enumerate(rows)]
+    rows[7]["id"] = "\ud800"  # a lone surrogate (JSON's escape): one process writes it back as that escape
     path = folder / "in.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     one_process(folder, "classify", "--input", str(path), "--output", "one.jsonl", *KEYWORD)
     return path
 
