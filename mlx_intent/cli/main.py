@@ -75,6 +75,11 @@ main.add_command(feedback_command)
 main.add_command(bench_command)
 
 
+def output_row(ident, result: dict) -> dict:
+    """One line of ``classify --output``: the id, then OUTPUT_KEYS of the chain's result."""
+    return {"id": ident, **{k: result[k] for k in OUTPUT_KEYS[1:]}}
+
+
 def id_key(ident) -> str:
     """How ids compare: as JSON values (``2`` is not ``"2"``, ``null`` is not ``"None"``)."""
     return json.dumps(ident, ensure_ascii=False, sort_keys=True)
@@ -136,6 +141,12 @@ def _done_ids(output: Path) -> set[str]:
 @click.option("--input", "input_path", metavar="IN.jsonl", help='JSONL of {"id", "text"} lines, or - for stdin.')
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Share --input among the ranks of `mlx.launch ... mlx-intent classify --distributed` (README); "
+    "one --output, in input order.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
 @click.option(
     "--sample",
@@ -148,7 +159,7 @@ def _done_ids(output: Path) -> set[str]:
     help="Keep texts and results in <models folder>/feedback.db for `mlx-intent feedback add ID`; show each id.",
 )
 @settings_options
-def classify(text, input_path, output, resume, verbose, sample, record, settings: Settings) -> None:
+def classify(text, input_path, output, resume, distributed, verbose, sample, record, settings: Settings) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
@@ -168,7 +179,17 @@ def classify(text, input_path, output, resume, verbose, sample, record, settings
     if output is None:
         raise click.UsageError("--input needs --output")
     check_writable(output, "--output")
-    _classify_file(input_path, output, resume, settings, sample, record)
+    from mlx_intent import distributed as dist
+
+    group = dist.init(distributed)
+    if group is None:
+        _classify_file(input_path, output, resume, settings, sample, record)
+        return
+    if record:
+        raise click.UsageError("--record keeps results in one machine's feedback store: not with --distributed")
+    dist.classify_file(group, input_path, output, resume, _chain(settings, sample), settings.batch_size)
+    if group.rank() == 0:
+        click.echo(f"wrote {output} ({group.size()} ranks)", err=True)
 
 
 def _chain(settings: Settings, sample: bool, record: bool = False):

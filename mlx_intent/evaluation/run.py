@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,12 @@ def warm_up(chain: Chain) -> tuple[dict[str, str], dict[str, str]]:
     return skipped, absent
 
 
-def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> dict[str, Any]:
-    """Classify every row through ``chain`` in batches; results plus wall time, memory and load."""
+def run(
+    chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval", progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Classify every row through ``chain`` in batches; results plus wall time, memory and load.
+
+    ``progress`` is told each batch's size instead of a bar of its own (a distributed run counts every rank's)."""
     from tqdm import tqdm
 
     load_before = os.getloadavg()
@@ -86,11 +91,11 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
         print(f"warning: tier {tier} passes over: {reason}", file=sys.stderr)
     results: list[dict] = []
     start = time.perf_counter()
-    with tqdm(total=len(rows), unit="q", desc=desc, disable=None) as bar:
+    with tqdm(total=len(rows), unit="q", desc=desc, disable=None if progress is None else True) as bar:
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
             results += chain.classify_batch([r["text"] for r in batch], labels=[r["primary_intent"] for r in batch])
-            bar.update(len(batch))
+            (progress or bar.update)(len(batch))
     wall = time.perf_counter() - start
     return {
         "results": results,
