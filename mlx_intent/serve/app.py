@@ -64,16 +64,20 @@ def _readable(text: str) -> str:
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
 Mode = Literal[MODES]  # type: ignore[valid-type]
+User = Annotated[str, AfterValidator(feedback.check_user)]
+USER_HELP = "Whose thresholds apply (mlx-intent users set); an unknown user gets the defaults."
 
 
 class ClassifyRequest(BaseModel):
     text: Text = Field(description=f"The traveller's query, 1 to {MAX_TEXT_CHARS} characters.")
     mode: Mode | None = Field(None, description="LLM decoding; default: the server's mode setting.")
+    user: User | None = Field(None, description=USER_HELP)
 
 
 class BatchRequest(BaseModel):
     texts: list[Text] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="Queries, answered in order.")
     mode: Mode | None = None
+    user: User | None = Field(None, description=USER_HELP + " For every text of the batch.")
 
 
 class StreamRequest(BaseModel):
@@ -133,6 +137,7 @@ class ClassifyResult(Answer):
         None, description="latency_ms over the request's texts: each text's share (equal for /v1/classify)."
     )
     cached: bool
+    ambiguous: bool = Field(False, description="The answering tier's top two intents were within the margin.")
     lang: str | None = None
 
 
@@ -373,17 +378,18 @@ def create_app(
     app.add_middleware(Guard, prometheus=prometheus)
     _handlers(app)
 
-    def submit(texts: list[str], mode: str, emit=None) -> Job | JSONResponse:
+    def submit(texts: list[str], mode: str, emit=None, user: str | None = None) -> Job | JSONResponse:
+        deadline = time.monotonic() + timeout_ms / 1000
         try:
-            return batcher.submit(Job(texts, mode, emit=emit, deadline=time.monotonic() + timeout_ms / 1000))
+            return batcher.submit(Job(texts, mode, emit=emit, deadline=deadline, users=[user] * len(texts)))
         except QueueFull as e:
             return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def timed_out(texts: list[str]) -> list[dict]:
+    def timed_out(texts: list[str], user: str | None = None) -> list[dict]:
         return fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms").classify_batch(
-            texts
+            texts, users=[user] * len(texts)
         )
 
     def shown(result: dict, start: float, texts: int = 1) -> dict:
@@ -392,27 +398,27 @@ def create_app(
         prometheus.answered(out)
         return ClassifyResult.model_validate(out).model_dump()
 
-    async def classify_texts(texts: list[str], mode: str | None) -> list[dict] | JSONResponse:
+    async def classify_texts(texts: list[str], mode: str | None, user: str | None = None) -> list[dict] | JSONResponse:
         start = time.perf_counter()
-        job = submit(texts, mode or settings.mode)
+        job = submit(texts, mode or settings.mode, user=user)
         if isinstance(job, JSONResponse):
             return job
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
         except asyncio.TimeoutError:  # the job is cancelled if not begun; if begun, its answer is dropped
-            results = timed_out(texts)
+            results = timed_out(texts, user)
         return [shown(r, start, len(texts)) for r in results]
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
     async def classify(body: ClassifyRequest):
         """Classify one text through the fallback chain (batched with concurrent requests)."""
-        results = await classify_texts([body.text], body.mode)
+        results = await classify_texts([body.text], body.mode, body.user)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
     async def classify_batch(body: BatchRequest):
         """Classify up to 64 texts; results in the same order."""
-        results = await classify_texts(body.texts, body.mode)
+        results = await classify_texts(body.texts, body.mode, body.user)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(

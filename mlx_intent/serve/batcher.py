@@ -50,6 +50,7 @@ class Job:
     future: Future = field(default_factory=Future)
     emit: Callable[[str, object], None] | None = None
     deadline: float = math.inf
+    users: list[str | None] | None = None  # each text's user, whose thresholds apply (None: the defaults)
 
 
 STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
@@ -217,12 +218,13 @@ class Batcher:
 
     def _run_group(self, group: list[Job], mode: str) -> None:
         texts = [t for job in group for t in job.texts]
+        users = [u for job in group for u in (job.users or [None] * len(job.texts))]
         try:
             results: list[dict] = []
             for start in range(0, len(texts), self.max_batch):
                 chunk = texts[start : start + self.max_batch]
                 began = time.perf_counter()
-                results += self.chains[mode].classify_batch(chunk)
+                results += self.chains[mode].classify_batch(chunk, users=users[start : start + self.max_batch])
                 self._learn(mode, (time.perf_counter() - began) / len(chunk))
                 self.on_batch(len(chunk))
         except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
