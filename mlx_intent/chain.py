@@ -153,9 +153,7 @@ class ModelPool:
             if name in self.failed:
                 when, why = self.failed[name]
                 if time.monotonic() - when < self.retry_after_s:
-                    raise PassOver(
-                        Reason.LOAD_FAILED, f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})"
-                    )
+                    raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, why))
             if not loading.is_available(name, self.home):
                 raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
             if not loading.fits(name, self.memory):
@@ -192,6 +190,12 @@ class ModelPool:
             pass
 
 
+def _backing_off(retry_after_s: float, why: str) -> str:
+    """The words for a tier not retried yet: the same every time (no "12s ago"), so the reasons counted by
+    ``stats`` and in the log do not grow by one with every second of a back-off."""
+    return f"load failed, backing off for {retry_after_s:g}s ({why})"
+
+
 def _start_peak() -> int:
     """Restart MLX's peak counter so the next reading belongs to the model about to load; the bytes in use."""
     backend.use_openblas()  # before the first import of mlx.core
@@ -217,8 +221,7 @@ class Lazy:
             if self.value is not None:
                 return self.value
             if self.failed and time.monotonic() - self.failed[0] < self.retry_after_s:
-                ago = time.monotonic() - self.failed[0]
-                raise PassOver(Reason.LOAD_FAILED, f"load failed {ago:.0f}s ago, backing off ({self.failed[1]})")
+                raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, self.failed[1]))
             if why := self.absent():
                 raise PassOver(Reason.NOT_INSTALLED, why)
             try:

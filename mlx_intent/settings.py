@@ -25,6 +25,9 @@ QUEUE_SIZE = 256
 # before general flags its answer "ambiguous").  Fitted on the calibration split for the default chain: no
 # margin gained half a point there, so it is off (benchmarks/reports/ambiguity.md, benchmarks/fit_margin.py).
 DEFAULT_MARGIN = 0.0
+# Its connection limits (seconds): a whole request head, from a connection's opening or its last response;
+# a whole body, from the head; an idle connection.
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10.0, 10.0, 5.0
 
 
 class SettingsError(ValueError):

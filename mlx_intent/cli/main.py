@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
@@ -80,6 +81,7 @@ main.add_command(calibrate_command)
 main.add_command(data_command)
 main.add_command(feedback_command)
 main.add_command(users_command)
+main.add_command(bench_command)
 
 
 def id_key(ident) -> str:

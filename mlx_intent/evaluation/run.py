@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 from mlx_intent.chain import ABSENT, GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
-from mlx_intent.metrics import is_absent, peak_memory_mb, runtime_fallback
+from mlx_intent.metrics import is_absent, peak_memory_mb, peak_rss_mb, runtime_fallback
 from mlx_intent.models import registry
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
 from mlx_intent.settings import Settings
@@ -99,8 +98,7 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
         "skipped": skipped,
         "absent": absent,
         "peak_mlx_mb": peak_memory_mb(),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        / (1024 if sys.platform != "darwin" else 1024**2),
+        "max_rss_mb": peak_rss_mb(),
         "load_avg": (load_before, os.getloadavg()),
         "models": _model_settings(chain),
     }
