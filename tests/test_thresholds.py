@@ -178,7 +178,7 @@ def test_user_thresholds_through_the_http_api(home):
 
     settings = Settings(chain=("keyword",), home=home, cache_size=0)
     fb.set_user(fb.open_store(home), "strict", min_confidence=0.99)
-    with TestClient(create_app(settings, build_chain(settings))) as client:
+    with TestClient(create_app(settings, build_chain(settings)), base_url="http://127.0.0.1") as client:
         strict = client.post("/v1/classify", json={"text": TEXT, "user": "strict"}).json()
         plain = client.post("/v1/classify", json={"text": TEXT}).json()
         other = client.post("/v1/classify", json={"text": TEXT, "user": "other"}).json()
