@@ -2,28 +2,34 @@
 
 A tier is passed over, with the reason recorded (its kind, a ``Reason``, and words), when its model is not on disk,
 does not fit in memory, fails to load (then it is not retried until a back-off has
-passed), raises, runs past its latency budget, or is less confident than its
-threshold.  The last tier, ``general``, always answers.  Every result says which
+passed), raises, runs past its latency budget, is less confident than its
+threshold, or is ambiguous: its top two intents closer than its margin (the last tier before ``general``
+answers then, flagged ``"ambiguous": true``).  A request's ``user`` may carry thresholds of its own
+(``mlx_intent.feedback``'s users table), which replace the tiers' for that request.  The last tier,
+``general``, always answers.  Every result says which
 tier answered (``tier``, ``model``) and why the ones above it did not (``fallbacks``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 from mlx_intent.encoder import NAME as ENCODER
-from mlx_intent.feedback import Store, new_id, record_results
+from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
+
+logger = logging.getLogger("mlx_intent.chain")
 
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
@@ -41,6 +47,7 @@ class Reason(str, Enum):
     INVALID = "invalid"  # an answer that does not follow the schema
     LOW_CONFIDENCE = "low_confidence"  # below the tier's threshold
     RULE1 = "rule1"  # the keyword tier read social words with a request (rule 1 of the guide)
+    AMBIGUOUS = "ambiguous"  # its top two intents closer than the margin
 
     def __str__(self) -> str:
         return self.value
@@ -90,6 +97,22 @@ class Tier:
     threshold: float = 0.0
     budget_ms: float | None = None
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
+    margin: float = 0.0  # top two intents closer than this: passed over as ambiguous (0: off)
+    floor: float = 0.0  # the least threshold a user's min_confidence may give it (the keyword floor)
+
+
+def top_gap(raw: dict) -> float | None:
+    """The gap between the two most likely intents of a tier's answer: from its distribution (``top``: the LLM
+    tiers in score mode, the encoder's softmax), else from the shares of its evidence (the keyword tier's
+    ``scores``); None where the tier gives no second score (generate mode, ``general``)."""
+    probs = sorted((float(p) for _, p in raw.get("top") or ()), reverse=True)
+    if len(probs) < 2:
+        scores = [float(v) for v in (raw.get("scores") or {}).values() if float(v) > 0]
+        total = sum(scores)
+        if not total:
+            return None
+        probs = sorted((v / total for v in scores), reverse=True) + [0.0]
+    return probs[0] - probs[1]
 
 
 def keyword_tier(home: Path | None = None) -> Tier:
@@ -277,6 +300,7 @@ class Chain:
         pool: ModelPool | None = None,
         secondaries: Callable[[list[str]], list[dict]] | None = None,
         store: Store | None = None,
+        users: Callable[[str], dict | None] | None = None,
     ):
         if not tiers or tiers[-1].name != GENERAL:
             tiers = [*tiers, general_tier()]
@@ -293,6 +317,7 @@ class Chain:
         # a second opinion: see _second_opinion.
         self.secondaries = secondaries
         self.store = store  # the feedback store that keeps every result (mlx_intent.feedback), or None
+        self.users = users  # a user's threshold overrides, or None (feedback.user_thresholds)
         self._lock = threading.Lock()
 
     def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
@@ -308,23 +333,30 @@ class Chain:
             pool=self.pool,
             secondaries=self.secondaries,
             store=self.store,
+            users=self.users,
         )
 
-    def classify(self, text: str, label: str | None = None) -> dict:
-        return self.classify_batch([text], labels=[label])[0]
+    def classify(self, text: str, label: str | None = None, user: str | None = None) -> dict:
+        return self.classify_batch([text], labels=[label], users=[user])[0]
 
-    def classify_batch(self, texts: list[str], labels: list[str | None] | None = None) -> list[dict]:
+    def classify_batch(
+        self, texts: list[str], labels: list[str | None] | None = None, users: list[str | None] | None = None
+    ) -> list[dict]:
         """Answers in order; uncached texts go down the chain together, one batch per tier.
 
         ``latency_ms`` is the call's time in the chain, less the time tiers spent loading models
         (a one-time cost: ``mlx-intent models list`` shows it); the call answers ``batch_texts`` texts at
         once, so ``latency_per_query_ms`` is ``latency_ms / batch_texts``, each query's share of it.
-        ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
+        ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent.
+        ``users`` (ids, or None) name whose thresholds apply to each text; an unknown user gets the defaults."""
         start = time.perf_counter()
+        users = users or [None] * len(texts)
+        limits = self._limits(users)
         results: list[dict | None] = [None] * len(texts)
         # Keyed on the text exactly as the tiers get it: any folding (case, emoji, punctuation) would hand one
-        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").
-        keys = [t if isinstance(t, str) else None for t in texts]
+        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").  A user with
+        # thresholds of their own bypasses the cache: it holds answers under the defaults.
+        keys = [t if isinstance(t, str) and limit is None else None for t, limit in zip(texts, limits)]
         todo = []
         with self._lock:
             for i, key in enumerate(keys):
@@ -340,7 +372,7 @@ class Chain:
         for tier in self.tiers:
             if not todo:
                 break
-            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks)
+            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, limits)
             loading += load_ms
         elapsed = (time.perf_counter() - start) * 1000 - loading
         timing = timing_fields(elapsed, len(texts))
@@ -357,14 +389,29 @@ class Chain:
             else:
                 res.update(timing)
             res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
-        records = [self._record(text, res, label) for text, res, label in zip(texts, results, labels)]
+        records = [self._record(*row) for row in zip(texts, results, labels, users)]
         if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
             self.metrics.record_log_failures(self.log.write_many(records))
         if self.store is not None:
             record_results(self.store, records)
         return results
 
-    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks) -> tuple[list[int], float]:
+    def _limits(self, users: list[str | None]) -> list[dict | None]:
+        """Each text's threshold overrides (its user's), or None for the defaults.  A store that cannot be read
+        costs the overrides, never the answer."""
+        out: list[dict | None] = []
+        for user in users:
+            if user is None or self.users is None:
+                out.append(None)
+                continue
+            try:
+                out.append(self.users(check_user(user)))
+            except StoreError as e:
+                out.append(None)
+                logger.warning("thresholds of user %s unread (%s): the defaults apply", user, e)
+        return out
+
+    def _run_tier(self, tier: Tier, texts, todo: list[int], results, fallbacks, limits=None) -> tuple[list[int], float]:
         """Run ``tier`` on the texts still unanswered; return those it passed over, and the
         milliseconds ``tier.load()`` took."""
         t_load = time.perf_counter()
@@ -380,12 +427,14 @@ class Chain:
             return self._pass(tier, todo, e.kind, str(e), fallbacks), load_ms
         except Exception as e:  # a fault inside a tier never reaches the caller
             return self._pass(tier, todo, Reason.ERROR, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
-        return self._keep(tier, texts, todo, answers, spent, results, fallbacks), load_ms
+        return self._keep(tier, texts, todo, answers, spent, results, fallbacks, limits), load_ms
 
     def _keep(
-        self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks
+        self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks, limits=None
     ) -> list[int]:
-        """Keep the answers ``tier`` stands by (in time, valid, confident); return the texts it passed over."""
+        """Keep the answers ``tier`` stands by (in time, valid, confident, unambiguous); return the texts it passed
+        over.  ``limits`` holds each text's user overrides: a user's min_confidence is the threshold of every tier
+        but ``general`` (never below the tier's floor), their margin its margin."""
         per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
         if tier.budget_ms is not None and per_query > tier.budget_ms:
             reason = f"timeout: {per_query:.0f} ms per query > budget {tier.budget_ms:.0f} ms"
@@ -394,6 +443,7 @@ class Chain:
             reason = f"invalid answer: {len(answers)} answers for {len(todo)} texts"
             return self._pass(tier, todo, Reason.INVALID, reason, fallbacks)
         left = []
+        last = len(self.tiers) < 2 or tier is self.tiers[-2]  # the last tier before general: it flags, never passes
         for i, raw in zip(todo, answers):
             try:
                 answer = validate(answer_of(raw))
@@ -401,13 +451,24 @@ class Chain:
                 fallbacks[i].append(fallback(tier.name, Reason.INVALID, f"invalid answer: {e}"))
                 left.append(i)
                 continue
-            if answer["confidence"] < tier.threshold:
-                reason = f"low confidence: {answer['confidence']:.2f} < {tier.threshold:.2f}"
+            limit = (limits[i] if limits else None) or {}
+            threshold, margin = tier.threshold, limit.get("margin", tier.margin)
+            if "min_confidence" in limit and tier.name != GENERAL:
+                threshold = max(limit["min_confidence"], tier.floor)
+            if answer["confidence"] < threshold:
+                reason = f"low confidence: {answer['confidence']:.2f} < {threshold:.2f}"
                 fallbacks[i].append(fallback(tier.name, Reason.LOW_CONFIDENCE, reason))
                 left.append(i)
                 continue
+            gap = top_gap(raw)
+            ambiguous = gap is not None and gap < margin
+            if ambiguous and not last:
+                reason = f"ambiguous: top two intents {gap:.2f} apart < margin {margin:.2f}"
+                fallbacks[i].append(fallback(tier.name, Reason.AMBIGUOUS, reason))
+                left.append(i)
+                continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
-            results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
+            results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model, "ambiguous": ambiguous}
         if tier.model is not None and self.secondaries is not None:
             passed = set(left)
             answered = [i for i in todo if i not in passed]
@@ -445,12 +506,13 @@ class Chain:
             fallbacks[i].append(fallback(tier.name, kind, reason))
         return todo
 
-    def _record(self, text: str, result: dict, label: str | None) -> dict:
-        """Count the result in the metrics; return its log line."""
+    def _record(self, text: str, result: dict, label: str | None, user: str | None = None) -> dict:
+        """Count the result in the metrics; return its log line (with the request's user, for the store)."""
         lang = detect_language(text) if isinstance(text, str) else None
         result["lang"] = lang
         self.metrics.record(result, lang=lang, label=label)
-        return log_record(result, text, lang, label=label)
+        record = log_record(result, text, lang, label=label)
+        return record if user is None else {**record, "user": user}
 
 
 def model_floor(settings: Settings, names: list[str]) -> float:
@@ -482,20 +544,24 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     secondaries = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(keyword_tier(settings.home))
+            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
         else:
-            threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
+            tier_floor = floor if KEYWORD in names[i + 1 :] else 0.0
+            threshold = max(settings.min_confidence, tier_floor)
             if name == ENCODER:
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
                 threshold = 0.0 if blended else threshold
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
-                tiers.append(encoder_tier(threshold, budget, retry, blended, settings.home))
+                tier = encoder_tier(threshold, budget, retry, blended, settings.home)
             else:
-                tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
+                tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)
+            tiers.append(replace(tier, margin=settings.margin, floor=tier_floor))
     log = ClassificationLog(settings.log) if settings.log else None
-    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries)
+    chain = Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries)
+    chain.users = user_thresholds(settings.home)
+    return chain

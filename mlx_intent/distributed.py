@@ -204,12 +204,12 @@ def _agree(group, input_path: str) -> None:
 
 
 def my_batches(
-    records: Iterable[tuple[int, object, str]], rank: int, size: int, batch_size: int, skip: Callable[[object], bool]
-) -> Iterator[list[tuple[int, object, str]]]:
+    records: Iterable[tuple], rank: int, size: int, batch_size: int, skip: Callable[[object], bool]
+) -> Iterator[list[tuple]]:
     """This rank's batches of ``records`` (every record of the input, in order), less those ``skip`` says are
     done.  A bad line (InputError from ``records``) ends them: the lines before it are yielded first, and every
     rank meets the same line, as one process would."""
-    batch: list[tuple[int, object, str]] = []
+    batch: list[tuple] = []
     try:
         for index, record in enumerate(records):
             if index % batch_size == 0 and batch:
@@ -225,7 +225,9 @@ def my_batches(
         yield batch
 
 
-def classify_file(group, input_path: str, output: Path, resume: bool, chain, batch_size: int) -> None:
+def classify_file(
+    group, input_path: str, output: Path, resume: bool, chain, batch_size: int, user: str | None = None
+) -> None:
     """``classify --input --output [--resume]`` over the ranks of ``group``; OUT ends as one process writes it.
 
     The command's own reader, resume and output rows (cli.main) are used as they are, so a distributed run
@@ -244,12 +246,13 @@ def classify_file(group, input_path: str, output: Path, resume: bool, chain, bat
     mode = "a" if resume else "w"
     with open(part, mode, encoding="utf-8", errors="backslashreplace") as out, progress_bar(group) as bar:
         lock = Lockstep(group, bar)
-        batches = my_batches(_read_jsonl(input_path, set()), rank, size, batch_size, lambda i: id_key(i) in done)
+        lines = _read_jsonl(input_path, set(), user)
+        batches = my_batches(lines, rank, size, batch_size, lambda i: id_key(i) in done)
         try:
             for batch in batches:
                 try:
-                    results = chain.classify_batch([text for _, _, text in batch])
-                    out.write("".join(_line(output_row(i, res)) for (_, i, _), res in zip(batch, results)))
+                    results = chain.classify_batch([text for _, _, text, _ in batch], users=[u for *_, u in batch])
+                    out.write("".join(_line(output_row(i, res)) for (_, i, *_), res in zip(batch, results)))
                     out.flush()
                 except Exception as e:
                     failure = e
@@ -314,7 +317,7 @@ def _merge(parts: list[bytes], output: Path, resume: bool, written: set[str], re
                 continue  # a torn line, redone since: its id has a whole line too
     with open(output, "ab" if resume else "wb") as out:
         try:
-            for _, ident, _ in records:
+            for _, ident, *_ in records:
                 k = key(ident)
                 if k not in written:
                     if k not in lines:

@@ -24,9 +24,17 @@ from mlx_intent.cli.feedback import feedback_command
 from mlx_intent.cli.options import chain_for, check_writable, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
+from mlx_intent.cli.users import users_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
-from mlx_intent.feedback import FEEDBACK_WEIGHT, fold_feedback, open_store, training_rows
+from mlx_intent.feedback import (
+    FEEDBACK_WEIGHT,
+    FeedbackError,
+    check_user,
+    fold_feedback,
+    open_store,
+    training_rows,
+)
 from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
@@ -35,7 +43,7 @@ from mlx_intent.settings import Settings
 
 ANSWER_KEYS = KEYS  # the answer's keys, from the schema
 # latency_ms is the batch call's time (batch_texts queries at once); latency_per_query_ms each query's share.
-OUTPUT_KEYS = ("id", *ANSWER_KEYS, "model", "tier", "latency_ms", "latency_per_query_ms", "batch_texts")
+OUTPUT_KEYS = ("id", *ANSWER_KEYS, "ambiguous", "model", "tier", "latency_ms", "latency_per_query_ms", "batch_texts")
 
 
 class Group(click.Group):
@@ -72,6 +80,7 @@ main.add_command(compare_command)
 main.add_command(calibrate_command)
 main.add_command(data_command)
 main.add_command(feedback_command)
+main.add_command(users_command)
 main.add_command(bench_command)
 
 
@@ -96,11 +105,12 @@ def _query(text: str, where: str = "") -> str:
     return text
 
 
-def _read_jsonl(path: str, done: set[str]):
-    """Yield (line number, id, text) from a JSONL file or '-' (stdin); stop with a clear
+def _read_jsonl(path: str, done: set[str], user: str | None = None):
+    """Yield (line number, id, text, user) from a JSONL file or '-' (stdin); stop with a clear
     error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
     that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
-    gets its line number, as a string.  Lines whose ``id_key`` is in ``done`` are skipped."""
+    gets its line number, as a string; a line's ``user`` (else ``user``) names whose thresholds apply.  Lines whose
+``id_key`` is in ``done`` are skipped."""
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -115,8 +125,12 @@ def _read_jsonl(path: str, done: set[str]):
                 + "; ids must be unique"
             )
         seen[key] = n
+        try:
+            who = check_user(obj["user"]) if obj.get("user") is not None else user
+        except FeedbackError as e:
+            raise InputError(f"{path}:{n}: {e}") from None
         if key not in done:
-            yield n, ident, text
+            yield n, ident, text, who
 
 
 def _done_ids(output: Path) -> set[str]:
@@ -158,8 +172,11 @@ def _done_ids(output: Path) -> set[str]:
     is_flag=True,
     help="Keep texts and results in <models folder>/feedback.db for `mlx-intent feedback add ID`; show each id.",
 )
+@click.option("--user", metavar="ID", help="Whose thresholds apply (mlx-intent users); an --input line's user wins.")
 @settings_options
-def classify(text, input_path, output, resume, distributed, verbose, sample, record, settings: Settings) -> None:
+def classify(
+    text, input_path, output, resume, distributed, verbose, sample, record, user, settings: Settings
+) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
@@ -170,9 +187,12 @@ def classify(text, input_path, output, resume, distributed, verbose, sample, rec
         raise click.UsageError("give either TEXT or --input")
     if sample and settings.mode != "generate":
         raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
+    if user is not None:
+        check_user(user)
     if text is not None:
-        result = _chain(settings, sample, record).classify(_query(text))
+        result = _chain(settings, sample, record).classify(_query(text), user=user)
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in ANSWER_KEYS}
+        shown = {**shown, "ambiguous": True} if result["ambiguous"] else shown  # within the margin: said
         shown = {"id": result["id"], **shown} if record else shown
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
@@ -183,11 +203,11 @@ def classify(text, input_path, output, resume, distributed, verbose, sample, rec
 
     group = dist.init(distributed)
     if group is None:
-        _classify_file(input_path, output, resume, settings, sample, record)
+        _classify_file(input_path, output, resume, settings, sample, record, user)
         return
     if record:
         raise click.UsageError("--record keeps results in one machine's feedback store: not with --distributed")
-    dist.classify_file(group, input_path, output, resume, _chain(settings, sample), settings.batch_size)
+    dist.classify_file(group, input_path, output, resume, _chain(settings, sample), settings.batch_size, user)
     if group.rank() == 0:
         click.echo(f"wrote {output} ({group.size()} ranks)", err=True)
 
@@ -203,7 +223,13 @@ def _chain(settings: Settings, sample: bool, record: bool = False):
 
 
 def _classify_file(
-    input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False, record: bool = False
+    input_path: str,
+    output: Path,
+    resume: bool,
+    settings: Settings,
+    sample: bool = False,
+    record: bool = False,
+    user: str | None = None,
 ) -> None:
     """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
     from tqdm import tqdm
@@ -214,7 +240,7 @@ def _classify_file(
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample, record)
-    batch: list[tuple[int, str, str]] = []
+    batch: list[tuple[int, str, str, str | None]] = []
     unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
     try:
         # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
@@ -222,11 +248,10 @@ def _classify_file(
         with out, tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
-                results = chain.classify_batch([t for _, _, t in batch])
+                results = chain.classify_batch([t for _, _, t, _ in batch], users=[u for *_, u in batch])
                 rows = [
-                    {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}
-                    | ({"result_id": res["id"]} if record else {})  # the id feedback refers to
-                    for (_, ident, _), res in zip(batch, results)
+                    output_row(ident, res) | ({"result_id": res["id"]} if record else {})  # what feedback refers to
+                    for (_, ident, _, _), res in zip(batch, results)
                 ]
                 try:
                     out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -238,7 +263,7 @@ def _classify_file(
                 batch.clear()
 
             try:
-                for item in _read_jsonl(input_path, done):
+                for item in _read_jsonl(input_path, done, user):
                     batch.append(item)
                     if len(batch) >= settings.batch_size:
                         flush()

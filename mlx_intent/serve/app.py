@@ -89,16 +89,20 @@ def _readable(text: str) -> str:
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
 Mode = Literal[MODES]  # type: ignore[valid-type]
+User = Annotated[str, AfterValidator(feedback.check_user)]
+USER_HELP = "Whose thresholds apply (mlx-intent users set); an unknown user gets the defaults."
 
 
 class ClassifyRequest(BaseModel):
     text: Text = Field(description=f"The traveller's query, 1 to {MAX_TEXT_CHARS} characters.")
     mode: Mode | None = Field(None, description="LLM decoding; default: the server's mode setting.")
+    user: User | None = Field(None, description=USER_HELP)
 
 
 class BatchRequest(BaseModel):
     texts: list[Text] = Field(min_length=1, max_length=MAX_BATCH_TEXTS, description="Queries, answered in order.")
     mode: Mode | None = None
+    user: User | None = Field(None, description=USER_HELP + " For every text of the batch.")
 
 
 class StreamRequest(BaseModel):
@@ -158,6 +162,7 @@ class ClassifyResult(Answer):
         None, description="latency_ms over the request's texts: each text's share (equal for /v1/classify)."
     )
     cached: bool
+    ambiguous: bool = Field(False, description="The answering tier's top two intents were within the margin.")
     lang: str | None = None
 
 
@@ -544,18 +549,19 @@ def create_app(
     app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s)
     _handlers(app)
 
-    def submit(texts: list[str], mode: str, emit=None) -> Job | JSONResponse:
+    def submit(texts: list[str], mode: str, emit=None, user: str | None = None) -> Job | JSONResponse:
+        deadline = time.monotonic() + timeout_ms / 1000
         try:
-            return batcher.submit(Job(texts, mode, emit=emit, deadline=time.monotonic() + timeout_ms / 1000))
+            return batcher.submit(Job(texts, mode, emit=emit, deadline=deadline, user=user))
         except QueueFull as e:
             return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def below(texts: list[str], words: str) -> list[dict]:
+    def below(texts: list[str], words: str, user: str | None = None) -> list[dict]:
         """The answers of the tiers below the model tiers (those absent here said so): for a request that
         timed out or came during the warm-up.  Called on a thread: its log and fsync stay off the loop."""
-        return fallback_chain(served, Reason.TIMEOUT, words, states).classify_batch(texts)
+        return fallback_chain(served, Reason.TIMEOUT, words, states).classify_batch(texts, users=[user] * len(texts))
 
     timed_out = f"timeout: no answer within {timeout_ms:g} ms"
 
@@ -566,45 +572,46 @@ def create_app(
         prometheus.answered(out)
         return out
 
-    def record(texts: list[str], outs: list[dict]) -> None:
+    def record(texts: list[str], outs: list[dict], user: str | None = None) -> None:
         """Count, log and keep (feedback store) what was answered, once per text (called on a thread: the log
         fsyncs).  The log never costs an answer: a record it cannot write is only counted."""
         for out in outs:
             chain.metrics.record(out, lang=out.get("lang"))
         records = [log_record(out, text, out.get("lang")) for text, out in zip(texts, outs)]
+        records = records if user is None else [{**r, "user": user} for r in records]
         if chain.log is not None:
             chain.metrics.record_log_failures(chain.log.write_many(records))
         if chain.store is not None:
             feedback.record_results(chain.store, records)
 
-    async def answered(texts: list[str], results: list[dict], start: float) -> list[dict]:
+    async def answered(texts: list[str], results: list[dict], start: float, user: str | None = None) -> list[dict]:
         outs = [shown(r, start, len(texts)) for r in results]
-        await asyncio.to_thread(record, texts, outs)
+        await asyncio.to_thread(record, texts, outs, user)
         return [ClassifyResult.model_validate(out).model_dump() for out in outs]
 
-    async def classify_texts(texts: list[str], mode: str | None) -> list[dict] | JSONResponse:
+    async def classify_texts(texts: list[str], mode: str | None, user: str | None = None) -> list[dict] | JSONResponse:
         start = time.perf_counter()
         if not warming["up"].future.done():
-            return await answered(texts, await asyncio.to_thread(below, texts, LOADING), start)
-        job = submit(texts, mode or settings.mode)
+            return await answered(texts, await asyncio.to_thread(below, texts, LOADING, user), start, user)
+        job = submit(texts, mode or settings.mode, user=user)
         if isinstance(job, JSONResponse):
             return job
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
         except (asyncio.TimeoutError, Expired):  # the job is cancelled if not begun, dropped if begun
-            results = await asyncio.to_thread(below, texts, timed_out)
-        return await answered(texts, results, start)
+            results = await asyncio.to_thread(below, texts, timed_out, user)
+        return await answered(texts, results, start, user)
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
     async def classify(body: ClassifyRequest):
         """Classify one text through the fallback chain (batched with concurrent requests)."""
-        results = await classify_texts([body.text], body.mode)
+        results = await classify_texts([body.text], body.mode, body.user)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
     async def classify_batch(body: BatchRequest):
         """Classify up to 64 texts; results in the same order."""
-        results = await classify_texts(body.texts, body.mode)
+        results = await classify_texts(body.texts, body.mode, body.user)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(

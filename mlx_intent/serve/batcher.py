@@ -61,6 +61,7 @@ class Job:
     future: Future = field(default_factory=Future)
     emit: Callable[[str, object], None] | None = None
     deadline: float = math.inf
+    user: str | None = None  # whose thresholds apply (None: the defaults)
 
 
 STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
@@ -331,7 +332,7 @@ class Batcher:
                 return
             began = time.perf_counter()
             try:
-                results = self.chains[mode].classify_batch([text for _, text in chunk])
+                results = self.chains[mode].classify_batch([t for _, t in chunk], users=[j.user for j, _ in chunk])
             except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
                 for job in {job for job, _ in chunk + todo}:
                     job.future.set_exception(e)
