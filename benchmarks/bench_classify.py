@@ -25,17 +25,18 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from common import percentile, read_jsonl, save_report
 
 from mlx_intent import prompts, schema
+from mlx_intent.evaluation.bench import BATCH, NAIVE_MAX_TOKENS, naive_answer, package_version
+from mlx_intent.evaluation.bench import valid_json as is_valid
+from mlx_intent.metrics import MB, peak_rss_mb
 
 # mlx_intent loads OpenBLAS on import; mlx.core is only imported inside the functions, after it.
 from mlx_intent.models import backend, registry
@@ -43,34 +44,7 @@ from mlx_intent.sampler import JSONMachine
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
-BATCH = 8
-MAX_TOKENS = 60
-
-
-def is_valid(text: str) -> tuple[bool, bool]:
-    """(parses as JSON, follows the schema)."""
-    try:
-        obj = json.loads(text)
-    except (ValueError, TypeError):
-        return False, False
-    try:
-        schema.validate(obj)
-    except schema.SchemaError:
-        return True, False
-    return True, True
-
-
-def rss_peak() -> int:
-    """Peak resident memory of this process in bytes (ru_maxrss: KB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+MAX_TOKENS = NAIVE_MAX_TOKENS  # llama.cpp's limit too
 
 
 class MaskTimer:
@@ -169,7 +143,7 @@ def run_llama_cpp(texts: list[str], threads: int) -> dict | None:
     except ImportError:
         return None
     gguf = registry.bundled_gguf(registry.get_spec(MODEL))
-    before = rss_peak()
+    before = peak_rss_mb() * MB
     llm = Llama(str(gguf), n_ctx=2048, n_threads=threads, n_gpu_layers=-1, verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(schema.JSON_SCHEMA), verbose=False)
     system = prompts.system_prompt()
@@ -184,7 +158,7 @@ def run_llama_cpp(texts: list[str], threads: int) -> dict | None:
 
     result = timed_run("llama.cpp", texts, answer)
     result["peak"] = None  # not MLX memory
-    result["rss"] = rss_peak() - before
+    result["rss"] = peak_rss_mb() * MB - before
     result["chat_format"] = llm.chat_format
     result["tokens"] = sum(tokens[1:]) / len(texts)  # the warm-up call excluded
     return result
@@ -206,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     # llama.cpp first: its RSS growth is then not hidden under the MLX model's peak.
     llama = None if args.no_llama_cpp else run_llama_cpp(texts, args.threads)
 
-    from mlx_lm import generate
-
     from mlx_intent.classifier import IntentClassifier
 
     start = time.perf_counter()
@@ -219,13 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     mask_us = mask.seconds / max(1, mask.tokens) * 1e6
     runs.append(run_batches(clf, texts))
 
-    def naive(text: str) -> str:
-        ids, _ = clf.query_ids(text)
-        prompt = clf.prefix_ids + ids + clf.suffix_ids
-        return generate(clf.model, clf.tokenizer, prompt, max_tokens=MAX_TOKENS)
-
     naive_texts = texts[: args.naive_limit] if args.naive_limit else texts
-    runs.append(timed_run("naive (free generation + json.loads)", naive_texts, naive))
+    runs.append(timed_run("naive (free generation + json.loads)", naive_texts, lambda t: naive_answer(clf, t)))
     if llama is not None:
         runs.append(llama)
     load_after = os.getloadavg()

@@ -2,29 +2,35 @@
 
 A tier is passed over, with the reason recorded (its kind, a ``Reason``, and words), when its model is not on disk,
 does not fit in memory, fails to load (then it is not retried until a back-off has
-passed), raises, runs past its latency budget, or is less confident than its
-threshold.  The last tier, ``general``, always answers.  Every result says which
+passed), raises, runs past its latency budget, is less confident than its
+threshold, or is ambiguous: its top two intents closer than its margin (the last tier before ``general``
+answers then, flagged ``"ambiguous": true``).  A request's ``user`` may carry thresholds of its own
+(``mlx_intent.feedback``'s users table), which replace the tiers' for that request.  The last tier,
+``general``, always answers.  Every result says which
 tier answered (``tier``, ``model``) and why the ones above it did not (``fallbacks``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
-from mlx_intent.feedback import Store, new_id, record_results
+from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
+
+logger = logging.getLogger("mlx_intent.chain")
 
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
@@ -42,6 +48,7 @@ class Reason(str, Enum):
     INVALID = "invalid"  # an answer that does not follow the schema
     LOW_CONFIDENCE = "low_confidence"  # below the tier's threshold
     RULE1 = "rule1"  # the keyword tier read social words with a request (rule 1 of the guide)
+    AMBIGUOUS = "ambiguous"  # its top two intents closer than the margin
 
     def __str__(self) -> str:
         return self.value
@@ -100,6 +107,22 @@ class Tier:
     budget_ms: float | None = None
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
     contextual: bool = False  # ``run(texts, contexts)`` reads the earlier turns (the LLM tiers' chat)
+    margin: float = 0.0  # top two intents closer than this: passed over as ambiguous (0: off)
+    floor: float = 0.0  # the least threshold a user's min_confidence may give it (the keyword floor)
+
+
+def top_gap(raw: dict) -> float | None:
+    """The gap between the two most likely intents of a tier's answer: from its distribution (``top``: the LLM
+    tiers in score mode, the encoder's softmax), else from the shares of its evidence (the keyword tier's
+    ``scores``); None where the tier gives no second score (generate mode, ``general``)."""
+    probs = sorted((float(p) for _, p in raw.get("top") or ()), reverse=True)
+    if len(probs) < 2:
+        scores = [float(v) for v in (raw.get("scores") or {}).values() if float(v) > 0]
+        total = sum(scores)
+        if not total:
+            return None
+        probs = sorted((v / total for v in scores), reverse=True) + [0.0]
+    return probs[0] - probs[1]
 
 
 def keyword_tier(home: Path | None = None) -> Tier:
@@ -140,15 +163,13 @@ class ModelPool:
             if name in self.failed:
                 when, why = self.failed[name]
                 if time.monotonic() - when < self.retry_after_s:
-                    raise PassOver(
-                        Reason.LOAD_FAILED, f"load failed {time.monotonic() - when:.0f}s ago, backing off ({why})"
-                    )
+                    raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, why))
             if not loading.is_available(name, self.home):
                 raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
-            if not loading.fits(name, self.memory):
-                raise PassOver(
-                    Reason.TOO_LARGE, f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)"
-                )
+            if not loading.fits(name, self.memory, self.home):
+                need = loading.budget(name, self.home)
+                why = f"does not fit in memory (needs {need.bytes / registry.GB:.1f} GB: {need.source})"
+                raise PassOver(Reason.TOO_LARGE, why)
             while len(self.loaded) >= self.max_loaded:
                 self.loaded.popitem(last=False)
             try:
@@ -179,6 +200,12 @@ class ModelPool:
             pass
 
 
+def _backing_off(retry_after_s: float, why: str) -> str:
+    """The words for a tier not retried yet: the same every time (no "12s ago"), so the reasons counted by
+    ``stats`` and in the log do not grow by one with every second of a back-off."""
+    return f"load failed, backing off for {retry_after_s:g}s ({why})"
+
+
 def _start_peak() -> int:
     """Restart MLX's peak counter so the next reading belongs to the model about to load; the bytes in use."""
     backend.use_openblas()  # before the first import of mlx.core
@@ -204,8 +231,7 @@ class Lazy:
             if self.value is not None:
                 return self.value
             if self.failed and time.monotonic() - self.failed[0] < self.retry_after_s:
-                ago = time.monotonic() - self.failed[0]
-                raise PassOver(Reason.LOAD_FAILED, f"load failed {ago:.0f}s ago, backing off ({self.failed[1]})")
+                raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, self.failed[1]))
             if why := self.absent():
                 raise PassOver(Reason.NOT_INSTALLED, why)
             try:
@@ -249,7 +275,7 @@ def encoder_tier(
 def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
     registry.get_spec(name)  # unknown names fail when the chain is built
 
-    def run(texts: list[str], contexts: list[tuple[str, ...]] | None = None) -> list[dict]:
+    def run(texts: list[str], contexts: list[Context] | None = None) -> list[dict]:
         clf = pool.get(name)
         answers = clf.classify_batch(texts) if contexts is None else clf.classify_batch(texts, contexts=contexts)
         pool.stamp_peak(name)
@@ -287,6 +313,7 @@ class Chain:
         pool: ModelPool | None = None,
         secondaries: Callable[[list[str]], list[dict]] | None = None,
         store: Store | None = None,
+        users: Callable[[str], dict | None] | None = None,
         followup: Detector | None = None,
     ):
         if not tiers or tiers[-1].name != GENERAL:
@@ -304,6 +331,7 @@ class Chain:
         # a second opinion: see _second_opinion.
         self.secondaries = secondaries
         self.store = store  # the feedback store that keeps every result (mlx_intent.feedback), or None
+        self.users = users  # a user's threshold overrides, or None (feedback.user_thresholds)
         # Whether a turn reads as a follow-up of its earlier turns (mlx_intent/context.py): learned on the
         # encoder when the chain has one, else the keyword rule.
         self.followup = followup or rule_detector
@@ -322,47 +350,61 @@ class Chain:
             pool=self.pool,
             secondaries=self.secondaries,
             store=self.store,
+            users=self.users,
             followup=self.followup,
         )
 
-    def classify(self, text: str, label: str | None = None, context: Sequence[str] | None = None) -> dict:
-        return self.classify_batch([text], labels=[label], contexts=[context])[0]
+    def classify(
+        self, text: str, label: str | None = None, user: str | None = None, context: Sequence[str] | None = None
+    ) -> dict:
+        return self.classify_batch([text], labels=[label], users=[user], contexts=[context])[0]
 
     def classify_batch(
         self,
         texts: list[str],
         labels: list[str | None] | None = None,
+        users: list[str | None] | None = None,
         contexts: Sequence[Sequence[str] | None] | None = None,
     ) -> list[dict]:
         """Answers in order; uncached texts go down the chain together, one batch per tier.
 
-        ``contexts`` gives each text its earlier turns (oldest first, mlx_intent/context.py): each earlier
-        turn is answered as the conversation stood then (cached like any answer), and a text that reads as a
-        follow-up takes the topic it continues (``context_used``, on every result).
-
         ``latency_ms`` is the call's time in the chain, less the time tiers spent loading models
         (a one-time cost: ``mlx-intent models list`` shows it); the call answers ``batch_texts`` texts at
         once, so ``latency_per_query_ms`` is ``latency_ms / batch_texts``, each query's share of it.
-        ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent."""
+        ``runtime_fallback`` says whether a tier passed the text over at run time, not only for being absent.
+        ``users`` (ids, or None) name whose thresholds apply to each text; an unknown user gets the defaults.
+        ``contexts`` gives each text its earlier turns (oldest first, mlx_intent/context.py): each earlier turn
+        is answered as the conversation stood then (cached like any answer), and a text that reads as a
+        follow-up takes the topic it continues (``context_used``, on every result)."""
         start = time.perf_counter()
+        users = users or [None] * len(texts)
+        limits = self._limits(users)
         contexts = [tuple(c or ()) for c in (contexts if contexts is not None else [None] * len(texts))]
         if len(contexts) != len(texts):
             raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
         # Every (earlier turns, turn) to answer, each once: the texts, and each earlier turn as it stood then.
+        # Keyed on the text exactly as the tiers get it: any folding (case, emoji, punctuation) would hand one
+        # text another's answer, since some tier reads what was folded away ("IST", "☔", a "?").  A user with
+        # thresholds of their own bypasses the cache: it holds answers under the defaults.
         items: list[tuple[Context, str]] = []
+        keys, item_limits, earlier = [], [], []  # per item: its cache key, its user's limits, its earlier items
         where: dict = {}
         asked = []
-        for text, ctx in zip(texts, contexts):
+        for text, ctx, limit in zip(texts, contexts, limits):
+            turns: list[int] = []
             for i in range(len(ctx) + 1):
                 turn = (ctx[:i], ctx[i]) if i < len(ctx) else (ctx, text)
-                key = cache_key(*turn)
+                key = cache_key(*turn) if limit is None else None
                 if key is None or key not in where:
                     items.append(turn)
+                    keys.append(key)
+                    item_limits.append(limit)
+                    earlier.append(list(turns))
                     if key is not None:
                         where[key] = len(items) - 1
-            asked.append(len(items) - 1 if key is None else where[key])
-        keys = [cache_key(*item) for item in items]
-        results, loading = self._answer(items, keys)
+                turns.append(len(items) - 1 if key is None else where[key])
+            asked.append(turns[-1])
+        results, loading = self._answer(items, keys, item_limits, earlier)
         elapsed = (time.perf_counter() - start) * 1000 - loading
         timing = timing_fields(elapsed, len(texts))
         labels = labels or [None] * len(texts)
@@ -372,14 +414,14 @@ class Chain:
             res.update(timing)
             res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
             out.append(res)
-        records = [self._record(text, res, label, ctx) for text, res, label, ctx in zip(texts, out, labels, contexts)]
+        records = [self._record(*row) for row in zip(texts, out, labels, users, contexts)]
         if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
             self.metrics.record_log_failures(self.log.write_many(records))
         if self.store is not None:
             record_results(self.store, records)
         return out
 
-    def _answer(self, items: list[tuple[Context, str]], keys: list) -> tuple[list[dict], float]:
+    def _answer(self, items: list[tuple[Context, str]], keys: list, limits: list, earlier: list[list[int]]):
         """The answers to ``items`` (cached, or down the tiers and then through the context rule; cached where
         nothing transient happened), and the ms spent loading models."""
         results: list[dict | None] = [None] * len(items)
@@ -396,17 +438,16 @@ class Chain:
         fresh = list(todo)
         fallbacks: dict[int, list[dict]] = {i: [] for i in todo}
         loading = 0.0  # ms spent loading models: a one-time cost, not the queries' latency
-        texts = [text for _, text in items]
-        contexts = [ctx for ctx, _ in items]
+        texts, contexts = [text for _, text in items], [ctx for ctx, _ in items]
         for tier in self.tiers:
             if not todo:
                 break
-            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, contexts)
+            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, limits, contexts)
             loading += load_ms
         for i in fresh:
             results[i].update(fallbacks=fallbacks[i], cached=False, context_used=False)
             results[i]["runtime_fallback"] = runtime_fallback(fallbacks[i])
-        self._continue(items, keys, fresh, results)
+        self._continue(items, fresh, earlier, results)
         for i in fresh:
             if self.cache_size and keys[i] is not None and not any(f["kind"] in TRANSIENT for f in fallbacks[i]):
                 with self._lock:
@@ -415,10 +456,10 @@ class Chain:
                         self.cache.popitem(last=False)
         return results, loading
 
-    def _continue(self, items: list[tuple[Context, str]], keys: list, fresh: list[int], results) -> None:
+    def _continue(self, items: list[tuple[Context, str]], fresh: list[int], earlier: list[list[int]], results):
         """Give each fresh turn with earlier turns the topic it continues, where it reads as a follow-up;
         shorter conversations first, so that every earlier turn's answer is final before a later one reads it."""
-        follow = [i for i in fresh if items[i][0] and isinstance(items[i][1], str)]
+        follow = [i for i in fresh if earlier[i] and isinstance(items[i][1], str)]
         if not follow:
             return
         asked = [(items[i][0], items[i][1], results[i]) for i in follow]
@@ -426,16 +467,28 @@ class Chain:
             chances = self.followup(asked)
         except Exception:  # a failing learned test costs the context, never the answer
             chances = rule_detector(asked)
-        at = {key: i for i, key in enumerate(keys) if key is not None}
-        for i, p in sorted(zip(follow, chances), key=lambda f: len(items[f[0]][0])):
-            ctx = items[i][0]
-            earlier = [at.get(cache_key(ctx[:k], ctx[k])) for k in range(len(ctx))]
-            continued = topic([results[k] for k in earlier if k is not None])
+        for i, p in sorted(zip(follow, chances), key=lambda f: len(earlier[f[0]])):
+            continued = topic([results[k] for k in earlier[i]])
             if p >= 0.5 and continued is not None:
                 results[i] = inherit(results[i], continued, p)
 
+    def _limits(self, users: list[str | None]) -> list[dict | None]:
+        """Each text's threshold overrides (its user's), or None for the defaults.  A store that cannot be read
+        costs the overrides, never the answer."""
+        out: list[dict | None] = []
+        for user in users:
+            if user is None or self.users is None:
+                out.append(None)
+                continue
+            try:
+                out.append(self.users(check_user(user)))
+            except StoreError as e:
+                out.append(None)
+                logger.warning("thresholds of user %s unread (%s): the defaults apply", user, e)
+        return out
+
     def _run_tier(
-        self, tier: Tier, texts, todo: list[int], results, fallbacks, contexts=None
+        self, tier: Tier, texts, todo: list[int], results, fallbacks, limits=None, contexts=None
     ) -> tuple[list[int], float]:
         """Run ``tier`` on the texts still unanswered; return those it passed over, and the
         milliseconds ``tier.load()`` took."""
@@ -456,12 +509,14 @@ class Chain:
             return self._pass(tier, todo, e.kind, str(e), fallbacks), load_ms
         except Exception as e:  # a fault inside a tier never reaches the caller
             return self._pass(tier, todo, Reason.ERROR, f"error: {type(e).__name__}: {e}", fallbacks), load_ms
-        return self._keep(tier, texts, todo, answers, spent, results, fallbacks), load_ms
+        return self._keep(tier, texts, todo, answers, spent, results, fallbacks, limits), load_ms
 
     def _keep(
-        self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks
+        self, tier: Tier, texts, todo: list[int], answers: list[dict], spent: float, results, fallbacks, limits=None
     ) -> list[int]:
-        """Keep the answers ``tier`` stands by (in time, valid, confident); return the texts it passed over."""
+        """Keep the answers ``tier`` stands by (in time, valid, confident, unambiguous); return the texts it passed
+        over.  ``limits`` holds each text's user overrides: a user's min_confidence is the threshold of every tier
+        but ``general`` (never below the tier's floor), their margin its margin."""
         per_query = spent / max(len(todo), 1)  # a batch of n answers n queries at once
         if tier.budget_ms is not None and per_query > tier.budget_ms:
             reason = f"timeout: {per_query:.0f} ms per query > budget {tier.budget_ms:.0f} ms"
@@ -470,6 +525,7 @@ class Chain:
             reason = f"invalid answer: {len(answers)} answers for {len(todo)} texts"
             return self._pass(tier, todo, Reason.INVALID, reason, fallbacks)
         left = []
+        last = len(self.tiers) < 2 or tier is self.tiers[-2]  # the last tier before general: it flags, never passes
         for i, raw in zip(todo, answers):
             try:
                 answer = validate(answer_of(raw))
@@ -477,13 +533,24 @@ class Chain:
                 fallbacks[i].append(fallback(tier.name, Reason.INVALID, f"invalid answer: {e}"))
                 left.append(i)
                 continue
-            if answer["confidence"] < tier.threshold:
-                reason = f"low confidence: {answer['confidence']:.2f} < {tier.threshold:.2f}"
+            limit = (limits[i] if limits else None) or {}
+            threshold, margin = tier.threshold, limit.get("margin", tier.margin)
+            if "min_confidence" in limit and tier.name != GENERAL:
+                threshold = max(limit["min_confidence"], tier.floor)
+            if answer["confidence"] < threshold:
+                reason = f"low confidence: {answer['confidence']:.2f} < {threshold:.2f}"
                 fallbacks[i].append(fallback(tier.name, Reason.LOW_CONFIDENCE, reason))
                 left.append(i)
                 continue
+            gap = top_gap(raw)
+            ambiguous = gap is not None and gap < margin
+            if ambiguous and not last:
+                reason = f"ambiguous: top two intents {gap:.2f} apart < margin {margin:.2f}"
+                fallbacks[i].append(fallback(tier.name, Reason.AMBIGUOUS, reason))
+                left.append(i)
+                continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
-            results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model}
+            results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model, "ambiguous": ambiguous}
         if tier.model is not None and self.secondaries is not None:
             passed = set(left)
             answered = [i for i in todo if i not in passed]
@@ -521,15 +588,17 @@ class Chain:
             fallbacks[i].append(fallback(tier.name, kind, reason))
         return todo
 
-    def _record(self, text: str, result: dict, label: str | None, context: Context = ()) -> dict:
-        """Count the result in the metrics; return its log line (with its earlier turns, if any)."""
+    def _record(
+        self, text: str, result: dict, label: str | None, user: str | None = None, context: Context = ()
+    ) -> dict:
+        """Count the result in the metrics; return its log line (with the request's user and earlier turns, for
+        the store)."""
         lang = detect_language(text) if isinstance(text, str) else None
         result["lang"] = lang
         self.metrics.record(result, lang=lang, label=label)
         record = log_record(result, text, lang, label=label)
-        if context:
-            record["context"] = list(context)
-        return record
+        record = record if user is None else {**record, "user": user}
+        return {**record, "context": list(context)} if context else record
 
 
 def model_floor(settings: Settings, names: list[str]) -> float:
@@ -561,21 +630,25 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     secondaries = followup = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(keyword_tier(settings.home))
+            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
         else:
-            threshold = max(settings.min_confidence, floor) if KEYWORD in names[i + 1 :] else settings.min_confidence
+            tier_floor = floor if KEYWORD in names[i + 1 :] else 0.0
+            threshold = max(settings.min_confidence, tier_floor)
             if name == ENCODER:
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
                 threshold = 0.0 if blended else threshold
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
-                tiers.append(encoder_tier(threshold, budget, retry, blended, settings.home))
-                followup = followup or learned_detector(tiers[-1].load)
+                tier = encoder_tier(threshold, budget, retry, blended, settings.home)
+                followup = followup or learned_detector(tier.load)
             else:
-                tiers.append(llm_tier(name, pool, threshold, settings.latency_budget_ms))
+                tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)
+            tiers.append(replace(tier, margin=settings.margin, floor=tier_floor))
     log = ClassificationLog(settings.log) if settings.log else None
-    return Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries, followup=followup)
+    chain = Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries, followup=followup)
+    chain.users = user_thresholds(settings.home)
+    return chain

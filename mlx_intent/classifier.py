@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_intent import calibration
+from mlx_intent.models import cache as kv
 from mlx_intent.models import loading, registry
-from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
+from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import MODES
@@ -48,9 +49,42 @@ def _parse_calibration(record: dict, path: Path) -> dict[str, float]:
     }
 
 
-def load_calibration(folder: Path | None, name: str = "LLM") -> calibration.Loaded:
-    """The fit in ``folder``/calibration.json, checked; a bad file is warned about and the model answers raw."""
-    return calibration.load([folder / CALIBRATION] if folder is not None else [], _parse_calibration, name)
+def load_calibration(folder: Path | None, name: str = "LLM", home_fit: Path | None = None) -> calibration.Loaded:
+    """The fit in ``folder``/calibration.json, checked; a bad file is warned about and the model answers raw.
+    ``home_fit``: a fit under the models home for a shipped adapter in ``folder`` (which `mlx-intent calibrate`
+    never writes into), preferred while it names that adapter's weights."""
+    if folder is None:
+        return calibration.load([], _parse_calibration, name)
+    if home_fit is None:
+        return calibration.load([folder / CALIBRATION], _parse_calibration, name)
+
+    def parse(record: dict, path: Path) -> dict[str, float]:
+        if path == home_fit and record.get("weights") != adapter_fingerprint(folder):
+            raise calibration.CalibrationError(f"fitted for other weights than {folder} (refit: mlx-intent calibrate)")
+        return _parse_calibration(record, path)
+
+    return calibration.load([home_fit, folder / CALIBRATION], parse, name)
+
+
+def shipped_adapter_fit(name: str, adapter: Path | None, home: Path | None) -> Path | None:
+    """Where `mlx-intent calibrate` keeps the fit for ``adapter`` when it is one the package ships (under the
+    models home: never written into the package); None for an adapter trained into the home, or none."""
+    if adapter is None or registry.PACKAGED_ADAPTERS not in Path(adapter).resolve().parents:
+        return None
+    return calibration.home_file(name, home)
+
+
+def model_calibration(name: str, home: Path | None = None) -> calibration.Loaded | None:
+    """The fit model ``name`` reads as it would load now (its adapter's, else its folder's); None when it is
+    not on disk.  For `models list`."""
+    adapter = registry.find_adapter(name, home)
+    folder = adapter or registry.resolve_dir(name, home)
+    return None if folder is None else load_calibration(folder, name, shipped_adapter_fit(name, adapter, home))
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """What a fit under the models home was fitted for: the adapter's weights and config."""
+    return calibration.fingerprint(sorted(p for p in folder.iterdir() if p.name != CALIBRATION and p.is_file()))
 
 
 class IntentClassifier:
@@ -84,8 +118,7 @@ class IntentClassifier:
         self.spec = registry.get_spec(self.name)
         self.home = home
         # A LoRA adapter from `mlx-intent train` is used automatically, with the prompt it learnt.
-        has_adapter = use_adapter and registry.has_adapter(self.name, home)
-        adapter = registry.adapter_dir(self.name, home) if has_adapter else None
+        adapter = registry.find_adapter(self.name, home) if use_adapter else None
         self.adapter = adapter
         style = (
             json.loads((adapter / "adapter_config.json").read_text()).get("prompt_style", "full") if adapter else "full"
@@ -96,23 +129,27 @@ class IntentClassifier:
         self.mode = mode
         self.sample = sample
         folder = registry.resolve_dir(self.name, home)
-        # A calibration belongs to the weights as used: beside the adapter (committed) when there is one.
+        # A calibration belongs to the weights as used: beside the adapter when there is one.  The package's
+        # own adapter is never written into: `mlx-intent calibrate` keeps its fit under the models home.
         self.calibration_dir = adapter or folder
-        self.calibration = load_calibration(self.calibration_dir, self.name)  # .problems: files it ignored
+        home_fit = shipped_adapter_fit(self.name, adapter, home)
+        self.calibration_file = home_fit or self.calibration_dir / CALIBRATION  # where a new fit goes
+        self.calibration_weights = adapter_fingerprint(adapter) if home_fit else None
+        self.calibration = load_calibration(self.calibration_dir, self.name, home_fit)  # .problems: files ignored
         calib = self.calibration.fit or {}
         self.temperature = float(temperature if temperature is not None else calib.get("temperature", 1.0))
         self.threshold = float(threshold if threshold is not None else calib.get("threshold", DEFAULT_THRESHOLD))
         self.vocab = AnswerVocab(self.encode)
         self._specials = special_strings(tokenizer)
-        parts = split_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
-        self.prefix_ids = self.encode(parts.prefix)
-        self.suffix_ids = self.encode(parts.suffix)
+        self.prompt = chat_prompt(tokenizer, self.spec.chat_format, PROMPT_STYLES[style]())
+        self.prefix_ids, self.suffix_ids = self.prompt.prefix, self.prompt.suffix
         self._chain, self._branch = self._root_chain()
         # Branch points below the first name token, and the longest path to one of them:
         # it rides along at the end of every scoring row (see ``distributions``).
         self._deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
         self._tail = max((path for _, path in self._deeper), key=len, default=[])
-        self._system = self._system_cache(cache_dir or folder, adapter)
+        self._cache_path = self._cache_file(cache_dir or folder, folder, adapter)
+        self._system, self._from_disk = self._system_cache()
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -129,51 +166,65 @@ class IntentClassifier:
         cleaned = clean_user_text(text, self._specials) if isinstance(text, str) else ""
         if not cleaned:
             raise EmptyTextError("text is empty")
-        ids = self.encode(cleaned)
+        ids = self.prompt.user(cleaned)
         budget = min(MAX_QUERY_TOKENS, self.spec.context - len(self.prefix_ids) - 64)
         return ids[:budget], len(ids) > budget
 
     # ---- the model ----------------------------------------------------------------------------
 
-    def _system_cache(self, folder: Path | None, adapter: Path | None) -> list[tuple]:
-        """KV of the system prompt: computed once, saved next to the model, reused."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
-
+    def _cache_file(self, folder: Path | None, weights: Path | None, adapter: Path | None) -> Path | None:
+        """Where the system prompt's KV cache is saved: keyed on the prompt's tokens, the dtype, and the weights
+        (the model's and the adapter's files, by size and time), so that weights restored or replaced never
+        meet a cache computed from others."""
+        if folder is None:
+            return None
+        files = sorted(weights.glob("model*.safetensors")) if weights else []
+        files += [adapter / "adapters.safetensors"] if adapter else []
+        stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
         dtype = str(self.model.model.embed_tokens.weight.dtype)
-        stamp = (adapter / "adapters.safetensors").stat().st_mtime if adapter else None
-        key = hashlib.sha256(json.dumps([self.prefix_ids, dtype, str(adapter), stamp]).encode()).hexdigest()[:16]
-        path = folder / f"prompt_cache_{key}.safetensors" if folder else None
-        if path is not None and path.is_file():
+        key = json.dumps([self.prefix_ids, dtype, str(weights), str(adapter), stamps])
+        return folder / f"prompt_cache_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+    def _system_cache(self, reuse: bool = True) -> tuple[list[tuple], bool]:
+        """KV of the system prompt: computed once, saved next to the model, reused; and whether it was read
+        from the file.  A file that does not hold a sound cache for this prompt is replaced; a cache that is
+        not finite (damaged weights) is never saved, and the model cannot be used."""
+        path = self._cache_path
+        if reuse and path is not None and path.is_file():
             try:
-                cache = load_prompt_cache(str(path))
+                system = kv.load(path, len(self.model.layers), len(self.prefix_ids))
                 os.utime(path)  # recently used: pruning keeps it
-                return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
-            except Exception:  # a stale or damaged file is recomputed
+                return system, True
+            except Exception:  # damaged, stale or foreign: computed again below
                 path.unlink(missing_ok=True)
-        cache = make_prompt_cache(self.model)
-        self.model(mx.array([self.prefix_ids]), cache=cache)
-        mx.eval([c.state for c in cache])
+        system = kv.prefill(self.model, self.prefix_ids)
+        if not kv.is_finite(system):
+            raise kv.NotFiniteError(f"{self.name}: the model gives NaN or infinite values (damaged weights?)")
         if path is not None:
             try:
-                save_prompt_cache(str(path), cache)
+                kv.save(path, system)
                 prune_prompt_caches(path.parent)
-            except OSError:
-                pass  # a read-only models folder only costs the prefill next time
-        return [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+            except (OSError, RuntimeError, ValueError):  # read-only or full folder (MLX raises RuntimeError)
+                pass  # costs the prefill next time, not the model
+        return system, False
+
+    def _rebuilt(self, run):
+        """``run()``; if it fails with a cache read from disk, once more with the cache computed afresh (a file
+        that loaded but does not work is replaced)."""
+        try:
+            return run()
+        except EmptyTextError:
+            raise
+        except Exception:
+            if not self._from_disk:
+                raise
+            if self._cache_path is not None:
+                self._cache_path.unlink(missing_ok=True)
+            self._system, self._from_disk = self._system_cache(reuse=False)
+            return run()
 
     def _batch_cache(self, rows: int):
-        import mlx.core as mx
-        from mlx_lm.models.cache import BatchKVCache
-
-        caches = []
-        for keys, values in self._system:
-            c = BatchKVCache([0] * rows)
-            c.keys, c.values = mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0)
-            c._idx = keys.shape[2]
-            c.offset = mx.array([keys.shape[2]] * rows)
-            caches.append(c)
-        return caches
+        return kv.batch(self._system, rows)
 
     def _hidden(self, rows: list[list[int]], cache, back: int = 0) -> tuple:
         """Run right-padded ``rows`` through the model; the hidden states at each row's last
@@ -183,13 +234,7 @@ class IntentClassifier:
         width = max(len(r) for r in rows)
         pad = [width - len(r) for r in rows]
         x = mx.array([r + [_PAD] * p for r, p in zip(rows, pad)])
-        if max(pad):
-            for c in cache:
-                c.prepare(right_padding=pad)
-        h = self.model.model(x, cache=cache)
-        if max(pad):
-            for c in cache:
-                c.finalize()  # rolls the padding to the left so rows continue where they end
+        h = kv.forward(self.model.model, x, cache, pad)
         at = mx.array([[len(r) - 1 - back + j for j in range(back + 1)] for r in rows])
         return mx.take_along_axis(h, at[..., None], axis=1)
 
@@ -209,23 +254,15 @@ class IntentClassifier:
     @staticmethod
     def _fork(cache, index: list[int], drop: int = 0):
         """Copies of rows ``index`` of a batch cache, without its last ``drop`` tokens."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import BatchKVCache
-
-        idx = mx.array(index)
-        forks = []
-        for c in cache:
-            f = BatchKVCache([0] * len(index))
-            end = c._idx - drop
-            f.keys, f.values = c.keys[idx, :, :end], c.values[idx, :, :end]
-            f.offset, f.left_padding, f._idx = c.offset[idx] - drop, c.left_padding[idx], end
-            forks.append(f)
-        return forks
+        return kv.fork(cache, index, drop)
 
     # ---- scoring ------------------------------------------------------------------------------
 
     def distributions(self, texts: list[str]) -> list[dict[str, float]]:
         """P(intent) for each text: the constrained sampler's probability of writing each name."""
+        return self._rebuilt(lambda: self._distributions(texts))
+
+    def _distributions(self, texts: list[str]) -> list[dict[str, float]]:
         import mlx.core as mx
 
         # Names that share a first token need the model's next-token distribution deeper in
@@ -309,11 +346,15 @@ class IntentClassifier:
         rng = np.random.default_rng(seed)
         machine = JSONMachine(self.vocab, max_intents=MAX_INTENTS)
         pending = ids + self.suffix_ids + machine.forced_run()
-        cache = self._batch_cache(1)
+
+        def first_pass():
+            cache = self._batch_cache(1)
+            return cache, self._hidden([pending], cache)[:, -1]
+
+        cache, h = self._rebuilt(first_pass)  # the first pass, before anything is written, may rebuild the cache
         dist: dict[str, float] = {}
         written = ""
         while not machine.done:
-            h = self._hidden([pending], cache)[:, -1]
             allowed = machine.allowed()
             logits = self._logits(h, allowed)[0]
             probs = branch_probs(logits, self.temperature)
@@ -327,6 +368,8 @@ class IntentClassifier:
             if len(partial) > len(written) and "\ufffd" not in partial:
                 yield partial[len(written) :]
                 written = partial
+            if not machine.done:
+                h = self._hidden([pending], cache)[:, -1]
         if machine.primary:
             dist = {machine.primary: machine.confidence}
         elapsed = (time.perf_counter() - start) * 1000
@@ -360,14 +403,6 @@ def prune_prompt_caches(folder: Path, keep: int = KEEP_PROMPT_CACHES) -> list[Pa
     return caches[keep:]
 
 
-def special_strings(tokenizer) -> list[str]:
-    """Every special token's text, longest first: the declared ones and every added token marked
-    special (SmolLM2's <filename>, <jupyter_code>... are not in ``all_special_tokens``)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    found = {*getattr(tokenizer, "all_special_tokens", []), *(t.content for t in added.values() if t.special)}
-    return sorted(found - {""}, key=len, reverse=True)
-
-
 def _branch_nodes(node: Node, path: tuple[int, ...] = ()) -> Iterator[tuple[Node, list[int]]]:
     """Every node with more than one child, and the tokens from ``node`` to it."""
     if node.leaf is not None:
@@ -397,12 +432,21 @@ def _leaf_probs(root: Node, probs: dict[int, dict[int, float]]) -> dict[str, flo
 _DEFAULT: dict[str, IntentClassifier] = {}
 
 
-def classify(text: str, model: str | None = None, mode: str = "score") -> dict:
+def classify(text: str, model: str | None = None, mode: str = "score", user: str | None = None) -> dict:
     """Classify one text with a shared classifier (loaded on first use); the result's ``id`` is its own, as
-    the chain's are (``mlx_intent.feedback``)."""
-    from mlx_intent.feedback import new_id
+    the chain's are (``mlx_intent.feedback``).  ``ambiguous`` says whether its top two intents are closer than
+    ``user``'s margin (``mlx-intent users``; else MLX_INTENT_MARGIN).  One model has no tier to pass a text
+    to: a user's min_confidence takes effect in the chain (``build_chain().classify(text, user=)``)."""
+    from mlx_intent.chain import top_gap
+    from mlx_intent.feedback import check_user, new_id, user_thresholds
+    from mlx_intent.settings import load_settings
 
+    settings = load_settings()
+    limits = (user_thresholds(settings.home)(check_user(user)) if user is not None else None) or {}
     name = model or loading.select_from_settings()
     if name not in _DEFAULT:
         _DEFAULT[name] = IntentClassifier(name)
-    return {**_DEFAULT[name].classify(text, mode=mode), "id": new_id()}
+    result = _DEFAULT[name].classify(text, mode=mode)
+    gap = top_gap(result)
+    ambiguous = gap is not None and gap < limits.get("margin", settings.margin)
+    return {**result, "ambiguous": ambiguous, "id": new_id()}

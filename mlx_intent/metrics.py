@@ -48,6 +48,14 @@ MAX_REASONS = 100  # distinct fallback reasons kept; the rest are counted under 
 MB = 1024 * 1024
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (MiB): ``ru_maxrss`` is KB on Linux, bytes on macOS."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (MB if sys.platform == "darwin" else 1024)
+
+
 def peak_memory_mb() -> float | None:
     """Peak MLX memory of this process in MB (MiB), or None when this process has not imported MLX.
 
@@ -294,7 +302,7 @@ class ClassificationLog:
         self._lock = threading.Lock()
         self.failures = 0  # records that could not be written (their answers were given)
         self.error: str | None = None  # why the last one could not
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # travellers' texts: owner only
         try:
             self._repair_tail()
         except BaseException:

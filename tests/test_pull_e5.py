@@ -11,7 +11,8 @@ import json
 
 import numpy as np
 import pytest
-from test_pull import FakeHub, resolves, run_cli
+from fakehub import FakeHub, run_cli
+from test_pull import resolves
 
 from mlx_intent.models import e5
 

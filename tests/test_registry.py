@@ -14,20 +14,26 @@ from mlx_intent.models.loading import fits, load, select_best_model
 from mlx_intent.models.registry import GB, ModelNotAvailableError, UnknownModelError
 
 EXPECTED = {
-    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B-Instruct", "mlx-community/Llama-3.2-3B-Instruct-4bit", 8192, 0.2, (4, 6)),
+    "llama-3.2-3b": (
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "mlx-community/Llama-3.2-3B-Instruct-4bit",
+        8192,
+        0.2,
+        (2.0, 3.3),
+    ),
     "tinyllama": (
         "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
         "mlx-community/TinyLlama-1.1B-Chat-v1.0-4bit",
         2048,
         0.1,
-        (1.5, 2),
+        (0.7, 1.2),
     ),
     "llama-3.1-8b": (
         "meta-llama/Llama-3.1-8B-Instruct",
         "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
         8192,
         0.3,
-        (8, 10),
+        (5.6, 6.2),
     ),
 }
 
@@ -116,11 +122,50 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
 
 
 def test_default_home_is_the_checkouts_models_folder(monkeypatch):
-    """From a checkout the models folder is models/ beside pyproject.toml, where the adapters are committed."""
+    """From a checkout the models folder is models/ beside pyproject.toml."""
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
     checkout = Path(__file__).resolve().parent.parent
     assert registry.home() == checkout / "models"
-    assert (registry.home() / "adapters" / "smollm2-135m" / "adapters.safetensors").is_file()
+
+
+SHIPPED = Path(registry.__file__).resolve().parents[1] / "weights" / "adapters"  # the package's own adapters
+
+
+@pytest.mark.parametrize("where", ["checkout", "MLX_INTENT_HOME", "--home"])
+def test_the_shipped_adapter_and_its_calibration_are_found_whatever_the_home(where, tmp_path, monkeypatch):
+    """The bundled model's adapter and calibration ship in the package: a models folder set by MLX_INTENT_HOME or
+    given by the caller used to lose them (an uncalibrated, untuned model answered instead)."""
+    monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", SHIPPED)
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    home = None
+    if where == "MLX_INTENT_HOME":
+        monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    elif where == "--home":
+        home = tmp_path
+    found = registry.find_adapter("smollm2-135m", home)
+    assert found == SHIPPED / "smollm2-135m"
+    assert {"adapters.safetensors", "adapter_config.json", "calibration.json"} <= {p.name for p in found.iterdir()}
+    assert registry.find_adapter("tinyllama", home) is None
+    if where != "checkout":  # one trained into the home (train writes there) wins; never written into the checkout
+        own = registry.adapter_dir("smollm2-135m", home)
+        assert own.is_relative_to(tmp_path)
+        own.mkdir(parents=True)
+        (own / "adapters.safetensors").write_bytes(b"lora")
+        assert registry.find_adapter("smollm2-135m", home) == own != found
+
+
+def test_the_classifier_runs_with_the_shipped_adapter_and_calibration(bundled, tmp_path, monkeypatch):
+    import json
+
+    from mlx_intent.classifier import IntentClassifier
+
+    monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", SHIPPED)
+    monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    model, tokenizer = bundled  # weights as loaded; only the adapter and calibration matter here
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, cache_dir=tmp_path)
+    shipped = json.loads((SHIPPED / "smollm2-135m" / "calibration.json").read_text())
+    assert clf.adapter == SHIPPED / "smollm2-135m"
+    assert (clf.temperature, clf.threshold) == (shipped["temperature"], shipped["threshold"])
 
 
 def test_states(home):
@@ -169,7 +214,7 @@ def test_llm_model_present_and_fits(home):
     fake_mlx_folder("llama-3.2-3b")
     fake_mlx_folder("llama-3.1-8b")
     assert select_best_model(env_model="llama-3.1-8b", memory=16 * GB) == "llama-3.1-8b"
-    assert select_best_model(env_model="llama-3.1-8b", memory=8 * GB) == "llama-3.2-3b"  # too big here
+    assert select_best_model(env_model="llama-3.1-8b", memory=6 * GB) == "llama-3.2-3b"  # too big here
 
 
 def test_llm_model_missing_uses_fallback(home):
@@ -204,6 +249,113 @@ def table(output: str) -> dict[str, tuple[bool, str]]:
         if cells and cells[0] in registry.REGISTRY:
             rows[cells[0]] = (selected, cells[1])
     return rows
+
+
+# Llama 3.2 3B as mlx-community publishes it: its config, and the shapes of its 4-bit (group 64) tensors.
+LLAMA_3B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "tie_word_embeddings": True,
+    "quantization": {"group_size": 64, "bits": 4},
+}
+
+
+def llama_3b_tensors() -> dict[str, tuple[str, tuple[int, ...]]]:
+    c = LLAMA_3B
+    hidden, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+
+    def linear(name: str, out: int, inp: int) -> dict:
+        return {
+            f"{name}.weight": ("U32", (out, inp // 8)),
+            f"{name}.scales": ("BF16", (out, inp // 64)),
+            f"{name}.biases": ("BF16", (out, inp // 64)),
+        }
+
+    tensors = linear("model.embed_tokens", c["vocab_size"], hidden) | {"model.norm.weight": ("BF16", (hidden,))}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, out, inp in [
+            ("self_attn.q_proj", hidden, hidden),
+            ("self_attn.k_proj", kv, hidden),
+            ("self_attn.v_proj", kv, hidden),
+            ("self_attn.o_proj", hidden, hidden),
+            ("mlp.gate_proj", inter, hidden),
+            ("mlp.up_proj", inter, hidden),
+            ("mlp.down_proj", hidden, inter),
+        ]:
+            tensors |= linear(p + name, out, inp)
+        tensors |= {p + "input_layernorm.weight": ("BF16", (hidden,))}
+        tensors |= {p + "post_attention_layernorm.weight": ("BF16", (hidden,))}
+    return tensors
+
+
+def headers_only_llama_3b() -> Path:
+    """The pulled 3B as the budget sees it: config.json and a safetensors file whose header describes every tensor
+    (the data is left out: the budget reads headers only)."""
+    import struct
+
+    snapshot = fake_pulled_snapshot("llama-3.2-3b")
+    (snapshot / "config.json").write_text(json.dumps(LLAMA_3B))
+    sizes = {"U32": 4, "BF16": 2}
+    header, at = {}, 0
+    for name, (dtype, shape) in llama_3b_tensors().items():
+        n = sizes[dtype] * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header).encode()
+    (snapshot / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return snapshot
+
+
+def test_an_8gb_mac_selects_llama_3_2_3b(home, monkeypatch):
+    """Metal's recommended working set on an 8 GB Mac is about 5.3 GB: the 4-bit 3B (1.8 GB of weights, 0.9 GB of
+    KV cache at 8192 tokens) fits.  The registry's old figure (4-6 GB, fp16 sizes) did not, so the chain quietly
+    stepped to TinyLlama."""
+    from mlx_intent.models import loading
+
+    monkeypatch.setattr(loading, "dequantizes", lambda: False)  # Metal keeps the weights 4-bit
+    headers_only_llama_3b()
+    fake_mlx_folder("tinyllama")
+    need = loading.budget("llama-3.2-3b")
+    assert need.source.startswith("measured") and "8192 tokens" in need.source
+    assert 1.80e9 < need.bytes - 2 * 28 * 8 * 128 * 8192 * 2 < 1.82e9  # the weights: 1.8 GB (the Hub's GB, 1e9)
+    assert select_best_model(memory=int(5.3 * GB)) == "llama-3.2-3b"
+    assert select_best_model(memory=int(2.5 * GB)) == "tinyllama"  # 2.7 GB do not fit in 2.5
+
+
+def test_on_the_cpu_the_budget_counts_float32_weights(home):
+    """``load`` dequantizes on the CPU: the 3B then holds 3.2 billion float32 weights, and a float32 KV cache."""
+    from mlx_intent.models import loading
+
+    headers_only_llama_3b()
+    need = loading.budget("llama-3.2-3b", dequantized=True)
+    params = sum(
+        s[0] * s[1] * 8 if d == "U32" else s[0] * (s[1] if len(s) > 1 else 1)
+        for k, (d, s) in llama_3b_tensors().items()
+        if not k.endswith((".scales", ".biases"))
+    )
+    assert 3.2e9 < params < 3.25e9
+    assert need.bytes == params * 4 + 2 * 28 * 8 * 128 * 8192 * 4
+    assert "float32" in need.source
+
+
+def test_models_list_shows_the_budget_and_where_it_comes_from(home, monkeypatch):
+    from mlx_intent.models import loading
+
+    monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
+    monkeypatch.setattr(loading, "dequantizes", lambda: False)
+    headers_only_llama_3b()
+    result = CliRunner().invoke(main, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1 if line.startswith("*") else 0]: line for line in result.output.splitlines() if line.strip()}
+    assert "2.6 GB" in rows["llama-3.2-3b"] and "measured: weights 1.68 GB (on disk) + KV cache" in rows["llama-3.2-3b"]
+    assert "1.2 GB" in rows["tinyllama"] and "registry estimate" in rows["tinyllama"]
 
 
 def test_models_list_marks_the_selected_model(home, monkeypatch):

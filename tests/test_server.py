@@ -34,8 +34,8 @@ from schemathesis.checks import not_a_server_error
 
 from mlx_intent import schema
 from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
-from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app
-from mlx_intent.serve.batcher import Batcher, Job, mode_chain, readiness
+from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app, server_config
+from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.settings import Settings
@@ -73,11 +73,12 @@ def answer(result: dict) -> tuple:
 
 
 @contextmanager
-def running(app):
-    """``app`` served by uvicorn on a free loopback port in a thread; yields (base URL, uvicorn server)."""
+def running(app, **limits):
+    """``app`` served by uvicorn with the service's settings (``server_config``, ``limits`` passed on) on a
+    free loopback port in a thread; yields (base URL, uvicorn server)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
+    server = uvicorn.Server(server_config(app, log_level="warning", **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     until(lambda: server.started or not thread.is_alive(), "uvicorn start")
@@ -95,6 +96,16 @@ def wait_ready(url: str) -> None:
 
 def post(url: str, path: str, body, **kw) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=WAIT_S, **kw)
+
+
+def warmed_then_held(app, url: str, gate: threading.Event) -> None:
+    """Let the warm-up through (requests during it are answered without the worker), then hold the worker
+    with a stream of its own (counted in no metric), so that the requests of the test queue up."""
+    gate.set()
+    wait_ready(url)
+    gate.clear()
+    holder = app.state.batcher.submit(Job([TEXTS[0]], STREAM, emit=lambda kind, data: None))
+    until(holder.future.running, "the worker held")
 
 
 def gated(chain: Chain, gate: threading.Event) -> Chain:
@@ -264,13 +275,20 @@ def test_readiness_decides_on_the_reason_kind():
     def declines(kind: Reason, words: str) -> Tier:
         return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL)
 
-    keyword = Tier("keyword", lambda texts: [])
-    assert readiness(Chain([declines(Reason.NOT_INSTALLED, "gone"), keyword])) == (True, "keyword")
-    assert readiness(Chain([declines(Reason.TOO_LARGE, "big"), keyword])) == (True, "keyword")
-    assert readiness(Chain([declines(Reason.LOAD_FAILED, "not downloaded (words)"), keyword])) == (
-        False,
-        f"{MODEL}: not downloaded (words)",
-    )
+    def after_warm_up(tier: Tier) -> dict:
+        states = {}
+        chain = watched(Chain([tier, Tier("keyword", lambda texts: [])]), states)
+        warm(chain, states)
+        return health(chain, states)
+
+    assert after_warm_up(declines(Reason.NOT_INSTALLED, "gone"))["primary"] == "keyword"
+    assert after_warm_up(declines(Reason.TOO_LARGE, "big"))["primary"] == "keyword"
+    assert after_warm_up(declines(Reason.LOAD_FAILED, "not downloaded (words)")) == {
+        "ready": False,
+        "status": "degraded",
+        "primary": None,
+        "detail": f"{MODEL}: not downloaded (words)",
+    }
 
 
 def raise_(e: Exception):
@@ -369,7 +387,7 @@ def metric_samples(text: str) -> dict[str, float]:
 def test_queued_requests_run_as_one_batch_with_the_single_answers(other_chain, gate, expected):
     app = create_app(SETTINGS, gated(other_chain, gate), request_timeout_ms=600_000)
     with running(app) as (base, _):
-        until(lambda: app.state.batcher.jobs.qsize() == 0, "warm-up taken by the worker")
+        warmed_then_held(app, base, gate)
         with ThreadPoolExecutor(len(TEXTS)) as pool:
             futures = [pool.submit(post, base, "/v1/classify", {"text": t}) for t in TEXTS]
             until(lambda: app.state.batcher.jobs.qsize() == len(TEXTS), "all requests queued")
@@ -397,8 +415,9 @@ def fake_chains(gate: threading.Event, busy: threading.Event, runs: list) -> dic
 
 
 def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
-    """Held back by a gate, queued jobs of two modes come out as one batch per mode, in order; a job
-    cancelled before its turn (its request timed out) is never run."""
+    """Held back by a gate, queued jobs of two modes come out as one batch per mode, in order (generate mode
+    runs it text by text, as generation goes anyway); a job cancelled before its turn (its request timed
+    out) is never run."""
     gate, busy, runs = threading.Event(), threading.Event(), []
     batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     first = batcher.submit(Job(["a"], "score"))
@@ -411,7 +430,7 @@ def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
     gate.set()
     batcher.stop(WAIT_S)  # queued behind them: they all run first
     assert not batcher.thread.is_alive()
-    assert runs == [("restaurant", ["a"]), ("restaurant", ["b", "c"]), ("weather", ["d", "f"])]
+    assert runs == [("restaurant", ["a"]), ("restaurant", ["b", "c"]), ("weather", ["d"]), ("weather", ["f"])]
     intents = [j.future.result()[0]["primary_intent"] for j in [first, *jobs, last]]
     assert intents == ["restaurant"] * 3 + ["weather"] * 2
 
@@ -437,7 +456,7 @@ def test_the_worker_keeps_batches_within_their_deadlines():
 def test_full_queue_answers_503_with_retry_after(other_chain, gate):
     app = create_app(SETTINGS, gated(other_chain, gate), queue_size=2, request_timeout_ms=600_000)
     with running(app) as (base, _):
-        until(lambda: app.state.batcher.jobs.qsize() == 0, "warm-up taken by the worker")
+        warmed_then_held(app, base, gate)
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(post, base, "/v1/classify", {"text": t}) for t in TEXTS[:2]]
             until(lambda: app.state.batcher.jobs.qsize() == 2, "queue full")
@@ -451,6 +470,7 @@ def test_full_queue_answers_503_with_retry_after(other_chain, gate):
 def test_request_timeout_answers_from_the_keyword_tier(other_chain, gate):
     app = create_app(SETTINGS, gated(other_chain, gate), request_timeout_ms=50)
     with running(app) as (base, _):
+        warmed_then_held(app, base, gate)
         body = post(base, "/v1/classify", {"text": "how do I get to the airport from Taksim"}).json()
         events = list(IntentClient(base).stream("how do I get to the airport from Taksim"))
         gate.set()
@@ -464,7 +484,7 @@ def test_shutdown_finishes_requests_in_flight(other_chain, gate):
     app = create_app(SETTINGS, gated(other_chain, gate), request_timeout_ms=600_000)
     with running(app) as (base, server):
         port = int(base.rsplit(":", 1)[1])
-        until(lambda: app.state.batcher.jobs.qsize() == 0, "warm-up taken by the worker")
+        warmed_then_held(app, base, gate)
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(post, base, "/v1/classify", {"text": TEXTS[0]})
             until(lambda: app.state.batcher.jobs.qsize() == 1, "request queued")
@@ -551,7 +571,7 @@ def test_a_huge_content_length_is_refused_before_the_body(url):
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
         s.sendall(
-            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000000000\r\n\r\n"
         )
         response = http.client.HTTPResponse(s)

@@ -60,7 +60,7 @@ def calibrate_command(
     \b
     Exit codes: 0 done; 1 an error reported in words; 2 bad usage or bad data; 3 an unknown or missing model.
     """
-    from mlx_intent.classifier import CALIBRATION, DEFAULT_THRESHOLD, IntentClassifier
+    from mlx_intent.classifier import DEFAULT_THRESHOLD, IntentClassifier
 
     if from_feedback:
         if data:
@@ -90,7 +90,6 @@ def calibrate_command(
         fit[k] for k in ("temperature", "threshold", "raw", "fitted", "gold", "gold_sets")
     )
     before, after = _figures(raw, gold), _figures(fitted, gold)
-    folder = clf.calibration_dir
     record = {
         "temperature": temperature,
         "threshold": threshold,
@@ -100,7 +99,9 @@ def calibrate_command(
         "ece_after": round(after["ece"], 4),
         "adapter": shown(clf.adapter) if clf.adapter else None,  # a retrained adapter needs a new fit
     }
-    calibration.write(folder / CALIBRATION, record)
+    if clf.calibration_weights is not None:  # a fit under the home for the shipped adapter names its weights
+        record["weights"] = clf.calibration_weights
+    calibration.write(clf.calibration_file, record)
     click.echo(f"{'':<24}{'T = 1':>10}{f'T = {temperature:.3f}':>12}")
     for label, key, show in _SHOWN:
         click.echo(f"{label:<24}{show(before[key]):>10}{show(after[key]):>12}")
@@ -109,7 +110,7 @@ def calibrate_command(
         f"threshold {threshold:g}: all_intents exact match {pct(set_match(fitted, gold_sets, threshold, MAX_INTENTS))}"
         f" (at {DEFAULT_THRESHOLD:g}: {pct(default_match)}) over {len(rows)} rows"
     )
-    click.echo(f"wrote {folder / CALIBRATION}")
+    click.echo(f"wrote {clf.calibration_file}")
 
 
 def _enough(rows: list[dict], force: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent import distributed as dist
 from mlx_intent.cli.options import check_log, check_writable, settings_options
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, UserError
 from mlx_intent.evaluation.data import data_path, read_labelled
@@ -60,6 +61,11 @@ Exit codes:
 @click.option("--min-accuracy", type=click.FloatRange(0, 1), help=f"Exit {EXIT_ERROR} when accuracy is below this.")
 @click.option("--no-adapter", is_flag=True, help="Score the base models, without their LoRA adapters.")
 @click.option("--force", is_flag=True, help="Replace an existing report (and predictions).")
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Share DATA among the ranks of `mlx.launch ... mlx-intent eval --distributed`; rank 0 writes the report.",
+)
 @settings_options
 def eval_command(
     data: str,
@@ -68,6 +74,7 @@ def eval_command(
     min_accuracy: float | None,
     no_adapter: bool,
     force: bool,
+    distributed: bool,
     settings: Settings,
 ) -> None:
     path = data_path(data, settings.home)
@@ -78,7 +85,11 @@ def eval_command(
     chain = make_chain(names, settings)
     if no_adapter:
         use_base_models(chain)
-    outcome = run(chain, rows, settings.batch_size)
+    group = dist.init(distributed)
+    if group is None:
+        outcome = run(chain, rows, settings.batch_size)
+    elif (outcome := dist.run_eval(group, chain, rows, settings.batch_size)) is None:
+        return  # a rank other than 0: rank 0 has its results and writes the report
     summary = summarize(rows, outcome, chain.names[0])
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -89,10 +100,9 @@ def eval_command(
         except ImportError:
             click.echo("warning: no figures: matplotlib is not installed (pip install matplotlib)", err=True)
             figures = {}
-        command = reproduce(
-            ["eval", data, "--chain", ",".join(names), *(["--no-adapter"] if no_adapter else [])], settings, report
-        )
-        title = f"Evaluation: {' → '.join(names)} on {path.stem}"
+        flags = [*(["--no-adapter"] if no_adapter else []), *(["--distributed"] if group is not None else [])]
+        command = reproduce(["eval", data, "--chain", ",".join(names), *flags], settings, report)
+        title = f"Evaluation: {' → '.join(names)} on {path.stem}" + (f", over {group.size()} ranks" if group else "")
         text = render(summary, title=title, command=command, data=path, names=names, settings=settings, figures=figures)
         write_report(text, report)
         if predictions is not None:

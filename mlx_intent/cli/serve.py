@@ -10,12 +10,23 @@ import click
 
 from mlx_intent.cli.options import chain_for, settings_options
 from mlx_intent.feedback import Recalibrator, open_store
-from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
+from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
+
+seconds = click.FloatRange(0, min_open=True)
 
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address (loopback: this machine only).")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests whose Host header names NAME (repeatable; '*': any).  Only localhost, "
+    "127.0.0.1, [::1] and the --host address are answered otherwise: a web page cannot reach the "
+    "service through DNS rebinding.",
+)
 @click.option(
     "--request-timeout-ms",
     type=click.FloatRange(0, min_open=True),
@@ -27,6 +38,29 @@ from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
 )
 @click.option(
     "--queue-size", default=QUEUE_SIZE, show_default=True, type=click.IntRange(1), help="Jobs waiting; then 503."
+)
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(1),
+    default=None,
+    help="Connections and requests at once; then 503 (default: the queue size + 64).",
+)
+@click.option(
+    "--header-timeout",
+    default=HEADER_TIMEOUT_S,
+    show_default=True,
+    type=seconds,
+    help="Seconds a connection has to send a whole request head, from its opening or its last response.",
+)
+@click.option(
+    "--body-timeout",
+    default=BODY_TIMEOUT_S,
+    show_default=True,
+    type=seconds,
+    help="Seconds a request body has to arrive whole; then 408.",
+)
+@click.option(
+    "--keep-alive", default=KEEP_ALIVE_S, show_default=True, type=seconds, help="Seconds an idle connection is kept."
 )
 @click.option("--no-batching", is_flag=True, help="Run one text at a time (for comparison).")
 @click.option("--no-record", is_flag=True, help="Keep no texts and answers (then POST /v1/feedback answers 404).")
@@ -41,17 +75,22 @@ from mlx_intent.settings import MAX_WAIT_MS, QUEUE_SIZE, Settings
 def serve_command(
     host,
     port,
+    allow_hosts,
     request_timeout_ms,
     max_wait_ms,
     queue_size,
+    limit_concurrency,
+    header_timeout,
+    body_timeout,
+    keep_alive,
     no_batching,
     no_record,
     recalibrate_every,
     settings: Settings,
 ) -> None:
     """Serve classification over HTTP: POST /v1/classify, /v1/classify/batch, /v1/classify/stream;
-    POST /v1/feedback; GET /v1/models, /healthz, /metrics; OpenAPI at /docs.  Every answer and its text are
-    kept in <models folder>/feedback.db (owner-only) for /v1/feedback, unless --no-record.
+    POST /v1/feedback; GET /v1/models, /healthz, /metrics; the OpenAPI description at /openapi.json.  Every
+    answer and its text are kept in <models folder>/feedback.db (owner-only) for /v1/feedback, unless --no-record.
 
     \b
     mlx-intent serve --chain smollm2-135m,keyword
@@ -60,9 +99,15 @@ def serve_command(
     try:
         import uvicorn
 
-        from mlx_intent.serve.app import create_app
+        from mlx_intent.serve.app import allowed_hosts, create_app, is_loopback, server_config
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
+    if not is_loopback(host):
+        click.echo(
+            f"warning: --host {host} is reachable from other machines, and the service has no authentication: "
+            "anyone who can reach it can classify and read /metrics and /v1/models",
+            err=True,
+        )
     chain = chain_for(settings)
     chain.store = None if no_record else open_store(settings.home)
     if recalibrate_every and chain.store is None:
@@ -75,12 +120,19 @@ def serve_command(
         max_wait_ms=max_wait_ms,
         queue_size=queue_size,
         batching=not no_batching,
+        hosts=allowed_hosts(host, allow_hosts),
+        body_timeout_s=body_timeout,
     )
-    # Every request is answered within its timeout (by the keyword tier if need be), so a shutdown that
-    # waits a little longer than that finishes all of them.
-    grace = int(app.state.request_timeout_ms / 1000) + 10
+    config = server_config(
+        app,
+        host,
+        port,
+        limit_concurrency=limit_concurrency,
+        keep_alive_s=keep_alive,
+        header_timeout_s=header_timeout,
+    )
     try:
-        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=grace, log_level="info")
+        uvicorn.Server(config).run()
     finally:
         if recalibrator is not None:
             recalibrator.stop()

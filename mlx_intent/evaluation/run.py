@@ -10,18 +10,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlx_intent.chain import ABSENT, GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
-from mlx_intent.metrics import is_absent, peak_memory_mb, runtime_fallback
+from mlx_intent.metrics import is_absent, peak_memory_mb, peak_rss_mb, runtime_fallback
 from mlx_intent.models import registry
 from mlx_intent.schema import INTENTS, KEYS, LANGUAGES, validate
 from mlx_intent.settings import Settings
@@ -72,8 +72,12 @@ def warm_up(chain: Chain) -> tuple[dict[str, str], dict[str, str]]:
     return skipped, absent
 
 
-def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> dict[str, Any]:
-    """Classify every row through ``chain`` in batches; results plus wall time, memory and load."""
+def run(
+    chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval", progress: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Classify every row through ``chain`` in batches; results plus wall time, memory and load.
+
+    ``progress`` is told each batch's size instead of a bar of its own (a distributed run counts every rank's)."""
     from tqdm import tqdm
 
     load_before = os.getloadavg()
@@ -87,12 +91,12 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
         print(f"warning: tier {tier} passes over: {reason}", file=sys.stderr)
     results: list[dict] = []
     start = time.perf_counter()
-    with tqdm(total=len(rows), unit="q", desc=desc, disable=None) as bar:
+    with tqdm(total=len(rows), unit="q", desc=desc, disable=None if progress is None else True) as bar:
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
             texts, labels = [r["text"] for r in batch], [r["primary_intent"] for r in batch]
             results += chain.classify_batch(texts, labels=labels, contexts=[r.get("context") for r in batch])
-            bar.update(len(batch))
+            (progress or bar.update)(len(batch))
     wall = time.perf_counter() - start
     return {
         "results": results,
@@ -100,8 +104,7 @@ def run(chain: Chain, rows: list[dict], batch_size: int, desc: str = "eval") -> 
         "skipped": skipped,
         "absent": absent,
         "peak_mlx_mb": peak_memory_mb(),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        / (1024 if sys.platform != "darwin" else 1024**2),
+        "max_rss_mb": peak_rss_mb(),
         "load_avg": (load_before, os.getloadavg()),
         "models": _model_settings(chain),
     }

@@ -49,12 +49,26 @@ def device_name() -> str:
     return "metal" if mx.metal.is_available() else "cuda"
 
 
+def device_info() -> dict:
+    """MLX's description of the default device: chip name, memory, Metal's recommended working set
+    (``mx.device_info`` in recent mlx, ``mx.metal.device_info`` in older; keys depend on the backend)."""
+    import mlx.core as mx
+
+    if hasattr(mx, "device_info"):
+        return dict(mx.device_info())
+    return dict(mx.metal.device_info()) if mx.metal.is_available() else {}
+
+
+def system_memory() -> int:
+    """Bytes of RAM in this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_memory() -> int:
     """Bytes a model may use: Metal's recommended working set, else system RAM."""
     import mlx.core as mx
 
     if mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        return int(info["max_recommended_working_set_size"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(device_info()["max_recommended_working_set_size"])
+    return system_memory()
 

@@ -210,7 +210,7 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         alignment = _alignment(path, metadata)
         data_start = -(-f.tell() // alignment) * alignment
     end = max((t.offset + t.nbytes for t in infos), default=0)
-    if data_start + end > size:
+    if infos and data_start + end > size:  # a vocabulary-only GGUF may end with its header
         raise GGUFError(f"{path}: file is truncated ({size} bytes, the tensor table needs {data_start + end})")
     return GGUFHeader(version, metadata, infos, data_start)
 

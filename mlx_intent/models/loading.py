@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_intent.models import backend, cpu_kernels
@@ -13,15 +16,80 @@ from mlx_intent.models.registry import (
     get_spec,
     how_to_get,
     require_dir,
+    resolve_dir,
     state,
     write_stamp,
 )
 
 
-def fits(name: str, memory: int | None = None) -> bool:
-    """Does the model's upper memory budget fit in the memory the device can give?"""
+@dataclass(frozen=True)
+class Budget:
+    """The memory a model needs here, in bytes, and where the figure comes from (in words)."""
+
+    bytes: int
+    source: str
+
+
+def dequantizes() -> bool:
+    """Whether ``load`` dequantizes the weights (on the CPU: see ``load``)."""
+    return backend.device_name() == "cpu"
+
+
+def budget(name: str, home: Path | None = None, dequantized: bool | None = None) -> Budget:
+    """The memory ``name`` needs: its weights as loaded (measured from its files: 4-bit as on disk, or float32
+    where ``load`` dequantizes them) plus the KV cache of the context this project uses; the registry's upper
+    estimate while the model is not on disk (or its files cannot be read)."""
+    spec = get_spec(name)
+    path = resolve_dir(name, home)
+    if path is not None:
+        dequantized = dequantizes() if dequantized is None else dequantized
+        try:
+            config = json.loads((path / "config.json").read_text())
+            weights = _weight_bytes(path, config, dequantized)
+            layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            pass
+        else:
+            kv = 2 * layers * kv_heads * head_dim * spec.context * (4 if dequantized else 2)
+            where = "float32 on the CPU" if dequantized else "on disk"
+            words = f"weights {weights / GB:.2f} GB ({where}) + KV cache {kv / GB:.2f} GB ({spec.context} tokens)"
+            return Budget(weights + kv, f"measured: {words}")
+    return Budget(int(spec.memory_gb[1] * GB), "registry estimate (no MLX weights here yet)")
+
+
+def _weight_bytes(path: Path, config: dict, dequantized: bool) -> int:
+    """Bytes of the weights in ``path``'s safetensors files once loaded, from their headers alone."""
+    bits = int((config.get("quantization") or {}).get("bits", 4))
+    total, found = 0, False
+    for file in sorted(path.glob("model*.safetensors")):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            found = True
+            start, end = info["data_offsets"]
+            if not dequantized:
+                total += end - start
+                continue
+            if key.endswith((".scales", ".biases")):
+                continue  # folded into the float32 weight
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            packed = info["dtype"] == "U32" and key.removesuffix(".weight") + ".scales" in header
+            total += count * (32 // bits if packed else 1) * 4
+    if not found:
+        raise ValueError(f"{path}: no weights")
+    return total
+
+
+def fits(name: str, memory: int | None = None, home: Path | None = None) -> bool:
+    """Does the model's budget (``budget``) fit in the memory the device can give?"""
     memory = backend.available_memory() if memory is None else memory
-    return get_spec(name).memory_gb[1] * GB <= memory
+    return budget(name, home).bytes <= memory
 
 
 def is_available(name: str, home: Path | None = None) -> bool:
@@ -51,9 +119,9 @@ def select_best_model(
         return model
     memory = backend.available_memory() if memory is None else memory
     for name in (env_model, env_fallback):
-        if name is not None and (get_spec(name) and is_available(name, home) and fits(name, memory)):
+        if name is not None and (get_spec(name) and is_available(name, home) and fits(name, memory, home)):
             return name
-    usable = [s for s in REGISTRY.values() if is_available(s.name, home) and fits(s.name, memory)]
+    usable = [s for s in REGISTRY.values() if is_available(s.name, home) and fits(s.name, memory, home)]
     if not usable:
         raise ModelNotAvailableError(
             "no model is available that fits in "
@@ -95,7 +163,7 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None,
     start = time.perf_counter()
     model, tokenizer = mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
     if dequantize is None:
-        dequantize = backend.device_name() == "cpu"
+        dequantize = dequantizes()
     if dequantize:
         # float32 scales first: MLX's CPU dequantize is ~3x faster from float32 than float16.
         model.apply(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p)

