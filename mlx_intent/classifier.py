@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,14 +161,23 @@ class IntentClassifier:
         stem, node = self.vocab.stem()
         return [*self.vocab.prefix, *stem], node
 
-    def query_ids(self, text: str) -> tuple[list[int], bool]:
-        """Token ids of the cleaned user text, truncated to the budget, and whether it was."""
+    def query_ids(self, text: str, context: Sequence[str] = ()) -> tuple[list[int], bool]:
+        """Token ids of the cleaned user text, truncated to the budget, and whether it was; after them its
+        earlier turns (``context``, oldest first), each a user message, the newest that fit in the model's context."""
         cleaned = clean_user_text(text, self._specials) if isinstance(text, str) else ""
         if not cleaned:
             raise EmptyTextError("text is empty")
         ids = self.prompt.user(cleaned)
-        budget = min(MAX_QUERY_TOKENS, self.spec.context - len(self.prefix_ids) - 64)
-        return ids[:budget], len(ids) > budget
+        room = self.spec.context - len(self.prefix_ids) - 64
+        budget = min(MAX_QUERY_TOKENS, room)
+        earlier: list[int] = []
+        for turn in reversed(context):  # whole turns, newest first
+            turn = clean_user_text(turn, self._specials)
+            piece = self.prompt.earlier([turn]) if turn else []
+            if len(piece) + len(earlier) + min(len(ids), budget) > room:
+                break
+            earlier = piece + earlier
+        return earlier + ids[:budget], len(ids) > budget
 
     # ---- the model ----------------------------------------------------------------------------
 
@@ -258,11 +267,16 @@ class IntentClassifier:
 
     # ---- scoring ------------------------------------------------------------------------------
 
-    def distributions(self, texts: list[str]) -> list[dict[str, float]]:
-        """P(intent) for each text: the constrained sampler's probability of writing each name."""
-        return self._rebuilt(lambda: self._distributions(texts))
+    def distributions(
+        self, texts: list[str], contexts: Sequence[Sequence[str]] | None = None
+    ) -> list[dict[str, float]]:
+        """P(intent) for each text (after its earlier turns, ``contexts``): the constrained sampler's probability
+        of writing each name."""
+        return self._rebuilt(lambda: self._distributions(texts, contexts))
 
-    def _distributions(self, texts: list[str]) -> list[dict[str, float]]:
+    def _distributions(
+        self, texts: list[str], contexts: Sequence[Sequence[str]] | None = None
+    ) -> list[dict[str, float]]:
         import mlx.core as mx
 
         # Names that share a first token need the model's next-token distribution deeper in
@@ -271,7 +285,8 @@ class IntentClassifier:
         # ancestors; any other branch point gets a small second pass, and only where the
         # first token left it real mass (elsewhere its share is split evenly).
         tail = self._tail
-        rows = [self.query_ids(t)[0] + self.suffix_ids + self._chain + tail for t in texts]
+        contexts = contexts or [()] * len(texts)
+        rows = [self.query_ids(t, c)[0] + self.suffix_ids + self._chain + tail for t, c in zip(texts, contexts)]
         cache = self._batch_cache(len(rows))
         h = self._hidden(rows, cache, back=len(tail))
         allowed = frozenset(INTENTS)
@@ -301,14 +316,18 @@ class IntentClassifier:
         extra = [n for n in ranked[1:MAX_INTENTS] if dist[n] >= self.threshold]
         return primary, dist[primary], [primary, *extra]
 
-    def classify_batch(self, texts: list[str], mode: str | None = None) -> list[dict]:
-        """Classify several texts together (one batched pass); same answers as one at a time."""
+    def classify_batch(
+        self, texts: list[str], mode: str | None = None, contexts: Sequence[Sequence[str]] | None = None
+    ) -> list[dict]:
+        """Classify several texts together (one batched pass); same answers as one at a time.  ``contexts``: each
+        text's earlier user turns of the conversation, oldest first (in the chat before it)."""
         mode = mode or self.mode
+        contexts = contexts or [()] * len(texts)
         if mode == "generate":
-            return [self.classify(t, mode="generate") for t in texts]
+            return [self.classify(t, mode="generate", context=c) for t, c in zip(texts, contexts)]
         start = time.perf_counter()
         truncated = [self.query_ids(t)[1] for t in texts]
-        dists = self.distributions(list(texts))
+        dists = self.distributions(list(texts), contexts)
         elapsed = (time.perf_counter() - start) * 1000
         results = []
         for dist, trunc in zip(dists, truncated):
@@ -317,19 +336,24 @@ class IntentClassifier:
             results.append(self._result(machine, dist, elapsed, trunc, "score"))
         return results
 
-    def classify(self, text: str, mode: str | None = None) -> dict:
+    def classify(self, text: str, mode: str | None = None, context: Sequence[str] = ()) -> dict:
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "score":
-            return self.classify_batch([text], mode)[0]
-        *_, result = self.stream(text)
+            return self.classify_batch([text], mode, [context])[0]
+        *_, result = self.stream(text, context=context)
         return result
 
     # ---- generation ---------------------------------------------------------------------------
 
     def stream(
-        self, text: str, temperature: float | None = None, seed: int | None = None, sample: bool | None = None
+        self,
+        text: str,
+        temperature: float | None = None,
+        seed: int | None = None,
+        sample: bool | None = None,
+        context: Sequence[str] = (),
     ) -> Iterator[str | dict]:
         """Constrained generation: yields pieces of JSON text as they are decided, then the result.
 
@@ -342,7 +366,7 @@ class IntentClassifier:
             sample = self.sample if sample is None else sample
             temperature = self.spec.temperature if sample else 0.0
         start = time.perf_counter()
-        ids, truncated = self.query_ids(text)
+        ids, truncated = self.query_ids(text, context)
         rng = np.random.default_rng(seed)
         machine = JSONMachine(self.vocab, max_intents=MAX_INTENTS)
         pending = ids + self.suffix_ids + machine.forced_run()

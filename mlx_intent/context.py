@@ -79,8 +79,11 @@ def rule_detector(items: list[tuple[Context, str, dict]]) -> list[float]:
 
 
 def topic(earlier: Sequence[dict]) -> dict | None:
-    """The answer a follow-up continues: the newest earlier turn's that was not social talk."""
-    return next((r for r in reversed(earlier) if r.get("primary_intent") != SOCIAL_INTENT), None)
+    """The answer a follow-up continues: the newest earlier turn's that named a need (not social talk, not
+    ``general``: a turn with no cue of its own, "I want to see the city lights", carries no topic on), else
+    the newest that was not social talk ("How do I pay?" then "cards everywhere?" continue ``general``)."""
+    talk = [r for r in earlier if r.get("primary_intent") != SOCIAL_INTENT]
+    return next((r for r in reversed(talk) if r.get("primary_intent") != FALLBACK_INTENT), talk[-1] if talk else None)
 
 
 def inherit(raw: dict, continued: dict, p: float) -> dict:

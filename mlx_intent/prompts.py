@@ -43,6 +43,14 @@ ANSWER_PREFIX = '{"primary_intent":'
 # from the prompt an adapter or a calibration was fitted on.
 PINNED_DATE = "26 Jul 2024"
 _PLACEHOLDER = "\u2063USER\u2063"
+_NEXT = "\u2063NEXT\u2063"
+# What a template writes between two user turns in a row, where it cannot be rendered (no template, or one that
+# refuses two user turns in a row).
+_FALLBACK_BREAKS = {
+    "chatml": "<|im_end|>\n<|im_start|>user\n",
+    "zephyr": "</s>\n<|user|>\n",
+    "llama3": "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n",
+}
 _FALLBACK_TEMPLATES = {
     "chatml": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"),
     "zephyr": "<|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n",
@@ -99,6 +107,28 @@ def split_prompt(tokenizer, chat_format: str, system: str | None = None) -> Prom
     return PromptParts(prefix, suffix)
 
 
+def turn_break(tokenizer, chat_format: str, system: str | None = None) -> str:
+    """What the chat template writes between two user turns in a row.  A conversation's earlier turns go in as
+    user messages of their own after the system prompt, before the query (mlx_intent/context.py): the system
+    prompt's KV cache is the same for every conversation.  The assistant's earlier answers are left out: they
+    are this classifier's own guesses, and a model shown its last JSON tends to copy it onto a new request."""
+    system = system_prompt() if system is None else system
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": _PLACEHOLDER},
+        {"role": "user", "content": _NEXT},
+    ]
+    rendered = None
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            rendered = render(tokenizer, messages)
+        except Exception:  # a template that insists on user/assistant alternation
+            rendered = None
+    if rendered is None or rendered.count(_PLACEHOLDER) != 1 or rendered.count(_NEXT) != 1:
+        return _FALLBACK_BREAKS[chat_format]
+    return rendered.split(_PLACEHOLDER)[1].split(_NEXT)[0]
+
+
 def render(tokenizer, messages: list[dict], tokenize: bool = False):
     """The tokenizer's chat template over ``messages`` with the generation prompt, on the pinned date."""
     return tokenizer.apply_chat_template(
@@ -130,6 +160,11 @@ class ChatPrompt:
     anchor_ids: list[int]
     suffix_text: str
     encode: Callable[[str], list[int]] = field(repr=False)
+    between: list[int] = field(default_factory=list)  # turn_break in tokens: after each earlier user turn
+
+    def earlier(self, turns: list[str]) -> list[int]:
+        """Tokens of a conversation's earlier (cleaned) user turns, each a user message, before the query's."""
+        return [i for turn in turns for i in (*self.user(turn), *self.between)]
 
     def user(self, text: str) -> list[int]:
         """Tokens of the (cleaned) user text as they are in the rendered conversation."""
@@ -153,7 +188,8 @@ def chat_prompt(tokenizer, chat_format: str, system: str | None = None) -> ChatP
     anchor_ids = encode(anchor)
     if prefix[len(prefix) - len(anchor_ids) :] != anchor_ids:  # the cut changed the tokens: keep all context
         anchor, anchor_ids = parts.prefix, prefix
-    return ChatPrompt(prefix, encode(parts.suffix), anchor, anchor_ids, parts.suffix, encode)
+    between = encode(turn_break(tokenizer, chat_format, system))
+    return ChatPrompt(prefix, encode(parts.suffix), anchor, anchor_ids, parts.suffix, encode, between)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2063]")
