@@ -178,7 +178,7 @@ def learned_detector(load_encoder: Callable[[], object]) -> Detector:
 
 # ---- training: python -m mlx_intent.context -----------------------------------------------------------------
 
-L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 AUGMENT = 600  # single-turn requests of train.jsonl, each after an earlier turn of the context set: not follow-ups
 
 
