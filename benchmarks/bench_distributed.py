@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from pathlib import Path
 
 from common import save_report
 
+from mlx_intent import distributed
 from mlx_intent.distributed import STEP_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,20 +54,6 @@ if group.rank() == 0:
 """
 
 
-def free_ports() -> int:
-    """A port P with P and P+1 free on loopback (the ring's two ranks listen on them)."""
-    for _ in range(50):
-        port = random.randrange(20000, 60000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no two free ports in a row on 127.0.0.1")
-
-
 WAYS = ("1 process", "2 ranks, mlx.launch", "2 ranks, started directly")
 
 
@@ -77,7 +62,7 @@ def run(way: str, cli: list[str], work: Path) -> tuple[float, float, str]:
     ``mlx.launch -n 2 --backend ring``; or 2 ranks started here with the environment mlx.launch gives a ring
     rank (MLX_RANK, and MLX_HOSTFILE naming both ranks' addresses), which leaves the launcher out."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    port = free_ports()
+    port = distributed.free_ports()
     hostfile = work / "ring.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     if way == WAYS[1]:

@@ -133,7 +133,8 @@ class IntentClassifier:
         # own adapter is never written into: `mlx-intent calibrate` keeps its fit under the models home.
         self.calibration_dir = adapter or folder
         home_fit = shipped_adapter_fit(self.name, adapter, home)
-        self.calibration_file = home_fit or self.calibration_dir / CALIBRATION  # where a new fit goes
+        # where a new fit goes (none for a model given in memory, with no folder)
+        self.calibration_file = home_fit or (self.calibration_dir / CALIBRATION if self.calibration_dir else None)
         self.calibration_weights = adapter_fingerprint(adapter) if home_fit else None
         self.calibration = load_calibration(self.calibration_dir, self.name, home_fit)  # .problems: files ignored
         calib = self.calibration.fit or {}

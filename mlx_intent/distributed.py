@@ -361,3 +361,21 @@ def run_eval(group, chain, rows: list[dict], batch_size: int) -> dict[str, Any] 
         "absent": {k: v for o in outcomes for k, v in o["absent"].items()},
         "ranks": size,
     }
+
+
+def free_ports(count: int = 2) -> int:
+    """A port P with P .. P+count-1 free on loopback: for ``mlx.launch -n count --backend ring --starting-port P``
+    on one machine (the tests and benchmarks/bench_distributed.py; the ring's ranks listen on them)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        port = random.randrange(20000, 60000)
+        try:
+            for p in range(port, port + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no {count} free ports in a row on 127.0.0.1")

@@ -94,3 +94,14 @@ def standin_home(standin_repos, tmp_path_factory):
     finally:
         hub.close()
     return home
+
+
+@pytest.fixture
+def clean_settings(monkeypatch, tmp_path, models_home):
+    """An empty working folder (no stray .env) and no MLX_INTENT_* setting but the session's models folder."""
+    from mlx_intent.settings import ENV_VARS
+
+    for variable in ENV_VARS.values():
+        if variable != "MLX_INTENT_HOME":
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from mlx_intent import metrics
 from mlx_intent.cli.main import main
 from mlx_intent.models.registry import BUNDLED
-from mlx_intent.settings import ENV_VARS
 from mlx_intent.stats import EXIT_CRITICAL, EXIT_OK, EXIT_WARNING
 
 QUERIES = [
@@ -24,12 +23,8 @@ QUERIES = [
 
 
 @pytest.fixture
-def cwd(monkeypatch, tmp_path, models_home):
+def cwd(clean_settings, tmp_path):
     """A clean directory (no stray .env) and no setting from the environment but the session's models folder."""
-    for variable in ENV_VARS.values():
-        if variable != "MLX_INTENT_HOME":
-            monkeypatch.delenv(variable, raising=False)
-    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 

@@ -16,19 +16,12 @@ from click.testing import CliRunner
 from mlx_intent import schema
 from mlx_intent.cli.main import ANSWER_KEYS, OUTPUT_KEYS, main
 from mlx_intent.models import loading
-from mlx_intent.settings import ENV_VARS
 
 LLM = ["--chain", "smollm2-135m", "--min-confidence", "0", "--latency-budget-ms", "600000"]
 KEYWORD = ["--chain", "keyword"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path, models_home):
-    """No stray settings: no .env in the working folder, no MLX_INTENT_* but the models folder."""
-    for variable in ENV_VARS.values():
-        if variable != "MLX_INTENT_HOME":
-            monkeypatch.delenv(variable, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
 
 
 @pytest.fixture

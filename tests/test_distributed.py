@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mlx_intent
+from mlx_intent import distributed
 from mlx_intent.distributed import _check, my_batches, owner, part_path
 from mlx_intent.errors import InputError
 from mlx_intent.settings import ENV_VARS
@@ -41,23 +40,9 @@ def environment(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in stray}, "PYTHONPATH": str(ROOT), **extra}
 
 
-def free_ports() -> int:
-    """A port P with P and P+1 free on loopback (the ring's two ranks listen on them)."""
-    for _ in range(50):
-        port = random.randrange(20000, 60000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no two free ports in a row on 127.0.0.1")
-
-
 def launch(cwd: Path, *args: str, script: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
     """``mlx.launch -n 2 --backend ring`` of ``mlx-intent ARGS`` (or of ``script``) on this machine, in ``cwd``."""
-    command = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(free_ports()), "--"]
+    command = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(distributed.free_ports()), "--"]
     command += [sys.executable, *(script or ["-m", "mlx_intent"]), *args]
     read, write = os.pipe()  # the launcher polls stdin: an open, silent pipe keeps it from spinning on EOF
     proc = subprocess.Popen(

@@ -33,19 +33,13 @@ from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, UserError
 from mlx_intent.models import gguf, hub, registry
 from mlx_intent.models.gguf import GGUFError
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
-from mlx_intent.settings import ENV_VARS, SettingsError, load_settings
+from mlx_intent.settings import SettingsError, load_settings
 
 ROOT = Path(mlx_intent.__file__).resolve().parent.parent
 KEYWORD = ["--chain", "keyword"]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path, models_home):
-    """An empty working folder (no stray .env) and no MLX_INTENT_* setting but the session's models folder."""
-    for variable in ENV_VARS.values():
-        if variable != "MLX_INTENT_HOME":
-            monkeypatch.delenv(variable, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
 
 
 @pytest.fixture

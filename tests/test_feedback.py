@@ -13,13 +13,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_server import WAIT_S, until
 
 from mlx_intent import feedback as fb
 from mlx_intent.chain import Chain, Tier, build_chain
@@ -31,15 +31,6 @@ from mlx_intent.settings import Settings
 
 KEYWORD = Settings(chain=("keyword",))
 TEXTS = ["best kebab in Kadikoy", "hello!", "will it rain tomorrow?", "ferry to Uskudar", "Havaist to IST"]
-WAIT_S = 120  # a cap on polling for a state, never an assertion about speed
-
-
-def until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

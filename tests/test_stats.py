@@ -235,7 +235,8 @@ def test_bad_logs_are_clear_errors(tmp_path, content, message):
 
 def test_no_log_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(stats_command, [], env={"MLX_INTENT_LOG": None})
+    empty_home = {"MLX_INTENT_LOG": None, "MLX_INTENT_HOME": str(tmp_path / "models")}  # no feedback store either
+    result = CliRunner().invoke(stats_command, [], env=empty_home)
     assert result.exit_code == 1 and "no log given" in result.output
 
 
