@@ -20,7 +20,7 @@ from mlx_intent.feedback import Store
 from mlx_intent.normalize import MAX_TEXT_CHARS
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.sessions import Sessions
-from mlx_intent.settings import ENV_VARS, Settings
+from mlx_intent.settings import Settings
 
 KEYWORD = Settings(chain=("keyword",))
 ANSWERS = {  # a stand-in tier's own reading of each turn (what a tier with no context would say)
@@ -221,11 +221,7 @@ def test_the_server_refuses_exactly_what_the_rule_refuses(served, context):
 
 
 @pytest.fixture
-def cli_env(monkeypatch, tmp_path, models_home):
-    for variable in ENV_VARS.values():
-        if variable != "MLX_INTENT_HOME":
-            monkeypatch.delenv(variable, raising=False)
-    monkeypatch.chdir(tmp_path)
+def cli_env(clean_settings, tmp_path):
     return tmp_path
 
 
