@@ -270,9 +270,11 @@ class EncoderClassifier:
         if not texts:
             return []
         start = time.perf_counter()
-        probs, multi = self.distributions(list(texts))
-        if self.keyword is not None:
+        if self.keyword is not None:  # the blend was fitted on the head's T = 1 probabilities (calibrate_head)
+            probs, multi = self.distributions(list(texts), temperature=1.0)
             probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
+        else:
+            probs, multi = self.distributions(list(texts))
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []
         for p, m in zip(probs, multi):

@@ -215,6 +215,12 @@ def test_recalibrate_writes_the_blend_under_the_home_and_the_chain_uses_it(tiny_
     texts = [r["text"] for r in read_labelled(DATA_DIR / "dev.jsonl")[::30]]
     a, b = blended.classify_batch(texts), alone.classify_batch(texts)
     assert [x["confidence"] for x in a] != [x["confidence"] for x in b]
+    # what is served is what was fitted: the blend of the head's T = 1 probabilities (calibrate_head), not of
+    # its tempered ones (a * log softmax(z / T) would weigh the encoder a / T)
+    assert blended.config.temperature != 1.0
+    raw, _ = blended.distributions(texts, temperature=1.0)
+    fitted_blend = encoder.blend(raw, [blended.keyword.classify(t) for t in texts], *blended.config.combination)
+    assert [x["confidence"] for x in a] == pytest.approx(fitted_blend.max(axis=1).tolist(), abs=1e-4)
 
 
 def test_a_changed_keyword_calibration_turns_the_blend_off_with_a_warning(tiny_head, tmp_path, monkeypatch):
