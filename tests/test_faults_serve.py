@@ -7,7 +7,6 @@ timeout on a client call only bounds how long a broken server can keep a test wa
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from test_server import WAIT_S, metric_samples, post, raise_, running, until
+from test_server import WAIT_S, metric_samples, post, raise_, raw_request, running, until
 
 from mlx_intent.chain import Chain, ModelPool, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.cli.main import main
@@ -331,14 +330,8 @@ def test_a_connection_without_a_whole_request_head_is_closed(keyword_chain, sent
 
 def test_a_body_that_does_not_arrive_gets_a_408(keyword_chain):
     with running(create_app(KEYWORD, keyword_chain, body_timeout_s=0.2)) as (base, _), raw(base) as s:
-        s.sendall(
-            b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 100\r\n\r\n{"text": '
-        )
-        response = http.client.HTTPResponse(s)
-        response.begin()
-        body = json.loads(response.read())
-    assert response.status == 408 and body["error"] == "body not received within 0.2 s"
+        status, body = raw_request(s, b'Content-Length: 100\r\n\r\n{"text": ')
+    assert status == 408 and body["error"] == "body not received within 0.2 s"
 
 
 def test_connections_over_the_limit_get_503(keyword_chain):

@@ -537,6 +537,15 @@ def test_bad_bodies_name_the_problem(url, path, body, status, words):
     assert set(r.json()) == {"error", "detail"} and words in r.json()["error"]
 
 
+def raw_request(s: socket.socket, rest: bytes) -> tuple[int, dict]:
+    """Send a POST /v1/classify head (ending with ``rest``: more headers, the blank line, part of a body) on
+    socket ``s``; the status and JSON body of the answer."""
+    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + rest)
+    response = http.client.HTTPResponse(s)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
 def raw_post(url: str, body: bytes, content_type: str | None = "application/json", **kw) -> httpx.Response:
     headers = {"Content-Type": content_type} if content_type else {}
     return httpx.post(f"{url}/v1/classify", content=body, headers=headers, timeout=WAIT_S, **kw)
@@ -570,14 +579,8 @@ def test_a_huge_content_length_is_refused_before_the_body(url):
     """The server answers from the headers alone: no body is ever sent (the read would wait forever)."""
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
-        s.sendall(
-            b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000000000\r\n\r\n"
-        )
-        response = http.client.HTTPResponse(s)
-        response.begin()
-        body = json.loads(response.read())
-    assert response.status == 413 and "body too large" in body["error"]
+        status, body = raw_request(s, b"Content-Length: 1000000000\r\n\r\n")
+    assert status == 413 and "body too large" in body["error"]
 
 
 def test_unknown_paths_and_methods_answer_json(url):
