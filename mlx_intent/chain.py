@@ -457,20 +457,21 @@ class Chain:
         return results, loading
 
     def _continue(self, items: list[tuple[Context, str]], fresh: list[int], earlier: list[list[int]], results):
-        """Give each fresh turn with earlier turns the topic it continues, where it reads as a follow-up;
+        """Give each fresh turn with earlier turns the topic it continues, where it reads as a follow-up of it;
         shorter conversations first, so that every earlier turn's answer is final before a later one reads it."""
         follow = [i for i in fresh if earlier[i] and isinstance(items[i][1], str)]
-        if not follow:
-            return
-        asked = [(items[i][0], items[i][1], results[i]) for i in follow]
-        try:
-            chances = self.followup(asked)
-        except Exception:  # a failing learned test costs the context, never the answer
-            chances = rule_detector(asked)
-        for i, p in sorted(zip(follow, chances), key=lambda f: len(earlier[f[0]])):
-            continued = topic([results[k] for k in earlier[i]])
-            if p >= 0.5 and continued is not None:
-                results[i] = inherit(results[i], continued, p)
+        for depth in sorted({len(earlier[i]) for i in follow}):
+            level = [i for i in follow if len(earlier[i]) == depth]
+            continued = {i: topic([results[k] for k in earlier[i]]) for i in level}
+            level = [i for i in level if continued[i] is not None]
+            asked = [(items[i][0], items[i][1], results[i], continued[i]) for i in level]
+            try:
+                chances = self.followup(asked) if asked else []
+            except Exception:  # a failing learned test costs the context, never the answer
+                chances = rule_detector(asked)
+            for i, p in zip(level, chances):
+                if p >= 0.5:
+                    results[i] = inherit(results[i], continued[i], p)
 
     def _limits(self, users: list[str | None]) -> list[dict | None]:
         """Each text's threshold overrides (its user's), or None for the defaults.  A store that cannot be read

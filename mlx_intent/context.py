@@ -41,8 +41,9 @@ MARKERS = {
 _OPENERS = tuple(sorted({m for ms in MARKERS.values() for m in ms}, key=len, reverse=True))
 
 Context = tuple[str, ...]
-# (earlier turns, turn, the turn's own answer) -> P(the turn continues the earlier ones)
-Detector = Callable[[list[tuple[Context, str, dict]]], list[float]]
+# (earlier turns, turn, the turn's own answer, the answer it would continue: ``topic``)
+Item = tuple[Context, str, dict, dict]
+Detector = Callable[[list[Item]], list[float]]  # -> P(the turn continues that answer)
 
 
 def context_problem(context: object) -> str | None:
@@ -73,9 +74,9 @@ def opens_as_follow_up(text: str) -> bool:
     return any(folded == m or folded.startswith(m + " ") for m in _OPENERS)
 
 
-def rule_detector(items: list[tuple[Context, str, dict]]) -> list[float]:
+def rule_detector(items: list[Item]) -> list[float]:
     """The keyword chain's test: no cue of its own (its answer is ``general``) and it opens as a follow-up."""
-    return [float(raw.get("primary_intent") == FALLBACK_INTENT and opens_as_follow_up(text)) for _, text, raw in items]
+    return [float(raw.get("primary_intent") == FALLBACK_INTENT and opens_as_follow_up(t)) for _, t, raw, _ in items]
 
 
 def topic(earlier: Sequence[dict]) -> dict | None:
@@ -122,6 +123,21 @@ def pair_text(context: Context, text: str) -> str:
     return f"{context[-1]} </s> {text}"
 
 
+def encoder_text(row: dict) -> str:
+    """What the encoder reads for a labelled row: its (earlier turn, turn) pair where it has earlier turns."""
+    return pair_text(tuple(row["context"]), row["text"]) if row.get("context") else row["text"]
+
+
+def request_pairs(context_rows: list[dict], single_rows: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """``n`` single-turn requests of ``single_rows`` (not social talk), each after the earlier turns of a random
+    row of ``context_rows``, labelled as they are: a request of its own stays its own after a conversation."""
+    rng = np.random.default_rng(seed)
+    requests = [r for r in single_rows if r["primary_intent"] != SOCIAL_INTENT]
+    picked = rng.choice(len(requests), size=min(n, len(requests)), replace=False) if context_rows else []
+    earlier = [list(r["context"]) for r in context_rows]
+    return [{**requests[i], "context": earlier[rng.integers(len(earlier))], "kind": "new_request"} for i in picked]
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 50) -> np.ndarray:
     """L2-regularised logistic regression by Newton's method (a few hundred rows: exact and fast)."""
     w = np.zeros(x.shape[1])
@@ -149,21 +165,41 @@ class FollowUpHead:
         self.w = np.load(folder / HEAD_FILE)["w"]
         self.encoder = encoder
 
-    def __call__(self, items: list[tuple[Context, str, dict]]) -> list[float]:
+    def __call__(self, items: list[Item]) -> list[float]:
         if not items:
             return []
-        texts = [t for _, t, _ in items]
+        texts = [t for _, t, _, _ in items]
         own = self.encoder.embeddings(texts)
-        pair = self.encoder.embeddings([pair_text(c, t) for c, t, _ in items])
-        p = 1 / (1 + np.exp(-(features(own, pair, [r for _, _, r in items], texts) @ self.w)))
+        pair = self.encoder.embeddings([pair_text(c, t) for c, t, _, _ in items])
+        p = 1 / (1 + np.exp(-(features(own, pair, [r for _, _, r, _ in items], texts) @ self.w)))
         return [float(x) for x in p]
+
+
+def pair_detector(encoder) -> Detector:
+    """The encoder's own reading of the turn in its conversation (trained on pairs, tuner/encoder.py): the turn
+    continues the earlier answer when the pair ``earlier turn </s> turn`` reads more as that answer's intent
+    than as the turn's own; P = p(continued) / (p(continued) + p(own))."""
+    from mlx_intent.schema import INTENTS
+
+    def detect(items: list[Item]) -> list[float]:
+        out = [0.0] * len(items)  # a turn that says the topic itself keeps its own answer
+        ask = [i for i, (_, _, raw, cont) in enumerate(items) if raw["primary_intent"] != cont["primary_intent"]]
+        if ask:
+            probs, _ = encoder.distributions([pair_text(items[i][0], items[i][1]) for i in ask])
+            for i, p in zip(ask, probs):
+                a = p[INTENTS.index(items[i][3]["primary_intent"])]
+                b = p[INTENTS.index(items[i][2]["primary_intent"])]
+                out[i] = float(a / (a + b))
+        return out
+
+    return detect
 
 
 def learned_detector(load_encoder: Callable[[], object]) -> Detector:
     """The learned test on the encoder ``load_encoder()`` gives; the rule where it cannot load (warned once)."""
     state: dict = {}
 
-    def detect(items: list[tuple[Context, str, dict]]) -> list[float]:
+    def detect(items: list[Item]) -> list[float]:
         if "head" not in state:
             try:
                 state["head"] = FollowUpHead(load_encoder())
@@ -197,18 +233,12 @@ def train_head(context_rows: list[dict], single_rows: list[dict], folder: Path |
     from mlx_intent.encoder import head_fingerprint
     from mlx_intent.settings import load_settings
 
-    rng = np.random.default_rng(seed)
     chain = build_chain(load_settings(), names=["e5-small", "keyword", "general"])
     encoder = chain.tiers[0].load()
-    requests = [r for r in single_rows if r["primary_intent"] != SOCIAL_INTENT]
-    picked = rng.choice(len(requests), size=min(AUGMENT, len(requests)), replace=False)
-    earlier = [tuple(r["context"]) for r in context_rows]
+    augment = request_pairs(context_rows, single_rows, AUGMENT, seed)
     rows = [
-        (tuple(r["context"]), r["text"], r["kind"] == "follow_up", calibration_part(r["text"])) for r in context_rows
-    ]
-    rows += [
-        (earlier[rng.integers(len(earlier))], requests[i]["text"], False, calibration_part(requests[i]["text"]))
-        for i in picked
+        (tuple(r["context"]), r["text"], r["kind"] == "follow_up", calibration_part(r["text"]))
+        for r in [*context_rows, *augment]
     ]
     texts = [t for _, t, _, _ in rows]
     raws = [r for a in range(0, len(texts), 64) for r in chain.classify_batch(texts[a : a + 64])]
@@ -236,7 +266,7 @@ def train_head(context_rows: list[dict], single_rows: list[dict], folder: Path |
         "rows": len(rows),
         "follow_ups": int(y.sum()),
         "train_accuracy": round(float(((x @ w >= 0) == (y > 0)).mean()), 4),
-        "trained_on": ["benchmarks/data/context-train.jsonl", f"benchmarks/data/train.jsonl ({len(picked)} rows)"],
+        "trained_on": ["benchmarks/data/context-train.jsonl", f"benchmarks/data/train.jsonl ({len(augment)} rows)"],
     }
     (folder / HEAD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

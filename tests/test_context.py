@@ -14,7 +14,15 @@ from test_server import post, running, wait_ready
 
 from mlx_intent.chain import Chain, Tier, build_chain, cache_key
 from mlx_intent.cli.main import main
-from mlx_intent.context import MAX_CONTEXT_TURNS, context_problem, rule_detector, topic
+from mlx_intent.context import (
+    MAX_CONTEXT_TURNS,
+    context_problem,
+    encoder_text,
+    pair_detector,
+    request_pairs,
+    rule_detector,
+    topic,
+)
 from mlx_intent.errors import InputError
 from mlx_intent.feedback import Store
 from mlx_intent.normalize import MAX_TEXT_CHARS
@@ -109,6 +117,109 @@ def test_the_learned_head_on_the_encoder(models_home):
     assert (follow["primary_intent"], follow["context_used"]) == ("weather", True)
     assert (new["primary_intent"], new["context_used"]) == ("shopping", False)
     assert social["primary_intent"] == "greeting"
+
+
+def test_the_detector_is_asked_about_the_answer_the_turn_would_continue():
+    asked: list = []
+
+    def detector(items):
+        asked.extend(
+            (ctx, text, raw["primary_intent"], continued["primary_intent"]) for ctx, text, raw, continued in items
+        )
+        return [1.0] * len(items)
+
+    chain = Chain([reading_tier()], followup=detector)
+    res = chain.classify("and tomorrow?", context=["Will it rain today?", "I want to see the city lights"])
+    # each earlier turn is asked about first (shortest conversation first), then the turn, with the older topic
+    assert asked == [
+        (("Will it rain today?",), "I want to see the city lights", "general", "weather"),
+        (("Will it rain today?", "I want to see the city lights"), "and tomorrow?", "general", "weather"),
+    ]
+    assert res["primary_intent"] == "weather" and res["context_used"]
+
+
+def test_no_topic_to_continue_asks_nothing():
+    asked: list = []
+    chain = Chain([reading_tier()], followup=lambda items: asked.extend(items) or [1.0] * len(items))
+    res = chain.classify("and tomorrow?", context=["thanks a lot!"])  # social talk carries no topic
+    assert asked == [] and (res["primary_intent"], res["context_used"]) == ("general", False)
+
+
+class PairReader:
+    """An encoder stand-in whose reading of a pair is given: DISTRIBUTION[pair text]."""
+
+    def __init__(self, readings: dict[str, dict[str, float]]) -> None:
+        self.readings, self.read = readings, []
+
+    def distributions(self, texts):
+        import numpy as np
+
+        from mlx_intent.schema import INTENTS
+
+        self.read += texts
+        p = np.full((len(texts), len(INTENTS)), 1e-3)
+        for row, text in zip(p, texts):
+            for name, v in self.readings[text].items():
+                row[INTENTS.index(name)] = v
+        return p, np.zeros_like(p)
+
+
+def test_the_pair_detector_weighs_the_continued_intent_against_the_own():
+    reader = PairReader(
+        {
+            "Will it rain today? </s> and tomorrow?": {"weather": 0.6, "general": 0.2},
+            "Will it rain today? </s> Where can I eat kebab in Kadıköy?": {"restaurant": 0.9, "weather": 0.05},
+        }
+    )
+    chain = Chain([reading_tier()], followup=pair_detector(reader))
+    follow = chain.classify("and tomorrow?", context=["Will it rain today?"])
+    new = chain.classify("Where can I eat kebab in Kadıköy?", context=["Will it rain today?"])
+    assert (follow["primary_intent"], follow["context_used"]) == ("weather", True)
+    assert follow["confidence"] == pytest.approx(0.9 * 0.6 / 0.8, abs=1e-4)  # the topic's, times P(continues)
+    assert (new["primary_intent"], new["context_used"]) == ("restaurant", False)
+    same = Chain([reading_tier()], followup=pair_detector(reader)).classify(
+        "Will it rain today?", context=["Will it rain today?"]
+    )
+    assert same["context_used"] is False  # a turn that says the topic itself keeps its own answer
+    assert "Will it rain today? </s> Will it rain today?" not in reader.read
+
+
+def test_a_conversation_row_is_read_as_its_pair_and_requests_are_paired_as_they_are():
+    follow = {"context": ["Will it rain today?", "ok"], "text": "and tomorrow?", "primary_intent": "weather"}
+    assert encoder_text(follow) == "ok </s> and tomorrow?"
+    assert encoder_text({"text": "and tomorrow?", "context": []}) == "and tomorrow?"
+    single = [
+        {"text": f"request {i}", "primary_intent": "restaurant", "all_intents": ["restaurant"]} for i in range(5)
+    ] + [{"text": "hi", "primary_intent": "greeting", "all_intents": ["greeting"]}]
+    pairs = request_pairs([follow], single, n=10)
+    assert sorted(r["text"] for r in pairs) == [f"request {i}" for i in range(5)]  # no social talk, each once
+    assert all(r["context"] == follow["context"] and r["primary_intent"] == "restaurant" for r in pairs)
+    assert request_pairs([], single, n=10) == []
+
+
+def test_train_e5_reads_a_conversation_set_as_pairs(monkeypatch, clean_settings, tmp_path):
+    import mlx_intent.tuner.encoder as tuner_encoder
+
+    seen = {}
+
+    def stop(tokenizer, texts):
+        seen["texts"] = texts
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(tuner_encoder, "encode_ids", stop)
+    monkeypatch.setattr(tuner_encoder, "install", lambda *a: pytest.fail("nothing is installed"))
+    import mlx_intent.encoder as encoder
+
+    monkeypatch.setattr(encoder, "HEAD_DIR", tmp_path / "no-head")
+    out = CliRunner().invoke(
+        main, ["train", "e5-small", "--data", "train", "--data", "context-train", "--calib", "calib"]
+    )
+    assert "stop here" in out.output
+    from mlx_intent.evaluation.data import data_path, read_labelled
+
+    conversation = read_labelled(data_path("context-train"))
+    assert {encoder_text(r) for r in conversation} <= set(seen["texts"])
+    assert sum(" </s> " in t for t in seen["texts"]) >= len(conversation) + 100  # and requests after a context
 
 
 # ---- validation -----------------------------------------------------------------------------------------------

@@ -330,7 +330,12 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "train_data", multiple=True, help="Training JSONL, or a name; repeatable. [default: train]")
+@click.option(
+    "--data",
+    "train_data",
+    multiple=True,
+    help="Training JSONL, or a name; repeatable. [default: train; e5-small: train, public-train, context-train]",
+)
 @click.option("--valid", "valid_data", default=None, help="Validation JSONL (loss is reported, never tuned on).")
 @click.option(
     "--calib",
@@ -388,8 +393,9 @@ def train(
 
     An LLM gets a LoRA adapter so it writes the right JSON after the classifier's prompt, saved in
     <models folder>/adapters/MODEL/ (on a Mac the same command fine-tunes Llama 3.2 3B: QLoRA on the
-    4-bit weights).  e5-small trains its intent head and top encoder layers, by default on train and
-    public-train (our data and the public corpora of `mlx-intent data build`), calibrates them on the
+    4-bit weights).  e5-small trains its intent head and top encoder layers, by default on train,
+    public-train (our data and the public corpora of `mlx-intent data build`) and context-train (turns
+    read with their earlier turn, plus requests of train after an earlier turn), calibrates them on the
     calibration split, and saves them in mlx_intent/weights/e5-small/."""
     from mlx_intent.evaluation.data import data_path, read_labelled
     from mlx_intent.tuner.train import train_adapter
@@ -400,6 +406,7 @@ def train(
     _clean_stale(target.parent)
     feedback = training_rows(settings.home) if with_feedback else []
     if model == ENCODER:
+        from mlx_intent.context import AUGMENT, request_pairs
         from mlx_intent.tuner.encoder import train_encoder
 
         def rows_of(names):
@@ -411,7 +418,11 @@ def train(
                 counts[path.stem] = len(part)
             return rows, counts
 
-        train_rows, sources = rows_of(train_data or ("train", "public-train"))
+        train_rows, sources = rows_of(train_data or ("train", "public-train", "context-train"))
+        pairs = [r for r in train_rows if r.get("context")]
+        if pairs:  # full requests after a conversation too, so that the pairs do not teach "always continue"
+            extra = request_pairs(pairs, [r for r in train_rows if not r.get("context")], AUGMENT, seed)
+            train_rows, sources = train_rows + extra, {**sources, "request pairs": len(extra)}
         if feedback:
             train_rows, sources = fold_feedback(train_rows, feedback), {**sources, "feedback": len(feedback)}
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))

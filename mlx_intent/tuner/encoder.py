@@ -6,6 +6,11 @@ what makes training fit on a 2-core CPU.  The loss is a class-balanced cross-ent
 plus a binary cross-entropy per intent for ``all_intents``.  After training, the softmax temperature
 (NLL of the gold primary) and the sigmoid threshold (all_intents exact match) are fitted on the
 calibration rows, which are neither trained on nor reported.
+
+A row with earlier turns (a conversation set's) is read as the pair ``earlier turn </s> turn``
+(context.encoder_text) and labelled as the conversation reads it: a follow-up with the intent it
+continues.  That teaches the encoder to read a turn in its conversation, which the chain asks of it
+when it decides whether a turn continues the earlier ones (mlx_intent/context.py).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlx_intent.context import encoder_text
 from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, encode_ids, head_module
 from mlx_intent.evaluation import scores
 from mlx_intent.models import backend
@@ -133,7 +139,7 @@ def train_encoder(
     start = time.perf_counter()
     model, tokenizer = e5.load(e5.default_weights())  # the weights the tier will serve with
     first = model.config.layers - tuned_layers
-    ids = encode_ids(tokenizer, [r["text"] for r in train_rows])
+    ids = encode_ids(tokenizer, [encoder_text(r) for r in train_rows])  # a turn with earlier turns: the pair
     labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
     targets = multi_hot(train_rows)
     weights = class_weights(labels.tolist())
@@ -200,6 +206,7 @@ def train_encoder(
             "tuned_layers": tuned_layers,
             "training": {
                 "rows": len(train_rows),
+                "pairs": sum(bool(r.get("context")) for r in train_rows),
                 "sources": sources or {},
                 "per_intent": {INTENTS[c]: int(n) for c, n in sorted(Counter(labels.tolist()).items())},
                 "epochs": epochs,
