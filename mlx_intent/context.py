@@ -5,19 +5,18 @@
 then, and a turn that *reads as a follow-up* takes the topic of the newest earlier turn that was not social
 talk (``topic``); a turn with a request of its own, or social talk after a request, keeps its own answer.
 
-Whether a turn reads as a follow-up is learned where the e5-small tier runs: a logistic head on the encoder's
-embeddings of the turn and of (earlier turn, turn), trained on the context training set
-(``python -m mlx_intent.context``, seconds; weights/followup/).  Without the encoder (the keyword chain) a
-frozen rule stands in: the keyword tier found no cue of its own, and the turn is short or opens with one of a
-few follow-up words (``MARKERS``).
+Whether a turn reads as a follow-up is learned where the e5-small tier runs: the encoder is trained on turns
+read in their conversation (``pair_text``: the earlier turns, a separator, the turn) as well as alone
+(tuner/encoder.py), and a turn continues the earlier answer when its pair reads more as that answer's intent
+than as its own (``pair_detector``).  Without the encoder (the keyword chain) a frozen rule stands in: the
+keyword tier found no cue of its own, and the turn is short or opens with one of a few follow-up words
+(``MARKERS``).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -25,8 +24,8 @@ from mlx_intent.normalize import MAX_TEXT_CHARS, normalize, text_problem
 from mlx_intent.schema import FALLBACK_INTENT, MAX_INTENTS, SOCIAL_INTENT
 
 MAX_CONTEXT_TURNS = 5  # earlier turns a request may carry, and a server session keeps
-HEAD_DIR = Path(__file__).resolve().parent / "weights" / "followup"
-HEAD_FILE, HEAD_RECORD = "head.npz", "head.json"
+CONTEXT_CHARS = 240  # of the earlier turns the encoder reads before a turn (pair_text)
+SEPARATOR = " </s> "  # between turns, as the encoder reads a conversation
 SHORT_WORDS = 3  # the rule: a turn this short with no cue of its own is elliptical
 
 # The rule's openers, folded (normalize): how a traveller continues a question in each language.
@@ -100,85 +99,39 @@ def inherit(raw: dict, continued: dict, p: float) -> dict:
     }
 
 
-def features(own: np.ndarray, pair: np.ndarray, raws: list[dict], texts: list[str]) -> np.ndarray:
-    """What the head reads: the turn's embedding, the (earlier turn, turn) pair's, and the turn's own answer
-    (its confidence, whether it found no cue, social talk, and its length)."""
-    extra = np.array(
-        [
-            [
-                float(r.get("confidence", 0.0)),
-                float(r.get("primary_intent") == FALLBACK_INTENT),
-                float(r.get("primary_intent") == SOCIAL_INTENT),
-                min(len(t.split()), 20) / 10,
-                1.0,
-            ]
-            for r, t in zip(raws, texts)
-        ]
-    )
-    return np.concatenate([own, pair, extra], axis=1)
-
-
 def pair_text(context: Context, text: str) -> str:
-    """The (earlier turn, turn) pair as the encoder reads it: the newest earlier turn, a separator, the turn."""
-    return f"{context[-1]} </s> {text}"
+    """The turn in its conversation as the encoder reads it: the earlier turns (their last CONTEXT_CHARS, so
+    that the turn itself fits in the encoder's 128 tokens), each followed by a separator, then the turn.  All
+    of them, since the newest earlier turn is often only a detail ("Asian side if possible") of the request a
+    follow-up continues."""
+    return f"{SEPARATOR.join(context)[-CONTEXT_CHARS:]}{SEPARATOR}{text}"
 
 
 def encoder_text(row: dict) -> str:
-    """What the encoder reads for a labelled row: its (earlier turn, turn) pair where it has earlier turns."""
+    """What the encoder reads for a labelled row: the turn in its conversation (``pair_text``) where it has one."""
     return pair_text(tuple(row["context"]), row["text"]) if row.get("context") else row["text"]
 
 
 def request_pairs(context_rows: list[dict], single_rows: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """``n`` single-turn requests of ``single_rows`` (not social talk), each after the earlier turns of a random
-    row of ``context_rows``, labelled as they are: a request of its own stays its own after a conversation."""
+    """``n`` rows of ``single_rows``, each after the earlier turns of a random row of ``context_rows``, labelled
+    as they are: a request of its own stays its own after a conversation, and social talk stays social."""
     rng = np.random.default_rng(seed)
-    requests = [r for r in single_rows if r["primary_intent"] != SOCIAL_INTENT]
-    picked = rng.choice(len(requests), size=min(n, len(requests)), replace=False) if context_rows else []
+    picked = rng.choice(len(single_rows), size=min(n, len(single_rows)), replace=False) if context_rows else []
     earlier = [list(r["context"]) for r in context_rows]
-    return [{**requests[i], "context": earlier[rng.integers(len(earlier))], "kind": "new_request"} for i in picked]
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 50) -> np.ndarray:
-    """L2-regularised logistic regression by Newton's method (a few hundred rows: exact and fast)."""
-    w = np.zeros(x.shape[1])
-    for _ in range(steps):
-        p = 1 / (1 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) / len(y) + l2 * w
-        hess = (x.T * (p * (1 - p))) @ x / len(y) + l2 * np.eye(len(w))
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
-
-
-class FollowUpHead:
-    """The learned test, on the e5-small tier's encoder (``encoder``: an EncoderClassifier)."""
-
-    def __init__(self, encoder, folder: Path | None = None) -> None:
-        from mlx_intent.encoder import head_fingerprint
-
-        folder = Path(folder) if folder is not None else HEAD_DIR
-        record = json.loads((folder / HEAD_RECORD).read_text(encoding="utf-8"))
-        if record.get("encoder_head") != head_fingerprint(encoder.head_dir):
-            raise ValueError(f"{folder}: trained on another e5-small head (retrain: python -m mlx_intent.context)")
-        self.w = np.load(folder / HEAD_FILE)["w"]
-        self.encoder = encoder
-
-    def __call__(self, items: list[Item]) -> list[float]:
-        if not items:
-            return []
-        texts = [t for _, t, _, _ in items]
-        own = self.encoder.embeddings(texts)
-        pair = self.encoder.embeddings([pair_text(c, t) for c, t, _, _ in items])
-        p = 1 / (1 + np.exp(-(features(own, pair, [r for _, _, r, _ in items], texts) @ self.w)))
-        return [float(x) for x in p]
+    return [
+        {
+            **single_rows[i],
+            "context": earlier[rng.integers(len(earlier))],
+            "kind": "social" if single_rows[i]["primary_intent"] == SOCIAL_INTENT else "new_request",
+        }
+        for i in picked
+    ]
 
 
 def pair_detector(encoder) -> Detector:
     """The encoder's own reading of the turn in its conversation (trained on pairs, tuner/encoder.py): the turn
-    continues the earlier answer when the pair ``earlier turn </s> turn`` reads more as that answer's intent
-    than as the turn's own; P = p(continued) / (p(continued) + p(own))."""
+    continues the earlier answer when ``earlier turns </s> turn`` reads more as that answer's intent than as
+    the turn's own: P = p(continued) / (p(continued) + p(own)), at the tier's calibrated temperature."""
     from mlx_intent.schema import INTENTS
 
     def detect(items: list[Item]) -> list[float]:
@@ -196,85 +149,23 @@ def pair_detector(encoder) -> Detector:
 
 
 def learned_detector(load_encoder: Callable[[], object]) -> Detector:
-    """The learned test on the encoder ``load_encoder()`` gives; the rule where it cannot load (warned once)."""
+    """The pair test on the encoder ``load_encoder()`` gives; the rule where it cannot load, or was trained on
+    no conversation (its head.json counts no pairs), warned once."""
     state: dict = {}
 
     def detect(items: list[Item]) -> list[float]:
-        if "head" not in state:
+        if "test" not in state:
             try:
-                state["head"] = FollowUpHead(load_encoder())
-            except Exception as e:  # no encoder, or a head for another encoder: the rule answers
-                warnings.warn(f"follow-up head unavailable, using the keyword rule: {e}", stacklevel=2)
-                state["head"] = None
-        head = state["head"]
-        return head(items) if head is not None else rule_detector(items)
+                encoder = load_encoder()
+                if not encoder.record.get("training", {}).get("pairs"):
+                    raise ValueError(f"{encoder.head_dir} was trained on no conversation (see mlx-intent train --help)")
+                state["test"] = pair_detector(encoder)
+            except Exception as e:  # no encoder, or one that never read a conversation: the rule answers
+                warnings.warn(f"e5-small cannot read conversations, using the keyword rule: {e}", stacklevel=2)
+                state["test"] = rule_detector
+        return state["test"](items)
 
     return detect
 
 
-# ---- training: python -m mlx_intent.context -----------------------------------------------------------------
-
-L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-AUGMENT = 600  # single-turn requests of train.jsonl, each after an earlier turn of the context set: not follow-ups
-
-
-def calibration_part(text: str) -> bool:
-    """The fifth of the context training set (by a hash of the text) that chooses the head's L2 weight."""
-    import hashlib
-
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 5 == 0
-
-
-def train_head(context_rows: list[dict], single_rows: list[dict], folder: Path | None = None, seed: int = 0) -> dict:
-    """Fit the follow-up head on (earlier turns, turn) rows labelled follow_up or not (new_request, social), plus
-    ``AUGMENT`` single-turn requests after a random earlier turn; the L2 weight is chosen on the calibration
-    fifth, then the head is refitted on all rows.  Writes head.npz and head.json into ``folder``."""
-    from mlx_intent.chain import build_chain
-    from mlx_intent.encoder import head_fingerprint
-    from mlx_intent.settings import load_settings
-
-    chain = build_chain(load_settings(), names=["e5-small", "keyword", "general"])
-    encoder = chain.tiers[0].load()
-    augment = request_pairs(context_rows, single_rows, AUGMENT, seed)
-    rows = [
-        (tuple(r["context"]), r["text"], r["kind"] == "follow_up", calibration_part(r["text"]))
-        for r in [*context_rows, *augment]
-    ]
-    texts = [t for _, t, _, _ in rows]
-    raws = [r for a in range(0, len(texts), 64) for r in chain.classify_batch(texts[a : a + 64])]
-    own = np.concatenate([encoder.embeddings(texts[a : a + 64]) for a in range(0, len(texts), 64)])
-    pairs = [pair_text(c, t) for c, t, _, _ in rows]
-    pair = np.concatenate([encoder.embeddings(pairs[a : a + 64]) for a in range(0, len(pairs), 64)])
-    x = features(own, pair, raws, texts)
-    y = np.array([f for _, _, f, _ in rows], dtype=np.float64)
-    cal = np.array([c for *_, c in rows])
-
-    def held_out(l2: float) -> float:
-        w = fit_logistic(x[~cal], y[~cal], l2)
-        return float(((x[cal] @ w >= 0) == (y[cal] > 0)).mean())
-
-    scores = {l2: held_out(l2) for l2 in L2_GRID}
-    l2 = max(L2_GRID, key=lambda v: (scores[v], v))
-    w = fit_logistic(x, y, l2)
-    folder = Path(folder) if folder is not None else HEAD_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / HEAD_FILE, w=w.astype(np.float32))
-    record = {
-        "encoder_head": head_fingerprint(encoder.head_dir),
-        "l2": l2,
-        "calibration_accuracy": {str(k): round(v, 4) for k, v in scores.items()},
-        "rows": len(rows),
-        "follow_ups": int(y.sum()),
-        "train_accuracy": round(float(((x @ w >= 0) == (y > 0)).mean()), 4),
-        "trained_on": ["benchmarks/data/context-train.jsonl", f"benchmarks/data/train.jsonl ({len(augment)} rows)"],
-    }
-    (folder / HEAD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return record
-
-
-if __name__ == "__main__":
-    from mlx_intent.evaluation.data import data_path, read_labelled
-
-    print(
-        json.dumps(train_head(read_labelled(data_path("context-train")), read_labelled(data_path("train"))), indent=2)
-    )
+AUGMENT = 1000  # rows of the single-turn training data, each after earlier turns of the context set: not follow-ups

@@ -234,18 +234,6 @@ class EncoderClassifier:
                 return None
         return keyword
 
-    def embeddings(self, texts: list[str]) -> np.ndarray:
-        """The pooled (L2-normalised) embedding of each text, (len(texts), hidden), through the tuned layers:
-        what the follow-up head of a conversation reads (mlx_intent/context.py)."""
-        import mlx.core as mx
-
-        from mlx_intent.models.e5 import batch_ids, pool
-
-        ids, mask = batch_ids(encode_ids(self.tokenizer, texts), self.tokenizer.pad)
-        pooled = pool(self.model(ids, mask), mask)
-        mx.eval(pooled)
-        return np.array(pooled, dtype=np.float64)
-
     def logits(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(primary logits, multi logits), each (len(texts), 15), in one padded batch."""
         import mlx.core as mx

@@ -18,6 +18,7 @@ from mlx_intent.context import (
     MAX_CONTEXT_TURNS,
     context_problem,
     encoder_text,
+    learned_detector,
     pair_detector,
     request_pairs,
     rule_detector,
@@ -184,16 +185,32 @@ def test_the_pair_detector_weighs_the_continued_intent_against_the_own():
     assert "Will it rain today? </s> Will it rain today?" not in reader.read
 
 
+def test_an_encoder_that_never_read_a_conversation_leaves_it_to_the_rule():
+    reader = PairReader({"Will it rain today? </s> and tomorrow?": {"general": 0.9, "weather": 0.05}})
+    item = (("Will it rain today?",), "and tomorrow?", {"primary_intent": "general"}, {"primary_intent": "weather"})
+    reader.record, reader.head_dir = {"training": {"pairs": 0}}, "old-head"
+    with pytest.warns(UserWarning, match="old-head was trained on no conversation"):
+        assert learned_detector(lambda: reader)([item]) == [1.0]  # the rule: no cue, and short
+    reader.record = {"training": {"pairs": 12}}
+    assert learned_detector(lambda: reader)([item]) == [pytest.approx(0.05 / 0.95)]  # the pair reads general
+
+
 def test_a_conversation_row_is_read_as_its_pair_and_requests_are_paired_as_they_are():
     follow = {"context": ["Will it rain today?", "ok"], "text": "and tomorrow?", "primary_intent": "weather"}
-    assert encoder_text(follow) == "ok </s> and tomorrow?"
+    assert encoder_text(follow) == "Will it rain today? </s> ok </s> and tomorrow?"
     assert encoder_text({"text": "and tomorrow?", "context": []}) == "and tomorrow?"
+    long = encoder_text({"text": "and tomorrow?", "context": ["x" * 1000, "Will it rain today?"]})
+    assert long.endswith("Will it rain today? </s> and tomorrow?") and len(long) < 300  # the turn always fits
     single = [
         {"text": f"request {i}", "primary_intent": "restaurant", "all_intents": ["restaurant"]} for i in range(5)
     ] + [{"text": "hi", "primary_intent": "greeting", "all_intents": ["greeting"]}]
     pairs = request_pairs([follow], single, n=10)
-    assert sorted(r["text"] for r in pairs) == [f"request {i}" for i in range(5)]  # no social talk, each once
-    assert all(r["context"] == follow["context"] and r["primary_intent"] == "restaurant" for r in pairs)
+    assert sorted(r["text"] for r in pairs) == ["hi", *(f"request {i}" for i in range(5))]  # each once
+    assert all(r["context"] == follow["context"] for r in pairs)
+    assert {(r["text"], r["primary_intent"], r["kind"]) for r in pairs if r["text"] in ("hi", "request 0")} == {
+        ("hi", "greeting", "social"),
+        ("request 0", "restaurant", "new_request"),
+    }
     assert request_pairs([], single, n=10) == []
 
 
