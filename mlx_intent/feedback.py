@@ -431,15 +431,23 @@ def training_rows(home: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def calibration_part(store: Store | None) -> list[dict[str, Any]]:
+    """The calibration part's records of turns without earlier turns.  A tier's confidence is calibrated for a
+    turn read on its own, and a follow-up's label is the intent it continues, which the turn alone does not say
+    (so it would teach the tier that its right answers are wrong)."""
+    return [r for r in feedback_rows(store, "calib") if not r.get("context")]
+
+
 def calibration_rows(home: Path | None = None, minimum: int | None = None) -> list[dict[str, Any]]:
-    """The calibration part of the records, for ``calibrate --from-feedback``; an InputError below ``minimum``
-    (default MIN_CALIBRATION_RECORDS)."""
+    """The calibration part of the records (``calibration_part``), for ``calibrate --from-feedback``; an
+    InputError below ``minimum`` (default MIN_CALIBRATION_RECORDS)."""
     minimum = MIN_CALIBRATION_RECORDS if minimum is None else minimum
-    rows = feedback_rows(open_store(home, create=False), "calib")
+    rows = calibration_part(open_store(home, create=False))
     if len(rows) < minimum:
         raise InputError(
             f"--from-feedback: {len(rows)} records in the calibration part of {db_path(home)}, at least {minimum} "
-            f"needed (that part is {CALIB_SHARE:.0%} of the records, by a hash of the text; the rest trains)"
+            f"needed (that part is {CALIB_SHARE:.0%} of the records, by a hash of the text; the rest trains; "
+            "turns with earlier turns do not count)"
         )
     return rows
 
@@ -608,7 +616,7 @@ class Recalibrator:
         if count - self.seen < self.every:
             return False
         self.seen = count
-        rows = feedback_rows(self.store, "calib")
+        rows = calibration_part(self.store)
         if len(rows) < self.minimum:
             log.info("recalibration waits: %d records in the calibration part, %d needed", len(rows), self.minimum)
             return False

@@ -310,6 +310,17 @@ def test_training_and_calibration_parts_never_share_a_record(chain, home):
         fb.calibration_rows(home, minimum=1000)
 
 
+def test_turns_with_earlier_turns_train_as_conversations_but_never_calibrate(chain, home):
+    calib, train = labelled("calib")[:6], labelled("train")[:2]
+    rows = calib + train
+    contexts = [["Will it rain today?"]] * 3 + [None] * 3 + [["Will it rain today?"]] * 2
+    for r, res in zip(rows, chain.classify_batch([r["text"] for r in rows], contexts=contexts)):
+        fb.add_feedback(chain.store, res["id"], r["primary_intent"])
+    # a follow-up's label is the intent it continues, which the turn read alone (as calibration reads it) lacks
+    assert sorted(r["text"] for r in fb.calibration_rows(home, minimum=1)) == sorted(r["text"] for r in calib[3:])
+    assert [r["context"] for r in fb.training_rows(home)] == [["Will it rain today?"]] * 2
+
+
 @pytest.fixture
 def trainers(monkeypatch):
     import mlx_intent.tuner.encoder as tuner_encoder
