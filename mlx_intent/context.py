@@ -100,10 +100,10 @@ def inherit(raw: dict, continued: dict, p: float) -> dict:
 
 
 def pair_text(context: Context, text: str) -> str:
-    """The turn in its conversation as the encoder reads it: the earlier turns (their last CONTEXT_CHARS, so
-    that the turn itself fits in the encoder's 128 tokens), each followed by a separator, then the turn.  All
-    of them, since the newest earlier turn is often only a detail ("Asian side if possible") of the request a
-    follow-up continues."""
+    """The turn in its conversation as the encoder reads it: the earlier turns (their last CONTEXT_CHARS; the
+    encoder cuts more of the oldest where they still take too many tokens, encoder.encode_ids), each followed
+    by a separator, then the turn.  All of them, since the newest earlier turn is often only a detail ("Asian
+    side if possible") of the request a follow-up continues."""
     return f"{SEPARATOR.join(context)[-CONTEXT_CHARS:]}{SEPARATOR}{text}"
 
 
@@ -131,7 +131,8 @@ def request_pairs(context_rows: list[dict], single_rows: list[dict], n: int, see
 def pair_detector(encoder) -> Detector:
     """The encoder's own reading of the turn in its conversation (trained on pairs, tuner/encoder.py): the turn
     continues the earlier answer when ``earlier turns </s> turn`` reads more as that answer's intent than as
-    the turn's own: P = p(continued) / (p(continued) + p(own)), at the tier's calibrated temperature."""
+    the turn's own: P = p(continued) / (p(continued) + p(own)) >= 0.5.  The decision does not depend on the
+    temperature; P, which scales the continued answer's confidence, is read at the calibrated one."""
     from mlx_intent.schema import INTENTS
 
     def detect(items: list[Item]) -> list[float]:
@@ -149,23 +150,31 @@ def pair_detector(encoder) -> Detector:
 
 
 def learned_detector(load_encoder: Callable[[], object]) -> Detector:
-    """The pair test on the encoder ``load_encoder()`` gives; the rule where it cannot load, or was trained on
-    no conversation (its head.json counts no pairs), warned once."""
+    """The pair test on the encoder ``load_encoder()`` gives, once it loads with a head trained on conversations
+    (its head.json counts pairs); until then the rule, warned once.  A failed load is tried again on the next
+    call: ``load_encoder`` has its own back-off, and a transient failure must not cost the test for good."""
     state: dict = {}
 
     def detect(items: list[Item]) -> list[float]:
         if "test" not in state:
             try:
                 encoder = load_encoder()
-                if not encoder.record.get("training", {}).get("pairs"):
-                    raise ValueError(f"{encoder.head_dir} was trained on no conversation (see mlx-intent train --help)")
-                state["test"] = pair_detector(encoder)
-            except Exception as e:  # no encoder, or one that never read a conversation: the rule answers
-                warnings.warn(f"e5-small cannot read conversations, using the keyword rule: {e}", stacklevel=2)
+            except Exception as e:  # no encoder now: the rule answers this time
+                return _rule_instead(state, e, items)
+            if not encoder.record.get("training", {}).get("pairs"):  # a head that never read a conversation
                 state["test"] = rule_detector
+                return _rule_instead(state, f"{encoder.head_dir} was trained on no conversation", items)
+            state["test"] = pair_detector(encoder)
         return state["test"](items)
 
     return detect
+
+
+def _rule_instead(state: dict, why: object, items: list[Item]) -> list[float]:
+    if not state.get("warned"):
+        warnings.warn(f"e5-small cannot read conversations, using the keyword rule: {why}", stacklevel=3)
+        state["warned"] = True
+    return rule_detector(items)
 
 
 AUGMENT = 1000  # rows of the single-turn training data, each after earlier turns of the context set: not follow-ups

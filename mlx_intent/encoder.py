@@ -165,11 +165,21 @@ def fit_blend(p: np.ndarray, keyword: list[dict], gold: list[int]) -> tuple[floa
 
 
 def encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """<s> query: text </s>, cut to MAX_TOKENS."""
+    """<s> query: text </s>, cut to MAX_TOKENS.  A turn read after its earlier turns (context.pair_text) that is
+    too long loses its oldest earlier text first, so that the turn itself is read whole where it fits (a cut
+    in characters cannot promise that: emoji, URLs and CJK take many tokens a character)."""
+    from mlx_intent.context import SEPARATOR
     from mlx_intent.models.e5 import QUERY_PREFIX
 
-    rows = tokenizer.encode_batch([QUERY_PREFIX + t for t in texts])
-    return [[tokenizer.bos, *r[: MAX_TOKENS - 2], tokenizer.eos] for r in rows]
+    out = []
+    for text, ids in zip(texts, tokenizer.encode_batch([QUERY_PREFIX + t for t in texts])):
+        earlier, sep, turn = text.rpartition(SEPARATOR)
+        while len(ids) > MAX_TOKENS - 2 and sep:
+            earlier = earlier[len(earlier) // 4 + 1 :]  # the oldest quarter goes
+            sep = sep if earlier else ""
+            ids = tokenizer.encode_batch([f"{QUERY_PREFIX}{earlier}{sep}{turn}"])[0]
+        out.append([tokenizer.bos, *ids[: MAX_TOKENS - 2], tokenizer.eos])
+    return out
 
 
 def answer(probs: np.ndarray, multi: np.ndarray, threshold: float) -> tuple[str, float, list[str]]:

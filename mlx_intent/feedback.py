@@ -453,12 +453,16 @@ def calibration_rows(home: Path | None = None, minimum: int | None = None) -> li
 
 
 def fold_feedback(rows: list[dict], feedback: list[dict], weight: int = FEEDBACK_WEIGHT) -> list[dict]:
-    """Training rows with the feedback records folded in: a written row whose text a record judged is
-    dropped (the correction says what it means), and each record counts ``weight`` times."""
+    """Training rows with the feedback records folded in: a written row whose text, after the same earlier
+    turns, a record judged is dropped (the correction says what it means there; "and on Sunday?" means one
+    thing after each conversation), and each record counts ``weight`` times."""
     from mlx_intent.normalize import normalize
 
-    judged = {normalize(r["text"]) for r in feedback}
-    kept = [r for r in rows if normalize(r["text"]) not in judged]
+    def key(r: dict) -> tuple:
+        return tuple(normalize(t) for t in r.get("context") or ()), normalize(r["text"])
+
+    judged = {key(r) for r in feedback}
+    kept = [r for r in rows if key(r) not in judged]
     return kept + [dict(r) for r in feedback for _ in range(weight)]
 
 

@@ -141,6 +141,20 @@ def test_the_detector_is_asked_about_the_answer_the_turn_would_continue():
     assert res["primary_intent"] == "weather" and res["context_used"]
 
 
+def test_an_earlier_turn_that_continued_passes_its_inherited_topic_on():
+    asked: list = []
+
+    def always(items):
+        asked.extend((text, continued["primary_intent"]) for _, text, _, continued in items)
+        return [1.0] * len(items)
+
+    chain = Chain([reading_tier()], followup=always)
+    res = chain.classify("and tomorrow?", context=["Where can I eat kebab in Kadıköy?", "Will it rain today?"])
+    # the second turn took restaurant first, so the third continues restaurant, not the second turn's own weather
+    assert asked == [("Will it rain today?", "restaurant"), ("and tomorrow?", "restaurant")]
+    assert res["primary_intent"] == "restaurant"
+
+
 def test_no_topic_to_continue_asks_nothing():
     asked: list = []
     chain = Chain([reading_tier()], followup=lambda items: asked.extend(items) or [1.0] * len(items))
@@ -195,6 +209,24 @@ def test_an_encoder_that_never_read_a_conversation_leaves_it_to_the_rule():
         assert learned_detector(lambda: reader)([item]) == [1.0]  # the rule: no cue, and short
     reader.record = {"training": {"pairs": 12}}
     assert learned_detector(lambda: reader)([item]) == [pytest.approx(0.05 / 0.95)]  # the pair reads general
+
+
+def test_a_failed_encoder_load_is_tried_again():
+    reader = PairReader({"Will it rain today? </s> and tomorrow?": {"general": 0.9, "weather": 0.05}})
+    reader.record, reader.head_dir = {"training": {"pairs": 12}}, "head"
+    loads = [RuntimeError("encoder busy"), reader]
+
+    def load():
+        got = loads.pop(0) if len(loads) > 1 else loads[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    detect = learned_detector(load)
+    item = (("Will it rain today?",), "and tomorrow?", {"primary_intent": "general"}, {"primary_intent": "weather"})
+    with pytest.warns(UserWarning, match="encoder busy"):
+        assert detect([item]) == [1.0]  # the rule, this once
+    assert detect([item]) == [pytest.approx(0.05 / 0.95)]  # the encoder, once it loads
 
 
 def test_a_conversation_row_is_read_as_its_pair_and_requests_are_paired_as_they_are():

@@ -68,6 +68,23 @@ def test_a_batch_answers_as_one_at_a_time(tiny):
         assert a["confidence"] == pytest.approx(b["confidence"], abs=2e-3)
 
 
+@pytest.mark.parametrize("earlier", ["🌧️" * 240, "雨" * 240, "https://example.com/" * 12])
+def test_a_long_conversation_loses_its_oldest_text_never_the_turn(tiny, earlier):
+    from mlx_intent.context import pair_text
+
+    turn = "and what about tomorrow in Kadıköy?"
+    [ids] = encoder.encode_ids(tiny.tokenizer, [pair_text(("Will it rain today?", earlier), turn)])
+    [alone] = encoder.encode_ids(tiny.tokenizer, [turn])
+    tail = alone[-8:]  # "... tomorrow in Kadıköy?" </s>
+    assert len(ids) <= encoder.MAX_TOKENS and ids[-len(tail) :] == tail
+    [short] = encoder.encode_ids(tiny.tokenizer, ["Will it rain today? </s> " + turn])
+    assert short == [
+        tiny.tokenizer.bos,
+        *tiny.tokenizer.encode_batch(["query: Will it rain today? </s> " + turn])[0],
+        tiny.tokenizer.eos,
+    ]  # one that fits is read as it is
+
+
 def test_temperature_changes_confidence_not_the_primary(tiny):
     cold, _ = tiny.distributions(TEXTS, temperature=0.5)
     hot, _ = tiny.distributions(TEXTS, temperature=4.0)

@@ -299,6 +299,17 @@ def test_feedback_outweighs_written_rows_of_the_same_text():
     assert [r["primary_intent"] for r in rows] == ["greeting"] + ["neighborhood"] * 3
 
 
+def test_a_correction_replaces_the_same_text_only_after_the_same_earlier_turns():
+    written = [
+        {"text": "and on Sunday?", "context": ["Where can I shop?"], "primary_intent": "shopping"},
+        {"text": "and on Sunday?", "context": ["Is the ferry running?"], "primary_intent": "transportation"},
+        {"text": "and on Sunday?", "primary_intent": "general"},
+    ]
+    judged = [{"text": "And on Sunday?", "context": ["where can I shop?"], "primary_intent": "events"}]
+    rows = fb.fold_feedback(written, judged, weight=1)
+    assert [r["primary_intent"] for r in rows] == ["transportation", "general", "events"]
+
+
 def test_training_and_calibration_parts_never_share_a_record(chain, home):
     rows = labelled()[:80]
     judge(chain, rows)

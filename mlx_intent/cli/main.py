@@ -395,7 +395,7 @@ def train(
     <models folder>/adapters/MODEL/ (on a Mac the same command fine-tunes Llama 3.2 3B: QLoRA on the
     4-bit weights).  e5-small trains its intent head and top encoder layers, by default on train,
     public-train (our data and the public corpora of `mlx-intent data build`) and context-train (turns
-    read with their earlier turn, plus requests of train after an earlier turn), calibrates them on the
+    read after their earlier turns, plus 1000 single-turn rows after an earlier conversation), calibrates them on the
     calibration split, and saves them in mlx_intent/weights/e5-small/."""
     from mlx_intent.evaluation.data import data_path, read_labelled
     from mlx_intent.tuner.train import train_adapter
@@ -419,12 +419,12 @@ def train(
             return rows, counts
 
         train_rows, sources = rows_of(train_data or ("train", "public-train", "context-train"))
-        pairs = [r for r in train_rows if r.get("context")]
+        if feedback:
+            train_rows, sources = fold_feedback(train_rows, feedback), {**sources, "feedback": len(feedback)}
+        pairs = [r for r in train_rows if r.get("context")]  # feedback on conversations included
         if pairs:  # full requests after a conversation too, so that the pairs do not teach "always continue"
             extra = request_pairs(pairs, [r for r in train_rows if not r.get("context")], AUGMENT, seed)
             train_rows, sources = train_rows + extra, {**sources, "request pairs": len(extra)}
-        if feedback:
-            train_rows, sources = fold_feedback(train_rows, feedback), {**sources, "feedback": len(feedback)}
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
         try:
             summary = train_encoder(

@@ -7,10 +7,11 @@ plus a binary cross-entropy per intent for ``all_intents``.  After training, the
 (NLL of the gold primary) and the sigmoid threshold (all_intents exact match) are fitted on the
 calibration rows, which are neither trained on nor reported.
 
-A row with earlier turns (a conversation set's) is read as the pair ``earlier turn </s> turn``
-(context.encoder_text) and labelled as the conversation reads it: a follow-up with the intent it
-continues.  That teaches the encoder to read a turn in its conversation, which the chain asks of it
-when it decides whether a turn continues the earlier ones (mlx_intent/context.py).
+A row with earlier turns (a conversation set's, or feedback on a conversation) is read as
+``earlier turns </s> turn`` (context.encoder_text) and labelled as the conversation reads it: a
+follow-up with the intent it continues.  That teaches the encoder to read a turn in its
+conversation, which the chain asks of it when it decides whether a turn continues the earlier ones
+(mlx_intent/context.py).
 """
 
 from __future__ import annotations
