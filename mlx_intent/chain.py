@@ -476,17 +476,14 @@ class Chain:
     def _limits(self, users: list[str | None]) -> list[dict | None]:
         """Each text's threshold overrides (its user's), or None for the defaults.  A store that cannot be read
         costs the overrides, never the answer."""
-        out: list[dict | None] = []
-        for user in users:
-            if user is None or self.users is None:
-                out.append(None)
-                continue
+        found: dict[str, dict | None] = {}  # each user read once a batch (a batch is often one user's)
+        for user in {u for u in users if u is not None and self.users is not None}:
             try:
-                out.append(self.users(check_user(user)))
+                found[user] = self.users(check_user(user))
             except StoreError as e:
-                out.append(None)
+                found[user] = None
                 logger.warning("thresholds of user %s unread (%s): the defaults apply", user, e)
-        return out
+        return [found.get(user) if user is not None else None for user in users]
 
     def _run_tier(
         self, tier: Tier, texts, todo: list[int], results, fallbacks, limits=None, contexts=None

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mlx_intent.normalize import MAX_TEXT_CHARS, normalize, text_problem
-from mlx_intent.schema import FALLBACK_INTENT, MAX_INTENTS, SOCIAL_INTENT
+from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
 
 MAX_CONTEXT_TURNS = 5  # earlier turns a request may carry, and a server session keeps
 CONTEXT_CHARS = 240  # of the earlier turns the encoder reads before a turn (pair_text)
@@ -133,7 +133,6 @@ def pair_detector(encoder) -> Detector:
     continues the earlier answer when ``earlier turns </s> turn`` reads more as that answer's intent than as
     the turn's own: P = p(continued) / (p(continued) + p(own)) >= 0.5.  The decision does not depend on the
     temperature; P, which scales the continued answer's confidence, is read at the calibrated one."""
-    from mlx_intent.schema import INTENTS
 
     def detect(items: list[Item]) -> list[float]:
         out = [0.0] * len(items)  # a turn that says the topic itself keeps its own answer

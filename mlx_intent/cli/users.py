@@ -35,8 +35,12 @@ def _line(row: dict) -> str:
 def _known(settings: Settings, user: str) -> dict:
     row = get_user(open_store(settings.home, create=False), check_user(user))
     if row is None:
-        raise InputError(f"unknown user {user!r}: no thresholds in {db_path(settings.home)} (set them: users set)")
+        raise _unknown(settings, user)
     return row
+
+
+def _unknown(settings: Settings, user: str) -> InputError:
+    return InputError(f"unknown user {user!r}: no thresholds in {db_path(settings.home)} (set them: users set)")
 
 
 @click.group("users")
@@ -78,8 +82,9 @@ def users_list(settings: Settings) -> None:
 @home_options
 def users_delete(user: str, settings: Settings) -> None:
     """Forget USER's thresholds (their records stay): the defaults apply again."""
-    _known(settings, user)
-    delete_user(open_store(settings.home), user)
+    store = open_store(settings.home, create=False)
+    if store is None or not delete_user(store, check_user(user)):
+        raise _unknown(settings, user)
     click.echo(f"deleted the thresholds of {user}")
 
 
