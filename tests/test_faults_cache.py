@@ -59,7 +59,9 @@ def fresh(home) -> list[dict]:
 
 
 def same(got: list[dict], expected: list[dict]) -> bool:
-    return all(g == pytest.approx(e, abs=1e-6) for g, e in zip(got, expected))
+    return len(got) == len(expected) == len(TEXTS) and all(
+        g == pytest.approx(e, abs=1e-6) for g, e in zip(got, expected)
+    )
 
 
 def test_a_nan_cache_is_never_saved_and_restored_weights_answer(home, tmp_path):

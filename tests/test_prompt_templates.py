@@ -76,6 +76,7 @@ def test_the_prompt_is_the_chat_templates_token_for_token(name, loaded):
     clf = IntentClassifier(name, model=model, tokenizer=tok, use_adapter=False)  # the session's models folder
     rows = [{**ROW, "text": t} for t in TEXTS]
     examples = build_examples(rows, tok, registry.get_spec(name).chat_format, "compact")
+    assert len(examples) == len(TEXTS)
     for text, (tokens, _) in zip(TEXTS, examples):
         cleaned = clean_user_text(text, clf._specials)
         expected = chat_template_ids(tok, PROMPT_STYLES["full"](), cleaned)
@@ -111,5 +112,3 @@ def test_the_llama3_prompt_is_the_same_every_day(name, tokenizers, monkeypatch):
         seen.append((prompt.prefix, prompt.suffix))
         assert "Today Date: 26 Jul 2024" in tok.decode(prompt.prefix)
     assert seen[0] == seen[1]
-
-

@@ -120,9 +120,13 @@ def test_a_users_min_confidence_and_margin_apply_to_their_requests_only(home):
 
 
 def test_a_users_min_confidence_never_undercuts_the_tiers_floor():
-    tier = fake("llm", [("restaurant", 0.6), ("shopping", 0.1)], floor=0.7, threshold=0.7)
+    tier = fake("llm", [("restaurant", 0.6), ("shopping", 0.1)], floor=0.7, threshold=0.9)
     chain = Chain([tier, fake("clear", CLEAR)], cache_size=0, users=lambda u: {"min_confidence": 0.1})
-    assert chain.classify("x", user="lax")["tier"] == "clear"
+    assert chain.classify("x", user="lax")["tier"] == "clear"  # 0.6 is under the floor, whatever the user says
+    below = fake("llm", [("restaurant", 0.6), ("shopping", 0.1)], floor=0.5, threshold=0.9)
+    chain = Chain([below, fake("clear", CLEAR)], cache_size=0, users=lambda u: {"min_confidence": 0.1})
+    assert chain.classify("x", user="lax")["tier"] == "llm"  # above the floor, the user's 0.1 replaced the 0.9
+    assert chain.classify("x")["tier"] == "clear"
 
 
 def test_requests_record_their_user_in_the_store(home):
@@ -153,6 +157,8 @@ def test_user_thresholds_through_the_cli(home, tmp_path):
     assert bad.exit_code == EXIT_INPUT and "in.jsonl:1: user" in bad.output
     assert cli("users", "delete", "strict", home=home).exit_code == 0
     assert cli("users", "show", "strict", home=home).exit_code == EXIT_INPUT
+    again = cli("users", "delete", "strict", home=home)
+    assert again.exit_code == EXIT_INPUT and "unknown user 'strict'" in again.output
 
 
 @pytest.mark.parametrize(
