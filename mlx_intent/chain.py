@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
-from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, user_thresholds
+from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, top_gap, user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
@@ -109,20 +109,6 @@ class Tier:
     contextual: bool = False  # ``run(texts, contexts)`` reads the earlier turns (the LLM tiers' chat)
     margin: float = 0.0  # top two intents closer than this: passed over as ambiguous (0: off)
     floor: float = 0.0  # the least threshold a user's min_confidence may give it (the keyword floor)
-
-
-def top_gap(raw: dict) -> float | None:
-    """The gap between the two most likely intents of a tier's answer: from its distribution (``top``: the LLM
-    tiers in score mode, the encoder's softmax), else from the shares of its evidence (the keyword tier's
-    ``scores``); None where the tier gives no second score (generate mode, ``general``)."""
-    probs = sorted((float(p) for _, p in raw.get("top") or ()), reverse=True)
-    if len(probs) < 2:
-        scores = [float(v) for v in (raw.get("scores") or {}).values() if float(v) > 0]
-        total = sum(scores)
-        if not total:
-            return None
-        probs = sorted((v / total for v in scores), reverse=True) + [0.0]
-    return probs[0] - probs[1]
 
 
 def keyword_tier(home: Path | None = None) -> Tier:

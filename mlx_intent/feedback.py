@@ -223,13 +223,25 @@ def open_store(home: Path | None = None, create: bool = True) -> Store | None:
 # ---- results ------------------------------------------------------------------------------------
 
 
+def top_gap(raw: Mapping[str, Any]) -> float | None:
+    """The gap between the two most likely intents of a tier's answer: from its distribution (``top``: the LLM
+    tiers in score mode, the encoder's softmax), else from the shares of its evidence (the keyword tier's
+    ``scores``); None where the tier gives no second score (generate mode, ``general``)."""
+    probs = sorted((float(p) for _, p in raw.get("top") or ()), reverse=True)
+    if len(probs) < 2:
+        scores = [float(v) for v in (raw.get("scores") or {}).values() if float(v) > 0]
+        total = sum(scores)
+        if not total:
+            return None
+        probs = sorted((v / total for v in scores), reverse=True) + [0.0]
+    return probs[0] - probs[1]
+
+
 def margin_of(result: Mapping[str, Any]) -> float:
-    """The probability gap between the top two intents: from ``top`` where the tier gave it, else the
-    smallest gap the confidence allows (2 c - 1, the rest of the mass on one intent)."""
-    probs = sorted((float(p) for _, p in result.get("top") or ()), reverse=True)
-    if len(probs) >= 2:
-        return round(max(0.0, probs[0] - probs[1]), 4)
-    return round(max(0.0, 2 * float(result["confidence"]) - 1), 4)
+    """The gap the store keeps (``top_gap``), else the smallest gap the confidence allows (2 c - 1, the rest of
+    the mass on one intent)."""
+    gap = top_gap(result)
+    return round(max(0.0, gap if gap is not None else 2 * float(result["confidence"]) - 1), 4)
 
 
 def record_results(store: Store, records: Iterable[Mapping[str, Any]]) -> None:
