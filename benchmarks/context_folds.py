@@ -20,7 +20,7 @@ import click
 
 from mlx_intent import encoder
 from mlx_intent.chain import build_chain
-from mlx_intent.context import AUGMENT, request_pairs
+from mlx_intent.context import with_request_pairs
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import kind_table, pct, run, summarize
 from mlx_intent.settings import load_settings
@@ -34,8 +34,9 @@ def author(row: dict) -> str:
 def fold_rows(conversations: list[dict], held: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(training rows without author ``held``, calibration rows), as the train command builds them."""
     rows = [{**r, "_source": n} for n in ("train", "public-train") for r in read_labelled(data_path(n))]
-    pairs = [{**r, "_source": "context-train"} for r in conversations if author(r) != held]
-    rows += pairs + request_pairs(pairs, list(rows), AUGMENT, seed)
+    rows = with_request_pairs(
+        rows + [{**r, "_source": "context-train"} for r in conversations if author(r) != held], seed
+    )
     calib = [{**r, "_source": n} for n in ("calib", "public-calib") for r in read_labelled(data_path(n))]
     return rows, calib
 

@@ -128,6 +128,13 @@ def request_pairs(context_rows: list[dict], single_rows: list[dict], n: int, see
     ]
 
 
+def with_request_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Training ``rows``, and where some are conversations, AUGMENT ``request_pairs`` after them: full requests
+    after a conversation too, so that the conversations do not teach "always continue"."""
+    pairs = [r for r in rows if r.get("context")]
+    return rows + request_pairs(pairs, [r for r in rows if not r.get("context")], AUGMENT, seed) if pairs else rows
+
+
 def pair_detector(encoder) -> Detector:
     """The encoder's own reading of the turn in its conversation (trained on pairs, tuner/encoder.py): the turn
     continues the earlier answer when ``earlier turns </s> turn`` reads more as that answer's intent than as

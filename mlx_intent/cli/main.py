@@ -406,7 +406,7 @@ def train(
     _clean_stale(target.parent)
     feedback = training_rows(settings.home) if with_feedback else []
     if model == ENCODER:
-        from mlx_intent.context import AUGMENT, request_pairs
+        from mlx_intent.context import with_request_pairs
         from mlx_intent.tuner.encoder import train_encoder
 
         def rows_of(names):
@@ -421,10 +421,9 @@ def train(
         train_rows, sources = rows_of(train_data or ("train", "public-train", "context-train"))
         if feedback:
             train_rows, sources = fold_feedback(train_rows, feedback), {**sources, "feedback": len(feedback)}
-        pairs = [r for r in train_rows if r.get("context")]  # feedback on conversations included
-        if pairs:  # full requests after a conversation too, so that the pairs do not teach "always continue"
-            extra = request_pairs(pairs, [r for r in train_rows if not r.get("context")], AUGMENT, seed)
-            train_rows, sources = train_rows + extra, {**sources, "request pairs": len(extra)}
+        paired = with_request_pairs(train_rows, seed)  # feedback on conversations included
+        if len(paired) > len(train_rows):
+            train_rows, sources = paired, {**sources, "request pairs": len(paired) - len(train_rows)}
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
         try:
             summary = train_encoder(
