@@ -44,13 +44,6 @@ ANSWER_PREFIX = '{"primary_intent":'
 PINNED_DATE = "26 Jul 2024"
 _PLACEHOLDER = "\u2063USER\u2063"
 _NEXT = "\u2063NEXT\u2063"
-# What a template writes between two user turns in a row, where it cannot be rendered (no template, or one that
-# refuses two user turns in a row).
-_FALLBACK_BREAKS = {
-    "chatml": "<|im_end|>\n<|im_start|>user\n",
-    "zephyr": "</s>\n<|user|>\n",
-    "llama3": "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n",
-}
 _FALLBACK_TEMPLATES = {
     "chatml": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"),
     "zephyr": "<|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n",
@@ -60,6 +53,12 @@ _FALLBACK_TEMPLATES = {
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
 }
+
+
+def _fallback_break(chat_format: str) -> str:
+    """What a fallback template writes between two user turns in a row, where the model's own template cannot
+    be rendered: what it writes between the system prompt and the user's turn."""
+    return _FALLBACK_TEMPLATES[chat_format].split("{system}")[1].split("{user}")[0]
 
 
 def system_prompt() -> str:
@@ -125,7 +124,7 @@ def turn_break(tokenizer, chat_format: str, system: str | None = None) -> str:
         except Exception:  # a template that insists on user/assistant alternation
             rendered = None
     if rendered is None or rendered.count(_PLACEHOLDER) != 1 or rendered.count(_NEXT) != 1:
-        return _FALLBACK_BREAKS[chat_format]
+        return _fallback_break(chat_format)
     return rendered.split(_PLACEHOLDER)[1].split(_NEXT)[0]
 
 
