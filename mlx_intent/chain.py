@@ -301,6 +301,7 @@ class Chain:
         store: Store | None = None,
         users: Callable[[str], dict | None] | None = None,
         followup: Detector | None = None,
+        recording: bool = True,
     ):
         if not tiers or tiers[-1].name != GENERAL:
             tiers = [*tiers, general_tier()]
@@ -321,6 +322,9 @@ class Chain:
         # Whether a turn reads as a follow-up of its earlier turns (mlx_intent/context.py): learned on the
         # encoder when the chain has one, else the keyword rule.
         self.followup = followup or rule_detector
+        # Whether classify_batch counts, logs and keeps its answers (``keep``); the server's copy does not: it
+        # keeps each request's answers itself, with the request's own latency.
+        self.recording = recording
         self._lock = threading.Lock()
 
     def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
@@ -338,6 +342,7 @@ class Chain:
             store=self.store,
             users=self.users,
             followup=self.followup,
+            recording=self.recording,
         )
 
     def classify(
@@ -400,12 +405,34 @@ class Chain:
             res.update(timing)
             res["id"] = new_id()  # every answer its own, a cache hit's too: what feedback refers to
             out.append(res)
-        records = [self._record(*row) for row in zip(texts, out, labels, users, contexts)]
-        if self.log is not None:  # the log never costs an answer: a record it cannot write is only counted
+        for text, res in zip(texts, out):
+            res["lang"] = detect_language(text) if isinstance(text, str) else None
+        if self.recording:
+            self.keep(texts, out, labels, users, contexts)
+        return out
+
+    def keep(
+        self,
+        texts: Sequence[str],
+        results: Sequence[dict],
+        labels: Sequence[str | None] | None = None,
+        users: Sequence[str | None] | None = None,
+        contexts: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        """Count the answers in the metrics, log them and keep them in the feedback store, once each (with their
+        user and earlier turns).  The log never costs an answer: a record it cannot write is only counted."""
+        n = len(texts)
+        records = []
+        rows = zip(texts, results, labels or [None] * n, users or [None] * n, contexts or [()] * n)
+        for text, result, label, user, context in rows:
+            self.metrics.record(result, lang=result.get("lang"), label=label)
+            record = log_record(result, text, result.get("lang"), label=label)
+            record = record if user is None else {**record, "user": user}
+            records.append({**record, "context": list(context)} if context else record)
+        if self.log is not None:
             self.metrics.record_log_failures(self.log.write_many(records))
         if self.store is not None:
             record_results(self.store, records)
-        return out
 
     def _answer(self, items: list[tuple[Context, str]], keys: list, limits: list, earlier: list[list[int]]):
         """The answers to ``items`` (cached, or down the tiers and then through the context rule; cached where
@@ -571,18 +598,6 @@ class Chain:
         for i in todo:
             fallbacks[i].append(fallback(tier.name, kind, reason))
         return todo
-
-    def _record(
-        self, text: str, result: dict, label: str | None, user: str | None = None, context: Context = ()
-    ) -> dict:
-        """Count the result in the metrics; return its log line (with the request's user and earlier turns, for
-        the store)."""
-        lang = detect_language(text) if isinstance(text, str) else None
-        result["lang"] = lang
-        self.metrics.record(result, lang=lang, label=label)
-        record = log_record(result, text, lang, label=label)
-        record = record if user is None else {**record, "user": user}
-        return {**record, "context": list(context)} if context else record
 
 
 def model_floor(settings: Settings, names: list[str]) -> float:

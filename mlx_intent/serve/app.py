@@ -34,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.metrics import MB, Metrics, is_absent, log_record
+from mlx_intent.metrics import MB, is_absent
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
@@ -617,17 +617,8 @@ def create_app(
         return out
 
     def record(texts: list[str], outs: list[dict], user: str | None = None, contexts=None) -> None:
-        """Count, log and keep (feedback store) what was answered, once per text (called on a thread: the log
-        fsyncs).  The log never costs an answer: a record it cannot write is only counted."""
-        for out in outs:
-            chain.metrics.record(out, lang=out.get("lang"))
-        records = [log_record(out, text, out.get("lang")) for text, out in zip(texts, outs)]
-        records = records if user is None else [{**r, "user": user} for r in records]
-        records = [{**r, "context": list(c)} if c else r for r, c in zip(records, contexts or [()] * len(records))]
-        if chain.log is not None:
-            chain.metrics.record_log_failures(chain.log.write_many(records))
-        if chain.store is not None:
-            feedback.record_results(chain.store, records)
+        """Count, log and keep what was answered, once per text (on a thread: the log fsyncs)."""
+        chain.keep(texts, outs, users=[user] * len(texts), contexts=contexts)
 
     async def answered(
         texts: list[str], results: list[dict], start: float, user: str | None = None, contexts=None
@@ -785,7 +776,7 @@ def _quiet(chain: Chain) -> Chain:
     answered request and with the request's own latency (a request that timed out would otherwise be logged
     twice, and with the microseconds of the tiers that answered it in the end)."""
     copy = chain.derive()
-    copy.log, copy.metrics, copy.store = None, Metrics(), None
+    copy.recording = False
     return copy
 
 
