@@ -232,7 +232,7 @@ def classify_file(
 
     The command's own reader, resume and output rows (cli.main) are used as they are, so a distributed run
     reads, refuses and writes exactly what one process does."""
-    from mlx_intent.cli.main import _done_ids, _read_jsonl, id_key, output_row
+    from mlx_intent.cli.main import _done_ids, _read_jsonl, answer_lines, id_key
 
     rank, size = group.rank(), group.size()
     _check(group, input_path, output, resume)
@@ -251,10 +251,7 @@ def classify_file(
         try:
             for batch in batches:
                 try:
-                    results = chain.classify_batch(
-                        [b[2] for b in batch], users=[b[3] for b in batch], contexts=[b[4] for b in batch]
-                    )
-                    out.write("".join(_line(output_row(i, res)) for (_, i, *_), res in zip(batch, results)))
+                    out.write(answer_lines(chain, batch))
                     out.flush()
                 except Exception as e:
                     failure = e
@@ -279,7 +276,7 @@ def classify_file(
     merge_error: Exception | None = None
     if rank == 0:
         try:
-            _merge(parts, output, resume, written, _read_jsonl(input_path, set()), id_key)
+            _merge(parts, output, resume, written, _read_jsonl(input_path, set()))
         except Exception as e:
             merge_error = e
     if all_sum(group, [merge_error is None])[0] == size:  # OUT is whole: the part files are done with
@@ -288,10 +285,6 @@ def classify_file(
         raise merge_error
     if error is not None and rank == 0:
         raise error
-
-
-def _line(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def _failed(failed: list[tuple[int, dict]], size: int, output: Path) -> UserError:
@@ -305,22 +298,19 @@ def _failed(failed: list[tuple[int, dict]], size: int, output: Path) -> UserErro
     return err
 
 
-def _merge(parts: list[bytes], output: Path, resume: bool, written: set[str], records, key) -> None:
+def _merge(parts: list[bytes], output: Path, resume: bool, written: set[str], records) -> None:
     """Rank 0 writes OUT in input order from every rank's part file (after what OUT already holds, on
     --resume, as one process appends): the lines up to a bad input line, each id once."""
-    from mlx_intent.jsonl import JSONLError, parse_line
+    from mlx_intent.cli.main import id_key, lines_by_id
 
     lines: dict[str, bytes] = {}
     for data in parts:
-        for n, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                lines.setdefault(key(parse_line(raw, "part", n)["id"]), raw)
-            except (JSONLError, KeyError, TypeError):
-                continue  # a torn line, redone since: its id has a whole line too
+        for k, raw in lines_by_id(data, "part"):  # a torn line is skipped: redone since, its id has a whole line
+            lines.setdefault(k, raw)
     with open(output, "ab" if resume else "wb") as out:
         try:
             for _, ident, *_ in records:
-                k = key(ident)
+                k = id_key(ident)
                 if k not in written:
                     if k not in lines:
                         raise RuntimeError(f"no rank has a result for id {k}")  # a broken invariant, not input

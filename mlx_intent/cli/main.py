@@ -165,12 +165,27 @@ def _done_ids(output: Path) -> set[str]:
     if not output.is_file():
         return ids
     repair_file(output)
-    for n, raw in enumerate(output.read_bytes().split(b"\n"), 1):
+    return {key for key, _ in lines_by_id(output.read_bytes(), str(output))}
+
+
+def lines_by_id(data: bytes, where: str):
+    """(``id_key``, line) of each line of JSONL ``data`` that holds an id; torn or foreign lines are skipped."""
+    for n, raw in enumerate(data.split(b"\n"), 1):
         try:
-            ids.add(id_key(parse_line(raw, str(output), n)["id"]))
+            yield id_key(parse_line(raw, where, n)["id"]), raw
         except (JSONLError, KeyError, TypeError):
             continue
-    return ids
+
+
+def answer_lines(chain, batch: list[tuple], record: bool = False) -> str:
+    """The output lines of a batch of ``_read_jsonl`` lines, classified together (with ``record``: the id of
+    each result, which feedback refers to)."""
+    results = chain.classify_batch([b[2] for b in batch], users=[b[3] for b in batch], contexts=[b[4] for b in batch])
+    rows = [
+        output_row(ident, res) | ({"result_id": res["id"]} if record else {})
+        for (_, ident, *_), res in zip(batch, results)
+    ]
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 @main.command()
@@ -284,15 +299,9 @@ def _classify_file(
         with out, tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
-                results = chain.classify_batch(
-                    [b[2] for b in batch], users=[b[3] for b in batch], contexts=[b[4] for b in batch]
-                )
-                rows = [
-                    output_row(ident, res) | ({"result_id": res["id"]} if record else {})  # what feedback refers to
-                    for (_, ident, *_), res in zip(batch, results)
-                ]
+                lines = answer_lines(chain, batch, record)
                 try:
-                    out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                    out.write(lines)
                     out.flush()
                 except OSError as e:
                     unwritable.append(e)
