@@ -34,7 +34,7 @@ def _home(home: Path | None) -> Path:
 
 @click.group("data", context_settings={"help_option_names": ["-h", "--help"]})
 def data_command() -> None:
-    """Public intent corpora (CLINC150, HWU64, SLURP; xSID and Snips for evaluation only).
+    """Public intent corpora (CLINC150, HWU64, SLURP, MASSIVE in six languages; xSID and Snips for evaluation only).
 
     \b
     mlx-intent data fetch all          download the pinned raw files, checksummed

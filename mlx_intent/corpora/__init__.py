@@ -1,7 +1,8 @@
 """Importers for public, human-written intent corpora, mapped to our 15 intents.
 
-CLINC150 (train/val/oos), HWU64 (less SLURP test) and SLURP devel may train; CLINC150
-test, SLURP test, xSID and Snips are reserved for evaluation.  See CREDITS.md for the
+CLINC150 (train/val/oos), HWU64 (less SLURP test), SLURP devel and MASSIVE train (six
+languages) may train, MASSIVE dev calibrates (one half) and is reported (the other); CLINC150
+test, SLURP test, MASSIVE test, xSID and Snips are reserved for evaluation.  See CREDITS.md for the
 citations and licences, maps/ for the reviewed label maps.
 """
 

@@ -12,7 +12,15 @@ Order of the filters (each removal is counted under its reason in the summary):
    (`duplicate`) unless the copies disagree on the intent, when all go (`label_conflict`);
 4. the part (train / calib / heldout) comes from a hash of the normalized text, so a
    rebuild with more data never moves a sentence between parts;
-5. `general` is capped to a share of public-train and of public-calib (`general_cap`).
+5. `general` is capped to a share of public-train and of public-calib (`general_cap`), in each language.
+
+MASSIVE (six localisations of SLURP's requests, ids shared with SLURP) differs in three ways: its rows
+are relabelled request by request where a boundary rule of the guide overrides the source label
+(maps/massive.relabel.tsv); its off-topic rows are capped per source intent and language before
+anything else (`massive_per_source`), so every language keeps every kind of off-topic command; and its
+dev split is halved by a hash of the request's id (the same half in every language): one half
+calibrates, the other is reported as public-heldout-massive, and SLURP devel's English copies of the
+reported half's requests are not trained on (`massive_heldout`).
 
 Texts are compared after mlx_intent.normalize (NFKC, casefold, diacritics and
 punctuation folded, spaces collapsed), the folding our data checks already use.
@@ -30,12 +38,13 @@ from pathlib import Path
 from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS
 
-from .mapping import DROP, load_exclusions, load_map
-from .readers import READERS, Record
+from .mapping import DROP, load_exclusions, load_map, load_relabels
+from .readers import READERS, Record, parallel_id
 from .sources import CORPORA, TRAINING_ORDER, corpus
 
-OWN_FILES: tuple[str, ...] = ("train.jsonl", "dev.jsonl", "probe.jsonl")
+OWN_FILES: tuple[str, ...] = ("train.jsonl", "dev.jsonl", "probe.jsonl", "context-dev.jsonl")
 DEFAULT_GENERAL_CAP = 0.30
+MASSIVE_PER_SOURCE = 30  # off-topic MASSIVE train rows kept per source intent and language
 DEFAULT_SEED = 0
 
 # Per training corpus and split: the fractions (train, calib, heldout) of the hash range.
@@ -43,8 +52,8 @@ SPLIT_PLAN: dict[str, dict[str, tuple[float, float, float]]] = {
     "clinc150": {"train": (0.9, 0.1, 0.0), "oos_train": (0.9, 0.1, 0.0), "val": (0, 0, 1), "oos_val": (0, 0, 1)},
     "hwu64": {"all": (0.8, 0.1, 0.1)},
     "slurp": {"devel": (0.6, 0.2, 0.2)},
+    "massive": {"train": (1, 0, 0), "dev": (0, 0.5, 0.5)},  # dev: by the request's id, not its text
 }
-PARTS: tuple[str, ...] = ("train", "calib", "heldout")
 
 
 def text_key(text: str) -> str:
@@ -64,34 +73,71 @@ def assign_part(corpus_name: str, split: str, key: str) -> str:
     return "train" if x < train else "calib" if x < train + calib else "heldout"
 
 
-def to_row(rec: Record, intent: str) -> dict:
-    """A record in our JSONL row format (all_intents is the primary alone: the corpora are single-label)."""
+def to_row(rec: Record, intents: tuple[str, ...]) -> dict:
+    """A record in our JSONL row format (all_intents is the primary alone unless a row-level relabel says more)."""
     return {
         "id": rec.id,
         "text": rec.text,
         "lang": rec.lang,
-        "primary_intent": intent,
-        "all_intents": [intent],
+        "primary_intent": intents[0],
+        "all_intents": list(intents),
         "source": rec.source,
     }
 
 
+def _massive_heldout(slurp_id: str) -> bool:
+    """Whether MASSIVE's dev half that is reported holds this request (MASSIVE's ids are SLURP's)."""
+    return assign_part("massive", "dev", slurp_id) == "heldout"
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def _sample_key(row: dict) -> str:
+    """What a cap ranks a row by: a MASSIVE request's id, so that a capped evaluation set holds the same
+    requests in every language; any other row's own id."""
+    rid = row["id"]
+    return rid.rsplit("-", 1)[1] if rid.startswith("massive-") and row["source"].split("/")[1] != "train" else rid
+
+
 def cap_general(rows: list[dict], cap: float, seed: int = DEFAULT_SEED) -> tuple[list[dict], int]:
-    """Keep at most `cap` of the rows as `general`, choosing which by a seeded hash of the id.
+    """Keep at most `cap` of each language's rows as `general`, choosing which by a seeded hash of the id.
 
     Off-topic assistant commands are the negatives our own data lacks, but tens of
     thousands of them would swamp the 14 travel intents; the order of the others is kept.
     """
     if not 0 <= cap < 1:
         raise ValueError(f"general cap must be in [0, 1), got {cap}")
-    general = [r for r in rows if r["primary_intent"] == FALLBACK_INTENT]
-    others = len(rows) - len(general)
-    allowed = int(cap * others / (1 - cap))
-    if len(general) <= allowed:
+    keep: set[str] = set()
+    dropped = 0
+    for lang in sorted({r["lang"] for r in rows}):
+        general = [r for r in rows if r["lang"] == lang and r["primary_intent"] == FALLBACK_INTENT]
+        others = sum(r["lang"] == lang for r in rows) - len(general)
+        allowed = int(cap * others / (1 - cap))
+        ranked = sorted(general, key=lambda r: _rank(seed, _sample_key(r)))
+        keep |= {r["id"] for r in ranked[:allowed]}
+        dropped += max(0, len(general) - allowed)
+    if not dropped:
         return rows, 0
-    ranked = sorted(general, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
-    keep = {r["id"] for r in ranked[:allowed]}
-    return [r for r in rows if r["primary_intent"] != FALLBACK_INTENT or r["id"] in keep], len(general) - allowed
+    return [r for r in rows if r["primary_intent"] != FALLBACK_INTENT or r["id"] in keep], dropped
+
+
+def cap_per_source(
+    pairs: list[tuple[Record, tuple[str, ...]]], per_source: int, seed: int = DEFAULT_SEED
+) -> tuple[list[tuple[Record, tuple[str, ...]]], int]:
+    """Keep at most ``per_source`` general rows per (source intent, language), by a seeded hash of the id.
+
+    MASSIVE is four-fifths off-topic: a share cap alone would keep whichever kinds of command hash
+    first, where the tier needs every kind (alarms, lists, music, smart home...) in every language.
+    """
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for rec, intents in pairs:
+        if intents[0] == FALLBACK_INTENT:
+            groups[(rec.source_intent, rec.lang)].append(rec)
+    keep = {r.id for g in groups.values() for r in sorted(g, key=lambda r: _rank(seed, r.id))[:per_source]}
+    out = [(rec, intents) for rec, intents in pairs if intents[0] != FALLBACK_INTENT or rec.id in keep]
+    return out, len(pairs) - len(out)
 
 
 def read_own_texts(own_data_dir: Path) -> set[str]:
@@ -146,8 +192,9 @@ def build(
     removed: dict[str, Counter] = defaultdict(Counter)
     raw: dict[str, dict[str, int]] = defaultdict(dict)
 
-    def mapped(name: str, records: Iterable[Record], training: bool) -> list[tuple[Record, str]]:
+    def mapped(name: str, records: Iterable[Record], training: bool) -> list[tuple[Record, tuple[str, ...]]]:
         table, excl = load_map(name), load_exclusions(name) if training else {}
+        relabels = load_relabels(name) if training else {}
         out = []
         for rec in records:
             raw[name][rec.split] = raw[name].get(rec.split, 0) + 1
@@ -156,13 +203,13 @@ def build(
                 continue
             if rec.source_intent not in table:
                 raise KeyError(f"maps/{name}.tsv has no line for source intent {rec.source_intent!r} ({rec.id})")
-            intent = table[rec.source_intent].intent
-            if intent == DROP:
+            intents = relabels.get(parallel_id(rec)) or (table[rec.source_intent].intent,)
+            if intents == (DROP,) and table[rec.source_intent].intent == DROP:
                 removed["unmapped_label"][name] += 1
-            elif rec.id in excl:
+            elif intents == (DROP,) or rec.id in excl:
                 removed["excluded_row"][name] += 1
             else:
-                out.append((rec, intent))
+                out.append((rec, intents))
         return out
 
     # Reserved splits first: their texts bar the training side.
@@ -177,10 +224,10 @@ def build(
             slurp_test = keys
         rows, labels = [], defaultdict(set)
         pairs = mapped(name, records, training=False)
-        for rec, intent in pairs:
-            labels[(rec.lang, text_key(rec.text))].add(intent)
+        for rec, intents in pairs:
+            labels[(rec.lang, text_key(rec.text))].add(intents)
         seen = set()
-        for rec, intent in pairs:
+        for rec, intents in pairs:
             k = (rec.lang, text_key(rec.text))
             if len(labels[k]) > 1:
                 removed["label_conflict"][f"reserved-{name}"] += 1
@@ -188,13 +235,23 @@ def build(
                 removed["duplicate"][f"reserved-{name}"] += 1
             else:
                 seen.add(k)
-                rows.append(to_row(rec, intent))
+                rows.append(to_row(rec, intents))
+        if name == "massive":  # capped as its held-out half is, so the two read alike
+            rows, n = cap_general(rows, general_cap, seed)
+            if n:
+                removed["general_cap"][f"reserved-{name}"] += n
         reserved_rows[name] = rows
 
     # Training side, in TRAINING_ORDER so that the first copy of a duplicate is deterministic.
-    candidates: list[tuple[Record, str, str]] = []
+    candidates: list[tuple[Record, tuple[str, ...], str]] = []
     for name in (n for n in TRAINING_ORDER if n in sources):
-        for rec, intent in mapped(name, READERS[name](Path(sources[name]), CORPORA[name].training_splits), True):
+        pairs = mapped(name, READERS[name](Path(sources[name]), CORPORA[name].training_splits), True)
+        if name == "massive":
+            train = [p for p in pairs if p[0].split == "train"]
+            train, n = cap_per_source(train, MASSIVE_PER_SOURCE, seed)
+            removed["massive_per_source"][name] += n
+            pairs = train + [p for p in pairs if p[0].split != "train"]
+        for rec, intent in pairs:
             key = text_key(rec.text)
             if name == "hwu64" and key in slurp_test:
                 removed["in_slurp_test"][name] += 1
@@ -204,22 +261,30 @@ def build(
                 removed["in_own_data"][name] += 1
             else:
                 candidates.append((rec, intent, key))
-    labels: dict[str, set[str]] = defaultdict(set)
-    for _, intent, key in candidates:
-        labels[key].add(intent)
+    labels: dict[str, set[tuple[str, ...]]] = defaultdict(set)
+    for _, intents, key in candidates:
+        labels[key].add(intents[:1])
     parts: dict[str, list[dict]] = {"train": [], "calib": []}
     heldout: dict[str, list[dict]] = {n: [] for n in TRAINING_ORDER if n in sources}
     seen: set[str] = set()
-    for rec, intent, key in candidates:
+    for rec, intents, key in candidates:
         if len(labels[key]) > 1:
             removed["label_conflict"][rec.corpus] += 1
+            continue
+        # a MASSIVE dev request falls in the same half in every language: split by its id, not its text
+        part = assign_part(rec.corpus, rec.split, parallel_id(rec) if rec.corpus == "massive" else key)
+        if rec.corpus == "slurp" and part == "train" and "massive" in sources and _massive_heldout(rec.key):
+            removed["massive_heldout"][rec.corpus] += 1  # its localisations are reported: not trained in English
             continue
         if key in seen:
             removed["duplicate"][rec.corpus] += 1
             continue
         seen.add(key)
-        part = assign_part(rec.corpus, rec.split, key)
-        (heldout[rec.corpus] if part == "heldout" else parts[part]).append(to_row(rec, intent))
+        (heldout[rec.corpus] if part == "heldout" else parts[part]).append(to_row(rec, intents))
+    if heldout.get("massive"):
+        heldout["massive"], n = cap_general(heldout["massive"], general_cap, seed)
+        if n:
+            removed["general_cap"]["public-heldout-massive"] += n
     for part in ("train", "calib"):
         parts[part], n = cap_general(parts[part], general_cap, seed)
         if n:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .sources import RemoteFile, corpus, manifests
+from .sources import ARCHIVES, Archive, RemoteFile, corpus, manifests
 
 BASE_URL = "https://raw.githubusercontent.com"
 MARKER = ".fetched.json"  # written last: its presence means every file is there and checked
@@ -103,6 +103,8 @@ def fetch_corpus(
     and `files` exist for tests (a loopback server and fixture digests).
     """
     corpus(name)
+    if name in ARCHIVES:
+        return fetch_archive(name, ARCHIVES[name], home, progress=progress, timeout=timeout)
     m = manifests()[name]
     files = tuple(files if files is not None else m.files)
     root = corpora_home(home) / name
@@ -124,3 +126,45 @@ def fetched(name: str, home: Path | None = None) -> Path | None:
     """The corpus folder if a fetch completed there, else None."""
     root = corpora_home(home) / name
     return root if (root / MARKER).is_file() else None
+
+
+def fetch_archive(
+    name: str, archive: Archive, home: Path | None = None, *, progress: bool = True, timeout: float = 60.0
+) -> Path:
+    """Download a released tarball (checked against its pinned digest) and unpack only ``archive.members``.
+
+    The tarball is kept beside the members, so a second fetch re-verifies instead of downloading; members
+    are written through .partial files, and the marker last, as for repository files.
+    """
+    import tarfile
+
+    root = corpora_home(home) / name
+    marker = root / MARKER
+    marker.unlink(missing_ok=True)
+    tarball = root / archive.url.rsplit("/", 1)[1]
+    spec = RemoteFile(tarball.name, sha256=archive.sha256)
+    if not (tarball.is_file() and verify(tarball, spec)):
+        with tqdm(unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            _download(archive.url, tarball, spec, bar, timeout)
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in archive.members:
+                try:
+                    src = tar.extractfile(member)
+                except KeyError:
+                    src = None
+                if src is None:
+                    raise ChecksumError(f"{tarball}: no member {member}")
+                dest = root / member
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".partial")
+                with src, tmp.open("wb") as f:
+                    while chunk := src.read(CHUNK):
+                        f.write(chunk)
+                os.replace(tmp, dest)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ChecksumError(f"{tarball}: not a readable tarball ({e})") from None
+    tmp = root / (MARKER + ".partial")
+    tmp.write_text(json.dumps({"url": archive.url, "sha256": archive.sha256, "files": list(archive.members)}) + "\n")
+    os.replace(tmp, marker)
+    return root

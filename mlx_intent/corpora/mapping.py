@@ -66,6 +66,27 @@ def load_exclusions(corpus: str) -> dict[str, str]:
     return {rid: reason for rid, reason in _rows(f"{corpus}.exclude.tsv", ("id", "reason"))}
 
 
+@cache
+def load_relabels(corpus: str) -> dict[str, tuple[str, ...]]:
+    """maps/<corpus>.relabel.tsv as {parallel id: intents, primary first}; ``(DROP,)`` excludes the request.
+
+    A row-level decision made on a request's original text under a boundary rule of the guide, which the
+    source label's blanket mapping gets wrong (an airport trip filed as a taxi, a restaurant filed as a
+    location recommendation).  It applies to every localisation of the request.
+    """
+    if not resources.files(__package__).joinpath("maps", f"{corpus}.relabel.tsv").is_file():
+        return {}
+    table: dict[str, tuple[str, ...]] = {}
+    for rid, intents, _ in _rows(f"{corpus}.relabel.tsv", ("id", "intents", "reason")):
+        names = tuple(intents.split(","))
+        if (names != (DROP,) and not all(n in INTENTS for n in names)) or len(set(names)) != len(names):
+            raise MapError(f"{corpus}.relabel.tsv: {rid!r} has bad intents {intents!r}")
+        if rid in table:
+            raise MapError(f"{corpus}.relabel.tsv: {rid!r} is listed twice")
+        table[rid] = names
+    return table
+
+
 def map_intent(corpus: str, source_intent: str) -> str:
     """Our intent for a source label (DROP if dropped); KeyError if the map lacks the label."""
     table = load_map(corpus)

@@ -218,10 +218,50 @@ def read_snips(root: Path, splits: tuple[str, ...] = ("validate",)) -> Iterator[
                 yield Record("snips", split, f"{intent}-{i:04d}", intent, " ".join(text.split()))
 
 
+# --- MASSIVE -------------------------------------------------------------------------
+
+MASSIVE_DIR = "1.1/data"
+MASSIVE_LOCALES: dict[str, str] = {
+    "en": "en-US",
+    "tr": "tr-TR",
+    "ar": "ar-SA",
+    "fr": "fr-FR",
+    "de": "de-DE",
+    "ru": "ru-RU",
+}
+
+
+def read_massive(root: Path, splits: tuple[str, ...]) -> Iterator[Record]:
+    """1.1/data/<locale>.jsonl of the official release (id, locale, partition, intent, utt, ...), our six locales.
+
+    The key is ``<lang>-<id>``: MASSIVE's id is SLURP's and is shared by a request's six localisations,
+    so ``parallel_id`` finds the English original of any row (row-level relabels are made on it).
+    """
+    for lang, locale in MASSIVE_LOCALES.items():
+        path = _need(root / MASSIVE_DIR / f"{locale}.jsonl")
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    split, label, text, key = r["partition"], r["intent"], r["utt"], str(r["id"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CorpusFormatError(f"corrupt corpus file {path}: line {n}: {e!r}") from None
+                if split in splits:
+                    yield Record("massive", split, f"{lang}-{key}", label, " ".join(str(text).split()), lang)
+
+
+def parallel_id(rec: Record) -> str:
+    """MASSIVE's own id of a row (the same in every locale); other corpora's key as it is."""
+    return rec.key.split("-", 1)[1] if rec.corpus == "massive" else rec.key
+
+
 READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "clinc150": read_clinc150,
     "hwu64": read_hwu64,
     "slurp": read_slurp,
     "xsid": read_xsid,
     "snips": read_snips,
+    "massive": read_massive,
 }

@@ -78,11 +78,20 @@ CORPORA: dict[str, Corpus] = {
             (),
             ("validate",),
         ),
+        Corpus(
+            "massive",
+            "MASSIVE 1.1 (en-US, tr-TR, ar-SA, fr-FR, de-DE, ru-RU)",
+            "CC BY 4.0",
+            "FitzGerald et al. 2022, MASSIVE: A 1M-Example Multilingual Natural Language Understanding Dataset "
+            "with 51 Typologically-Diverse Languages, arXiv:2204.08582.",
+            ("train", "dev"),
+            ("test",),
+        ),
     )
 }
 
 # Training corpora in the order that wins a duplicate text (first kept).
-TRAINING_ORDER: tuple[str, ...] = ("clinc150", "hwu64", "slurp")
+TRAINING_ORDER: tuple[str, ...] = ("clinc150", "hwu64", "slurp", "massive")
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,25 @@ class Manifest:
     repo: str
     commit: str
     files: tuple[RemoteFile, ...]
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A corpus released as one tarball (not a repository): its address, digest and the members we read."""
+
+    url: str
+    sha256: str
+    members: tuple[str, ...]
+
+
+# MASSIVE is released by its authors as a tarball, not a repository; the digest is the 1.1 release's.
+ARCHIVES: dict[str, Archive] = {
+    "massive": Archive(
+        "https://amazon-massive-nlu-dataset.s3.amazonaws.com/amazon-massive-dataset-1.1.tar.gz",
+        "4cba5faa11c71437928e17cb1b9b3d8b8e727e7ea363a3a9a8045e19c0491577",
+        tuple(f"1.1/data/{loc}.jsonl" for loc in ("en-US", "tr-TR", "ar-SA", "fr-FR", "de-DE", "ru-RU")),
+    )
+}
 
 
 @cache
