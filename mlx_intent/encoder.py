@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from mlx_intent import calibration
+from mlx_intent.langid import detect_language
 from mlx_intent.models import backend
-from mlx_intent.schema import INTENTS, MAX_INTENTS, to_json
+from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS, to_json
 
 NAME = "e5-small"
 HEAD_DIR = Path(__file__).resolve().parent / "weights" / NAME  # package data: head.safetensors, head.json
@@ -59,6 +60,10 @@ class HeadConfig:
     combination: tuple[float, float, float] | None = None  # (a, b, b_general) with the keyword tier
     keyword_platt: tuple[float, float] | None = None  # the keyword calibration the combination was fitted with
     source: calibration.Loaded = calibration.Loaded()  # the file the fit came from, and the files ignored
+    # A further temperature per detected language, on the distribution the tier answers with: the head's
+    # alone (``alone``) or the blend's (``blended``); a language without one keeps the global fit.
+    lang_temperature: tuple[tuple[str, float], ...] = ()
+    blend_lang_temperature: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def read(cls, folder: Path, home: Path | None = None) -> tuple[HeadConfig, dict]:
@@ -79,8 +84,8 @@ class HeadConfig:
             raise HeadError(f"{path}: tuned_layers out of range")
         home_fit = calibration.home_file(FIT_NAME, home)
         loaded = calibration.load([home_fit, path], lambda r, p: _parse_fit(r, p != path, folder), NAME)
-        t, thr, fitted_on, combo, platt = loaded.fit or (1.0, 0.5, None, None, None)
-        return cls(k, t, thr, fitted_on, combo, platt, loaded), record
+        t, thr, fitted_on, combo, platt, langs, blend_langs = loaded.fit or (1.0, 0.5, None, None, None, (), ())
+        return cls(k, t, thr, fitted_on, combo, platt, loaded, langs, blend_langs), record
 
 
 def head_fingerprint(folder: Path) -> str:
@@ -88,9 +93,21 @@ def head_fingerprint(folder: Path) -> str:
     return calibration.fingerprint([folder / HEAD_WEIGHTS])
 
 
+def _lang_temperatures(value: object, where: str) -> tuple[tuple[str, float], ...]:
+    """{"tr": 1.2, ...} checked: languages of the schema, temperatures in range."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not set(value) <= set(LANGUAGES):
+        raise calibration.CalibrationError(f"{where}: not an object of the schema's languages: {value!r:.40}")
+    return tuple(
+        (lang, calibration.checked(value[lang], f"{where}.{lang}", *calibration.T_RANGE)) for lang in sorted(value)
+    )
+
+
 def _parse_fit(record: dict, from_home: bool, folder: Path) -> tuple:
-    """(temperature, threshold, fitted_on, combination or None, keyword_platt or None) of a head.json, or of a fit
-    under the models home, which must name this head (``head``: its fingerprint)."""
+    """(temperature, threshold, fitted_on, combination or None, keyword_platt or None, per-language temperatures
+    alone, per-language temperatures of the blend) of a head.json, or of a fit under the models home, which must
+    name this head (``head``: its fingerprint)."""
     fail = calibration.CalibrationError
     if from_home and record.get("head") != head_fingerprint(folder):
         raise fail(f"fitted for another head than {folder} (refit: mlx-intent calibrate {NAME})")
@@ -102,17 +119,19 @@ def _parse_fit(record: dict, from_home: bool, folder: Path) -> tuple:
     if thr == 1.0:
         raise fail("threshold = 1 is out of range ((0, 1))")
     fitted_on = cal.get("fitted_on")
-    combo, platt = record.get("combination"), None
+    langs = _lang_temperatures(cal.get("lang_temperature"), "calibration.lang_temperature")
+    combo, platt, blend_langs = record.get("combination"), None, ()
     if combo is not None:
         if not isinstance(combo, dict):
             raise fail("combination is not an object")
+        blend_langs = _lang_temperatures(combo.get("lang_temperature"), "combination.lang_temperature")
         if combo.get("keyword_platt") is not None:
             pair = calibration.numbers(combo["keyword_platt"], "keyword_platt", 2)
             platt = tuple(calibration.checked(x, "keyword_platt", -math.inf, math.inf) for x in pair)
         combo = tuple(calibration.number(combo, key, 0.0, 5.0) for key in ("a", "b", "b_general"))
         if combo[0] == 0:
             raise fail("combination weight a = 0 is out of range ((0, 5])")
-    return t, thr, fitted_on if isinstance(fitted_on, (str, list)) else None, combo, platt
+    return t, thr, fitted_on if isinstance(fitted_on, (str, list)) else None, combo, platt, langs, blend_langs
 
 
 def head_module(hidden: int, n: int):
@@ -162,6 +181,18 @@ def fit_blend(p: np.ndarray, keyword: list[dict], gold: list[int]) -> tuple[floa
     a_grid = [a for a in COMBINE_GRID if a > 0]
     best = min(((a, b, b) for a in a_grid for b in COMBINE_GRID), key=nll)  # one b first, then b_general apart
     return min(((best[0], best[1], g) for g in COMBINE_GRID), key=nll)
+
+
+def by_language(probs: np.ndarray, texts: list[str], temperatures: dict[str, float]) -> np.ndarray:
+    """Each row at its text's language's temperature (p ** (1 / T) renormalised); rows of a language without
+    one, or whose language is not detected, unchanged.  Per language because the calibration split showed
+    the tier over- or under-confident by language, not as a whole."""
+    if not temperatures:
+        return probs
+    t = np.array([temperatures.get(detect_language(x) or "", 1.0) for x in texts])[:, None]
+    z = np.log(np.maximum(probs, 1e-300)) / t
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -268,11 +299,14 @@ class EncoderClassifier:
         if not texts:
             return []
         start = time.perf_counter()
+        texts = list(texts)
         if self.keyword is not None:  # the blend was fitted on the head's T = 1 probabilities (calibrate_head)
-            probs, multi = self.distributions(list(texts), temperature=1.0)
+            probs, multi = self.distributions(texts, temperature=1.0)
             probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
+            probs = by_language(probs, texts, dict(self.config.blend_lang_temperature))
         else:
-            probs, multi = self.distributions(list(texts))
+            probs, multi = self.distributions(texts)
+            probs = by_language(probs, texts, dict(self.config.lang_temperature))
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []
         for p, m in zip(probs, multi):

@@ -15,7 +15,7 @@ from mlx_intent.chain import ENCODER, Chain, encoder_tier, keyword_tier
 from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer, blend, fit_blend
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
-from mlx_intent.tuner.encoder import class_weights, length_batches, train_encoder
+from mlx_intent.tuner.encoder import LANG_MIN_ROWS, fit_lang_temperatures, length_batches, row_weights, train_encoder
 
 TEXTS = [
     "Hello, how are you?",
@@ -156,9 +156,66 @@ def test_an_untrained_tier_is_named_as_such(tmp_path, monkeypatch):
     assert result["fallbacks"][0]["kind"] == "not_installed"
 
 
-def test_class_weights_favour_rare_intents():
-    w = class_weights([0] * 90 + [1] * 10)
-    assert w[1] > w[0] and w[2] == 1.0
+def test_row_weights_balance_each_language_apart():
+    """Off-topic rows scarce in one language weigh more there than the same intent's many English rows."""
+    general, weather = INTENTS.index("general"), INTENTS.index("weather")
+    labels = [weather] * 90 + [general] * 30 + [general] * 5
+    langs = ["en"] * 120 + ["tr"] * 5
+    w = row_weights(labels, langs)
+    assert w[-1] > w[100] > w[0]
+    assert len(set(w[:90].tolist())) == 1 and np.isclose(
+        w.mean(), np.mean([(125 / (3 * n)) ** 0.5 for n in [90] * 90 + [30] * 30 + [5] * 5])
+    )
+
+
+@given(
+    st.lists(st.lists(st.floats(0.001, 1.0), min_size=15, max_size=15), min_size=1, max_size=6),
+    st.floats(0.05, 20.0),
+)
+def test_by_language_tempers_only_the_rows_of_a_fitted_language(rows, t):
+    probs = np.array(rows) / np.array(rows).sum(axis=1, keepdims=True)
+    texts = [("Yarın yağmur yağacak mı?" if i % 2 else "Quel temps fera-t-il demain ?") for i in range(len(rows))]
+    out = encoder.by_language(probs, texts, {"tr": t})
+    assert np.allclose(out.sum(axis=1), 1.0)
+    assert np.allclose(out[0::2], probs[0::2])  # French has no temperature of its own: unchanged
+    want = probs[1::2] ** (1 / t)
+    assert np.allclose(out[1::2], want / want.sum(axis=1, keepdims=True))
+    assert encoder.by_language(probs, texts, {}) is probs
+
+
+def test_fit_lang_temperatures_needs_enough_rows_and_cools_an_overconfident_language():
+    rng = np.random.default_rng(0)
+    n = LANG_MIN_ROWS
+    gold = rng.integers(0, 15, 2 * n).tolist()
+    probs = np.full((2 * n, 15), 0.01 / 14)
+    for i, g in enumerate(gold):  # 95% sure, right half of the time
+        probs[i, g if i % 2 else (g + 1) % 15] = 0.99
+    probs /= probs.sum(axis=1, keepdims=True)
+    langs = ["tr"] * n + ["de"] * (n - 1) + [None]
+    fitted = fit_lang_temperatures(probs, gold, langs)
+    assert set(fitted) == {"tr"} and fitted["tr"] > 1.5
+
+
+def test_a_language_temperature_is_served_and_a_bad_one_ignored(tiny_head, tmp_path):
+    import shutil
+
+    head = tmp_path / encoder.NAME
+    shutil.copytree(tiny_head, head)
+    record = json.loads((head / encoder.HEAD_CONFIG).read_text())
+    record["calibration"]["lang_temperature"] = {"tr": 4.0}
+    (head / encoder.HEAD_CONFIG).write_text(json.dumps(record))
+    clf = EncoderClassifier(head_dir=head)
+    assert clf.config.lang_temperature == (("tr", 4.0),)
+    text = "Yarın İstanbul'da yağmur yağacak mı?"
+    probs, _ = clf.distributions([text])
+    want = encoder.by_language(probs, [text], {"tr": 4.0}).max()
+    assert clf.classify(text)["confidence"] == pytest.approx(want, abs=1e-4) and want < probs.max()
+    for bad in ({"tr": 0.0}, {"xx": 1.0}, [1.0]):
+        record["calibration"]["lang_temperature"] = bad
+        (head / encoder.HEAD_CONFIG).write_text(json.dumps(record))
+        with pytest.warns(RuntimeWarning, match="lang_temperature"):
+            clf = EncoderClassifier(head_dir=head)
+        assert clf.config.lang_temperature == () and clf.config.temperature == 1.0
 
 
 def test_length_batches_cover_every_row_once():

@@ -171,7 +171,10 @@ def test_eval_general_tier_and_fallback_rate(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     text = report.read_text()
     assert "**10.0%** (1/10)" in text  # only the visa question is "general"
-    assert "| greeting accuracy | 0.0% (of 1) |" in text
+    assert (
+        "| greeting accuracy (recall) | 0.0% (of 1) |" in text
+        and "| greeting precision (answers `greeting` that are) | - (of 0) |" in text
+    )
 
 
 def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
@@ -264,3 +267,24 @@ def test_compare_keyword_vs_general(tiny, tmp_path):
     assert f"**p = {expected:.3g}**" in text
     assert "| general | 1 | " in text  # per-intent row of the gold "general" queries
     assert "| tr | 2 | " in text
+
+
+def test_greeting_precision_and_calibration_per_language(tiny):
+    """A short command called `greeting` counts against greeting precision in its language, not recall."""
+    from mlx_intent.chain import Chain, Tier
+    from mlx_intent.evaluation.data import read_labelled
+    from mlx_intent.evaluation.run import run, summarize
+
+    def greets_everything_short(texts):
+        names = ["greeting" if len(t) < 40 else "general" for t in texts]
+        return [{"primary_intent": n, "confidence": 0.9, "all_intents": [n]} for n in names]
+
+    rows = read_labelled(tiny)
+    chain = Chain([Tier("greeter", greets_everything_short, model="m")], cache_size=0)
+    s = summarize(rows, run(chain, rows, 5), "greeter")
+    short = [r for r in rows if len(r["text"]) < 40]
+    assert s["greeting_predicted"] == len(short) and s["greeting_precision"] == pytest.approx(1 / len(short))
+    en, tr = s["per_lang"]["en"], s["per_lang"]["tr"]
+    assert en["greeting_recall"] == 1.0 and en["greeting_precision"] == pytest.approx(1 / en["greeting_predicted"])
+    assert tr["greeting_n"] == 0 and tr["greeting_recall"] is None
+    assert en["ece"] == pytest.approx(abs(0.9 - en["correct"] / en["n"]))

@@ -62,6 +62,7 @@ def render(
         ("accuracy", "accuracy", pct),
         ("macro-F1", "macro_f1", num),
         ("greeting accuracy", "greeting_accuracy", pct),
+        ("greeting precision", "greeting_precision", pct),
         ("all_intents exact match, multi-intent rows", "exact_multi", pct),
         ("all_intents exact match, all rows", "exact_all", pct),
         ("mean Jaccard, all rows", "jaccard_all", num),

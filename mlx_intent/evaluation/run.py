@@ -180,6 +180,16 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
     for f in (f for fs in fallbacks for f in fs if is_absent(f)):
         absent.setdefault(f["tier"], f["reason"])
     greeting = [c for g, c in zip(gold, correct) if g == "greeting"]
+    said_greeting = [c for p, c in zip(pred, correct) if p == "greeting"]
+    per_lang = _group(langs, correct)
+    for lang, g in per_lang.items():
+        idx = [i for i, k in enumerate(langs) if k == lang]
+        g["ece"] = scores.ece([conf[i] for i in idx], [correct[i] for i in idx])
+        g["greeting_n"] = sum(gold[i] == "greeting" for i in idx)
+        g["greeting_predicted"] = sum(pred[i] == "greeting" for i in idx)
+        hits = sum(gold[i] == pred[i] == "greeting" for i in idx)
+        g["greeting_recall"] = hits / g["greeting_n"] if g["greeting_n"] else None
+        g["greeting_precision"] = hits / g["greeting_predicted"] if g["greeting_predicted"] else None
     return {
         "n": len(rows),
         "correct": sum(correct),
@@ -187,8 +197,11 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         "macro_f1": scores.macro_f1(gold, pred),
         "greeting_accuracy": sum(greeting) / len(greeting) if greeting else None,
         "greeting_n": len(greeting),
+        # A short command is not social talk: how often a `greeting` answer is one.
+        "greeting_precision": sum(said_greeting) / len(said_greeting) if said_greeting else None,
+        "greeting_predicted": len(said_greeting),
         "per_intent": per_intent,
-        "per_lang": _group(langs, correct),
+        "per_lang": per_lang,
         # A conversation set (context-dev): its kinds of turn (follow_up, new_request, social) per language.
         "per_kind_lang": _group([f"{r['kind']} {lang}" for r, lang in zip(rows, langs)], correct)
         if all("kind" in r for r in rows)
@@ -344,7 +357,11 @@ def render(
         [
             ["accuracy (primary_intent)", f"**{pct(s['accuracy'])}** ({s['correct']}/{s['n']})"],
             ["macro-F1", num(s["macro_f1"])],
-            ["greeting accuracy", f"{pct(s['greeting_accuracy'])} (of {s['greeting_n']})"],
+            ["greeting accuracy (recall)", f"{pct(s['greeting_accuracy'])} (of {s['greeting_n']})"],
+            [
+                "greeting precision (answers `greeting` that are)",
+                f"{pct(s.get('greeting_precision'))} (of {s.get('greeting_predicted', 0)})",
+            ],
             ["all_intents exact match, multi-intent rows", f"{pct(s['exact_multi'])} (of {s['multi_n']})"],
             ["all_intents exact match, all rows", pct(s["exact_all"])],
             ["mean Jaccard of all_intents, multi-intent rows", num(s["jaccard_multi"])],
@@ -373,9 +390,17 @@ def render(
     ]
     out += ["## Per language", ""]
     out += table(
-        ["language", "n", "correct", "accuracy"],
+        ["language", "n", "correct", "accuracy", "ECE", "greeting precision", "greeting recall"],
         [
-            [k, str(g["n"]), str(g["correct"]), pct(g["accuracy"])]
+            [
+                k,
+                str(g["n"]),
+                str(g["correct"]),
+                pct(g["accuracy"]),
+                num(g.get("ece")),
+                f"{pct(g.get('greeting_precision'))} (of {g.get('greeting_predicted', 0)})",
+                f"{pct(g.get('greeting_recall'))} (of {g.get('greeting_n', 0)})",
+            ]
             for k, g in ((k, s["per_lang"][k]) for k in lang_order(s["per_lang"]))
         ],
     )

@@ -2,8 +2,8 @@
 
 The lower layers stay frozen, so their output is computed once per training text and cached (float16,
 batches of similar length): an epoch then costs only the tuned layers, forward and backward, which is
-what makes training fit on a 2-core CPU.  The loss is a class-balanced cross-entropy of the primary
-plus a binary cross-entropy per intent for ``all_intents``.  After training, the softmax temperature
+what makes training fit on a 2-core CPU.  The loss is a cross-entropy of the primary, balanced per
+(language, intent), plus a binary cross-entropy per intent for ``all_intents``.  After training, the softmax temperature
 (NLL of the gold primary) and the sigmoid threshold (all_intents exact match) are fitted on the
 calibration rows, which are neither trained on nor reported.
 
@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from mlx_intent.context import encoder_text
-from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, encode_ids, head_module
+from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, by_language, encode_ids, head_module
 from mlx_intent.evaluation import scores
+from mlx_intent.langid import detect_language
 from mlx_intent.models import backend
-from mlx_intent.schema import INTENTS, MAX_INTENTS
+from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS
 from mlx_intent.staging import staging_dir
 from mlx_intent.tuner import install
 from mlx_intent.tuner.calibrate import fit_temperature, temper
@@ -39,13 +40,16 @@ THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95
 CACHE_BATCH = 64
 
 
-def class_weights(labels: list[int], power: float = 0.5) -> np.ndarray:
-    """Per-intent loss weights (n_total / (15 n_c)) ** power, 1 for an intent with no rows; mean ~1."""
-    counts = Counter(labels)
-    w = np.ones(len(INTENTS), dtype=np.float32)
-    for c, n in counts.items():
-        w[c] = (len(labels) / (len(counts) * n)) ** power
-    return w
+def row_weights(labels: list[int], langs: list[str], power: float = 0.5) -> np.ndarray:
+    """Per-row loss weights balanced per (language, intent): (n_total / (groups n_group)) ** power.
+
+    Balancing per language, not only per intent, keeps a language whose rows of an intent are few (our
+    off-topic text outside English before MASSIVE) from being outvoted by English rows of the same intent.
+    """
+    groups = list(zip(langs, labels))
+    counts = Counter(groups)
+    w = {g: (len(groups) / (len(counts) * n)) ** power for g, n in counts.items()}
+    return np.array([w[g] for g in groups], dtype=np.float32)
 
 
 def multi_hot(rows: list[dict]) -> np.ndarray:
@@ -143,7 +147,7 @@ def train_encoder(
     ids = encode_ids(tokenizer, [encoder_text(r) for r in train_rows])  # a turn with earlier turns: the pair
     labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
     targets = multi_hot(train_rows)
-    weights = class_weights(labels.tolist())
+    weights = row_weights(labels.tolist(), [r.get("lang") or "?" for r in train_rows])
     cache = cache_lower(model, tokenizer, ids, first, report)
     cache_seconds = time.perf_counter() - start
 
@@ -162,11 +166,9 @@ def train_encoder(
             return self.head(pool(h, mask))
 
     top = Top()
-    class_w = mx.array(weights)
 
-    def loss_fn(net, h, mask, y, y_multi):
+    def loss_fn(net, h, mask, y, y_multi, w):
         primary, multi = net(h, mask)
-        w = class_w[y]
         ce = nn.losses.cross_entropy(primary, y, reduction="none")
         bce = nn.losses.binary_cross_entropy(multi, y_multi, reduction="none").mean(axis=-1)
         return ((ce + bce) * w).sum() / w.sum()
@@ -184,7 +186,12 @@ def train_encoder(
         total, n = 0.0, 0
         for index, h, mask in _regroup(cache, batch_size, rng):
             loss, grads = step_fn(
-                top, mx.array(h).astype(mx.float32), mx.array(mask), mx.array(labels[index]), mx.array(targets[index])
+                top,
+                mx.array(h).astype(mx.float32),
+                mx.array(mask),
+                mx.array(labels[index]),
+                mx.array(targets[index]),
+                mx.array(weights[index]),
             )
             optimizer.update(top, grads)
             mx.eval(top.parameters(), optimizer.state, loss)
@@ -247,8 +254,10 @@ def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print,
     fitted = temper(raw, temperature)
     threshold = fit_multi_threshold(fitted, sig, [set(r["all_intents"][:MAX_INTENTS]) for r in rows])
     correct = [int(np.argmax(p)) == g for p, g in zip(raw, gold)]
+    langs = [detect_language(r["text"]) for r in rows]
     record = {
         "temperature": temperature,
+        "lang_temperature": fit_lang_temperatures(fitted, gold, langs),
         "threshold": threshold,
         "fitted_on": sorted({r.get("_source", "?") for r in rows}),
         "n": len(rows),
@@ -265,20 +274,50 @@ def calibrate_head(clf, rows: list[dict], report: Callable[[str], None] = print,
     a, b, b_general = fit_blend(raw, answers, gold)
     mixed = blend(raw, answers, a, b, b_general)
     right = [int(np.argmax(p)) == g for p, g in zip(mixed, gold)]
+    blend_langs = fit_lang_temperatures(mixed, gold, langs)
+    served = by_language(mixed, [r["text"] for r in rows], blend_langs)
     combination = {
         "a": a,
         "b": b,
         "b_general": b_general,
+        "lang_temperature": blend_langs,
         "keyword_platt": list(keyword.platt) if keyword.platt is not None else None,
         "fitted_on": record["fitted_on"],
         "accuracy": round(float(np.mean(right)), 4),
-        "ece": round(scores.ece(mixed.max(axis=1).tolist(), right), 4),
+        "ece_before_lang": round(scores.ece(mixed.max(axis=1).tolist(), right), 4),
+        "ece": round(scores.ece(served.max(axis=1).tolist(), right), 4),
+        "ece_per_lang": {
+            lang: round(
+                scores.ece(
+                    [p.max() for p, x in zip(served, langs) if x == lang],
+                    [c for c, x in zip(right, langs) if x == lang],
+                ),
+                4,
+            )
+            for lang in LANGUAGES
+            if lang in langs
+        },
     }
     report(
         f"blend with the keyword tier: a = {a:g}, b = {b:g}, b_general = {b_general:g}; "
-        f"accuracy {combination['accuracy']:.1%} (e5 alone {record['accuracy']:.1%}), ECE {combination['ece']:.3f}"
+        f"accuracy {combination['accuracy']:.1%} (e5 alone {record['accuracy']:.1%}), "
+        f"ECE {combination['ece_before_lang']:.3f} -> {combination['ece']:.3f} with a temperature per language"
     )
     return {"calibration": record, "combination": combination}
+
+
+LANG_MIN_ROWS = 50  # fewer calibration rows of a language than this: it keeps the global fit
+
+
+def fit_lang_temperatures(probs: np.ndarray, gold: list[int], langs: list[str | None]) -> dict[str, float]:
+    """A temperature per detected language (on top of ``probs``, the distribution the tier serves), for each
+    language with at least LANG_MIN_ROWS calibration rows; fitted by NLL like the global one."""
+    out = {}
+    for lang in LANGUAGES:
+        idx = [i for i, x in enumerate(langs) if x == lang]
+        if len(idx) >= LANG_MIN_ROWS:
+            out[lang] = round(fit_temperature(probs[idx], [gold[i] for i in idx]), 4)
+    return out
 
 
 def recalibrate(
