@@ -31,7 +31,8 @@ AIRPORT = re.compile(r"\bairports?\b|\bheathrow\b|\bgatwick\b|\bstansted\b|\bjfk
 FLIGHT = re.compile(r"\bflights?\b|\bfly\b|\bflying\b|\bplanes?\b|\bairlines?\b|\bairfare\b|\bboarding\b")
 GPS = re.compile(
     r"\bnavigat\w*|\bdirections?\b|\bfrom here\b|\bfrom my (current )?location\b|\bfrom where i am\b"
-    r"|\bget me (to|home)\b|\bhow (do|can|should) i get (to|there)\b|\broute to\b|\bway to\b|\bgps\b|\bmy destination\b|\bfastest route\b"
+    r"|\bget me (to|home)\b|\bhow (do|can|should) i get (to|there)\b|\broute to\b|\bway to\b|\bgps\b"
+    r"|\bmy destination\b|\bfastest route\b"
 )
 NAMED_FROM = re.compile(
     r"\bfrom (?!here\b|my\b|where\b|the current\b)\w+.* to \w+|\bto \w+.* from (?!here\b|my\b|where\b|the current\b)\w+"
