@@ -4,7 +4,10 @@ section titles are the issue's findings."""
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -13,10 +16,11 @@ from click.testing import CliRunner
 
 from mlx_intent import chain as chain_module
 from mlx_intent.cli.main import main
-from mlx_intent.errors import EXIT_INPUT
+from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT
 from mlx_intent.metrics import ClassificationLog, LogError
 
 KEYWORD = ["--chain", "keyword"]
+main_module = importlib.import_module("mlx_intent.cli.main")  # the module (mlx_intent.cli.main is also the group)
 
 pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
 
@@ -117,6 +121,92 @@ def test_a_log_with_a_torn_tail_is_still_repaired(tmp_path):
     assert [json.loads(line)["primary_intent"] for line in log.read_text().splitlines()] == ["general", "greeting"]
 
 
+# ---- 2: --log equal to --input or --output ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+@pytest.mark.parametrize("other", ["--input", "--output"])
+def test_log_equal_to_input_or_output_is_refused(tmp_path, no_run, link, other):
+    source = queries(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    target = source if other == "--input" else out
+    if other == "--output" and link != "same path":
+        out.write_text("")  # a link needs a file to point at
+    log = {"same path": target, "symlink": tmp_path / "log-link", "hard link": tmp_path / "log-hard"}[link]
+    if link == "symlink":
+        log.symlink_to(target)
+    elif link == "hard link":
+        os.link(target, log)
+    before = source.read_bytes()
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out), "--log", str(log))
+    assert_clean_error(result, EXIT_INPUT, "--log", "is the " + other[2:])
+    assert source.read_bytes() == before
+    assert not out.exists() or out.read_bytes() == b""
+
+
+# ---- 3: two runs writing one --output; --resume drops garbled lines --------------------------------------
+
+
+def test_a_second_run_on_a_locked_output_is_refused_in_one_line(tmp_path):
+    source = queries(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "q0", "primary_intent": "restaurant"}\n')
+    with open(out, "a") as held:  # another run, writing it now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for resume in ([], ["--resume"]):
+            result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out), *resume)
+            assert_clean_error(result, EXIT_ERROR, "is being written by another run")
+            assert len(result.output.strip().splitlines()) == 1
+    assert out.read_text() == '{"id": "q0", "primary_intent": "restaurant"}\n'
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert sorted(ids_of(out)) == ["q0", "q1", "q2"]
+
+
+def test_resume_drops_garbled_and_repeated_lines(tmp_path):
+    source = queries(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out.jsonl"
+    out.write_text(
+        '{"id": "q0", "primary_intent": "restaurant"}\n'
+        '{"id": "q1", "prim{"id": "q2", "primary_intent": "restaurant"}\n'  # two writers' lines, interleaved
+        '{"id": "q0", "primary_intent": "restaurant"}\n'  # a batch written twice
+        "not json at all\n"
+    )
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert "dropped 3 unreadable or repeated lines" in result.output
+    lines = out.read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert sorted(ids_of(out)) == ["q0", "q1", "q2", "q3"]
+
+
+# ---- 4: Ctrl-C while a batch is being written -------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_write_writes_the_batch_once_and_resume_finishes(tmp_path, monkeypatch):
+    source = queries(tmp_path / "in.jsonl", 20)
+    out = tmp_path / "out.jsonl"
+    write_all, calls = main_module._write_all, []
+
+    def interrupted(fd, data, offset=None):
+        calls.append(len(data))
+        if len(calls) == 2:  # the second batch: half of it reaches the file, then Ctrl-C
+            write_all(fd, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        write_all(fd, data, offset)
+
+    monkeypatch.setattr(main_module, "_write_all", interrupted)
+    args = ["classify", *KEYWORD, "--batch-size", "4", "--input", str(source), "--output", str(out)]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output  # click's Abort
+    assert len(calls) == 2
+    monkeypatch.undo()
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    ids = ids_of(out)
+    assert sorted(ids) == sorted(f"q{i}" for i in range(20)) and len(ids) == len(set(ids))
+
+
 # ---- 7: eval / compare outputs onto each other or onto the data --------------------------------------------
 
 
@@ -141,3 +231,47 @@ def test_eval_and_compare_never_overwrite_the_data(tmp_path, no_run, command, wh
     result = invoke(*args, *outputs, "--force")
     assert_clean_error(result, EXIT_INPUT, f"{what} {data} is the data")
     assert data.read_bytes() == before
+
+
+# ---- 17: non-finite ids ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ident", ["1e400", "-1e400", "NaN", "Infinity", "[1, 2e400]"])
+def test_a_non_finite_id_is_refused_naming_the_line(tmp_path, ident):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "text": "hello"}\n{"id": ' + ident + ', "text": "hello again"}\n')
+    out = tmp_path / "out.jsonl"
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out))
+    assert_clean_error(result, EXIT_INPUT, "in.jsonl:2: id", "not a finite number")
+    assert not out.exists() or "Infinity" not in out.read_text()
+
+
+# ---- 18: bad input is refused before any work ----------------------------------------------------------------
+
+
+def test_a_duplicate_id_late_in_a_file_is_refused_before_any_line_is_classified(tmp_path):
+    rows = [{"id": i, "text": f"hello {i}"} for i in (1, 2, 3, 1)]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    result = invoke("classify", *KEYWORD, "--batch-size", "1", "--input", str(source), "--output", str(out))
+    assert_clean_error(result, EXIT_INPUT, "in.jsonl:4: id 1 is also the id of line 1")
+    assert not out.exists() or out.read_text() == ""
+
+
+# ---- 19: a lone surrogate alone; a dangling symlink as --output ------------------------------------------------
+
+
+def test_a_lone_surrogate_alone_is_named_as_one(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "text": "\\ud800"}\n')
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
+    assert_clean_error(result, EXIT_INPUT, "in.jsonl:1: text holds a lone surrogate")
+
+
+def test_a_dangling_symlink_output_is_refused_before_any_work(tmp_path, no_run):
+    source = queries(tmp_path / "in.jsonl")
+    out = tmp_path / "out.jsonl"
+    out.symlink_to(tmp_path / "no" / "such" / "file.jsonl")
+    result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out))
+    assert_clean_error(result, EXIT_INPUT, "--output", "does not exist")
+    assert "lines written before" not in result.output

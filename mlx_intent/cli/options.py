@@ -74,6 +74,8 @@ def check_writable(path: Path, what: str, *, folder: bool = False, make_parents:
 
     ``what`` names the path for the user (``--output``...); ``path`` is a file, or with ``folder`` a directory.
     With ``make_parents`` the command creates missing folders, so the nearest existing one must be writable."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{what} {path}: a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists():
         if path.is_dir() != folder:
             raise InputError(f"{what} {path}: " + ("not a folder" if folder else "a folder, not a file"))
