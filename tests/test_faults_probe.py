@@ -275,3 +275,46 @@ def test_a_dangling_symlink_output_is_refused_before_any_work(tmp_path, no_run):
     result = invoke("classify", *KEYWORD, "--input", str(source), "--output", str(out))
     assert_clean_error(result, EXIT_INPUT, "--output", "does not exist")
     assert "lines written before" not in result.output
+
+
+# ---- 20: exit codes as the README's table says --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--margin", "2"], {}),
+        (["--batch-size", "0"], {}),
+        ([], {"MLX_INTENT_MIN_CONFIDENCE": "abc"}),
+    ],
+)
+def test_an_invalid_setting_is_bad_usage(no_run, monkeypatch, args, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert_clean_error(invoke("classify", *KEYWORD, *args, "hello"), EXIT_INPUT)
+
+
+def test_serve_with_a_bad_host_is_bad_usage_not_an_unknown_model(no_run, monkeypatch):
+    import socket
+
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)  # no resolver is asked: loopback only
+    result = invoke("serve", *KEYWORD, "--host", "no-such-host.invalid", "--port", "0")
+    assert_clean_error(result, EXIT_INPUT, "--host 'no-such-host.invalid' is not an address")
+
+
+def test_serve_on_a_port_in_use_is_an_error_in_words(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("serve", *KEYWORD, "--no-record", "--port", str(port))
+    assert_clean_error(result, EXIT_ERROR, f"cannot listen on 127.0.0.1:{port}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mlx_intent.errors import InputError, ModelError
+from mlx_intent.errors import EXIT_INPUT, InputError, ModelError
 from mlx_intent.models import registry
 from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
 
@@ -29,7 +29,9 @@ def settings_options(command: Callable, names: Iterable[str] = SPECS) -> Callabl
         try:
             settings = load_settings(cli, dotenv=setting_env_file)
         except SettingsError as e:
-            raise click.ClickException(str(e)) from None
+            error = click.ClickException(str(e))
+            error.exit_code = EXIT_INPUT  # a bad setting is bad usage, as the README's table says
+            raise error from None
         return command(*args, settings=settings, **kwargs)
 
     for name in reversed(names):

@@ -6,9 +6,12 @@ without it installed.
 
 from __future__ import annotations
 
+import socket
+
 import click
 
 from mlx_intent.cli.options import chain_for, settings_options
+from mlx_intent.errors import InputError, UserError
 from mlx_intent.feedback import Recalibrator, open_store
 from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
 
@@ -102,6 +105,7 @@ def serve_command(
         from mlx_intent.serve.app import allowed_hosts, create_app, is_loopback, server_config
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
+    check_host(host, port)
     if not is_loopback(host):
         click.echo(
             f"warning: --host {host} is reachable from other machines, and the service has no authentication: "
@@ -133,6 +137,19 @@ def serve_command(
     )
     try:
         uvicorn.Server(config).run()
+    except SystemExit as e:
+        if e.code != 3:  # uvicorn's STARTUP_FAILURE, which would read as exit 3: an unknown model
+            raise
+        raise UserError(f"cannot listen on {host}:{port} (the reason is logged above)") from None
     finally:
         if recalibrator is not None:
             recalibrator.stop()
+
+
+def check_host(host: str, port: int) -> None:
+    """A --host the resolver cannot turn into an address is bad usage (exit 2), said before any model loads;
+    uvicorn would exit 3, the code of an unknown model."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise InputError(f"--host {host!r} is not an address of this machine's resolver ({e})") from None
