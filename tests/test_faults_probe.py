@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlx_intent import chain as chain_module
 from mlx_intent.cli.main import main
@@ -318,3 +320,25 @@ def test_serve_on_a_port_in_use_is_an_error_in_words(tmp_path):
         port = taken.getsockname()[1]
         result = invoke("serve", *KEYWORD, "--no-record", "--port", str(port))
     assert_clean_error(result, EXIT_ERROR, f"cannot listen on 127.0.0.1:{port}")
+
+
+# ---- 21: strict booleans in /v1/feedback ------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    field=st.sampled_from(["correct", "replace"]),
+    value=st.one_of(
+        st.sampled_from(["yes", "on", "true", "1", "y", "t", 1, 0, 1.0, "no", "off", "false"]),
+        st.integers(),
+        st.text(max_size=5),
+    ),
+)
+def test_feedback_takes_only_json_booleans(field, value):
+    from pydantic import ValidationError
+
+    from mlx_intent.serve.app import FeedbackRequest
+
+    with pytest.raises(ValidationError):
+        FeedbackRequest.model_validate({"id": "x", "primary_intent": "restaurant", field: value})
+    assert getattr(FeedbackRequest.model_validate({"id": "x", field: True}), field) is True

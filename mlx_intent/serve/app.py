@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -214,8 +214,9 @@ class FeedbackRequest(BaseModel):
     id: str = Field(min_length=1, max_length=64, description="The id of the answer judged.")
     primary_intent: Intent | None = None
     all_intents: list[Intent] | None = Field(None, min_length=1, max_length=MAX_INTENTS)
-    correct: bool = Field(False, description="The answer was right.")
-    replace: bool = Field(False, description="Replace feedback already given for this id (else 409).")
+    # strict: "yes", "on" or 1 must not pass for true (pydantic's lax mode takes them)
+    correct: StrictBool = Field(False, description="The answer was right (true or false, nothing else).")
+    replace: StrictBool = Field(False, description="Replace feedback already given for this id (else 409).")
 
 
 class BatchResult(BaseModel):
