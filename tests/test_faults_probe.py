@@ -342,3 +342,97 @@ def test_feedback_takes_only_json_booleans(field, value):
     with pytest.raises(ValidationError):
         FeedbackRequest.model_validate({"id": "x", "primary_intent": "restaurant", field: value})
     assert getattr(FeedbackRequest.model_validate({"id": "x", field: True}), field) is True
+
+
+# ---- 6: models convert --name of a name the home uses for itself ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["feedback.db", "feedback.db-wal", "Feedback.DB-shm", "calibration", "Calibration", "adapters", "x.source"]
+)
+def test_convert_refuses_every_name_the_home_uses_for_itself(tmp_path, name):
+    home = tmp_path / "h"
+    (home / "calibration").mkdir(parents=True)
+    (home / "calibration" / "keyword.json").write_text("{}")
+    result = invoke(
+        "models", "convert", "--gguf", str(tmp_path / "none.gguf"), "--name", name, "--force", "--home", str(home)
+    )
+    assert_clean_error(result, EXIT_INPUT, "not one the models folder uses for itself")
+    assert (home / "calibration" / "keyword.json").read_text() == "{}"
+    assert sorted(p.name for p in home.iterdir()) == ["calibration"]
+
+
+# ---- 12: operating-system errors are sentences, not tracebacks ---------------------------------------------------
+
+
+@pytest.fixture
+def store_home(tmp_path) -> Path:
+    from mlx_intent.feedback import open_store
+
+    home = tmp_path / "h"
+    open_store(home).close()
+    shown = invoke("classify", *KEYWORD, "--record", "--home", str(home), "Where can I eat fish?")
+    added = invoke("feedback", "add", json.loads(shown.stdout)["id"], "--correct", "--home", str(home))
+    assert added.exit_code == 0, added.output
+    return home
+
+
+def test_feedback_export_into_a_missing_folder_is_refused(tmp_path, store_home):
+    result = invoke("feedback", "export", "-o", str(tmp_path / "no" / "x.jsonl"), "--home", str(store_home))
+    assert_clean_error(result, EXIT_INPUT, "--output", "does not exist")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="/dev/full is Linux's always-full device")
+def test_feedback_export_onto_a_full_disk_is_a_sentence(store_home):
+    result = invoke("feedback", "export", "-o", "/dev/full", "--home", str(store_home))
+    assert_clean_error(result, EXIT_ERROR, "cannot write /dev/full", "No space left on device")
+
+
+def test_feedback_export_that_fails_leaves_the_old_file_and_is_owner_only(tmp_path, store_home, monkeypatch):
+    out = tmp_path / "export.jsonl"
+    out.write_text("an earlier export\n")
+    out.chmod(0o664)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full)
+        result = invoke("feedback", "export", "-o", str(out), "--home", str(store_home))
+    assert_clean_error(result, EXIT_ERROR, f"cannot write {out}", "No space left on device")
+    assert out.read_text() == "an earlier export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    result = invoke("feedback", "export", "-o", str(out), "--home", str(store_home))
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o600  # 16: owner-only, as the help says, whatever mode it had
+
+
+def test_a_read_only_models_folder_is_a_sentence(tmp_path, monkeypatch):
+    """Tests run as root here, where chmod cannot make a folder read-only: the write fails as EROFS would."""
+    from mlx_intent import calibration
+
+    def read_only(path, record):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(calibration, "write", read_only)
+    data = labelled(tmp_path / "tiny.jsonl")
+    result = invoke("calibrate", "keyword", "--data", str(data), "--force", "--home", str(tmp_path / "h"))
+    assert_clean_error(result, EXIT_ERROR, "cannot write", "Read-only file system")
+
+
+def test_a_conversion_into_a_read_only_models_folder_is_a_sentence(tmp_path, monkeypatch):
+    from mlx_intent.models import gguf
+
+    def read_only(path, out, progress=None):
+        raise OSError(30, "Read-only file system", str(out.parent))
+
+    monkeypatch.setattr(gguf, "convert_gguf", read_only)
+    result = invoke("models", "convert", "--gguf", str(tmp_path / "x.gguf"), "--name", "x", "--home", str(tmp_path))
+    assert_clean_error(result, EXIT_ERROR, f"cannot write {tmp_path}", "Read-only file system")
+
+
+def test_convert_name_of_300_characters_is_refused(tmp_path):
+    result = invoke(
+        "models", "convert", "--gguf", str(tmp_path / "x.gguf"), "--name", "m" * 300, "--home", str(tmp_path)
+    )
+    assert_clean_error(result, EXIT_INPUT, "at most 100")

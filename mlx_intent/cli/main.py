@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from mlx_intent.calibration import FOLDER as CALIBRATION_FOLDER
 from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
@@ -38,6 +39,7 @@ from mlx_intent.cli.users import users_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.feedback import (
+    DB_NAME,
     FEEDBACK_WEIGHT,
     FeedbackError,
     check_user,
@@ -67,7 +69,8 @@ OUTPUT_KEYS = (
 
 
 class Group(click.Group):
-    """Reports the library's UserErrors (mlx_intent.errors) in words, with their exit codes."""
+    """Reports the library's UserErrors (mlx_intent.errors) in words, with their exit codes; an operating-system
+    error no command worded itself (a read-only or full disk under the models folder) is still one line, exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -76,6 +79,9 @@ class Group(click.Group):
             error = click.ClickException(str(e))
             error.exit_code = e.exit_code
             raise error from None
+        except OSError as e:
+            where = f"cannot write {e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 def _human(n: float) -> str:
@@ -655,19 +661,22 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
     return ("", ENCODER, state, size, "~0.3 GB", "-", source, "estimate")
 
 
-# Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/
-# (models pull e5-small), .hub/ (the pull cache); <model>.source/ holds the weights of a pull --from-source.
-RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER})
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Names the models home uses for itself: adapters/, data/ and corpora/ (mlx-intent data), e5-small/ (models pull
+# e5-small), calibration/ (calibrate keyword, e5-small), feedback.db and its -wal, -shm and -journal files, .hub/
+# (the pull cache); <model>.source/ holds the weights of a pull --from-source.
+RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_FOLDER, DB_NAME})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # 100 at most: staging adds to it, NAME_MAX is 255
 
 
 def _convert_target(name: str, home: Path | None) -> Path:
     """The folder ``models convert --name`` may (re)write: a plain name straight under the models home, not one
     of its reserved folders, and, if it exists, an MLX model folder (the converter replaces it whole)."""
-    if not _PLAIN_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES or name.endswith(".source"):
+    own = name.lower() in RESERVED_NAMES or name.lower().startswith(DB_NAME) or name.lower().endswith(".source")
+    if not _PLAIN_NAME.fullmatch(name) or own:
         raise InputError(
-            f"--name {name!r}: expected a plain model name (letters, digits, '.', '-', '_', not starting with '.'), "
-            f"not one of the models folder's own folders ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
+            f"--name {name[:120]!r}: expected a plain model name (at most 100 letters, digits, '.', '-', '_', not "
+            "starting with '.'), "
+            f"not one the models folder uses for itself ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
         )
     root = registry.home(home)
     out = root / name
