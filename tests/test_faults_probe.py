@@ -436,3 +436,89 @@ def test_convert_name_of_300_characters_is_refused(tmp_path):
         "models", "convert", "--gguf", str(tmp_path / "x.gguf"), "--name", "m" * 300, "--home", str(tmp_path)
     )
     assert_clean_error(result, EXIT_INPUT, "at most 100")
+
+
+# ---- 5: a diverged or useless training run never replaces the model in use -------------------------------------
+
+
+def _rows(n_per_intent: int) -> list[dict]:
+    from mlx_intent.evaluation.data import DATA_DIR, read_labelled
+
+    rows, counts = [], {}
+    for row in read_labelled(DATA_DIR / "train.jsonl"):
+        if counts.get(row["primary_intent"], 0) < n_per_intent:
+            counts[row["primary_intent"]] = counts.get(row["primary_intent"], 0) + 1
+            rows.append(row)
+    return rows
+
+
+def test_a_diverged_encoder_head_is_not_installed(tmp_path):
+    from mlx_intent.tuner import TrainingError
+    from mlx_intent.tuner.encoder import train_encoder
+
+    head = tmp_path / "e5-small"
+    head.mkdir()
+    (head / "head.json").write_text('{"the": "good head"}')
+    with pytest.raises(TrainingError, match="NaN or infinity"):
+        train_encoder(
+            _rows(1), [], tuned_layers=0, epochs=1, batch_size=1, learning_rate=1e30, out_dir=head, report=print
+        )
+    assert (head / "head.json").read_text() == '{"the": "good head"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e5-small"]  # no staging folder, no .previous
+
+
+def test_a_diverged_adapter_is_not_installed(bundled, tmp_path, monkeypatch):
+    import mlx.core as mx
+    import mlx_lm.tuner.trainer as trainer
+
+    from mlx_intent.tuner import TrainingError
+    from mlx_intent.tuner.train import train_adapter
+
+    def diverged(*args, **kwargs):  # what --learning-rate 1e30 leaves: loss nan, weights nan
+        mx.save_safetensors(kwargs["args"].adapter_file, {"lora_a": mx.full((4, 4), float("nan"))})
+
+    monkeypatch.setattr(trainer, "train", diverged)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapters.safetensors").write_text("the good adapter")
+    data = write_jsonl(tmp_path / "rows.jsonl", _rows(1))
+    with pytest.raises(TrainingError, match="NaN or infinity"):
+        train_adapter("smollm2-135m", data, iters=1, batch_size=2, out_dir=out, report=print)
+    assert (out / "adapters.safetensors").read_text() == "the good adapter"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "rows.jsonl"]
+
+
+def test_a_head_no_better_than_chance_is_refused():
+    from mlx_intent.tuner import TrainingError, check_better_than_chance
+
+    with pytest.raises(TrainingError, match="no better than chance"):
+        check_better_than_chance(0.05)
+    check_better_than_chance(0.9)
+
+
+def test_encoder_training_needs_rows_of_every_intent(tmp_path, monkeypatch):
+    import mlx_intent.encoder as encoder
+    import mlx_intent.tuner.encoder as tuner_encoder
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(tuner_encoder, "train_encoder", trained)
+    monkeypatch.setattr(encoder, "HEAD_DIR", tmp_path / "no-head")
+    data = write_jsonl(tmp_path / "three.jsonl", _rows(1)[:3])
+    result = invoke("train", "e5-small", "--data", str(data), "--home", str(tmp_path / "h"))
+    assert_clean_error(result, EXIT_INPUT, "needs at least 5 training rows of every intent")
+
+
+def test_a_second_force_keeps_the_first_model_replaced(tmp_path):
+    from mlx_intent.tuner import install, original_dir, previous_dir
+
+    out = tmp_path / "e5-small"
+    for text in ("shipped", "second", "third", "fourth"):
+        new = tmp_path / f".{text}.partial"
+        new.mkdir()
+        (new / "head.json").write_text(text)
+        install(new, out)
+    assert (out / "head.json").read_text() == "fourth"
+    assert (previous_dir(out) / "head.json").read_text() == "third"
+    assert (original_dir(out) / "head.json").read_text() == "shipped"

@@ -500,6 +500,7 @@ def train(
         paired = with_request_pairs(train_rows, seed)  # feedback on conversations included
         if len(paired) > len(train_rows):
             train_rows, sources = paired, {**sources, "request pairs": len(paired) - len(train_rows)}
+        _check_rows_per_intent(train_rows)
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
         try:
             summary = train_encoder(
@@ -542,6 +543,22 @@ def train(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
+
+
+def _check_rows_per_intent(rows: list[dict]) -> None:
+    """Refuse (exit 2, before training) e5-small training rows with fewer than MIN_ROWS_PER_INTENT of an intent:
+    the head decides among all the intents, and 3 rows replaced the shipped 9,272-row head."""
+    from collections import Counter
+
+    from mlx_intent.schema import INTENTS
+    from mlx_intent.tuner import MIN_ROWS_PER_INTENT
+
+    counts = Counter(r.get("primary_intent") for r in rows)
+    if short := [f"{i} ({counts[i]})" for i in INTENTS if counts[i] < MIN_ROWS_PER_INTENT]:
+        raise InputError(
+            f"{ENCODER} needs at least {MIN_ROWS_PER_INTENT} training rows of every intent; too few of: "
+            + ", ".join(short)
+        )
 
 
 def _clean_stale(folder: Path) -> None:
