@@ -522,3 +522,54 @@ def test_a_second_force_keeps_the_first_model_replaced(tmp_path):
     assert (out / "head.json").read_text() == "fourth"
     assert (previous_dir(out) / "head.json").read_text() == "third"
     assert (original_dir(out) / "head.json").read_text() == "shipped"
+
+
+# ---- 8: a crafted GGUF whose numbers do not fit its tensors; bounded reasons ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("llama.embedding_length", 7, "has shape (3, 32), the metadata says (3, 7)"),
+        ("llama.block_count", 1000, "the metadata says 1000 layers"),
+        ("llama.block_count", 2, "needs 9 tensors the file does not hold"),
+        ("llama.feed_forward_length", 48, "the metadata says (48, 32)"),
+    ],
+)
+def test_a_gguf_whose_numbers_do_not_fit_its_tensors_is_a_gguf_error(tmp_path, key, value, words):
+    from test_faults_cli import llama_gguf, patched
+
+    from mlx_intent.models import gguf
+
+    path = patched(llama_gguf(tmp_path / "crafted.gguf"), key, "<I", value)
+    with pytest.raises(gguf.GGUFError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        gguf.convert_gguf(path, tmp_path / "out")
+    result = invoke("models", "convert", "--gguf", str(path), "--name", "crafted", "--home", str(tmp_path / "h"))
+    assert_clean_error(result, EXIT_ERROR, words)
+    assert not (tmp_path / "h" / "crafted").exists()
+
+
+def test_a_converted_folder_whose_config_does_not_fit_is_refused_at_load(tmp_path):
+    from test_faults_cli import llama_gguf
+
+    from mlx_intent.models import gguf, loading
+
+    home = tmp_path / "h"
+    out = gguf.convert_gguf(llama_gguf(tmp_path / "ok.gguf"), home / "smollm2-135m")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "hidden_size": 7}))
+    with pytest.raises(gguf.GGUFError, match=r"model.embed_tokens.weight has shape \(3, 32\)"):
+        loading.load("smollm2-135m", home=home)
+
+
+def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
+    from mlx_intent.chain import MAX_REASON_CHARS, Chain, PassOver, Reason, Tier, keyword_tier
+
+    def load():
+        raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)
+
+    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted"), keyword_tier()])
+    result = chain.classify("Where can I eat fish?")
+    [entry] = result["fallbacks"]
+    assert entry["kind"] == "load_failed" and len(entry["reason"]) <= MAX_REASON_CHARS
+    assert len(json.dumps(result)) < 4 * MAX_REASON_CHARS
