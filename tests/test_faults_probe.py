@@ -573,3 +573,73 @@ def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
     [entry] = result["fallbacks"]
     assert entry["kind"] == "load_failed" and len(entry["reason"]) <= MAX_REASON_CHARS
     assert len(json.dumps(result)) < 4 * MAX_REASON_CHARS
+
+
+# ---- the server: 14, 15, 22 (and 10's 503 for feedback) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A keyword-tier app that records, through starlette's test client (no socket), and its chain."""
+    from fastapi.testclient import TestClient
+
+    from mlx_intent.chain import build_chain
+    from mlx_intent.feedback import open_store
+    from mlx_intent.serve.app import create_app
+    from mlx_intent.settings import Settings
+
+    settings = Settings(chain=("keyword",))
+    chain = build_chain(settings)
+    chain.store = open_store(tmp_path_factory.mktemp("served"))
+    app = create_app(settings, chain)
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        yield client, chain
+
+
+def test_a_request_head_over_the_bound_is_refused_whole(served):
+    client, _ = served
+    for size in (20_000, 30_000, 70_000):
+        r = client.post("/v1/classify", json={"text": "hello"}, headers={"X-Padding": "a" * size})
+        assert r.status_code == 431, (size, r.status_code)
+        assert r.json()["error"].startswith("request head over")
+    assert client.post("/v1/classify", json={"text": "hello"}, headers={"X-Padding": "a" * 1000}).status_code == 200
+
+
+def test_error_bodies_name_no_path_no_exception_and_no_allowed_host(served, monkeypatch):
+    from mlx_intent import feedback
+
+    client, chain = served
+    refused = client.get("/healthz", headers={"Host": "rebound.example"})
+    assert refused.status_code == 400 and refused.json()["detail"] is None
+    assert "127.0.0.1" not in refused.text and "localhost" not in refused.text
+    unknown = client.post("/v1/feedback", json={"id": "nope", "correct": True})
+    assert unknown.status_code == 404 and str(chain.store.path) not in unknown.text
+    assert "feedback.db" not in unknown.text
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"secret detail at {chain.store.path}")
+
+    monkeypatch.setattr(feedback, "add_feedback", broken)
+    crashed = client.post("/v1/feedback", json={"id": "x", "correct": True})
+    assert crashed.status_code == 500
+    assert "RuntimeError" not in crashed.text and "secret" not in crashed.text and "feedback.db" not in crashed.text
+
+
+def test_feedback_to_a_locked_store_is_a_503_with_retry_after(served, monkeypatch):
+    from mlx_intent import feedback
+
+    client, chain = served
+
+    def locked(*args, **kwargs):
+        raise feedback.StoreError(f"{chain.store.path}: database is locked")
+
+    monkeypatch.setattr(feedback, "add_feedback", locked)
+    r = client.post("/v1/feedback", json={"id": "x", "correct": True})
+    assert r.status_code == 503 and r.headers["Retry-After"] and "feedback.db" not in r.text
+
+
+@pytest.mark.parametrize("field", [{"user": "alice"}, {"session": "trip-42"}, {"context": ["Where can I eat?"]}])
+def test_the_stream_refuses_what_it_does_not_honour(served, field):
+    client, _ = served
+    r = client.post("/v1/classify/stream", json={"text": "what about Balat?", **field})
+    assert r.status_code == 422, r.text

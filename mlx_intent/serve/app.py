@@ -145,6 +145,11 @@ class BatchRequest(BaseModel):
 
 
 class StreamRequest(BaseModel):
+    """A text alone: the stream honours no user, session or context, so it refuses them (422) rather than
+    answering as if they had not been sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
     text: Text
 
 
@@ -253,6 +258,7 @@ ERRORS = {
         408: f"The body did not arrive within the body timeout ({BODY_TIMEOUT_S:g} s by default).",
         413: f"Body over {MAX_BODY_BYTES} bytes.",
         415: "Content type is not application/json.",
+        431: f"Request line and headers over {MAX_HEAD_BYTES} bytes.",
         422: "A field is missing or invalid.",
         503: "Queue full or shutting down; see Retry-After.",
     }.items()
@@ -263,6 +269,10 @@ FEEDBACK_ERRORS = {
     **ERRORS,
     404: {"model": ErrorBody, "description": "No such answer recorded here."},
     409: {"model": ErrorBody, "description": "Feedback given already for this id; send replace."},
+    503: {
+        "model": ErrorBody,
+        "description": "The feedback store is busy (locked by another process); see Retry-After.",
+    },
 }
 
 
@@ -355,6 +365,12 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
     return frozenset(names)
 
 
+def head_bytes(scope) -> int:
+    """The size of a request's head as sent, near enough: its target and its header lines."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+    return target + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -403,10 +419,12 @@ class Guard:
             self.prometheus.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _refusal(self, scope, receive, deadline: float) -> JSONResponse | None:
+        if head_bytes(scope) > MAX_HEAD_BYTES:  # h11 bounds only a head that arrives in pieces
+            return error(431, f"request head over {MAX_HEAD_BYTES} bytes", None, {"Connection": "close"})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if "*" not in self.hosts and host_name(headers.get("host", "")) not in self.hosts:
-            allowed = sorted(self.hosts)
-            return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)", allowed)
+            # the names it answers are not listed: a page probing for them learns nothing
+            return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)")
         if scope["method"] != "POST" or scope["path"] not in JSON_POSTS:
             return None
         length = headers.get("content-length", "")
@@ -725,8 +743,11 @@ def create_app(
         try:
             fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
             return feedback.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
-        except feedback.FeedbackError as e:
-            return error(e.status, str(e))
+        except feedback.FeedbackError as e:  # its words name the store's file: not the client's to know
+            return error(e.status, str(e).replace(str(chain.store.path), "this server's feedback store"))
+        except feedback.StoreError:  # locked by another process past the busy timeout, a full disk
+            log.warning("feedback not stored: the store is unavailable", exc_info=True)
+            return error(503, "the feedback store is busy or unavailable; try again", None, {"Retry-After": "5"})
 
     @app.get("/v1/models", response_model=ModelsResult)
     def models():
@@ -805,4 +826,4 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error(500, "internal error", f"{type(exc).__name__}: {exc}")
+        return error(500, "internal error (the server's log says more)")  # no type, message or path to a client
