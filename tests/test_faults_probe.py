@@ -643,3 +643,33 @@ def test_the_stream_refuses_what_it_does_not_honour(served, field):
     client, _ = served
     r = client.post("/v1/classify/stream", json={"text": "what about Balat?", **field})
     assert r.status_code == 422, r.text
+
+
+# ---- 16: an optional bearer token for the feedback and the read-outs ------------------------------------------------
+
+
+def test_a_token_guards_feedback_metrics_and_models_but_not_classify(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mlx_intent.chain import build_chain
+    from mlx_intent.feedback import open_store
+    from mlx_intent.serve.app import create_app
+    from mlx_intent.settings import Settings
+
+    settings = Settings(chain=("keyword",))
+    chain = build_chain(settings)
+    chain.store = open_store(tmp_path)
+    app = create_app(settings, chain, token="s3cret")
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        answer = client.post("/v1/classify", json={"text": "Where can I eat fish?"})
+        assert answer.status_code == 200 and client.get("/healthz").status_code == 200
+        body = {"id": answer.json()["id"], "primary_intent": "shopping"}
+        for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = client.post("/v1/feedback", json=body, headers=auth)
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", auth
+            assert client.get("/metrics", headers=auth).status_code == 401
+            assert client.get("/v1/models", headers=auth).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/feedback", json=body, headers=good).status_code == 201
+        assert client.get("/metrics", headers=good).status_code == 200
+        assert client.get("/v1/models", headers=good).status_code == 200

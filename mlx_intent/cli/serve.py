@@ -31,6 +31,14 @@ seconds = click.FloatRange(0, min_open=True)
     "service through DNS rebinding.",
 )
 @click.option(
+    "--token",
+    envvar="MLX_INTENT_TOKEN",
+    default=None,
+    metavar="SECRET",
+    help="Ask for 'Authorization: Bearer SECRET' on /v1/feedback, /metrics and /v1/models (classify and /healthz "
+    "stay open). [MLX_INTENT_TOKEN]",
+)
+@click.option(
     "--request-timeout-ms",
     type=click.FloatRange(0, min_open=True),
     default=None,
@@ -79,6 +87,7 @@ def serve_command(
     host,
     port,
     allow_hosts,
+    token,
     request_timeout_ms,
     max_wait_ms,
     queue_size,
@@ -106,10 +115,12 @@ def serve_command(
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
     check_host(host, port)
+    if token is not None and not token.strip():
+        raise InputError("--token (MLX_INTENT_TOKEN) is empty")
     if not is_loopback(host):
         click.echo(
-            f"warning: --host {host} is reachable from other machines, and the service has no authentication: "
-            "anyone who can reach it can classify and read /metrics and /v1/models",
+            f"warning: --host {host} is reachable from other machines: anyone who can reach it can classify"
+            + (" (--token guards feedback, /metrics and /v1/models)" if token else ", give feedback and read /metrics"),
             err=True,
         )
     chain = chain_for(settings)
@@ -126,6 +137,7 @@ def serve_command(
         batching=not no_batching,
         hosts=allowed_hosts(host, allow_hosts),
         body_timeout_s=body_timeout,
+        token=token,
     )
     config = server_config(
         app,

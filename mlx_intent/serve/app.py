@@ -13,6 +13,7 @@ through DNS rebinding); bodies and request heads have time limits (``server_conf
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -77,6 +78,7 @@ RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream", "/v1/feedback")
 ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json")
+GUARDED = ("/v1/feedback", "/metrics", "/v1/models")  # what --token guards: the store and the read-outs
 
 
 # ---- bodies -------------------------------------------------------------------------------------
@@ -255,6 +257,7 @@ ERRORS = {
     code: {"model": ErrorBody, "description": why}
     for code, why in {
         400: "Invalid JSON, or a Host header this server does not answer.",
+        401: "No or a wrong bearer token, where the server was started with --token (feedback, metrics, models).",
         408: f"The body did not arrive within the body timeout ({BODY_TIMEOUT_S:g} s by default).",
         413: f"Body over {MAX_BODY_BYTES} bytes.",
         415: "Content type is not application/json.",
@@ -379,7 +382,8 @@ def is_loopback(host: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware: answers only allowed Host names; refuses oversized bodies (by Content-Length, or
+    """ASGI middleware: answers only allowed Host names, and the GUARDED endpoints only with ``token`` (if set);
+    refuses oversized bodies (by Content-Length, or
     counted as they arrive, before the body is read whole) and non-JSON posts; gives a body
     ``body_timeout_s`` to arrive; and counts every request by endpoint and status.
 
@@ -393,9 +397,11 @@ class Guard:
         hosts: Collection[str] = LOOPBACK_HOSTS,
         max_body: int = MAX_BODY_BYTES,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        token: str | None = None,
     ):
         self.app, self.prometheus, self.hosts = app, prometheus, frozenset(hosts)
         self.max_body, self.body_timeout_s = max_body, body_timeout_s
+        self.token = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -425,6 +431,10 @@ class Guard:
         if "*" not in self.hosts and host_name(headers.get("host", "")) not in self.hosts:
             # the names it answers are not listed: a page probing for them learns nothing
             return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)")
+        if self.token is not None and scope["path"] in GUARDED:
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, self.token):
+                return error(401, "this endpoint needs the server's token", None, {"WWW-Authenticate": "Bearer"})
         if scope["method"] != "POST" or scope["path"] not in JSON_POSTS:
             return None
         length = headers.get("content-length", "")
@@ -564,12 +574,13 @@ def create_app(
     hosts: Collection[str] = LOOPBACK_HOSTS,
     body_timeout_s: float = BODY_TIMEOUT_S,
     sessions: Sessions | None = None,
+    token: str | None = None,
 ) -> FastAPI:
     """The service around ``chain`` (built from ``settings``; its LLM tiers decode in settings.mode).
 
     ``request_timeout_ms`` defaults to TIMEOUT_FACTOR latency budgets; ``batching=False`` runs one text
     at a time (for comparison); ``hosts``: the Host names answered (see ``allowed_hosts``); ``sessions`` keeps
-    the conversations of requests that name one."""
+    the conversations of requests that name one; ``token``, if given, is asked of the GUARDED endpoints."""
     timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
     states: dict[str, TierState] = {}
     served = watched(_quiet(chain), states)
@@ -608,7 +619,7 @@ def create_app(
     )
     app.state.batcher, app.state.request_timeout_ms = batcher, timeout_ms
     sessions = app.state.sessions = sessions if sessions is not None else Sessions()
-    app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s)
+    app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s, token=token)
     _handlers(app)
 
     def submit(texts: list[str], mode: str, emit=None, user: str | None = None, contexts=None) -> Job | JSONResponse:
