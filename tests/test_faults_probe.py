@@ -8,9 +8,13 @@ import fcntl
 import importlib
 import json
 import os
+import socket
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -20,6 +24,8 @@ from mlx_intent import chain as chain_module
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT
 from mlx_intent.metrics import ClassificationLog, LogError
+
+WAIT_S = 180  # a cap on waiting for a state, never an assertion about speed
 
 KEYWORD = ["--chain", "keyword"]
 main_module = importlib.import_module("mlx_intent.cli.main")  # the module (mlx_intent.cli.main is also the group)
@@ -673,3 +679,94 @@ def test_a_token_guards_feedback_metrics_and_models_but_not_classify(tmp_path):
         assert client.post("/v1/feedback", json=body, headers=good).status_code == 201
         assert client.get("/metrics", headers=good).status_code == 200
         assert client.get("/v1/models", headers=good).status_code == 200
+
+
+# ---- 9, 23: abandoned requests (a real loopback server) ------------------------------------------------------------
+
+MAX_TOKENS = 2000  # a stream the stand-in writes to its end only if nobody stops it
+
+
+class Model:
+    """A model tier stand-in: answers `weather` once ``gate`` is open; streams a token every 10 ms, at most
+    MAX_TOKENS, counting them."""
+
+    def __init__(self) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+        self.tokens = 0
+
+    def classify_batch(self, texts, mode=None, contexts=None):
+        self.entered.set()
+        self.gate.wait(WAIT_S)
+        return [{"primary_intent": "weather", "confidence": 0.9, "all_intents": ["weather"]} for _ in texts]
+
+    def stream(self, text):
+        for _ in range(MAX_TOKENS):
+            self.tokens += 1
+            yield "x"
+            time.sleep(0.01)
+        yield {"primary_intent": "weather", "confidence": 0.9, "all_intents": ["weather"]}
+
+
+def model_app(model: Model, log: Path | None = None):
+    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.serve.app import create_app
+    from mlx_intent.settings import Settings
+
+    tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm")
+    chain = Chain([tier, keyword_tier()], log=ClassificationLog(log) if log else None)
+    return create_app(Settings(chain=("keyword",)), chain, request_timeout_ms=600_000)
+
+
+def send(port: int, path: str, body: dict) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    data = json.dumps(body).encode()
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return s
+
+
+def test_an_abandoned_stream_frees_the_worker_at_once():
+    from test_server import running, wait_ready
+
+    model = Model()
+    with running(model_app(model)) as (base, _):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        streams = [send(port, "/v1/classify/stream", {"text": "Is it raining in Kadıköy?"}) for _ in range(3)]
+        got = b""
+        while b"event: token" not in got:  # the first stream is being written
+            got += streams[0].recv(4096)
+        for s in streams:  # three clients leave: one mid-stream, two queued behind it
+            s.close()
+        r = httpx.post(f"{base}/v1/classify", json={"text": "Will it rain tomorrow?"}, timeout=WAIT_S)
+        assert r.status_code == 200 and r.json()["tier"] == "llm"  # the worker answered it, not the timeout
+        assert model.tokens < MAX_TOKENS  # the abandoned stream was stopped, not written to its end
+
+
+def test_an_abandoned_request_is_counted_apart_and_neither_logged_nor_kept(tmp_path):
+    from test_server import metric_samples, running, until, wait_ready
+
+    from mlx_intent.metrics import read_log
+
+    model, log = Model(), tmp_path / "c.log"
+    app = model_app(model, log)
+    with running(app) as (base, _):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        model.gate.clear()  # the worker holds the next request
+        model.entered.clear()
+        s = send(port, "/v1/classify", {"text": "Will it rain tomorrow?"})
+        until(model.entered.is_set, "the request taken by the worker")
+        s.close()  # the client leaves before its answer
+        model.gate.set()
+        samples = lambda: metric_samples(httpx.get(f"{base}/metrics").text)  # noqa: E731
+        until(lambda: samples().get("mlx_intent_abandoned_requests_total", 0) == 1, "the abandoned request counted")
+        counted = samples()
+        assert counted.get('mlx_intent_http_requests_total{endpoint="/v1/classify",status="200"}', 0) == 0
+        assert counted.get('mlx_intent_http_requests_total{endpoint="/v1/classify",status="499"}') == 1
+        assert counted.get('mlx_intent_tiers_total{tier="llm"}', 0) == 0
+    assert read_log(log) == []

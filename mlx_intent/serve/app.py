@@ -316,6 +316,11 @@ class Prometheus:
         )
         self.absent_seen: set[tuple[str, str]] = set()
         self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
+        self.abandoned = Counter(
+            "mlx_intent_abandoned_requests",
+            "Requests whose client left before the answer (status 499): neither counted as answered, logged nor kept",
+            registry=r,
+        )
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
@@ -671,7 +676,9 @@ def create_app(
             kept.append(turn.text)
         return out
 
-    async def classify_texts(turns: list[Turn], mode: str | None, user: str | None = None) -> list[dict] | JSONResponse:
+    async def classify_texts(
+        turns: list[Turn], mode: str | None, user: str | None = None, request: Request | None = None
+    ) -> list[dict] | JSONResponse:
         start = time.perf_counter()
         texts, contexts = [t.text for t in turns], contexts_of(turns)
         if not warming["up"].future.done():
@@ -684,22 +691,25 @@ def create_app(
                 results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
             except (asyncio.TimeoutError, Expired):  # the job is cancelled if not begun, dropped if begun
                 results = await asyncio.to_thread(below, texts, timed_out, user, contexts)
+        if request is not None and await request.is_disconnected():  # nobody to deliver to: count it apart
+            prometheus.abandoned.inc()
+            return error(499, "the client closed the request before its answer")
         for turn in turns:  # answered: the turns join their sessions
             if turn.session is not None:
                 sessions.add(turn.session, turn.text)
         return await answered(texts, results, start, user, contexts)
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
-    async def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest, request: Request):
         """Classify one text through the fallback chain (batched with concurrent requests); with ``context``
         or ``session``, as a turn of a conversation (``context_used`` says when the earlier turns decided)."""
-        results = await classify_texts([body], body.mode, body.user)
+        results = await classify_texts([body], body.mode, body.user, request)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
-    async def classify_batch(body: BatchRequest):
+    async def classify_batch(body: BatchRequest, request: Request):
         """Classify up to 64 texts (``texts``, or ``items`` with their context or session); results in order."""
-        results = await classify_texts(body.turns(), body.mode, body.user)
+        results = await classify_texts(body.turns(), body.mode, body.user, request)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(
@@ -725,6 +735,14 @@ def create_app(
         yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
+        try:
+            async for e in stream_events(job, events, text, start):
+                yield e
+        finally:  # ended, or cancelled because the client left: a queued job never runs, a begun one stops
+            job.future.cancel()
+            job.dropped.set()
+
+    async def stream_events(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
         first = True
         while True:
             try:
