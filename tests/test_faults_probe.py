@@ -770,3 +770,34 @@ def test_an_abandoned_request_is_counted_apart_and_neither_logged_nor_kept(tmp_p
         assert counted.get('mlx_intent_http_requests_total{endpoint="/v1/classify",status="499"}') == 1
         assert counted.get('mlx_intent_tiers_total{tier="llm"}', 0) == 0
     assert read_log(log) == []
+
+
+# ---- 10: a feedback store locked by another process costs records, never answers ----------------------------------
+
+
+def test_a_store_locked_by_another_process_costs_records_not_answers(tmp_path):
+    from fastapi.testclient import TestClient
+    from test_server import metric_samples
+
+    from mlx_intent.chain import build_chain
+    from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, open_store
+    from mlx_intent.serve.app import create_app
+    from mlx_intent.settings import Settings
+
+    settings = Settings(chain=("keyword",))
+    chain = build_chain(settings)
+    chain.store = open_store(tmp_path, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)  # as serve opens it
+    other = sqlite3.connect(chain.store.path, isolation_level=None)  # another process's connection
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with TestClient(create_app(settings, chain), base_url="http://127.0.0.1") as client:
+            for text in ("Where can I eat fish?", "Is it raining?", "Merhaba!"):
+                assert client.post("/v1/classify", json={"text": text}).status_code == 200
+            r = client.post("/v1/feedback", json={"id": "x", "correct": True})
+            assert r.status_code == 503 and r.headers["Retry-After"]
+            metrics = client.get("/metrics")
+            assert metrics.status_code == 200
+            assert metric_samples(metrics.text)["mlx_intent_feedback_results_lost"] == 3
+    finally:
+        other.execute("ROLLBACK")
+        other.close()

@@ -12,7 +12,7 @@ import click
 
 from mlx_intent.cli.options import chain_for, settings_options
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import Recalibrator, open_store
+from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, Recalibrator, open_store
 from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
 
 seconds = click.FloatRange(0, min_open=True)
@@ -124,7 +124,7 @@ def serve_command(
             err=True,
         )
     chain = chain_for(settings)
-    chain.store = None if no_record else open_store(settings.home)
+    chain.store = None if no_record else open_store(settings.home, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)
     if recalibrate_every and chain.store is None:
         raise click.UsageError("--recalibrate-every needs the answers recorded: drop --no-record")
     recalibrator = Recalibrator(chain, recalibrate_every).start() if recalibrate_every else None
