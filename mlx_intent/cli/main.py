@@ -196,12 +196,21 @@ def _open_output(output: Path, resume: bool) -> int:
     return fd
 
 
-def _done_ids(fd: int, output: Path) -> set[str]:
-    """The ``id_key`` of the ids already written to the locked ``output`` on ``fd``, which is made to hold each
-    once, whole: its tail is repaired first (mlx_intent.jsonl.repair_tail: a fragment is cut off and its query
-    redone, a whole record missing its newline is ended and counts), then unreadable lines (two writers' garble)
-    and repeated ids (a batch written twice) are dropped, with a note.  The lines kept are rewritten in place, in
-    order; a crash during that leaves whole lines and fragments, which the next --resume drops again."""
+def _done_ids(output: Path, fd: int | None = None) -> set[str]:
+    """The ``id_key`` of the ids already written to ``output`` (through ``fd``, this run's locked descriptor,
+    else opened here), which is made to hold each once, whole: its tail is repaired first
+    (mlx_intent.jsonl.repair_tail: a fragment is cut off and its query redone, a whole record missing its newline
+    is ended and counts), then unreadable lines (two writers' garble) and repeated ids (a batch written twice)
+    are dropped, with a note.  The lines kept are rewritten in place, in order; a crash during that leaves whole
+    lines and fragments, which the next --resume drops again."""
+    if fd is None:
+        if not output.is_file():
+            return set()
+        fd = os.open(output, os.O_RDWR)
+        try:
+            return _done_ids(output, fd)
+        finally:
+            os.close(fd)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         return set()
     repair_tail(fd)
@@ -361,7 +370,7 @@ def _classify_file(
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
     try:
-        done = _done_ids(fd, output) if resume else set()
+        done = _done_ids(output, fd) if resume else set()
         chain = _chain(settings, sample, record)
         batch: list[tuple[int, str, str, str | None, tuple[str, ...]]] = []
         with tqdm(unit="q", disable=None) as bar:
