@@ -801,3 +801,51 @@ def test_a_store_locked_by_another_process_costs_records_not_answers(tmp_path):
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+# ---- 13: idle connections deny no service -----------------------------------------------------------------------
+
+
+def test_idle_connections_do_not_deny_a_client_that_sends_a_request():
+    from test_server import running, wait_ready
+
+    with running(model_app(Model()), limit_concurrency=4) as (base, _):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in range(8)]
+        try:
+            r = httpx.post(f"{base}/v1/classify", json={"text": "Will it rain tomorrow?"}, timeout=WAIT_S)
+            assert r.status_code == 200 and r.json()["primary_intent"] == "weather"
+            assert idle[0].recv(1) == b""  # the longest idle were closed to make room
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_a_connection_that_sends_nothing_is_closed_before_the_header_timeout():
+    from test_server import running
+
+    with running(model_app(Model()), header_timeout_s=100_000, first_byte_timeout_s=0.2) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
+            assert s.recv(1) == b""  # closed by the server (a socket timeout here would fail the test)
+
+
+def test_requests_over_the_limit_get_a_json_503_with_retry_after():
+    from test_server import running, until, wait_ready
+
+    model = Model()
+    with running(model_app(model), limit_concurrency=1) as (base, _):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        model.gate.clear()
+        model.entered.clear()
+        held = send(port, "/v1/classify", {"text": "Will it rain tomorrow?"})
+        try:
+            until(model.entered.is_set, "the request held by the worker")
+            r = httpx.get(f"{base}/healthz", timeout=WAIT_S)
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"] == "server busy: too many requests at once"
+        finally:
+            model.gate.set()
+            held.close()

@@ -71,6 +71,8 @@ MAX_BODY_BYTES = 64 * 1024
 DRAIN_BYTES = 16 * 1024 * 1024  # a refused body up to this size is read to its end, so the client hears the 413
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers
 CONNECTIONS_OVER_QUEUE = 64  # default concurrency limit: the queue size plus this many (health, metrics...)
+FIRST_BYTE_TIMEOUT_S = 2.0  # a connection that sends nothing is closed after this; from its first byte, a head has
+# the header timeout (idle connections had denied service: 330 of them, or 8 with --limit-concurrency 4)
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOADING = "loading: the server is warming up its models; answered by the tiers that are ready"
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
@@ -403,10 +405,13 @@ class Guard:
         max_body: int = MAX_BODY_BYTES,
         body_timeout_s: float = BODY_TIMEOUT_S,
         token: str | None = None,
+        limits: dict | None = None,
     ):
         self.app, self.prometheus, self.hosts = app, prometheus, frozenset(hosts)
         self.max_body, self.body_timeout_s = max_body, body_timeout_s
         self.token = f"Bearer {token}".encode() if token else None
+        self.limits = limits if limits is not None else {}  # "requests": at most this many at once (server_config)
+        self.active = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -420,16 +425,20 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        self.active += 1
         try:
             refusal = await self._refusal(scope, receive, deadline)
             if refusal is not None:
                 return await refusal(scope, receive, sending)
             await self.app(scope, self._counted(receive, deadline), sending)
         finally:
+            self.active -= 1
             self.prometheus.requests.labels(endpoint, str(status[0])).inc()
             self.prometheus.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _refusal(self, scope, receive, deadline: float) -> JSONResponse | None:
+        if (limit := self.limits.get("requests")) is not None and self.active > limit:
+            return error(503, "server busy: too many requests at once", None, {"Retry-After": str(RETRY_AFTER_S)})
         if head_bytes(scope) > MAX_HEAD_BYTES:  # h11 bounds only a head that arrives in pieces
             return error(431, f"request head over {MAX_HEAD_BYTES} bytes", None, {"Connection": "close"})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -498,18 +507,50 @@ class HeadTimeoutH11(H11Protocol):
     has ``head_timeout_s`` to send a whole request head, else it is closed.  uvicorn has none: a client
     that connects and sends nothing, or a byte now and then, would hold a connection for ever."""
 
-    def __init__(self, *args, head_timeout_s: float = HEADER_TIMEOUT_S, **kwargs):
+    def __init__(
+        self,
+        *args,
+        head_timeout_s: float = HEADER_TIMEOUT_S,
+        first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+        max_idle: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.head_timeout_s = head_timeout_s
+        self.head_timeout_s, self.first_byte_timeout_s, self.max_idle = head_timeout_s, first_byte_timeout_s, max_idle
         self.head_timer: asyncio.TimerHandle | None = None
+        self.sending = False  # bytes came since the last response: a request is on its way
+        self.idle_since = 0.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._await_head()
+        self.idle_since = self.loop.time()
+        self._await_head(min(self.first_byte_timeout_s, self.head_timeout_s))
+        self._shed_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.sending and (self.cycle is None or self.cycle.response_complete):
+            self._await_head()  # its first byte: the head has the whole header timeout from here
+        self.sending = True
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
+        self.sending, self.idle_since = False, self.loop.time()
         self._await_head()  # first: a pipelined request handled below cancels it
         super().on_response_complete()
+
+    def idle(self) -> bool:
+        """Open with no request on its way: nothing sent since it opened or since its last response."""
+        done = self.cycle is None or self.cycle.response_complete
+        return done and not self.sending and not self.transport.is_closing()
+
+    def _shed_idle(self) -> None:
+        """Keep at most ``max_idle`` idle connections, closing the longest idle: the rest of the concurrency
+        limit stays for clients that send a request."""
+        if self.max_idle is None:
+            return
+        idle = sorted((c for c in self.connections if isinstance(c, HeadTimeoutH11) and c.idle()), key=_since)
+        for connection in idle[: max(0, len(idle) - self.max_idle)]:
+            connection.transport.close()
 
     def handle_events(self) -> None:
         cycle = self.cycle
@@ -521,9 +562,9 @@ class HeadTimeoutH11(H11Protocol):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def _await_head(self) -> None:
+    def _await_head(self, timeout_s: float | None = None) -> None:
         self._cancel_head_timer()
-        self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+        self.head_timer = self.loop.call_later(timeout_s or self.head_timeout_s, self._head_late)
 
     def _cancel_head_timer(self) -> None:
         if self.head_timer is not None:
@@ -536,6 +577,10 @@ class HeadTimeoutH11(H11Protocol):
             self.transport.close()
 
 
+def _since(connection: HeadTimeoutH11) -> float:
+    return connection.idle_since
+
+
 def server_config(
     app: FastAPI,
     host: str = "127.0.0.1",
@@ -544,21 +589,29 @@ def server_config(
     limit_concurrency: int | None = None,
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
     log_level: str = "info",
 ) -> uvicorn.Config:
-    """uvicorn's settings for ``app``: a header timeout, an idle (keep-alive) timeout, a bound on the request
-    head, and at most ``limit_concurrency`` connections and requests at once (default: the queue size plus
-    CONNECTIONS_OVER_QUEUE; more get 503).  Every request is answered within its timeout (by the tiers
+    """uvicorn's settings for ``app``: a first-byte, a header and an idle (keep-alive) timeout, a bound on the
+    request head, and at most ``limit_concurrency`` requests at once (default: the queue size plus
+    CONNECTIONS_OVER_QUEUE; more get a JSON 503 with Retry-After), of whose connections at most half may sit
+    idle (the longest idle are closed first).  Every request is answered within its timeout (by the tiers
     below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them."""
     if limit_concurrency is None:
         limit_concurrency = app.state.batcher.queue_size + CONNECTIONS_OVER_QUEUE
+    app.state.limits["requests"] = limit_concurrency  # Guard's: uvicorn's own limit counts idle connections too
+    protocol = partial(
+        HeadTimeoutH11,
+        head_timeout_s=header_timeout_s,
+        first_byte_timeout_s=first_byte_timeout_s,
+        max_idle=max(1, limit_concurrency // 2),
+    )
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=partial(HeadTimeoutH11, head_timeout_s=header_timeout_s),
+        http=protocol,
         timeout_keep_alive=keep_alive_s,
-        limit_concurrency=limit_concurrency,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         timeout_graceful_shutdown=int(app.state.request_timeout_ms / 1000) + 10,
         log_level=log_level,
@@ -624,7 +677,10 @@ def create_app(
     )
     app.state.batcher, app.state.request_timeout_ms = batcher, timeout_ms
     sessions = app.state.sessions = sessions if sessions is not None else Sessions()
-    app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s, token=token)
+    app.state.limits = {}  # server_config sets "requests"
+    app.add_middleware(
+        Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s, token=token, limits=app.state.limits
+    )
     _handlers(app)
 
     def submit(texts: list[str], mode: str, emit=None, user: str | None = None, contexts=None) -> Job | JSONResponse:
