@@ -849,3 +849,41 @@ def test_requests_over_the_limit_get_a_json_503_with_retry_after():
         finally:
             model.gate.set()
             held.close()
+
+
+# ---- 24: a request sent on an idle keep-alive connection as the server stops ----------------------------------------
+
+
+def test_a_request_on_an_idle_keep_alive_connection_during_shutdown_is_answered():
+    import http.client
+
+    from test_server import running, until, wait_ready
+
+    def ask(s: socket.socket) -> http.client.HTTPResponse:
+        body = json.dumps({"text": "Will it rain tomorrow?"}).encode()
+        s.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        response = http.client.HTTPResponse(s)
+        response.begin()
+        response.read()
+        return response
+
+    def refused(port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT_S).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    with running(model_app(Model()), shutdown_grace_s=WAIT_S) as (base, server):
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
+            assert ask(s).status == 200  # kept alive, then idle
+            server.should_exit = True  # what SIGTERM sets
+            until(lambda: refused(port), "the server stopped listening (and shut its connections down)")
+            assert ask(s).status == 200  # answered, not met by a closed socket
+            assert s.recv(1) == b""  # and then closed

@@ -25,7 +25,13 @@ from test_server import WAIT_S, metric_samples, post, raise_, raw_request, runni
 from mlx_intent.chain import Chain, ModelPool, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
-from mlx_intent.serve.app import FIRST_BYTE_TIMEOUT_S, allowed_hosts, create_app, server_config
+from mlx_intent.serve.app import (
+    FIRST_BYTE_TIMEOUT_S,
+    SHUTDOWN_GRACE_S,
+    allowed_hosts,
+    create_app,
+    server_config,
+)
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.settings import QUEUE_SIZE, Settings
@@ -357,6 +363,7 @@ def test_serve_options_reach_uvicorn_and_a_public_bind_warns(models_home, monkey
         "head_timeout_s": 3,
         "first_byte_timeout_s": FIRST_BYTE_TIMEOUT_S,
         "max_idle": (QUEUE_SIZE + 64) // 2,
+        "shutdown_grace_s": SHUTDOWN_GRACE_S,
     }
     guard = next(m for m in config.app.user_middleware if "hosts" in m.kwargs)
     assert guard.kwargs["hosts"] == {"localhost", "127.0.0.1", "[::1]", "assistant.local"}

@@ -71,6 +71,7 @@ MAX_BODY_BYTES = 64 * 1024
 DRAIN_BYTES = 16 * 1024 * 1024  # a refused body up to this size is read to its end, so the client hears the 413
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers
 CONNECTIONS_OVER_QUEUE = 64  # default concurrency limit: the queue size plus this many (health, metrics...)
+SHUTDOWN_GRACE_S = 1.0  # on shutdown, an idle keep-alive connection stays this long for a request already sent
 FIRST_BYTE_TIMEOUT_S = 2.0  # a connection that sends nothing is closed after this; from its first byte, a head has
 # the header timeout (idle connections had denied service: 330 of them, or 8 with --limit-concurrency 4)
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -513,10 +514,13 @@ class HeadTimeoutH11(H11Protocol):
         head_timeout_s: float = HEADER_TIMEOUT_S,
         first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
         max_idle: int | None = None,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.head_timeout_s, self.first_byte_timeout_s, self.max_idle = head_timeout_s, first_byte_timeout_s, max_idle
+        self.shutdown_grace_s = shutdown_grace_s
+        self.stopping = False
         self.head_timer: asyncio.TimerHandle | None = None
         self.sending = False  # bytes came since the last response: a request is on its way
         self.idle_since = 0.0
@@ -557,6 +561,18 @@ class HeadTimeoutH11(H11Protocol):
         super().handle_events()
         if self.cycle is not cycle:  # a request head came in
             self._cancel_head_timer()
+            if self.stopping and self.cycle is not None:
+                self.cycle.keep_alive = False  # answered, then closed
+
+    def shutdown(self) -> None:
+        """uvicorn closes an idle keep-alive connection the moment it stops, so a request a client sends on it
+        then meets a closed socket.  Instead a request already on its way (or sent within ``shutdown_grace_s``)
+        is answered, and the connection closed after it; one still idle after that is closed."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            return super().shutdown()  # a request in hand: uvicorn answers it and closes
+        self.stopping = True
+        if not self.sending:  # a head on its way keeps its own timer
+            self._await_head(self.shutdown_grace_s)
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
@@ -590,13 +606,15 @@ def server_config(
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
     log_level: str = "info",
 ) -> uvicorn.Config:
     """uvicorn's settings for ``app``: a first-byte, a header and an idle (keep-alive) timeout, a bound on the
     request head, and at most ``limit_concurrency`` requests at once (default: the queue size plus
     CONNECTIONS_OVER_QUEUE; more get a JSON 503 with Retry-After), of whose connections at most half may sit
     idle (the longest idle are closed first).  Every request is answered within its timeout (by the tiers
-    below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them."""
+    below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them, and
+    one sent on an idle connection within ``shutdown_grace_s`` of the shutdown too."""
     if limit_concurrency is None:
         limit_concurrency = app.state.batcher.queue_size + CONNECTIONS_OVER_QUEUE
     app.state.limits["requests"] = limit_concurrency  # Guard's: uvicorn's own limit counts idle connections too
@@ -605,6 +623,7 @@ def server_config(
         head_timeout_s=header_timeout_s,
         first_byte_timeout_s=first_byte_timeout_s,
         max_idle=max(1, limit_concurrency // 2),
+        shutdown_grace_s=shutdown_grace_s,
     )
     return uvicorn.Config(
         app,
