@@ -887,3 +887,29 @@ def test_a_request_on_an_idle_keep_alive_connection_during_shutdown_is_answered(
             until(lambda: refused(port), "the server stopped listening (and shut its connections down)")
             assert ask(s).status == 200  # answered, not met by a closed socket
             assert s.recv(1) == b""  # and then closed
+
+
+# ---- 11: classify --distributed resumed while an earlier run's ranks still write --------------------------------
+
+
+def test_a_distributed_run_is_refused_while_an_earlier_runs_ranks_hold_their_part_files(tmp_path):
+    import mlx.core as mx
+
+    from mlx_intent import distributed as dist
+    from mlx_intent.chain import build_chain
+    from mlx_intent.errors import UserError
+    from mlx_intent.settings import Settings
+
+    group = mx.distributed.init()  # this process alone: the collectives still run
+    source = queries(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    part = dist.part_path(out, group.rank(), group.size())
+    part.write_text('{"id": "q0", "primary_intent": "restaurant"}\n')
+    chain = build_chain(Settings(chain=("keyword",)))
+    with open(part, "a") as earlier:  # an earlier run's rank, still writing after its launcher was killed
+        fcntl.flock(earlier, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="is being written by an earlier run"):
+            dist.classify_file(group, str(source), out, True, chain, 2)
+        assert part.read_text() == '{"id": "q0", "primary_intent": "restaurant"}\n' and not out.exists()
+    dist.classify_file(group, str(source), out, True, chain, 2)  # once it has ended, --resume finishes
+    assert sorted(ids_of(out)) == [f"q{i}" for i in range(5)] and not part.exists()
