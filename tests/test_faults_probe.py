@@ -730,7 +730,7 @@ def send(port: int, path: str, body: dict) -> socket.socket:
 
 
 def test_an_abandoned_stream_frees_the_worker_at_once():
-    from test_server import running, wait_ready
+    from test_server import metric_samples, running, until, wait_ready
 
     model = Model()
     with running(model_app(model)) as (base, _):
@@ -745,6 +745,8 @@ def test_an_abandoned_stream_frees_the_worker_at_once():
         r = httpx.post(f"{base}/v1/classify", json={"text": "Will it rain tomorrow?"}, timeout=WAIT_S)
         assert r.status_code == 200 and r.json()["tier"] == "llm"  # the worker answered it, not the timeout
         assert model.tokens < MAX_TOKENS  # the abandoned stream was stopped, not written to its end
+        abandoned = lambda: metric_samples(httpx.get(f"{base}/metrics").text)["mlx_intent_abandoned_requests_total"]  # noqa: E731
+        until(lambda: abandoned() == 3, "the three streams counted as abandoned")
 
 
 def test_an_abandoned_request_is_counted_apart_and_neither_logged_nor_kept(tmp_path):

@@ -810,10 +810,14 @@ def create_app(
         yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
+        ended = False
         try:
             async for e in stream_events(job, events, text, start):
                 yield e
+            ended = True
         finally:  # ended, or cancelled because the client left: a queued job never runs, a begun one stops
+            if not ended:
+                prometheus.abandoned.inc()  # its 200 went out with the first byte: counted apart here
             job.future.cancel()
             job.dropped.set()
 
