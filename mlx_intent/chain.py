@@ -77,10 +77,21 @@ def timing_fields(call_ms: float, texts: int) -> dict:
     return {"latency_ms": round(call_ms, 2), "latency_per_query_ms": round(call_ms / texts, 3), "batch_texts": texts}
 
 
+MAX_REASON_CHARS = 500  # a load failure's words (mlx-lm's "Missing 8730 parameters: ..." ran to 371 KB) ride
+# in every answer, log line and feedback row: cut to this
+
+
+def bounded(reason: str) -> str:
+    """``reason`` cut to MAX_REASON_CHARS, with an ellipsis where it was cut."""
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
+
+
 class PassOver(Exception):
-    """A tier declines to answer: ``kind`` (a Reason) and ``detail``, the words recorded in ``fallbacks``."""
+    """A tier declines to answer: ``kind`` (a Reason) and ``detail``, the words recorded in ``fallbacks``
+    (bounded)."""
 
     def __init__(self, kind: Reason, detail: str):
+        detail = bounded(detail)
         super().__init__(detail)
         self.kind = Reason(kind)
         self.detail = detail
@@ -90,8 +101,8 @@ class PassOver(Exception):
 
 
 def fallback(tier: str, kind: Reason, reason: str) -> dict:
-    """One ``fallbacks`` entry: the tier, the reason in words, and its kind."""
-    return {"tier": tier, "reason": reason, "kind": Reason(kind).value}
+    """One ``fallbacks`` entry: the tier, the reason in words (bounded), and its kind."""
+    return {"tier": tier, "reason": bounded(reason), "kind": Reason(kind).value}
 
 
 @dataclass

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -232,12 +233,42 @@ def classify_file(
 
     The command's own reader, resume and output rows (cli.main) are used as they are, so a distributed run
     reads, refuses and writes exactly what one process does."""
+    _check(group, input_path, output, resume)
+    _agree(group, input_path)
+    part = part_path(output, group.rank(), group.size())
+    held = _hold(group, part)
+    try:
+        _classify_part(group, input_path, output, part, resume, chain, batch_size, user)
+    finally:
+        os.close(held)
+
+
+def _hold(group, part: Path) -> int:
+    """A descriptor holding an exclusive lock on this rank's ``part``, kept to the end of the run (its unlink
+    included), so a run started while an earlier one's ranks still write (a killed launcher leaves them
+    running) is refused on every rank, not left to find its part files unlinked under it."""
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        free = 1
+    except BlockingIOError:
+        free = 0
+    if all_sum(group, [free])[0] < group.size():  # every rank learns it, or the others would wait on it
+        os.close(fd)
+        raise UserError(
+            f"{who(group)}: {part.name} (or another rank's part file) is being written by an earlier run whose "
+            "ranks are still running; wait for them to end, then --resume"
+        )
+    return fd
+
+
+def _classify_part(
+    group, input_path: str, output: Path, part: Path, resume: bool, chain, batch_size: int, user: str | None
+) -> None:
+    """The body of classify_file once this rank holds its part file."""
     from mlx_intent.cli.main import _done_ids, _read_jsonl, answer_lines, id_key
 
     rank, size = group.rank(), group.size()
-    _check(group, input_path, output, resume)
-    _agree(group, input_path)
-    part = part_path(output, rank, size)
     written = set(broadcast_json(group, sorted(_done_ids(output)) if rank == 0 and resume else []))
     done = written | (_done_ids(part) if resume else set())
     error: InputError | None = None  # a bad input line: every rank stops there

@@ -49,6 +49,8 @@ log = logging.getLogger("mlx_intent.feedback")
 
 DB_NAME = "feedback.db"
 BUSY_TIMEOUT_MS = 10_000
+# The server's: an answer must not wait on a store another process holds; past this its record is lost, counted.
+SERVE_BUSY_TIMEOUT_MS = 250
 FEEDBACK_WEIGHT = 3  # a correction counts this many written rows in training
 CALIB_SHARE = 0.25  # of the records (by a hash of the text): calibration; the rest: training
 MIN_CALIBRATION_RECORDS = 30  # fewer and a refit would follow noise
@@ -137,11 +139,14 @@ def db_path(home: Path | None = None) -> Path:
 
 
 class Store:
-    """One connection to the database, shared by the threads of a process under a lock."""
+    """One connection to the database, shared by the threads of a process under a lock; a thread waits at most
+    ``busy_timeout_ms`` for that lock, and SQLite as long for another process's, then gets a StoreError."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.lock = threading.RLock()
+        self.busy_timeout_ms = busy_timeout_ms
+        self.lost = 0  # results that could not be recorded (record_results): their answers were given
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only before SQLite creates anything
@@ -153,9 +158,9 @@ class Store:
             pass
         try:
             self.conn = sqlite3.connect(
-                path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+                path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
             )
-            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA foreign_keys = ON")
@@ -164,10 +169,21 @@ class Store:
             raise StoreError(f"{path}: {e}") from None
 
     @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection's lock, waited for at most the busy timeout: threads queued behind a write that waits
+        on another process must not each wait that long in turn."""
+        if not self.lock.acquire(timeout=self.busy_timeout_ms / 1000):
+            raise StoreError(f"{self.path}: busy (held by another thread past {self.busy_timeout_ms} ms)")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One transaction, holding the write lock from its start (BEGIN IMMEDIATE): what it reads stays true
         until it commits, in this process and every other."""
-        with self.lock:
+        with self._locked():
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -181,7 +197,7 @@ class Store:
                 raise StoreError(f"{self.path}: {e}") from None
 
     def read(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        with self.lock:
+        with self._locked():
             try:
                 cursor = self.conn.execute(sql, tuple(args))
                 names = [d[0] for d in cursor.description]
@@ -211,13 +227,13 @@ class Store:
             self.conn.close()
 
 
-def open_store(home: Path | None = None, create: bool = True) -> Store | None:
+def open_store(home: Path | None = None, create: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store | None:
     """The store of the models folder ``home`` (None: the registry default); None where there is none and
     ``create`` is off (commands that only read never create one)."""
     path = db_path(home)
     if not create and not path.is_file():
         return None
-    return Store(path)
+    return Store(path, busy_timeout_ms)
 
 
 # ---- results ------------------------------------------------------------------------------------
@@ -278,6 +294,7 @@ def record_results(store: Store, records: Iterable[Mapping[str, Any]]) -> None:
         with store.write() as db:
             db.executemany(f"INSERT OR IGNORE INTO results VALUES ({', '.join('?' * 15)})", rows)
     except StoreError as e:
+        store.lost += len(rows)
         log.warning("feedback store: %d results not recorded (%s)", len(rows), e)
 
 
@@ -521,7 +538,14 @@ def register_metrics(registry, store: Store) -> None:
 
     class Collector:
         def collect(self):
-            figures = accuracy(store)
+            lost = GaugeMetricFamily(
+                "mlx_intent_feedback_results_lost", "Answers given whose record the store could not keep; only grows"
+            )
+            lost.add_metric([], store.lost)
+            try:
+                figures = accuracy(store)
+            except StoreError:  # busy past its timeout: this scrape goes without the feedback figures
+                return [lost]
             rate = GaugeMetricFamily(
                 "mlx_intent_feedback_accuracy", "Share of judged answers whose primary intent was right (NaN: none)"
             )
@@ -533,7 +557,7 @@ def register_metrics(registry, store: Store) -> None:
                 "mlx_intent_feedback_accuracy_critical", "1 while feedback accuracy raises the critical alert"
             )
             alert.add_metric([], float(feedback_alert(figures) is not None))
-            return [rate, records, alert]
+            return [lost, rate, records, alert]
 
     registry.register(Collector())
 

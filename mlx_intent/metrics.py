@@ -283,6 +283,32 @@ class LogError(ValueError):
     """A classification log that cannot be read: corruption before the last line, or no such file."""
 
 
+# Every record starts with these bytes (log_record puts ts first; write_many writes compact JSON), so a file
+# that does not is no classification log, and a torn-tail repair would cut into someone else's data.
+LOG_START = b'{"ts":"'
+
+
+def log_problem(head: bytes) -> str | None:
+    """Why a file whose first bytes are ``head`` is not a classification log (None if it is one, or is empty).
+    A text file, an image, the feedback store or a JSONL input would each lose their tail to the repair."""
+    if head[: len(LOG_START)] == LOG_START[: len(head)]:
+        return None
+    return f"not a classification log (its lines would start with {LOG_START.decode()}...)"
+
+
+def check_log_file(path: Path | str) -> None:
+    """Raise LogError if ``path`` exists and is not a classification log, before anything opens it to append."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LOG_START))
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LogError(f"cannot read log {path}: {e.strerror or e}") from None
+    if (problem := log_problem(head)) is not None:
+        raise LogError(f"{path}: {problem}; refusing to append to it")
+
+
 class LogRecords(list):
     """The records of a log; ``skipped`` counts the torn trailing line left by a crash (0 or 1)."""
 
@@ -294,7 +320,8 @@ class ClassificationLog:
 
     Each record goes out as one ``os.write`` of the whole line on an O_APPEND descriptor, then ``fsync``.
     Opening a log whose last line was torn by a crash first cuts that fragment off (or, if it is a whole
-    record only missing its newline, ends it), so new records never glue onto it.
+    record only missing its newline, ends it), so new records never glue onto it.  A file that is not a
+    log (``log_problem``) is refused (LogError) and left as it was.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -304,6 +331,8 @@ class ClassificationLog:
         self.error: str | None = None  # why the last one could not
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # travellers' texts: owner only
         try:
+            if (problem := log_problem(os.pread(self._fd, len(LOG_START), 0))) is not None:
+                raise LogError(f"{self.path}: {problem}; refusing to append to it")
             self._repair_tail()
         except BaseException:
             os.close(self._fd)

@@ -58,9 +58,10 @@ def tokens(text: str) -> list[str]:
 def text_problem(text: str) -> str | None:
     """Why no tier can be given ``text``, or None: one rule for the server and the CLI.  Empty: only blanks and
     control or format characters (zero-width spaces, BOMs, direction marks), which every tier reads as nothing;
-    a lone surrogate (JSON's ``"\\ud800"``) is no character at all, and no log or output file can hold it."""
-    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
-        return "text is empty"
+    a lone surrogate (JSON's ``"\\ud800"``) is no character at all, and no log or output file can hold it; it is
+    said first, since a surrogate's category (Cs) would otherwise read as an empty text."""
     if any("\ud800" <= c <= "\udfff" for c in text):
         return "text holds a lone surrogate, which is not Unicode text"
+    if all(c.isspace() or unicodedata.category(c).startswith("C") for c in text):
+        return "text is empty"
     return None

@@ -128,16 +128,23 @@ def test_without_resume_the_output_is_rewritten(tmp_path):
         (b'["a list"]\n', '"text"'),
     ],
 )
-def test_bad_line_exits_2_naming_it_and_keeps_earlier_results(tmp_path, bad, why):
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_bad_line_exits_2_naming_it_before_any_work_from_a_file(tmp_path, bad, why, source):
+    """A file is checked whole before any line is classified; stdin, read as it comes, keeps the lines before."""
     good = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in QUERIES[:2]).encode()
     path = tmp_path / "in.jsonl"
     path.write_bytes(good + b"\n" + bad + good)  # the blank line 3 is skipped; line 4 is bad
     out = tmp_path / "out.jsonl"
-    result = run("--input", str(path), "--output", str(out), *KEYWORD)
+    if source == "file":
+        result = run("--input", str(path), "--output", str(out), *KEYWORD)
+    else:
+        result = run("--input", "-", "--output", str(out), *KEYWORD, input=path.read_bytes())
+    where = str(path) if source == "file" else "-"
     assert result.exit_code == 2
-    assert f"{path}:4:" in result.stderr and why in result.stderr
+    assert f"{where}:4:" in result.stderr and why in result.stderr
     assert "Traceback" not in result.output
-    assert [r["id"] for r in read_jsonl(out)] == ["q1", "q2"]
+    written = read_jsonl(out) if out.exists() else []
+    assert [r["id"] for r in written] == ([] if source == "file" else ["q1", "q2"])
 
 
 @pytest.mark.parametrize("args", [["--model", "nope"], ["--chain", "nope,keyword"]])

@@ -143,7 +143,8 @@ def test_a_full_disk_is_reported_and_no_output_is_claimed(tmp_path):
 
 
 def llama_gguf(path: Path, drop: str | None = None) -> Path:
-    """A tiny valid Llama GGUF (written by MLX): 3 tokens, one merge, the required llama keys but ``drop``."""
+    """A tiny valid Llama GGUF (written by MLX): 3 tokens, one merge, one block, the required llama keys but
+    ``drop``."""
     u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
     meta = {
         "general.architecture": "llama",
@@ -159,8 +160,21 @@ def llama_gguf(path: Path, drop: str | None = None) -> Path:
         "tokenizer.ggml.token_type": mx.array([1, 1, 3], dtype=mx.int32),
     }
     meta.pop(drop, None)
-    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((3, 32)), "output_norm.weight": mx.ones((32,))}, meta)
+    tensors = {"token_embd.weight": mx.zeros((3, 32)), "output_norm.weight": mx.ones((32,))}
+    for name, shape in BLOCK_SHAPES.items():  # one whole block: the shapes must fit the metadata (issue 26: 8)
+        tensors[f"blk.0.{name}.weight"] = mx.zeros(shape)
+    mx.save_gguf(str(path), tensors, meta)
     return path
+
+
+BLOCK_SHAPES = {
+    **{name: (32, 32) for name in ("attn_q", "attn_k", "attn_v", "attn_output")},
+    "ffn_gate": (64, 32),
+    "ffn_up": (64, 32),
+    "ffn_down": (32, 64),
+    "attn_norm": (32,),
+    "ffn_norm": (32,),
+}
 
 
 def value_at(data: bytes, key: str) -> int:

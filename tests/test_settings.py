@@ -212,7 +212,7 @@ def test_config_command(tmp_path):
     assert len({line.index(line.split()[2]) for line in result.output.splitlines()[1:]}) == 1
 
     bad = runner.invoke(config_command, [], env={"MLX_INTENT_CACHE_SIZE": "abc"})
-    assert bad.exit_code == 1 and "MLX_INTENT_CACHE_SIZE='abc' (from environment)" in bad.output
+    assert bad.exit_code == 2 and "MLX_INTENT_CACHE_SIZE='abc' (from environment)" in bad.output
     assert "Traceback" not in bad.output
 
     env_file = write_env(tmp_path, "MLX_INTENT_MODE=generate\n")

@@ -87,4 +87,5 @@ def test_install_keeps_the_replaced_adapter_and_its_calibration_as_previous(tmp_
     install(tmp_path / "adapters" / ".m.2.partial", out)
     assert _read(out) == {"adapters.safetensors": "newest"}
     assert _read(tmp_path / "adapters" / "m.previous") == {"adapters.safetensors": "new lora"}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["m", "m.previous"]
+    assert _read(tmp_path / "adapters" / "m.original") == ADAPTER  # the first one replaced is never lost
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m", "m.original", "m.previous"]

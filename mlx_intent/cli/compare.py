@@ -50,7 +50,7 @@ def compare_command(a: str, b: str, data: str, report: Path | None, force: bool,
     if not all(names):
         raise click.UsageError("A and B must each name at least one tier")
     report = report or default_report("compare", path, *names)
-    check_outputs(settings, force, report)
+    check_outputs(settings, force, report, data=path)
     summaries = []
     for label, tiers in zip("AB", names):
         chain = make_chain(tiers, settings)

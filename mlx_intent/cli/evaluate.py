@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from mlx_intent import distributed as dist
-from mlx_intent.cli.options import check_log, check_writable, settings_options
-from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, UserError
+from mlx_intent.cli.options import check_log, check_writable, same_file, settings_options
+from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, InputError, UserError
 from mlx_intent.evaluation.data import data_path, read_labelled
 from mlx_intent.evaluation.run import (
     chain_names,
@@ -81,7 +81,7 @@ def eval_command(
     rows = read_labelled(path)
     names = chain_names(None, settings)
     report = report or default_report("eval", path, names)
-    check_outputs(settings, force, report, predictions)
+    check_outputs(settings, force, report, predictions, data=path)
     chain = make_chain(names, settings)
     if no_adapter:
         use_base_models(chain)
@@ -119,10 +119,20 @@ def eval_command(
         sys.exit(EXIT_ERROR)
 
 
-def check_outputs(settings: Settings, force: bool, report: Path, predictions: Path | None = None) -> None:
+def check_outputs(
+    settings: Settings, force: bool, report: Path, predictions: Path | None = None, *, data: Path | None = None
+) -> None:
     """Before the run, not after it: the log, the report (and the figures beside it) and the predictions can be
-    written, and no existing report or predictions file is replaced without --force."""
-    check_log(settings)
+    written, and no existing report or predictions file is replaced without --force.  No two of them are one
+    file, and none is the labelled ``data`` (--force or not): one would overwrite the other."""
+    check_log(settings, data=data, report=report, predictions=predictions)
+    named = [("--report", report), ("--predictions", predictions)]
+    if data is not None:
+        for what, path in named:
+            if path is not None and same_file(path, data):
+                raise InputError(f"{what} {path} is the data {data}; writing it would erase the labelled rows")
+    if predictions is not None and same_file(report, predictions):
+        raise InputError(f"--report and --predictions are one file, {report}; name two")
     for path, what in ((report, "--report"), (predictions, "--predictions")):
         if path is not None and path.exists() and not force:
             raise click.ClickException(f"{what} {path} exists; use --force to replace it, or name another file")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from mlx_intent.cli.options import home_options
-from mlx_intent.errors import InputError
+from mlx_intent.cli.options import check_writable, home_options
+from mlx_intent.errors import InputError, UserError
 from mlx_intent.feedback import Store, add_feedback, db_path, export_rows, list_feedback, open_store, queue
 from mlx_intent.schema import MAX_INTENTS
 from mlx_intent.settings import Settings
@@ -110,14 +110,39 @@ def list_command(limit: int, as_json: bool, settings: Settings) -> None:
 def export_command(output: Path | None, settings: Settings) -> None:
     """Every feedback record as a labelled JSONL row (id, text, lang, primary_intent, all_intents; the answer it
     judged, its part, context and user), as eval, train --data and calibrate --data read them."""
+    if output is not None:
+        check_writable(output, "--output")
     rows = export_rows(_store(settings))
     if output is None:
         return _jsonl(rows)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        _write_owner_only(output, text.encode("utf-8", "backslashreplace"))
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}; it is as it was") from None
     click.echo(f"wrote {len(rows)} records to {output}", err=True)
+
+
+def _write_owner_only(output: Path, data: bytes) -> None:
+    """Write ``data`` to ``output`` owner-only (0600), as the help says, whatever mode a file there had, and whole
+    or not at all: into a new file beside it, fsynced, renamed over it (a symbolic link's target is the file
+    replaced).  A device (/dev/stdout) is written in place."""
+    target = output.resolve()
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as f:
+            f.write(data)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @feedback_command.command("queue")

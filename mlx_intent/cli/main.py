@@ -7,27 +7,39 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 
 import click
 
+from mlx_intent.calibration import FOLDER as CALIBRATION_FOLDER
 from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
 from mlx_intent.cli.data import data_command
 from mlx_intent.cli.evaluate import eval_command
 from mlx_intent.cli.feedback import feedback_command
-from mlx_intent.cli.options import chain_for, check_writable, config_command, home_options, settings_options
+from mlx_intent.cli.options import (
+    chain_for,
+    check_log,
+    check_writable,
+    config_command,
+    home_options,
+    same_file,
+    settings_options,
+)
 from mlx_intent.cli.serve import serve_command
 from mlx_intent.cli.stats import stats_command
 from mlx_intent.cli.users import users_command
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError, UserError
 from mlx_intent.feedback import (
+    DB_NAME,
     FEEDBACK_WEIGHT,
     FeedbackError,
     check_user,
@@ -35,7 +47,7 @@ from mlx_intent.feedback import (
     open_store,
     training_rows,
 )
-from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_file
+from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_tail
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import KEYS
@@ -57,7 +69,8 @@ OUTPUT_KEYS = (
 
 
 class Group(click.Group):
-    """Reports the library's UserErrors (mlx_intent.errors) in words, with their exit codes."""
+    """Reports the library's UserErrors (mlx_intent.errors) in words, with their exit codes; an operating-system
+    error no command worded itself (a read-only or full disk under the models folder) is still one line, exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -66,6 +79,9 @@ class Group(click.Group):
             error = click.ClickException(str(e))
             error.exit_code = e.exit_code
             raise error from None
+        except OSError as e:
+            where = f"cannot write {e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 def _human(n: float) -> str:
@@ -104,42 +120,51 @@ def id_key(ident) -> str:
     return json.dumps(ident, ensure_ascii=False, sort_keys=True)
 
 
-def _query(text: str, where: str = "") -> str:
-    """The text the chain is given, by the server's rule: cut to MAX_TEXT_CHARS, with a note, before any tier
-    tokenizes it (the server refuses longer texts), and refused when no tier could read it (text_problem)."""
+def _query(text: str, where: str = "", warn: bool = True) -> str:
+    """The text the chain is given, by the server's rule: cut to MAX_TEXT_CHARS, with a note (unless not
+    ``warn``), before any tier tokenizes it (the server refuses longer texts), and refused when no tier could
+    read it (text_problem)."""
     if len(text) > MAX_TEXT_CHARS:
-        click.echo(f"warning: {where}text of {len(text)} characters cut to its first {MAX_TEXT_CHARS}", err=True)
+        if warn:
+            click.echo(f"warning: {where}text of {len(text)} characters cut to its first {MAX_TEXT_CHARS}", err=True)
         text = text[:MAX_TEXT_CHARS]
     if (problem := text_problem(text)) is not None:
         raise InputError(f"{where}{problem}")
     return text
 
 
-def _context(turns, where: str = "") -> tuple[str, ...]:
+def _context(turns, where: str = "", warn: bool = True) -> tuple[str, ...]:
     """Earlier turns (``--context``, a line's ``"context"``) by the rule of a text (each cut and refused as
     ``_query`` does) and of the server's ``context`` (mlx_intent.context.context_problem: at most 5 texts)."""
     from mlx_intent.context import context_problem
 
     if isinstance(turns, (list, tuple)):
-        turns = [_query(t, f"{where}context turn {i}: ") if isinstance(t, str) else t for i, t in enumerate(turns, 1)]
+        turns = [
+            _query(t, f"{where}context turn {i}: ", warn) if isinstance(t, str) else t for i, t in enumerate(turns, 1)
+        ]
     if (problem := context_problem(turns)) is not None:
         raise InputError(f"{where}{problem}")
     return tuple(turns)
 
 
-def _read_jsonl(path: str, done: set[str], user: str | None = None):
+def _read_jsonl(path: str, done: set[str], user: str | None = None, warn: bool = True):
     """Yield (line number, id, text, user, context) from a JSONL file or '-' (stdin); stop with a clear
     error naming the line at the first malformed one (mlx_intent.jsonl for UTF-8 and JSON), or at an id
-    that an earlier line already has (naming both).  The id is the line's JSON value; a line without one
-    gets its line number, as a string; a line's ``user`` (else ``user``) names whose thresholds apply, its
-    ``context`` its earlier turns.  Lines whose ``id_key`` is in ``done`` are skipped."""
+    that an earlier line already has (naming both), or that JSON cannot write (1e400 reads as infinity).
+    The id is the line's JSON value; a line without one gets its line number, as a string; a line's ``user``
+    (else ``user``) names whose thresholds apply, its ``context`` its earlier turns.  Lines whose ``id_key``
+    is in ``done`` are skipped; without ``warn`` cut texts are not said (a first pass that only checks)."""
     seen: dict[str, int] = {}
     for n, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f'{path}:{n}: expected an object with a string "text"')
-        text = _query(obj["text"], f"{path}:{n}: ")
-        context = _context(obj["context"], f"{path}:{n}: ") if obj.get("context") is not None else ()
+        text = _query(obj["text"], f"{path}:{n}: ", warn)
+        context = _context(obj["context"], f"{path}:{n}: ", warn) if obj.get("context") is not None else ()
         ident = obj["id"] if "id" in obj else str(n)
+        try:
+            json.dumps(ident, allow_nan=False)
+        except ValueError:
+            raise InputError(f"{path}:{n}: id {ident!r} is not a finite number (JSON cannot write it)") from None
         key = id_key(ident)
         if key in seen:
             raise InputError(
@@ -156,16 +181,61 @@ def _read_jsonl(path: str, done: set[str], user: str | None = None):
             yield n, ident, text, who, context
 
 
-def _done_ids(output: Path) -> set[str]:
-    """The ``id_key`` of the ids already written to ``output``.  Its tail is repaired first
-    (mlx_intent.jsonl.repair_tail), so the next record does not glue onto a line torn by an interrupted run:
-    a fragment is cut off and its query redone, a whole record missing its newline is ended and counts.
-    Unreadable lines are not ids."""
-    ids: set[str] = set()
-    if not output.is_file():
-        return ids
-    repair_file(output)
-    return {key for key, _ in lines_by_id(output.read_bytes(), str(output))}
+def _open_output(output: Path, resume: bool) -> int:
+    """A descriptor on ``output``, locked for this run alone (another run writing it is refused in words, not
+    left to garble its lines), emptied unless ``resume``, positioned at its end."""
+    fd = os.open(output, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--output {output} is being written by another run; wait for it to end") from None
+    if not resume and stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
+
+
+def _done_ids(output: Path, fd: int | None = None) -> set[str]:
+    """The ``id_key`` of the ids already written to ``output`` (through ``fd``, this run's locked descriptor,
+    else opened here), which is made to hold each once, whole: its tail is repaired first
+    (mlx_intent.jsonl.repair_tail: a fragment is cut off and its query redone, a whole record missing its newline
+    is ended and counts), then unreadable lines (two writers' garble) and repeated ids (a batch written twice)
+    are dropped, with a note.  The lines kept are rewritten in place, in order; a crash during that leaves whole
+    lines and fragments, which the next --resume drops again."""
+    if fd is None:
+        if not output.is_file():
+            return set()
+        fd = os.open(output, os.O_RDWR)
+        try:
+            return _done_ids(output, fd)
+        finally:
+            os.close(fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return set()
+    repair_tail(fd)
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    kept: dict[str, bytes] = {}
+    for key, raw in lines_by_id(data, str(output)):
+        kept.setdefault(key, raw + b"\n")
+    clean = b"".join(kept.values())
+    if clean != data:
+        dropped = data.count(b"\n") - len(kept)
+        _write_all(fd, clean, 0)
+        os.ftruncate(fd, len(clean))
+        os.fsync(fd)
+        click.echo(f"note: --resume dropped {dropped} unreadable or repeated lines of {output}", err=True)
+    os.lseek(fd, 0, os.SEEK_END)
+    return set(kept)
+
+
+def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """Write all of ``data`` (at ``offset``, else at the descriptor's position), looping over short writes."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset = None if offset is None else offset + n
 
 
 def lines_by_id(data: bytes, where: str):
@@ -282,32 +352,44 @@ def _classify_file(
     record: bool = False,
     user: str | None = None,
 ) -> None:
-    """Stream results line by line (flushed), so an interrupted run keeps what it wrote."""
+    """Stream results batch by batch, so an interrupted run keeps what it wrote, each line once.  A file input
+    is checked whole first (every line by the rules of ``_read_jsonl``), so bad input is refused before any
+    work; stdin, read as it comes, is refused at its first bad line."""
     from tqdm import tqdm
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
-    if input_path != "-" and output.exists() and os.path.samefile(input_path, output):
+    if input_path != "-" and same_file(input_path, output):
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
-    done = _done_ids(output) if resume else set()
-    chain = _chain(settings, sample, record)
-    batch: list[tuple[int, str, str, str | None, tuple[str, ...]]] = []
-    unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
+    check_log(settings, input=input_path, output=output)
+    if input_path != "-":
+        for _ in _read_jsonl(input_path, set(), user, warn=False):
+            pass
     try:
-        # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
-        out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-        with out, tqdm(unit="q", disable=None) as bar:
+        fd = _open_output(output, resume)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    try:
+        done = _done_ids(output, fd) if resume else set()
+        chain = _chain(settings, sample, record)
+        batch: list[tuple[int, str, str, str | None, tuple[str, ...]]] = []
+        with tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
-                lines = answer_lines(chain, batch, record)
-                try:
-                    out.write(lines)
-                    out.flush()
-                except OSError as e:
-                    unwritable.append(e)
-                    raise
-                bar.update(len(batch))
+                # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it
+                # was read from.  The batch is taken before it is written: an interrupt (Ctrl-C) in the
+                # middle of the write must not have it written again by the finally below.
+                lines = answer_lines(chain, batch, record).encode("utf-8", "backslashreplace")
+                size = len(batch)
                 batch.clear()
+                try:
+                    _write_all(fd, lines)
+                except OSError as e:
+                    raise UserError(
+                        f"cannot write {output}: {e.strerror or e}; the lines written before stay, "
+                        "and --resume finishes the rest"
+                    ) from None
+                bar.update(size)
 
             try:
                 for item in _read_jsonl(input_path, done, user):
@@ -315,16 +397,10 @@ def _classify_file(
                     if len(batch) >= settings.batch_size:
                         flush()
             finally:
-                if batch and not unwritable:
+                if batch:
                     flush()
-    except OSError as e:
-        if not unwritable and e.filename != str(output):
-            raise
-        error = unwritable[0] if unwritable else e
-        raise UserError(
-            f"cannot write {output}: {error.strerror or error}; the lines written before stay, "
-            "and --resume finishes the rest"
-        ) from None
+    finally:
+        os.close(fd)
     click.echo(f"wrote {output}", err=True)
     if lost := chain.metrics.log_write_failures:
         click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
@@ -433,6 +509,7 @@ def train(
         paired = with_request_pairs(train_rows, seed)  # feedback on conversations included
         if len(paired) > len(train_rows):
             train_rows, sources = paired, {**sources, "request pairs": len(paired) - len(train_rows)}
+        _check_rows_per_intent(train_rows)
         calib_rows, _ = rows_of(calib_data or ("calib", "public-calib"))
         try:
             summary = train_encoder(
@@ -475,6 +552,22 @@ def train(
         f"adapter for {model}: {registry.adapter_dir(model, settings.home)} "
         f"({summary['examples']} examples, {summary['iters']} steps, {summary['train_seconds']:.0f} s)"
     )
+
+
+def _check_rows_per_intent(rows: list[dict]) -> None:
+    """Refuse (exit 2, before training) e5-small training rows with fewer than MIN_ROWS_PER_INTENT of an intent:
+    the head decides among all the intents, and 3 rows replaced the shipped 9,272-row head."""
+    from collections import Counter
+
+    from mlx_intent.schema import INTENTS
+    from mlx_intent.tuner import MIN_ROWS_PER_INTENT
+
+    counts = Counter(r.get("primary_intent") for r in rows)
+    if short := [f"{i} ({counts[i]})" for i in INTENTS if counts[i] < MIN_ROWS_PER_INTENT]:
+        raise InputError(
+            f"{ENCODER} needs at least {MIN_ROWS_PER_INTENT} training rows of every intent; too few of: "
+            + ", ".join(short)
+        )
 
 
 def _clean_stale(folder: Path) -> None:
@@ -594,19 +687,22 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
     return ("", ENCODER, state, size, "~0.3 GB", "-", source, "estimate")
 
 
-# Folders of the models home that are not models: adapters/, data/ and corpora/ (mlx-intent data), e5-small/
-# (models pull e5-small), .hub/ (the pull cache); <model>.source/ holds the weights of a pull --from-source.
-RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER})
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Names the models home uses for itself: adapters/, data/ and corpora/ (mlx-intent data), e5-small/ (models pull
+# e5-small), calibration/ (calibrate keyword, e5-small), feedback.db and its -wal, -shm and -journal files, .hub/
+# (the pull cache); <model>.source/ holds the weights of a pull --from-source.
+RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_FOLDER, DB_NAME})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # 100 at most: staging adds to it, NAME_MAX is 255
 
 
 def _convert_target(name: str, home: Path | None) -> Path:
     """The folder ``models convert --name`` may (re)write: a plain name straight under the models home, not one
     of its reserved folders, and, if it exists, an MLX model folder (the converter replaces it whole)."""
-    if not _PLAIN_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES or name.endswith(".source"):
+    own = name.lower() in RESERVED_NAMES or name.lower().startswith(DB_NAME) or name.lower().endswith(".source")
+    if not _PLAIN_NAME.fullmatch(name) or own:
         raise InputError(
-            f"--name {name!r}: expected a plain model name (letters, digits, '.', '-', '_', not starting with '.'), "
-            f"not one of the models folder's own folders ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
+            f"--name {name[:120]!r}: expected a plain model name (at most 100 letters, digits, '.', '-', '_', not "
+            "starting with '.'), "
+            f"not one the models folder uses for itself ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
         )
     root = registry.home(home)
     out = root / name

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from mlx_intent.errors import InputError, ModelError
+from mlx_intent.errors import EXIT_INPUT, InputError, ModelError
 from mlx_intent.models import registry
 from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
 
@@ -29,7 +29,9 @@ def settings_options(command: Callable, names: Iterable[str] = SPECS) -> Callabl
         try:
             settings = load_settings(cli, dotenv=setting_env_file)
         except SettingsError as e:
-            raise click.ClickException(str(e)) from None
+            error = click.ClickException(str(e))
+            error.exit_code = EXIT_INPUT  # a bad setting is bad usage, as the README's table says
+            raise error from None
         return command(*args, settings=settings, **kwargs)
 
     for name in reversed(names):
@@ -74,6 +76,8 @@ def check_writable(path: Path, what: str, *, folder: bool = False, make_parents:
 
     ``what`` names the path for the user (``--output``...); ``path`` is a file, or with ``folder`` a directory.
     With ``make_parents`` the command creates missing folders, so the nearest existing one must be writable."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{what} {path}: a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists():
         if path.is_dir() != folder:
             raise InputError(f"{what} {path}: " + ("not a folder" if folder else "a folder, not a file"))
@@ -91,20 +95,42 @@ def check_writable(path: Path, what: str, *, folder: bool = False, make_parents:
         raise InputError(f"{what} {path}: folder {parent} is not writable")
 
 
-def check_log(settings: Settings) -> None:
-    """The classification log (``--log`` or MLX_INTENT_LOG) must be writable before a run starts."""
-    if settings.log is not None:
-        source = settings.sources.get("log", "default")
-        what = "--log" if source == "command line" else f"{SPECS['log'].env} (from {source})"
-        check_writable(settings.log, what)
+def same_file(a: Path | str, b: Path | str) -> bool:
+    """Whether two paths name one file: by device and inode where both exist (symlinks and hard links included),
+    else by their resolved paths (a file not written yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
 
 
-def chain_for(settings: Settings):
+def check_log(settings: Settings, **others: Path | str | None) -> None:
+    """The classification log (``--log`` or MLX_INTENT_LOG) must be writable before a run starts, be a log if it
+    exists (anything else would lose its tail to the repair of a torn line), and not be the feedback store or
+    one of the command's ``others`` (``input=...``: its own records would be read back as queries)."""
+    if settings.log is None:
+        return
+    from mlx_intent.metrics import LogError, check_log_file
+
+    source = settings.sources.get("log", "default")
+    what = "--log" if source == "command line" else f"{SPECS['log'].env} (from {source})"
+    check_writable(settings.log, what)
+    store = registry.home(settings.home) / "feedback.db"
+    for name, other in {"feedback store": store, **others}.items():
+        if other is not None and str(other) != "-" and same_file(settings.log, other):
+            raise InputError(f"{what} {settings.log} is the {name.replace('_', ' ')} {other}; refusing to log there")
+    try:
+        check_log_file(settings.log)
+    except LogError as e:
+        raise InputError(f"{what} {e}") from None
+
+
+def chain_for(settings: Settings, **files: Path | str | None):
     """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3), an unwritable
-    log an InputError (exit 2)."""
+    log, or one that is not a log or is one of the command's ``files`` (check_log), an InputError (exit 2)."""
     from mlx_intent.chain import build_chain
 
-    check_log(settings)
+    check_log(settings, **files)
     try:
         chain = build_chain(settings)
     except registry.UnknownModelError as e:

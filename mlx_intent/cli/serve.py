@@ -6,10 +6,13 @@ without it installed.
 
 from __future__ import annotations
 
+import socket
+
 import click
 
 from mlx_intent.cli.options import chain_for, settings_options
-from mlx_intent.feedback import Recalibrator, open_store
+from mlx_intent.errors import InputError, UserError
+from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, Recalibrator, open_store
 from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
 
 seconds = click.FloatRange(0, min_open=True)
@@ -26,6 +29,14 @@ seconds = click.FloatRange(0, min_open=True)
     help="Also answer requests whose Host header names NAME (repeatable; '*': any).  Only localhost, "
     "127.0.0.1, [::1] and the --host address are answered otherwise: a web page cannot reach the "
     "service through DNS rebinding.",
+)
+@click.option(
+    "--token",
+    envvar="MLX_INTENT_TOKEN",
+    default=None,
+    metavar="SECRET",
+    help="Ask for 'Authorization: Bearer SECRET' on /v1/feedback, /metrics and /v1/models (classify and /healthz "
+    "stay open). [MLX_INTENT_TOKEN]",
 )
 @click.option(
     "--request-timeout-ms",
@@ -76,6 +87,7 @@ def serve_command(
     host,
     port,
     allow_hosts,
+    token,
     request_timeout_ms,
     max_wait_ms,
     queue_size,
@@ -102,14 +114,17 @@ def serve_command(
         from mlx_intent.serve.app import allowed_hosts, create_app, is_loopback, server_config
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
+    check_host(host, port)
+    if token is not None and not token.strip():
+        raise InputError("--token (MLX_INTENT_TOKEN) is empty")
     if not is_loopback(host):
         click.echo(
-            f"warning: --host {host} is reachable from other machines, and the service has no authentication: "
-            "anyone who can reach it can classify and read /metrics and /v1/models",
+            f"warning: --host {host} is reachable from other machines: anyone who can reach it can classify"
+            + (" (--token guards feedback, /metrics and /v1/models)" if token else ", give feedback and read /metrics"),
             err=True,
         )
     chain = chain_for(settings)
-    chain.store = None if no_record else open_store(settings.home)
+    chain.store = None if no_record else open_store(settings.home, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)
     if recalibrate_every and chain.store is None:
         raise click.UsageError("--recalibrate-every needs the answers recorded: drop --no-record")
     recalibrator = Recalibrator(chain, recalibrate_every).start() if recalibrate_every else None
@@ -122,6 +137,7 @@ def serve_command(
         batching=not no_batching,
         hosts=allowed_hosts(host, allow_hosts),
         body_timeout_s=body_timeout,
+        token=token,
     )
     config = server_config(
         app,
@@ -133,6 +149,19 @@ def serve_command(
     )
     try:
         uvicorn.Server(config).run()
+    except SystemExit as e:
+        if e.code != 3:  # uvicorn's STARTUP_FAILURE, which would read as exit 3: an unknown model
+            raise
+        raise UserError(f"cannot listen on {host}:{port} (the reason is logged above)") from None
     finally:
         if recalibrator is not None:
             recalibrator.stop()
+
+
+def check_host(host: str, port: int) -> None:
+    """A --host the resolver cannot turn into an address is bad usage (exit 2), said before any model loads;
+    uvicorn would exit 3, the code of an unknown model."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise InputError(f"--host {host!r} is not an address of this machine's resolver ({e})") from None

@@ -349,6 +349,67 @@ def model_config(meta: dict[str, Any], tied: bool) -> dict[str, Any]:
     }
 
 
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a llama ``config`` (model_config's) needs, by mlx-lm name, with its shape unquantized."""
+    hidden, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    per_layer = {
+        "self_attn.q_proj": (q, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (ff, hidden),
+        "mlp.up_proj": (ff, hidden),
+        "mlp.down_proj": (hidden, ff),
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+    }
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in per_layer.items()})
+    if not config.get("tie_word_embeddings", True):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def check_shapes(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where: str | os.PathLike) -> None:
+    """Raise GGUFError where the architecture's numbers (``config``) and the tensors' ``shapes`` (mlx-lm names,
+    unquantized) disagree: a crafted embedding_length of 7 converted, then killed classify with SIGFPE inside
+    MLX's quantized embedding; a block_count of 1000 converted a model no load could fill."""
+    layers = config["num_hidden_layers"]
+    if layers > len(shapes):  # before listing them: a crafted count may be 2**32
+        raise GGUFError(f"{where}: the metadata says {layers} layers; the file holds {len(shapes)} tensors in all")
+    expected = expected_shapes(config)
+    if missing := [name for name in expected if name not in shapes]:
+        raise GGUFError(
+            f"{where}: the metadata ({layers} layers) needs {len(missing)} tensors the file does not hold, "
+            f"e.g. {missing[0]}"
+        )
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise GGUFError(f"{where}: tensor {name} has shape {tuple(shapes[name])}, the metadata says {shape}")
+    if extra := sorted(set(shapes) - set(expected)):
+        raise GGUFError(f"{where}: {len(extra)} tensors the metadata has no place for, e.g. {extra[0]}")
+
+
+def check_converted(folder: Path) -> None:
+    """``check_shapes`` of a folder ``convert_gguf`` wrote (config.json and model.safetensors), before it loads;
+    the weights are not read, only the safetensors header (quantized matrices unpacked by their scales)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    with open(folder / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    group = (config.get("quantization") or {}).get("group_size", GROUP_SIZE)
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__" or name.endswith((".scales", ".biases")):
+            continue
+        scales = header.get(name[: -len("weight")] + "scales")
+        shape = tuple(info["shape"])
+        shapes[name] = shape[:-1] + (scales["shape"][-1] * group,) if scales else shape
+    check_shapes(config, shapes, folder)
+
+
 def build_tokenizer(meta: dict[str, Any]):
     """Rebuild the byte-level BPE tokenizer (a ``tokenizers.Tokenizer``) from GGUF metadata."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -417,6 +478,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     say("reading header")
     header = read_header(gguf_path)
     check_supported(header, gguf_path)
+    tied = not any(t.name == "output.weight" for t in header.tensors)
+    check_shapes(model_config(header.metadata, tied), {mlx_name(t.name): t.shape for t in header.tensors}, gguf_path)
     _check_replaceable(out_dir)
     tmp = staging_dir(out_dir)
     try:
@@ -428,7 +491,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
         meta = header.metadata  # checked by check_supported
         say("converting weights to 4-bit")
         converted = convert_weights(weights)
-        tied = "lm_head.weight" not in converted
         mx.save_safetensors(str(tmp / "model.safetensors"), converted, metadata={"format": "mlx"})
         say("writing config and tokenizer")
         (tmp / "config.json").write_text(json.dumps(model_config(meta, tied), indent=2))

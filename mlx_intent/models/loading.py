@@ -160,6 +160,10 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None,
     from mlx_lm.utils import dequantize_model
 
     path = require_dir(name, home)
+    if (path / "gguf_source.json").is_file():  # converted here: its config must fit its tensors (a crafted GGUF)
+        from mlx_intent.models.gguf import check_converted
+
+        check_converted(path)
     start = time.perf_counter()
     model, tokenizer = mlx_load(str(path), adapter_path=str(adapter) if adapter else None)
     if dequantize is None:

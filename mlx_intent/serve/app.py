@@ -13,6 +13,7 @@ through DNS rebinding); bodies and request heads have time limits (``server_conf
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -27,7 +28,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -70,6 +71,9 @@ MAX_BODY_BYTES = 64 * 1024
 DRAIN_BYTES = 16 * 1024 * 1024  # a refused body up to this size is read to its end, so the client hears the 413
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers
 CONNECTIONS_OVER_QUEUE = 64  # default concurrency limit: the queue size plus this many (health, metrics...)
+SHUTDOWN_GRACE_S = 1.0  # on shutdown, an idle keep-alive connection stays this long for a request already sent
+FIRST_BYTE_TIMEOUT_S = 2.0  # a connection that sends nothing is closed after this; from its first byte, a head has
+# the header timeout (idle connections had denied service: 330 of them, or 8 with --limit-concurrency 4)
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOADING = "loading: the server is warming up its models; answered by the tiers that are ready"
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
@@ -77,6 +81,7 @@ RETRY_AFTER_S = 1
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream", "/v1/feedback")
 ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json")
+GUARDED = ("/v1/feedback", "/metrics", "/v1/models")  # what --token guards: the store and the read-outs
 
 
 # ---- bodies -------------------------------------------------------------------------------------
@@ -145,6 +150,11 @@ class BatchRequest(BaseModel):
 
 
 class StreamRequest(BaseModel):
+    """A text alone: the stream honours no user, session or context, so it refuses them (422) rather than
+    answering as if they had not been sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
     text: Text
 
 
@@ -214,8 +224,9 @@ class FeedbackRequest(BaseModel):
     id: str = Field(min_length=1, max_length=64, description="The id of the answer judged.")
     primary_intent: Intent | None = None
     all_intents: list[Intent] | None = Field(None, min_length=1, max_length=MAX_INTENTS)
-    correct: bool = Field(False, description="The answer was right.")
-    replace: bool = Field(False, description="Replace feedback already given for this id (else 409).")
+    # strict: "yes", "on" or 1 must not pass for true (pydantic's lax mode takes them)
+    correct: StrictBool = Field(False, description="The answer was right (true or false, nothing else).")
+    replace: StrictBool = Field(False, description="Replace feedback already given for this id (else 409).")
 
 
 class BatchResult(BaseModel):
@@ -249,9 +260,11 @@ ERRORS = {
     code: {"model": ErrorBody, "description": why}
     for code, why in {
         400: "Invalid JSON, or a Host header this server does not answer.",
+        401: "No or a wrong bearer token, where the server was started with --token (feedback, metrics, models).",
         408: f"The body did not arrive within the body timeout ({BODY_TIMEOUT_S:g} s by default).",
         413: f"Body over {MAX_BODY_BYTES} bytes.",
         415: "Content type is not application/json.",
+        431: f"Request line and headers over {MAX_HEAD_BYTES} bytes.",
         422: "A field is missing or invalid.",
         503: "Queue full or shutting down; see Retry-After.",
     }.items()
@@ -262,6 +275,10 @@ FEEDBACK_ERRORS = {
     **ERRORS,
     404: {"model": ErrorBody, "description": "No such answer recorded here."},
     409: {"model": ErrorBody, "description": "Feedback given already for this id; send replace."},
+    503: {
+        "model": ErrorBody,
+        "description": "The feedback store is busy (locked by another process); see Retry-After.",
+    },
 }
 
 
@@ -302,6 +319,11 @@ class Prometheus:
         )
         self.absent_seen: set[tuple[str, str]] = set()
         self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
+        self.abandoned = Counter(
+            "mlx_intent_abandoned_requests",
+            "Requests whose client left before the answer (status 499): neither counted as answered, logged nor kept",
+            registry=r,
+        )
         self.batches = Histogram(
             "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
@@ -354,6 +376,12 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> frozenset[str]:
     return frozenset(names)
 
 
+def head_bytes(scope) -> int:
+    """The size of a request's head as sent, near enough: its target and its header lines."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b""))
+    return target + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -362,7 +390,8 @@ def is_loopback(host: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware: answers only allowed Host names; refuses oversized bodies (by Content-Length, or
+    """ASGI middleware: answers only allowed Host names, and the GUARDED endpoints only with ``token`` (if set);
+    refuses oversized bodies (by Content-Length, or
     counted as they arrive, before the body is read whole) and non-JSON posts; gives a body
     ``body_timeout_s`` to arrive; and counts every request by endpoint and status.
 
@@ -376,9 +405,14 @@ class Guard:
         hosts: Collection[str] = LOOPBACK_HOSTS,
         max_body: int = MAX_BODY_BYTES,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        token: str | None = None,
+        limits: dict | None = None,
     ):
         self.app, self.prometheus, self.hosts = app, prometheus, frozenset(hosts)
         self.max_body, self.body_timeout_s = max_body, body_timeout_s
+        self.token = f"Bearer {token}".encode() if token else None
+        self.limits = limits if limits is not None else {}  # "requests": at most this many at once (server_config)
+        self.active = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -392,20 +426,30 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        self.active += 1
         try:
             refusal = await self._refusal(scope, receive, deadline)
             if refusal is not None:
                 return await refusal(scope, receive, sending)
             await self.app(scope, self._counted(receive, deadline), sending)
         finally:
+            self.active -= 1
             self.prometheus.requests.labels(endpoint, str(status[0])).inc()
             self.prometheus.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _refusal(self, scope, receive, deadline: float) -> JSONResponse | None:
+        if (limit := self.limits.get("requests")) is not None and self.active > limit:
+            return error(503, "server busy: too many requests at once", None, {"Retry-After": str(RETRY_AFTER_S)})
+        if head_bytes(scope) > MAX_HEAD_BYTES:  # h11 bounds only a head that arrives in pieces
+            return error(431, f"request head over {MAX_HEAD_BYTES} bytes", None, {"Connection": "close"})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if "*" not in self.hosts and host_name(headers.get("host", "")) not in self.hosts:
-            allowed = sorted(self.hosts)
-            return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)", allowed)
+            # the names it answers are not listed: a page probing for them learns nothing
+            return error(400, "this server does not answer that Host name (mlx-intent serve --allow-host)")
+        if self.token is not None and scope["path"] in GUARDED:
+            given = headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, self.token):
+                return error(401, "this endpoint needs the server's token", None, {"WWW-Authenticate": "Bearer"})
         if scope["method"] != "POST" or scope["path"] not in JSON_POSTS:
             return None
         length = headers.get("content-length", "")
@@ -464,32 +508,79 @@ class HeadTimeoutH11(H11Protocol):
     has ``head_timeout_s`` to send a whole request head, else it is closed.  uvicorn has none: a client
     that connects and sends nothing, or a byte now and then, would hold a connection for ever."""
 
-    def __init__(self, *args, head_timeout_s: float = HEADER_TIMEOUT_S, **kwargs):
+    def __init__(
+        self,
+        *args,
+        head_timeout_s: float = HEADER_TIMEOUT_S,
+        first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+        max_idle: int | None = None,
+        shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        self.head_timeout_s = head_timeout_s
+        self.head_timeout_s, self.first_byte_timeout_s, self.max_idle = head_timeout_s, first_byte_timeout_s, max_idle
+        self.shutdown_grace_s = shutdown_grace_s
+        self.stopping = False
         self.head_timer: asyncio.TimerHandle | None = None
+        self.sending = False  # bytes came since the last response: a request is on its way
+        self.idle_since = 0.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._await_head()
+        self.idle_since = self.loop.time()
+        self._await_head(min(self.first_byte_timeout_s, self.head_timeout_s))
+        self._shed_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.sending and (self.cycle is None or self.cycle.response_complete):
+            self._await_head()  # its first byte: the head has the whole header timeout from here
+        self.sending = True
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
+        self.sending, self.idle_since = False, self.loop.time()
         self._await_head()  # first: a pipelined request handled below cancels it
         super().on_response_complete()
+
+    def idle(self) -> bool:
+        """Open with no request on its way: nothing sent since it opened or since its last response."""
+        done = self.cycle is None or self.cycle.response_complete
+        return done and not self.sending and not self.transport.is_closing()
+
+    def _shed_idle(self) -> None:
+        """Keep at most ``max_idle`` idle connections, closing the longest idle: the rest of the concurrency
+        limit stays for clients that send a request."""
+        if self.max_idle is None:
+            return
+        idle = sorted((c for c in self.connections if isinstance(c, HeadTimeoutH11) and c.idle()), key=_since)
+        for connection in idle[: max(0, len(idle) - self.max_idle)]:
+            connection.transport.close()
 
     def handle_events(self) -> None:
         cycle = self.cycle
         super().handle_events()
         if self.cycle is not cycle:  # a request head came in
             self._cancel_head_timer()
+            if self.stopping and self.cycle is not None:
+                self.cycle.keep_alive = False  # answered, then closed
+
+    def shutdown(self) -> None:
+        """uvicorn closes an idle keep-alive connection the moment it stops, so a request a client sends on it
+        then meets a closed socket.  Instead a request already on its way (or sent within ``shutdown_grace_s``)
+        is answered, and the connection closed after it; one still idle after that is closed."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            return super().shutdown()  # a request in hand: uvicorn answers it and closes
+        self.stopping = True
+        if not self.sending:  # a head on its way keeps its own timer
+            self._await_head(self.shutdown_grace_s)
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def _await_head(self) -> None:
+    def _await_head(self, timeout_s: float | None = None) -> None:
         self._cancel_head_timer()
-        self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+        self.head_timer = self.loop.call_later(timeout_s or self.head_timeout_s, self._head_late)
 
     def _cancel_head_timer(self) -> None:
         if self.head_timer is not None:
@@ -502,6 +593,10 @@ class HeadTimeoutH11(H11Protocol):
             self.transport.close()
 
 
+def _since(connection: HeadTimeoutH11) -> float:
+    return connection.idle_since
+
+
 def server_config(
     app: FastAPI,
     host: str = "127.0.0.1",
@@ -510,21 +605,32 @@ def server_config(
     limit_concurrency: int | None = None,
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S,
     log_level: str = "info",
 ) -> uvicorn.Config:
-    """uvicorn's settings for ``app``: a header timeout, an idle (keep-alive) timeout, a bound on the request
-    head, and at most ``limit_concurrency`` connections and requests at once (default: the queue size plus
-    CONNECTIONS_OVER_QUEUE; more get 503).  Every request is answered within its timeout (by the tiers
-    below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them."""
+    """uvicorn's settings for ``app``: a first-byte, a header and an idle (keep-alive) timeout, a bound on the
+    request head, and at most ``limit_concurrency`` requests at once (default: the queue size plus
+    CONNECTIONS_OVER_QUEUE; more get a JSON 503 with Retry-After), of whose connections at most half may sit
+    idle (the longest idle are closed first).  Every request is answered within its timeout (by the tiers
+    below the LLMs if need be), so a shutdown that waits a little longer than that finishes all of them, and
+    one sent on an idle connection within ``shutdown_grace_s`` of the shutdown too."""
     if limit_concurrency is None:
         limit_concurrency = app.state.batcher.queue_size + CONNECTIONS_OVER_QUEUE
+    app.state.limits["requests"] = limit_concurrency  # Guard's: uvicorn's own limit counts idle connections too
+    protocol = partial(
+        HeadTimeoutH11,
+        head_timeout_s=header_timeout_s,
+        first_byte_timeout_s=first_byte_timeout_s,
+        max_idle=max(1, limit_concurrency // 2),
+        shutdown_grace_s=shutdown_grace_s,
+    )
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=partial(HeadTimeoutH11, head_timeout_s=header_timeout_s),
+        http=protocol,
         timeout_keep_alive=keep_alive_s,
-        limit_concurrency=limit_concurrency,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         timeout_graceful_shutdown=int(app.state.request_timeout_ms / 1000) + 10,
         log_level=log_level,
@@ -545,12 +651,13 @@ def create_app(
     hosts: Collection[str] = LOOPBACK_HOSTS,
     body_timeout_s: float = BODY_TIMEOUT_S,
     sessions: Sessions | None = None,
+    token: str | None = None,
 ) -> FastAPI:
     """The service around ``chain`` (built from ``settings``; its LLM tiers decode in settings.mode).
 
     ``request_timeout_ms`` defaults to TIMEOUT_FACTOR latency budgets; ``batching=False`` runs one text
     at a time (for comparison); ``hosts``: the Host names answered (see ``allowed_hosts``); ``sessions`` keeps
-    the conversations of requests that name one."""
+    the conversations of requests that name one; ``token``, if given, is asked of the GUARDED endpoints."""
     timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
     states: dict[str, TierState] = {}
     served = watched(_quiet(chain), states)
@@ -589,7 +696,10 @@ def create_app(
     )
     app.state.batcher, app.state.request_timeout_ms = batcher, timeout_ms
     sessions = app.state.sessions = sessions if sessions is not None else Sessions()
-    app.add_middleware(Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s)
+    app.state.limits = {}  # server_config sets "requests"
+    app.add_middleware(
+        Guard, prometheus=prometheus, hosts=hosts, body_timeout_s=body_timeout_s, token=token, limits=app.state.limits
+    )
     _handlers(app)
 
     def submit(texts: list[str], mode: str, emit=None, user: str | None = None, contexts=None) -> Job | JSONResponse:
@@ -641,7 +751,9 @@ def create_app(
             kept.append(turn.text)
         return out
 
-    async def classify_texts(turns: list[Turn], mode: str | None, user: str | None = None) -> list[dict] | JSONResponse:
+    async def classify_texts(
+        turns: list[Turn], mode: str | None, user: str | None = None, request: Request | None = None
+    ) -> list[dict] | JSONResponse:
         start = time.perf_counter()
         texts, contexts = [t.text for t in turns], contexts_of(turns)
         if not warming["up"].future.done():
@@ -654,22 +766,25 @@ def create_app(
                 results = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_ms / 1000)
             except (asyncio.TimeoutError, Expired):  # the job is cancelled if not begun, dropped if begun
                 results = await asyncio.to_thread(below, texts, timed_out, user, contexts)
+        if request is not None and await request.is_disconnected():  # nobody to deliver to: count it apart
+            prometheus.abandoned.inc()
+            return error(499, "the client closed the request before its answer")
         for turn in turns:  # answered: the turns join their sessions
             if turn.session is not None:
                 sessions.add(turn.session, turn.text)
         return await answered(texts, results, start, user, contexts)
 
     @app.post("/v1/classify", response_model=ClassifyResult, responses=ERRORS)
-    async def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest, request: Request):
         """Classify one text through the fallback chain (batched with concurrent requests); with ``context``
         or ``session``, as a turn of a conversation (``context_used`` says when the earlier turns decided)."""
-        results = await classify_texts([body], body.mode, body.user)
+        results = await classify_texts([body], body.mode, body.user, request)
         return results if isinstance(results, JSONResponse) else results[0]
 
     @app.post("/v1/classify/batch", response_model=BatchResult, responses=ERRORS)
-    async def classify_batch(body: BatchRequest):
+    async def classify_batch(body: BatchRequest, request: Request):
         """Classify up to 64 texts (``texts``, or ``items`` with their context or session); results in order."""
-        results = await classify_texts(body.turns(), body.mode, body.user)
+        results = await classify_texts(body.turns(), body.mode, body.user, request)
         return results if isinstance(results, JSONResponse) else {"results": results}
 
     @app.post(
@@ -695,6 +810,18 @@ def create_app(
         yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
+        ended = False
+        try:
+            async for e in stream_events(job, events, text, start):
+                yield e
+            ended = True
+        finally:  # ended, or cancelled because the client left: a queued job never runs, a begun one stops
+            if not ended:
+                prometheus.abandoned.inc()  # its 200 went out with the first byte: counted apart here
+            job.future.cancel()
+            job.dropped.set()
+
+    async def stream_events(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
         first = True
         while True:
             try:
@@ -724,8 +851,11 @@ def create_app(
         try:
             fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
             return feedback.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
-        except feedback.FeedbackError as e:
-            return error(e.status, str(e))
+        except feedback.FeedbackError as e:  # its words name the store's file: not the client's to know
+            return error(e.status, str(e).replace(str(chain.store.path), "this server's feedback store"))
+        except feedback.StoreError:  # locked by another process past the busy timeout, a full disk
+            log.warning("feedback not stored: the store is unavailable", exc_info=True)
+            return error(503, "the feedback store is busy or unavailable; try again", None, {"Retry-After": "5"})
 
     @app.get("/v1/models", response_model=ModelsResult)
     def models():
@@ -804,4 +934,4 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error(500, "internal error", f"{type(exc).__name__}: {exc}")
+        return error(500, "internal error (the server's log says more)")  # no type, message or path to a client

