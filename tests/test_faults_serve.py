@@ -29,6 +29,7 @@ from mlx_intent.serve.app import allowed_hosts, create_app, server_config
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.settings import QUEUE_SIZE, Settings
+from mlx_intent.stats import check, summarize
 
 SETTINGS = Settings(latency_budget_ms=600_000.0, cache_size=0, batch_size=8)
 ABSENT = "not downloaded (get it with: mlx-intent models pull big)"
@@ -187,9 +188,42 @@ def test_a_request_during_the_warm_up_is_answered_at_once_by_the_tiers_that_are_
     finally:
         gate.set()
     assert body["tier"] == "keyword" and body["primary_intent"] == "nearby_locations"
-    assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("big", "not_installed"), ("loading", "timeout")]
+    assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("big", "not_installed"), ("loading", "loading")]
     assert body["fallbacks"][0]["reason"] == ABSENT and body["fallbacks"][1]["reason"].startswith("loading")
+    assert body["runtime_fallback"] is False
     assert [e.name for e in events] == ["result"] and events[0].data["fallbacks"] == body["fallbacks"]
+
+
+def test_the_warm_up_is_honest(tmp_path):
+    """Issue 24, part 3: while an LLM loads, a tier not installed (not yet reached by the warm-up) says so, not
+    "loading"; the encoder (an early tier, loaded first) answers; waiting for the LLM is kind ``loading``, which
+    is no run-time fallback: not in the fallback rate, /metrics' fallback answers, nor ``stats --check``."""
+    gate = threading.Event()
+    llm = Tier("llm", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="llm")
+    gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
+    encoder = Tier("enc", lambda texts: [reply("restaurant") for _ in texts], model="enc", early=True)
+    log = tmp_path / "log.jsonl"
+    chain = Chain([llm, cold, encoder, keyword_tier()], cache_size=0, log=ClassificationLog(log))
+    app = create_app(SETTINGS, chain, request_timeout_ms=600_000)
+    states = app.state.batcher.states
+    try:
+        with running(app) as (base, _):
+            until(lambda: getattr(states.get("llm"), "state", None) == "loading", "the encoder warmed up first")
+            assert states["enc"].state == "ready"
+            bodies = [post(base, "/v1/classify", {"text": f"fish near Galata, {i}?"}).json() for i in range(3)]
+            samples = metric_samples(httpx.get(f"{base}/metrics").text)
+            gate.set()
+            ready(base)
+    finally:
+        gate.set()
+    for body in bodies:
+        assert body["tier"] == "enc" and body["runtime_fallback"] is False
+        assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("llm", "loading"), ("cold", "not_installed")]
+    assert samples.get("mlx_intent_fallback_answers_total", 0) == 0
+    summary = summarize(read_log(log))
+    assert summary["fallback"]["rate"] == 0 and summary["fallback"]["warming"]["count"] == 3
+    assert not [a for a in check(summary) if a.metric == "fallback_rate"]
 
 
 # ---- 11: monitoring agrees with what clients got --------------------------------------------------

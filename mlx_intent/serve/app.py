@@ -34,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.metrics import MB, is_absent
+from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
@@ -323,9 +323,9 @@ class Prometheus:
             if is_absent(f):
                 self.absent.labels(f["tier"], f["kind"]).set(1)
                 self.absent_seen.add((f["tier"], f["kind"]))
-            else:
+            else:  # a tier still loading is counted by its kind, "loading", but the answer is no fallback
                 self.fallbacks.labels(f["tier"], f["kind"]).inc()
-                present.add(f["tier"])
+                present.update([] if is_warming(f) else [f["tier"]])
         self.fallback_answers.inc(len(present) > 1)
         for tier, kind in self.absent_seen:
             if tier in present:  # pulled since, and loaded: no longer absent
@@ -601,13 +601,15 @@ def create_app(
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def below(texts: list[str], words: str, user: str | None = None, contexts=None) -> list[dict]:
-        """The answers of the tiers below the model tiers (those absent here said so): for a request that
-        timed out or came during the warm-up.  Called on a thread: its log and fsync stay off the loop."""
-        chain_below = fallback_chain(served, Reason.TIMEOUT, words, states)
+    def below(texts: list[str], why: tuple[Reason, str], user: str | None = None, contexts=None) -> list[dict]:
+        """The answers of the tiers below the model tiers (those absent here said so; during the warm-up the
+        encoder too, once loaded): for a request that timed out or came during the warm-up, ``why`` (kind,
+        words).  Called on a thread: its log and fsync stay off the loop."""
+        chain_below = fallback_chain(served, *why, states)
         return chain_below.classify_batch(texts, users=[user] * len(texts), contexts=contexts)
 
-    timed_out = f"timeout: no answer within {timeout_ms:g} ms"
+    timed_out = (Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms")
+    warming_up = (Reason.LOADING, LOADING)
 
     def shown(result: dict, start: float, texts: int = 1) -> dict:
         """The result as answered: the request's own latency, counted in /metrics."""
@@ -645,7 +647,7 @@ def create_app(
         start = time.perf_counter()
         texts, contexts = [t.text for t in turns], contexts_of(turns)
         if not warming["up"].future.done():
-            results = await asyncio.to_thread(below, texts, LOADING, user, contexts)
+            results = await asyncio.to_thread(below, texts, warming_up, user, contexts)
         else:
             job = submit(texts, mode or settings.mode, user=user, contexts=contexts)
             if isinstance(job, JSONResponse):
@@ -682,7 +684,7 @@ def create_app(
         model writes it, then one `result` event holds the final answer (an `error` event if it failed)."""
         start = time.perf_counter()
         if not warming["up"].future.done():
-            return StreamingResponse(at_once(body.text, LOADING, start), media_type="text/event-stream")
+            return StreamingResponse(at_once(body.text, warming_up, start), media_type="text/event-stream")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         job = submit([body.text], STREAM, lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data)))
@@ -690,8 +692,8 @@ def create_app(
             return job
         return StreamingResponse(sse(job, events, body.text, start), media_type="text/event-stream")
 
-    async def at_once(text: str, words: str, start: float) -> AsyncIterator[str]:
-        results = await asyncio.to_thread(below, [text], words)
+    async def at_once(text: str, why: tuple[Reason, str], start: float) -> AsyncIterator[str]:
+        results = await asyncio.to_thread(below, [text], why)
         yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
