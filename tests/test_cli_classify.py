@@ -295,3 +295,16 @@ def test_ids_are_json_values_so_resume_skips_only_the_same_id(tmp_path):
     again = run("--input", source, "--output", str(out), "--resume", *KEYWORD)
     assert again.exit_code == 0, again.output
     assert [r["id"] for r in read_jsonl(out)] == [2, None, "2", "None"]
+
+
+def test_output_dash_writes_the_results_to_stdout(tmp_path, monkeypatch):
+    """Issue 24, part 6: ``--output -`` pipes the results on (it wrote a file named "-")."""
+    monkeypatch.chdir(tmp_path)
+    queries = write_jsonl(tmp_path / "in.jsonl", QUERIES)
+    result = CliRunner().invoke(main, ["classify", *KEYWORD, "--input", queries, "--output", "-"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2", "3"] and all(set(r) == set(OUTPUT_KEYS) for r in rows)
+    assert not (tmp_path / "-").exists()
+    refused = CliRunner().invoke(main, ["classify", *KEYWORD, "--input", queries, "--output", "-", "--resume"])
+    assert refused.exit_code == 2 and "stdout" in refused.output

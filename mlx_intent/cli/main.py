@@ -7,10 +7,12 @@ unknown model, or one that is missing; 4 and 5 the warning and critical alerts o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
@@ -200,7 +202,9 @@ def answer_lines(chain, batch: list[tuple], record: bool = False) -> str:
     metavar="TEXT",
     help="An earlier turn of the conversation, oldest first (repeatable, at most 5; with TEXT).",
 )
-@click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
+@click.option(
+    "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results; - for stdout."
+)
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
 @click.option(
     "--distributed",
@@ -249,7 +253,10 @@ def classify(
         return
     if output is None:
         raise click.UsageError("--input needs --output")
-    check_writable(output, "--output")
+    if str(output) == "-" and (resume or distributed):
+        raise click.UsageError("--output - (stdout) cannot be resumed or merged: give a file")
+    if str(output) != "-":
+        check_writable(output, "--output")
     from mlx_intent import distributed as dist
 
     group = dist.init(distributed)
@@ -287,7 +294,8 @@ def _classify_file(
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
-    if input_path != "-" and output.exists() and os.path.samefile(input_path, output):
+    to_stdout = str(output) == "-"  # results piped on, like the input may be (--input -)
+    if input_path != "-" and not to_stdout and output.exists() and os.path.samefile(input_path, output):
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     done = _done_ids(output) if resume else set()
     chain = _chain(settings, sample, record)
@@ -295,8 +303,12 @@ def _classify_file(
     unwritable: list[OSError] = []  # a failed write to output (a full disk...): reported in words, not claimed done
     try:
         # backslashreplace: an id with a lone surrogate (JSON's "\ud800") is written as the escape it was read from
-        out = open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-        with out, tqdm(unit="q", disable=None) as bar:
+        out = (
+            contextlib.nullcontext(sys.stdout)
+            if to_stdout
+            else open(output, "a" if resume else "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        )
+        with out as out, tqdm(unit="q", disable=None) as bar:
 
             def flush() -> None:
                 lines = answer_lines(chain, batch, record)
@@ -325,7 +337,7 @@ def _classify_file(
             f"cannot write {output}: {error.strerror or error}; the lines written before stay, "
             "and --resume finishes the rest"
         ) from None
-    click.echo(f"wrote {output}", err=True)
+    click.echo("wrote the results to stdout" if to_stdout else f"wrote {output}", err=True)
     if lost := chain.metrics.log_write_failures:
         click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
 
