@@ -379,8 +379,8 @@ def test_connections_over_the_limit_get_503(keyword_chain):
 
 def test_serve_options_reach_uvicorn_and_a_public_bind_warns(models_home, monkeypatch):
     configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
-    args = ["serve", "--chain", "keyword", "--host", "0.0.0.0", "--allow-host", "assistant.local"]
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: configs.append(self.config))
+    args = ["serve", "--port", "0", "--chain", "keyword", "--host", "0.0.0.0", "--allow-host", "assistant.local"]
     result = CliRunner().invoke(main, [*args, "--header-timeout", "3", "--body-timeout", "4", "--keep-alive", "2"])
     assert result.exit_code == 0, result.output
     assert "warning: --host 0.0.0.0 is reachable from other machines" in result.stderr
@@ -391,12 +391,47 @@ def test_serve_options_reach_uvicorn_and_a_public_bind_warns(models_home, monkey
     assert guard.kwargs["hosts"] == {"localhost", "127.0.0.1", "[::1]", "assistant.local"}
     assert guard.kwargs["body_timeout_s"] == 4
 
-    quiet = CliRunner().invoke(main, ["serve", "--chain", "keyword"])
+    quiet = CliRunner().invoke(main, ["serve", "--port", "0", "--chain", "keyword"])
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
     assert configs[1].limit_concurrency == QUEUE_SIZE + 64
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     for option in ("--allow-host", "--limit-concurrency", "--header-timeout", "--body-timeout", "--keep-alive"):
         assert option in help_text
+
+
+def test_serve_on_a_port_in_use_exits_1_in_one_line_before_loading_anything(monkeypatch):
+    """Issue 24, part 6: it loaded every model, then exited 3 (the code for an unknown model)."""
+    from mlx_intent.cli import serve
+
+    monkeypatch.setattr(serve, "chain_for", lambda settings: pytest.fail("a model tier was built"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--chain", "keyword", "--port", str(port)])
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port}" in line and "choose --port" in line
+
+
+def test_serve_ends_the_process_rather_than_tear_down_under_a_worker_inside_mlx(monkeypatch):
+    """A worker still busy after the stop's wait (a model load) would abort Python's teardown (exit 134, "terminate
+    called without an active exception"): the process ends at once instead, with the run's code."""
+    from mlx_intent.cli import serve
+
+    release, ended = threading.Event(), []
+    batcher = Batcher({"score": Chain([keyword_tier()])}, "score")
+    batcher.thread = threading.Thread(target=release.wait, daemon=True)
+    batcher.thread.start()
+    monkeypatch.setattr(os, "_exit", ended.append)
+    try:
+        serve.stop_worker(batcher, 0.05, 0)
+    finally:
+        release.set()
+    assert ended == [0]
+    batcher.thread.join(WAIT_S)
+    serve.stop_worker(batcher, 0.05, 1)  # a worker that has ended: nothing to do
+    assert ended == [0]
 
 
 # ---- 14: hardening ---------------------------------------------------------------------------------
