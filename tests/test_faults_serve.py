@@ -465,3 +465,18 @@ def test_no_docs_page_from_a_cdn_but_the_openapi_description(keyword_url):
     assert httpx.get(f"{keyword_url}/docs").status_code == 404
     assert httpx.get(f"{keyword_url}/redoc").status_code == 404
     assert "/v1/classify" in httpx.get(f"{keyword_url}/openapi.json").json()["paths"]
+
+
+def test_models_lists_every_tier_that_answers():
+    """Issue 24, part 6: /v1/models listed the registry only, not the e5-small tier that answers."""
+    gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
+    encoder = Tier("enc", lambda texts: [reply() for _ in texts], model="enc", early=True)
+    with running(create_app(SETTINGS, Chain([cold, encoder, keyword_tier()], cache_size=0))) as (base, _):
+        ready(base)
+        models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()["models"]}
+    assert models["llama-3.2-3b"]["tier"] is None  # the registry, as before
+    assert models["cold"] == {"name": "cold", "state": "missing", "loaded": False, "tier": 0}
+    assert models["enc"] == {"name": "enc", "state": "ready", "loaded": True, "tier": 1}
+    assert models["keyword"] == {"name": "keyword", "state": "ready", "loaded": True, "tier": 2}
+    assert models["general"]["tier"] == 3

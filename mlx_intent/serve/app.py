@@ -39,6 +39,8 @@ from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
+    ABSENT_STATE,
+    READY,
     STREAM,
     WARM,
     Batcher,
@@ -224,7 +226,8 @@ class BatchResult(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    state: str = Field(description="missing, downloaded, converted or ready (loaded once at least).")
+    state: str = Field(description="missing, downloaded, converted or ready (loaded once at least; the keyword and "
+                       "general tiers always).")
     loaded: bool = Field(description="In memory in this server now.")
     tier: int | None = Field(description="Its place in the chain, from 0; null when not in it.")
 
@@ -731,20 +734,27 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelsResult)
     def models():
-        """Every registry model: its state on disk, whether this server has it loaded, its place in the chain."""
+        """Every registry model: its state on disk, whether this server has it loaded, its place in the chain;
+        then the chain's other tiers (the e5-small encoder, keyword, general), which answer too."""
         loaded = chain.pool.loaded if chain.pool is not None else {}
         home = chain.pool.home if chain.pool is not None else None
-        return {
-            "models": [
-                {
-                    "name": name,
-                    "state": registry.state(name, home),
-                    "loaded": name in loaded,
-                    "tier": chain.names.index(name) if name in chain.names else None,
-                }
-                for name in registry.REGISTRY
-            ]
-        }
+        listed = [
+            {
+                "name": name,
+                "state": registry.state(name, home),
+                "loaded": name in loaded,
+                "tier": chain.names.index(name) if name in chain.names else None,
+            }
+            for name in registry.REGISTRY
+        ]
+        for index, tier in enumerate(served.tiers):
+            if tier.name in registry.REGISTRY:
+                continue
+            state = states.get(tier.name, TierState()).state if tier.model else READY
+            on_disk = "missing" if state == ABSENT_STATE or tier.absent() is not None else "downloaded"
+            shown = "ready" if state == READY else on_disk
+            listed.append({"name": tier.name, "state": shown, "loaded": state == READY, "tier": index})
+        return {"models": listed}
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}})
     async def healthz():
