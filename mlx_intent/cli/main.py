@@ -274,10 +274,23 @@ def _chain(settings: Settings, sample: bool, record: bool = False):
     """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads); with
     ``record`` it keeps its results in the feedback store."""
     chain = chain_for(settings)
+    if settings.mode == "generate":
+        _need_llm(chain, "--sample" if sample else "--mode generate")
     if chain.pool is not None:
         chain.pool.sample = sample
     chain.store = open_store(settings.home) if record else None
     return chain
+
+
+def _need_llm(chain, what: str) -> None:
+    """Generation and sampling are the LLM tiers' decoding: with no LLM tier that can load, refuse (exit 2) rather
+    than let the encoder answer as if they had been applied."""
+    llms = [t for t in chain.tiers if t.model in registry.REGISTRY]
+    reasons = [(t.name, t.absent()) for t in llms]
+    if any(why is None for _, why in reasons):
+        return
+    names = "; ".join(f"{name}: {why}" for name, why in reasons) if llms else "the chain has none"
+    raise InputError(f"{what} needs an LLM tier, and none can load here ({names}); the other tiers only score")
 
 
 def _classify_file(
