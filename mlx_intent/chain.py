@@ -664,11 +664,15 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     names = list(names or settings.chain or default_chain_names(settings))
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
     floor = model_floor(settings, names)
+    # Unset, the blend and the keyword tier answer at any confidence (handing their unsure answers down only loses
+    # them); set by the user (--min-confidence, MLX_INTENT_MIN_CONFIDENCE), it holds for them too, as documented.
+    chosen = settings.sources.get("min_confidence", "default") != "default"
+    last = settings.min_confidence if chosen or settings.min_confidence != Settings.min_confidence else 0.0
     tiers = []
     secondaries = followup = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin))
+            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin, threshold=last))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
@@ -679,7 +683,7 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
-                threshold = 0.0 if blended else threshold
+                threshold = last if blended else threshold
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
                 tier = encoder_tier(threshold, budget, retry, blended, settings.home)
                 followup = followup or learned_detector(tier.load)
