@@ -135,3 +135,8 @@ def test_dependency_floors_match_what_the_code_needs():
     for system in ("darwin", "linux"):
         (mlx,) = wanted(reqs, "mlx", system, "arm64")
         assert "0.29.3" not in mlx.specifier and "0.32.2" in mlx.specifier  # mlx-lm 0.32.2's floor
+
+
+def test_the_service_asks_for_pydantic_2():
+    (pydantic,) = wanted(requirements("serve"), "pydantic", "darwin", "arm64")
+    assert "1.10.13" not in pydantic.specifier and "2.0" in pydantic.specifier
