@@ -125,7 +125,8 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     """The chain below its model tiers, each of those passed over for ``reason`` (of ``kind``), or for being
     absent here when its last load (in ``states``) or a look at the disk (``Tier.absent``) says so: the answer
     for a request whose time ran out, or that came during the warm-up.  During the warm-up (kind LOADING) an
-    early tier that is loaded (the e5-small encoder) answers too, on the caller's thread; else no model runs.
+    early tier that is loaded (the e5-small encoder) answers too, on the caller's thread and without a latency
+    budget (its runs wait on one another, beside a load); else no model runs.
     Uncached."""
 
     def passed(tier: Tier) -> Tier:
@@ -133,7 +134,7 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
         if state is not None and state.state == ABSENT_STATE:
             return _passed(tier.name, state.kind, state.detail)
         if kind == Reason.LOADING and tier.early and state is not None and state.state == READY:
-            return tier
+            return replace(tier, budget_ms=None)  # the best tier there is until the LLMs are in: never timed out
         if (absent := tier.absent()) is not None:
             return _passed(tier.name, absent.kind, absent.detail)
         return _passed(tier.name, kind, reason)
