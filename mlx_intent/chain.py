@@ -34,6 +34,7 @@ logger = logging.getLogger("mlx_intent.chain")
 
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
+WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"  # the query a tier runs once as it loads
 
 
 class Reason(str, Enum):
@@ -49,6 +50,7 @@ class Reason(str, Enum):
     LOW_CONFIDENCE = "low_confidence"  # below the tier's threshold
     RULE1 = "rule1"  # the keyword tier read social words with a request (rule 1 of the guide)
     AMBIGUOUS = "ambiguous"  # its top two intents closer than the margin
+    LOADING = "loading"  # still loading while the server warms up: not a run-time fallback (metrics.WARMUP_KINDS)
 
     def __str__(self) -> str:
         return self.value
@@ -56,7 +58,7 @@ class Reason(str, Enum):
 
 # Reasons that may not recur (a timeout under load, a crash, a load that may succeed after the back-off):
 # answers given because of them are not cached, or one bad moment would pin a worse answer.
-TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED})
+TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED, Reason.LOADING})
 # Reasons that will not change while the process runs: such a tier is not the one to wait for.  Being absent
 # here is a configuration fact, not a fallback: fallback rates and alerts count only the other reasons
 # (metrics.ABSENT_KINDS holds the same values, for modules that cannot import this one).
@@ -120,6 +122,12 @@ class Tier:
     contextual: bool = False  # ``run(texts, contexts)`` reads the earlier turns (the LLM tiers' chat)
     margin: float = 0.0  # top two intents closer than this: passed over as ambiguous (0: off)
     floor: float = 0.0  # the least threshold a user's min_confidence may give it (the keyword floor)
+    # Why it cannot load here at all (not installed, too large) without loading anything, or None: what a request
+    # that cannot wait for its load (the server's warm-up, a timeout) records instead of "loading" or "timeout".
+    absent: Callable[[], PassOver | None] = lambda: None
+    # Small and fast (the e5-small encoder): the server's warm-up loads it first, and it answers requests
+    # while the LLM tiers still load.
+    early: bool = False
 
 
 def keyword_tier(home: Path | None = None) -> Tier:
@@ -161,12 +169,8 @@ class ModelPool:
                 when, why = self.failed[name]
                 if time.monotonic() - when < self.retry_after_s:
                     raise PassOver(Reason.LOAD_FAILED, _backing_off(self.retry_after_s, why))
-            if not loading.is_available(name, self.home):
-                raise PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
-            if not loading.fits(name, self.memory, self.home):
-                need = loading.budget(name, self.home)
-                why = f"does not fit in memory (needs {need.bytes / registry.GB:.1f} GB: {need.source})"
-                raise PassOver(Reason.TOO_LARGE, why)
+            if (absent := self.absent(name)) is not None:
+                raise absent
             while len(self.loaded) >= self.max_loaded:
                 self.loaded.popitem(last=False)
             try:
@@ -181,6 +185,18 @@ class ModelPool:
             self.loaded[name] = clf
             self.unstamped[name] = before
             return clf
+
+    def absent(self, name: str) -> PassOver | None:
+        """Why ``name`` cannot load here (not on disk, too large for memory), from the disk only; None if it can."""
+        if name in self.loaded:
+            return None
+        if not loading.is_available(name, self.home):
+            return PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
+        if not loading.fits(name, self.memory, self.home):
+            need = loading.budget(name, self.home)
+            why = f"does not fit in memory (needs {need.bytes / registry.GB:.1f} GB: {need.source})"
+            return PassOver(Reason.TOO_LARGE, why)
+        return None
 
     def stamp_peak(self, name: str) -> None:
         """After a model's first run since its load, write the memory its load and run took (peak less what
@@ -253,19 +269,35 @@ def encoder_tier(
     ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers."""
     from mlx_intent import encoder
 
-    lazy = Lazy(
-        lambda: encoder.EncoderClassifier(combine=combine, home=home),
-        lambda: encoder.available(home=home),
-        retry_after_s,
-    )
+    def build() -> encoder.EncoderClassifier:
+        # One query as part of the load: MLX compiles its kernels on a first run (seconds on a fresh machine),
+        # which would otherwise count against the first query's latency budget.
+        clf = encoder.EncoderClassifier(combine=combine, home=home)
+        clf.classify_batch([WARM_TEXT])
+        return clf
+
+    def absent() -> PassOver | None:
+        why = None if lazy.value is not None else encoder.available(home=home)
+        return None if why is None else PassOver(Reason.NOT_INSTALLED, why)
+
+    lazy = Lazy(build, lambda: encoder.available(home=home), retry_after_s)
+    lock = threading.Lock()  # the server's request threads may run it during the warm-up: one at a time
+
+    def run(texts: list[str]) -> list[dict]:
+        clf = lazy.get()
+        with lock:
+            return clf.classify_batch(texts)
+
     return Tier(
         encoder.NAME,
-        lambda texts: lazy.get().classify_batch(texts),
+        run,
         lazy.get,
         model=encoder.NAME,
         threshold=threshold,
         budget_ms=budget_ms,
         veto=not combine,
+        absent=absent,
+        early=True,
     )
 
 
@@ -279,7 +311,14 @@ def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> 
         return answers
 
     return Tier(
-        name, run, lambda: pool.get(name), model=name, threshold=threshold, budget_ms=budget_ms, contextual=True
+        name,
+        run,
+        lambda: pool.get(name),
+        model=name,
+        threshold=threshold,
+        budget_ms=budget_ms,
+        contextual=True,
+        absent=lambda: pool.absent(name),
     )
 
 
@@ -636,11 +675,15 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
     names = list(names or settings.chain or default_chain_names(settings))
     pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
     floor = model_floor(settings, names)
+    # Unset, the blend and the keyword tier answer at any confidence (handing their unsure answers down only loses
+    # them); set by the user (--min-confidence, MLX_INTENT_MIN_CONFIDENCE), it holds for them too, as documented.
+    chosen = settings.sources.get("min_confidence", "default") != "default"
+    last = settings.min_confidence if chosen or settings.min_confidence != Settings.min_confidence else 0.0
     tiers = []
     secondaries = followup = None
     for i, name in enumerate(names):
         if name == KEYWORD:
-            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin))
+            tiers.append(replace(keyword_tier(settings.home), margin=settings.margin, threshold=last))
             secondaries = tiers[-1].run
         elif name == GENERAL:
             tiers.append(general_tier())
@@ -651,7 +694,7 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.
                 blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
-                threshold = 0.0 if blended else threshold
+                threshold = last if blended else threshold
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
                 tier = encoder_tier(threshold, budget, retry, blended, settings.home)
                 followup = followup or learned_detector(tier.load)

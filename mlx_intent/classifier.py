@@ -253,12 +253,23 @@ class IntentClassifier:
         import mlx.core as mx
 
         head = self.model.lm_head if "lm_head" in self.model else self.model.model.embed_tokens
-        weight = head.weight
-        if "scales" in head:  # quantized (Metal): full logits, then pick
-            full = head(h) if head is getattr(self.model, "lm_head", None) else head.as_linear(h)
-            out = full[:, mx.array(tokens)]
+        rows = mx.array(tokens)
+        if "scales" in head:  # quantized (Metal): the packed rows, their scales and biases, not the whole vocabulary
+            biases = head["biases"][rows] if "biases" in head else None
+            out = mx.quantized_matmul(
+                h,
+                head.weight[rows],
+                head.scales[rows],
+                biases,
+                transpose=True,
+                group_size=head.group_size,
+                bits=head.bits,
+                mode=head.mode,
+            )
         else:
-            out = h @ weight[mx.array(tokens)].T
+            out = h @ head.weight[rows].T
+        if "bias" in head:  # an output layer with a bias of its own
+            out = out + head.bias[rows]
         return np.array(out.astype(mx.float32))
 
     @staticmethod
@@ -278,8 +289,6 @@ class IntentClassifier:
     def _distributions(
         self, texts: list[str], contexts: Sequence[Sequence[str]] | None = None
     ) -> list[dict[str, float]]:
-        import mlx.core as mx
-
         # Names that share a first token need the model's next-token distribution deeper in
         # the trie.  The longest such path rides along at the end of every row (causal
         # attention leaves the earlier positions untouched), so one pass serves it and its
@@ -308,7 +317,6 @@ class IntentClassifier:
                 kids = valid_children(node, allowed)
                 logits = self._logits(h[j : j + 1], kids)[0]
                 probs[i][id(node)] = dict(zip(kids, branch_probs(logits, self.temperature)))
-        mx.clear_cache()
         return [_leaf_probs(self._branch, p) for p in probs]
 
     def _answer(self, dist: dict[str, float]) -> tuple[str, float, list[str]]:

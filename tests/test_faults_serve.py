@@ -35,6 +35,7 @@ from mlx_intent.serve.app import (
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.settings import QUEUE_SIZE, Settings
+from mlx_intent.stats import check, summarize
 
 SETTINGS = Settings(latency_budget_ms=600_000.0, cache_size=0, batch_size=8)
 ABSENT = "not downloaded (get it with: mlx-intent models pull big)"
@@ -193,9 +194,43 @@ def test_a_request_during_the_warm_up_is_answered_at_once_by_the_tiers_that_are_
     finally:
         gate.set()
     assert body["tier"] == "keyword" and body["primary_intent"] == "nearby_locations"
-    assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("big", "not_installed"), ("loading", "timeout")]
+    assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("big", "not_installed"), ("loading", "loading")]
     assert body["fallbacks"][0]["reason"] == ABSENT and body["fallbacks"][1]["reason"].startswith("loading")
+    assert body["runtime_fallback"] is False
     assert [e.name for e in events] == ["result"] and events[0].data["fallbacks"] == body["fallbacks"]
+
+
+def test_the_warm_up_is_honest(tmp_path):
+    """Issue 24, part 3: while an LLM loads, a tier not installed (not yet reached by the warm-up) says so, not
+    "loading"; the encoder (an early tier, loaded first) answers; waiting for the LLM is kind ``loading``, which
+    is no run-time fallback: not in the fallback rate, /metrics' fallback answers, nor ``stats --check``."""
+    gate = threading.Event()
+    llm = Tier("llm", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="llm")
+    gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
+    # Its runs wait on each other beside the load: no latency budget passes it over meanwhile.
+    encoder = Tier("enc", lambda texts: [reply("restaurant") for _ in texts], model="enc", early=True, budget_ms=1e-9)
+    log = tmp_path / "log.jsonl"
+    chain = Chain([llm, cold, encoder, keyword_tier()], cache_size=0, log=ClassificationLog(log))
+    app = create_app(SETTINGS, chain, request_timeout_ms=600_000)
+    states = app.state.batcher.states
+    try:
+        with running(app) as (base, _):
+            until(lambda: getattr(states.get("llm"), "state", None) == "loading", "the encoder warmed up first")
+            assert states["enc"].state == "ready"
+            bodies = [post(base, "/v1/classify", {"text": f"fish near Galata, {i}?"}).json() for i in range(3)]
+            samples = metric_samples(httpx.get(f"{base}/metrics").text)
+            gate.set()
+            ready(base)
+    finally:
+        gate.set()
+    for body in bodies:
+        assert body["tier"] == "enc" and body["runtime_fallback"] is False
+        assert [(f["tier"], f["kind"]) for f in body["fallbacks"]] == [("llm", "loading"), ("cold", "not_installed")]
+    assert samples.get("mlx_intent_fallback_answers_total", 0) == 0
+    summary = summarize(read_log(log))
+    assert summary["fallback"]["rate"] == 0 and summary["fallback"]["warming"]["count"] == 3
+    assert not [a for a in check(summary) if a.metric == "fallback_rate"]
 
 
 # ---- 11: monitoring agrees with what clients got --------------------------------------------------
@@ -352,8 +387,8 @@ def test_idle_connections_over_half_the_limit_are_shed_not_the_request(keyword_c
 
 def test_serve_options_reach_uvicorn_and_a_public_bind_warns(models_home, monkeypatch):
     configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
-    args = ["serve", "--chain", "keyword", "--host", "0.0.0.0", "--allow-host", "assistant.local"]
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: configs.append(self.config))
+    args = ["serve", "--port", "0", "--chain", "keyword", "--host", "0.0.0.0", "--allow-host", "assistant.local"]
     result = CliRunner().invoke(main, [*args, "--header-timeout", "3", "--body-timeout", "4", "--keep-alive", "2"])
     assert result.exit_code == 0, result.output
     assert "warning: --host 0.0.0.0 is reachable from other machines" in result.stderr
@@ -369,12 +404,47 @@ def test_serve_options_reach_uvicorn_and_a_public_bind_warns(models_home, monkey
     assert guard.kwargs["hosts"] == {"localhost", "127.0.0.1", "[::1]", "assistant.local"}
     assert guard.kwargs["body_timeout_s"] == 4
 
-    quiet = CliRunner().invoke(main, ["serve", "--chain", "keyword"])
+    quiet = CliRunner().invoke(main, ["serve", "--port", "0", "--chain", "keyword"])
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
     assert configs[1].app.state.limits["requests"] == QUEUE_SIZE + 64
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     for option in ("--allow-host", "--limit-concurrency", "--header-timeout", "--body-timeout", "--keep-alive"):
         assert option in help_text
+
+
+def test_serve_on_a_port_in_use_exits_1_in_one_line_before_loading_anything(monkeypatch):
+    """Issue 24, part 6: it loaded every model, then exited 3 (the code for an unknown model)."""
+    from mlx_intent.cli import serve
+
+    monkeypatch.setattr(serve, "chain_for", lambda settings: pytest.fail("a model tier was built"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--chain", "keyword", "--port", str(port)])
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port}" in line and "choose --port" in line
+
+
+def test_serve_ends_the_process_rather_than_tear_down_under_a_worker_inside_mlx(monkeypatch):
+    """A worker still busy after the stop's wait (a model load) would abort Python's teardown (exit 134, "terminate
+    called without an active exception"): the process ends at once instead, with the run's code."""
+    from mlx_intent.cli import serve
+
+    release, ended = threading.Event(), []
+    batcher = Batcher({"score": Chain([keyword_tier()])}, "score")
+    batcher.thread = threading.Thread(target=release.wait, daemon=True)
+    batcher.thread.start()
+    monkeypatch.setattr(os, "_exit", ended.append)
+    try:
+        serve.stop_worker(batcher, 0.05, 0)
+    finally:
+        release.set()
+    assert ended == [0]
+    batcher.thread.join(WAIT_S)
+    serve.stop_worker(batcher, 0.05, 1)  # a worker that has ended: nothing to do
+    assert ended == [0]
 
 
 # ---- 14: hardening ---------------------------------------------------------------------------------
@@ -408,3 +478,18 @@ def test_no_docs_page_from_a_cdn_but_the_openapi_description(keyword_url):
     assert httpx.get(f"{keyword_url}/docs").status_code == 404
     assert httpx.get(f"{keyword_url}/redoc").status_code == 404
     assert "/v1/classify" in httpx.get(f"{keyword_url}/openapi.json").json()["paths"]
+
+
+def test_models_lists_every_tier_that_answers():
+    """Issue 24, part 6: /v1/models listed the registry only, not the e5-small tier that answers."""
+    gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
+    encoder = Tier("enc", lambda texts: [reply() for _ in texts], model="enc", early=True)
+    with running(create_app(SETTINGS, Chain([cold, encoder, keyword_tier()], cache_size=0))) as (base, _):
+        ready(base)
+        models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()["models"]}
+    assert models["llama-3.2-3b"]["tier"] is None  # the registry, as before
+    assert models["cold"] == {"name": "cold", "state": "missing", "loaded": False, "tier": 0}
+    assert models["enc"] == {"name": "enc", "state": "ready", "loaded": True, "tier": 1}
+    assert models["keyword"] == {"name": "keyword", "state": "ready", "loaded": True, "tier": 2}
+    assert models["general"]["tier"] == 3

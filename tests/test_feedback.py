@@ -480,7 +480,7 @@ def served_by(run):
         def __init__(self, config) -> None:
             self.app = config.app
 
-        def run(self) -> None:
+        def run(self, sockets=None) -> None:
             run(self.app)
 
     return Server
@@ -514,7 +514,7 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
             seen["before"] = answers[0]["confidence"]
 
     monkeypatch.setattr(uvicorn, "Server", served_by(run))
-    args = ["serve", "--chain", "e5-small,keyword", "--cache-size", "0", "--latency-budget-ms", "600000"]
+    args = ["serve", "--port", "0", "--chain", "e5-small,keyword", "--cache-size", "0", "--latency-budget-ms", "600000"]
     args += ["--recalibrate-every", "8"]
     result = cli(*args, home=home)
     assert result.exit_code == 0, result.output
@@ -525,7 +525,7 @@ def test_recalibration_needs_recorded_answers(home, monkeypatch):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "Server", served_by(lambda app: pytest.fail("should not serve")))
-    result = cli("serve", "--chain", "keyword", "--no-record", "--recalibrate-every", "5", home=home)
+    result = cli("serve", "--port", "0", "--chain", "keyword", "--no-record", "--recalibrate-every", "5", home=home)
     assert result.exit_code == 2 and "--no-record" in result.output
 
 

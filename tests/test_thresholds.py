@@ -316,3 +316,18 @@ def test_thresholds_parse_in_their_ranges(p, m):
         assert ok_p and ok_m and out["min_confidence"] == (None if p is None else pv)
     except fb.FeedbackError:
         assert not (ok_p and ok_m)
+
+
+def test_min_confidence_holds_on_the_default_chain(models_home):
+    """Issue 24, part 6: `--min-confidence 0.999` had no effect on the default chain (the blend took every text);
+    set, it holds for the blend and the keyword tier too, so an answer under it ends at general.  Unset, they
+    answer at any confidence, as measured best."""
+    text = "Where can I eat fish near Galata Tower?"
+    usual = CliRunner().invoke(main, ["classify", "-v", text])
+    assert usual.exit_code == 0, usual.output
+    assert json.loads(usual.stdout)["tier"] == "e5-small"
+    strict = CliRunner().invoke(main, ["classify", "-v", "--min-confidence", "0.999", text])
+    assert strict.exit_code == 0, strict.output
+    answer = json.loads(strict.stdout)
+    assert answer["tier"] == "general"
+    assert [f["kind"] for f in answer["fallbacks"] if f["tier"] in ("e5-small", "keyword")] == ["low_confidence"] * 2

@@ -15,10 +15,12 @@ from mlx_intent.settings import Settings
 
 DEFAULT = BenchConfig()
 
-_HELP = f"""Benchmark every model present here (or each --model): load time, prefill and decode tokens/s on a
-512-token prompt (as mlx_lm.benchmark measures them), scoring p50 / p95 / p99 and generation p50 on a
-fixed multilingual query set, batch-of-8 throughput, peak memory, valid-JSON rate, and the naive
-free-generation baseline on a few queries.  About two minutes for the bundled model on two busy CPU cores.
+_HELP = f"""Benchmark every model present here, the e5-small tier and the chain classify runs (or each --model:
+a registry model, e5-small or chain): load time, prefill and decode tokens/s on a 512-token prompt (as
+mlx_lm.benchmark measures them), scoring p50 / p95 / p99 (the chain: each query's latency through it) and
+generation p50 on a fixed multilingual query set, batch-of-8 throughput, peak memory, valid-JSON rate, and
+the naive free-generation baseline on a few queries.  About two minutes for the bundled model on two busy CPU
+cores.
 
 \b
 Prints a Markdown table, or with --json one object:
@@ -32,7 +34,9 @@ Exit codes: 0 done; {EXIT_INPUT} bad usage; {EXIT_MODEL} an unknown model, or no
 
 
 @click.command("bench", help=_HELP)
-@click.option("--model", "models", multiple=True, metavar="NAME", help="A registry model or e5-small; repeatable.")
+@click.option(
+    "--model", "models", multiple=True, metavar="NAME", help="A registry model, e5-small or chain; repeatable."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the Markdown table.")
 @click.option("--quick", is_flag=True, help="1 pass, 12 queries, 1 naive query (options given still win).")
 @click.option(
@@ -63,7 +67,7 @@ def bench_command(
         generation_tokens=generation_tokens,
         **{k: v for k, v in given.items() if v is not None},
     )
-    result = run_bench(models, config, home=settings.home, combine=settings.combine)
+    result = run_bench(models, config, home=settings.home, combine=settings.combine, settings=settings)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=2))
     else:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 import click
@@ -270,7 +271,9 @@ def answer_lines(chain, batch: list[tuple], record: bool = False) -> str:
     metavar="TEXT",
     help="An earlier turn of the conversation, oldest first (repeatable, at most 5; with TEXT).",
 )
-@click.option("--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results.")
+@click.option(
+    "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write results; - for stdout."
+)
 @click.option("--resume", is_flag=True, help="Skip ids already in --output.")
 @click.option(
     "--distributed",
@@ -319,7 +322,10 @@ def classify(
         return
     if output is None:
         raise click.UsageError("--input needs --output")
-    check_writable(output, "--output")
+    if str(output) == "-" and (resume or distributed):
+        raise click.UsageError("--output - (stdout) cannot be resumed or merged: give a file")
+    if str(output) != "-":
+        check_writable(output, "--output")
     from mlx_intent import distributed as dist
 
     group = dist.init(distributed)
@@ -337,10 +343,23 @@ def _chain(settings: Settings, sample: bool, record: bool = False):
     """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads); with
     ``record`` it keeps its results in the feedback store."""
     chain = chain_for(settings)
+    if settings.mode == "generate":
+        _need_llm(chain, "--sample" if sample else "--mode generate")
     if chain.pool is not None:
         chain.pool.sample = sample
     chain.store = open_store(settings.home) if record else None
     return chain
+
+
+def _need_llm(chain, what: str) -> None:
+    """Generation and sampling are the LLM tiers' decoding: with no LLM tier that can load, refuse (exit 2) rather
+    than let the encoder answer as if they had been applied."""
+    llms = [t for t in chain.tiers if t.model in registry.REGISTRY]
+    reasons = [(t.name, t.absent()) for t in llms]
+    if any(why is None for _, why in reasons):
+        return
+    names = "; ".join(f"{name}: {why}" for name, why in reasons) if llms else "the chain has none"
+    raise InputError(f"{what} needs an LLM tier, and none can load here ({names}); the other tiers only score")
 
 
 def _classify_file(
@@ -359,14 +378,17 @@ def _classify_file(
 
     if input_path != "-" and not Path(input_path).is_file():
         raise InputError(f"{input_path}: no such file")
-    if input_path != "-" and same_file(input_path, output):
+    to_stdout = str(output) == "-"  # results piped on, like the input may be (--input -)
+    if to_stdout and resume:
+        raise InputError("--resume needs an --output file to resume; standard output keeps nothing to read back")
+    if input_path != "-" and not to_stdout and same_file(input_path, output):
         raise InputError(f"--output {output} is the --input file {input_path}; writing it would erase the queries")
     check_log(settings, input=input_path, output=output)
     if input_path != "-":
         for _ in _read_jsonl(input_path, set(), user, warn=False):
             pass
     try:
-        fd = _open_output(output, resume)
+        fd = sys.stdout.fileno() if to_stdout else _open_output(output, resume)
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
     try:
@@ -400,8 +422,9 @@ def _classify_file(
                 if batch:
                     flush()
     finally:
-        os.close(fd)
-    click.echo(f"wrote {output}", err=True)
+        if not to_stdout:
+            os.close(fd)
+    click.echo("wrote the results to stdout" if to_stdout else f"wrote {output}", err=True)
     if lost := chain.metrics.log_write_failures:
         click.echo(f"warning: {lost} answers could not be logged to {chain.log.path} ({chain.log.error})", err=True)
 

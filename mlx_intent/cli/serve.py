@@ -6,7 +6,10 @@ without it installed.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import sys
 
 import click
 
@@ -123,6 +126,7 @@ def serve_command(
             + (" (--token guards feedback, /metrics and /v1/models)" if token else ", give feedback and read /metrics"),
             err=True,
         )
+    sock = listen_socket(host, port)  # before any model loads: a port in use fails at once, in one line
     chain = chain_for(settings)
     chain.store = None if no_record else open_store(settings.home, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)
     if recalibrate_every and chain.store is None:
@@ -147,8 +151,10 @@ def serve_command(
         keep_alive_s=keep_alive,
         header_timeout_s=header_timeout,
     )
+    code = 1
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
+        code = 0
     except SystemExit as e:
         if e.code != 3:  # uvicorn's STARTUP_FAILURE, which would read as exit 3: an unknown model
             raise
@@ -156,6 +162,7 @@ def serve_command(
     finally:
         if recalibrator is not None:
             recalibrator.stop()
+        stop_worker(app.state.batcher, app.state.request_timeout_ms / 1000, code)
 
 
 def check_host(host: str, port: int) -> None:
@@ -165,3 +172,30 @@ def check_host(host: str, port: int) -> None:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise InputError(f"--host {host!r} is not an address of this machine's resolver ({e})") from None
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound as uvicorn binds it (SO_REUSEADDR; IPv6 for an address with a colon)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        taken = " (another server listens there: stop it, or choose --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}{taken}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def stop_worker(batcher, timeout_s: float, code: int) -> None:
+    """End the worker thread before the interpreter ends: one still inside MLX (loading a model) when Python tears
+    down aborts the process ("terminate called without an active exception", exit 134).  After ``timeout_s`` the
+    process ends at once with ``code`` (os._exit, no teardown); what it keeps is written already (the log and the
+    feedback store commit each answer)."""
+    batcher.stop(timeout_s)
+    if batcher.thread.is_alive():
+        click.echo(f"stopping: the worker is still inside a model after {timeout_s:g} s; not waiting for it", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -50,13 +50,22 @@ def device_name() -> str:
 
 
 def device_info() -> dict:
-    """MLX's description of the default device: chip name, memory, Metal's recommended working set
-    (``mx.device_info`` in recent mlx, ``mx.metal.device_info`` in older; keys depend on the backend)."""
+    """MLX's description of the device the models run on: chip name, memory, Metal's recommended working set (keys
+    depend on the backend).  Asked of the GPU by name where Metal is there: the default device may be the CPU
+    (``mx.set_default_device(mx.cpu)``), whose description has no working set."""
     import mlx.core as mx
 
-    if hasattr(mx, "device_info"):
-        return dict(mx.device_info())
-    return dict(mx.metal.device_info()) if mx.metal.is_available() else {}
+    return dict(mx.device_info(mx.gpu if mx.metal.is_available() else mx.default_device()))
+
+
+def wire_working_set() -> int | None:
+    """Wire Metal's recommended working set, as mlx-lm's server does at start (mlx_lm.utils'
+    ``maybe_set_recommended_wired_limit``), so a loaded model's weights stay resident between queries instead of
+    being paged out and back; the previous limit, or None where no working set is reported (CPU, CUDA)."""
+    import mlx.core as mx
+
+    size = device_info().get("max_recommended_working_set_size")
+    return None if size is None else mx.set_wired_limit(int(size))
 
 
 def system_memory() -> int:

@@ -35,11 +35,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.metrics import MB, is_absent
+from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
+    ABSENT_STATE,
+    READY,
     STREAM,
     WARM,
     Batcher,
@@ -235,7 +237,8 @@ class BatchResult(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    state: str = Field(description="missing, downloaded, converted or ready (loaded once at least).")
+    state: str = Field(description="missing, downloaded, converted or ready (loaded once at least; the keyword and "
+                       "general tiers always).")
     loaded: bool = Field(description="In memory in this server now.")
     tier: int | None = Field(description="Its place in the chain, from 0; null when not in it.")
 
@@ -345,9 +348,9 @@ class Prometheus:
             if is_absent(f):
                 self.absent.labels(f["tier"], f["kind"]).set(1)
                 self.absent_seen.add((f["tier"], f["kind"]))
-            else:
+            else:  # a tier still loading is counted by its kind, "loading", but the answer is no fallback
                 self.fallbacks.labels(f["tier"], f["kind"]).inc()
-                present.add(f["tier"])
+                present.update([] if is_warming(f) else [f["tier"]])
         self.fallback_answers.inc(len(present) > 1)
         for tier, kind in self.absent_seen:
             if tier in present:  # pulled since, and loaded: no longer absent
@@ -711,13 +714,15 @@ def create_app(
         except Closed as e:
             return error(503, "shutting down", str(e), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def below(texts: list[str], words: str, user: str | None = None, contexts=None) -> list[dict]:
-        """The answers of the tiers below the model tiers (those absent here said so): for a request that
-        timed out or came during the warm-up.  Called on a thread: its log and fsync stay off the loop."""
-        chain_below = fallback_chain(served, Reason.TIMEOUT, words, states)
+    def below(texts: list[str], why: tuple[Reason, str], user: str | None = None, contexts=None) -> list[dict]:
+        """The answers of the tiers below the model tiers (those absent here said so; during the warm-up the
+        encoder too, once loaded): for a request that timed out or came during the warm-up, ``why`` (kind,
+        words).  Called on a thread: its log and fsync stay off the loop."""
+        chain_below = fallback_chain(served, *why, states)
         return chain_below.classify_batch(texts, users=[user] * len(texts), contexts=contexts)
 
-    timed_out = f"timeout: no answer within {timeout_ms:g} ms"
+    timed_out = (Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms")
+    warming_up = (Reason.LOADING, LOADING)
 
     def shown(result: dict, start: float, texts: int = 1) -> dict:
         """The result as answered: the request's own latency, counted in /metrics."""
@@ -757,7 +762,7 @@ def create_app(
         start = time.perf_counter()
         texts, contexts = [t.text for t in turns], contexts_of(turns)
         if not warming["up"].future.done():
-            results = await asyncio.to_thread(below, texts, LOADING, user, contexts)
+            results = await asyncio.to_thread(below, texts, warming_up, user, contexts)
         else:
             job = submit(texts, mode or settings.mode, user=user, contexts=contexts)
             if isinstance(job, JSONResponse):
@@ -797,7 +802,7 @@ def create_app(
         model writes it, then one `result` event holds the final answer (an `error` event if it failed)."""
         start = time.perf_counter()
         if not warming["up"].future.done():
-            return StreamingResponse(at_once(body.text, LOADING, start), media_type="text/event-stream")
+            return StreamingResponse(at_once(body.text, warming_up, start), media_type="text/event-stream")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         job = submit([body.text], STREAM, lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data)))
@@ -805,8 +810,8 @@ def create_app(
             return job
         return StreamingResponse(sse(job, events, body.text, start), media_type="text/event-stream")
 
-    async def at_once(text: str, words: str, start: float) -> AsyncIterator[str]:
-        results = await asyncio.to_thread(below, [text], words)
+    async def at_once(text: str, why: tuple[Reason, str], start: float) -> AsyncIterator[str]:
+        results = await asyncio.to_thread(below, [text], why)
         yield event("result", (await answered([text], results, start))[0])
 
     async def sse(job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
@@ -859,20 +864,27 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelsResult)
     def models():
-        """Every registry model: its state on disk, whether this server has it loaded, its place in the chain."""
+        """Every registry model: its state on disk, whether this server has it loaded, its place in the chain;
+        then the chain's other tiers (the e5-small encoder, keyword, general), which answer too."""
         loaded = chain.pool.loaded if chain.pool is not None else {}
         home = chain.pool.home if chain.pool is not None else None
-        return {
-            "models": [
-                {
-                    "name": name,
-                    "state": registry.state(name, home),
-                    "loaded": name in loaded,
-                    "tier": chain.names.index(name) if name in chain.names else None,
-                }
-                for name in registry.REGISTRY
-            ]
-        }
+        listed = [
+            {
+                "name": name,
+                "state": registry.state(name, home),
+                "loaded": name in loaded,
+                "tier": chain.names.index(name) if name in chain.names else None,
+            }
+            for name in registry.REGISTRY
+        ]
+        for index, tier in enumerate(served.tiers):
+            if tier.name in registry.REGISTRY:
+                continue
+            state = states.get(tier.name, TierState()).state if tier.model else READY
+            on_disk = "missing" if state == ABSENT_STATE or tier.absent() is not None else "downloaded"
+            shown = "ready" if state == READY else on_disk
+            listed.append({"name": tier.name, "state": shown, "loaded": state == READY, "tier": index})
+        return {"models": listed}
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "Not ready."}})
     async def healthz():

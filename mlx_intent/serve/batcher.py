@@ -29,13 +29,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from mlx_intent.chain import ABSENT, Chain, PassOver, Reason, Tier
+from mlx_intent.chain import ABSENT, WARM_TEXT, Chain, PassOver, Reason, Tier
 from mlx_intent.models import registry
 from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
 STREAM, WARM, GENERATE = "stream", "warm", "generate"
 LEARN_RATE = 0.3  # weight of the newest batch in the running estimate of seconds per text
-WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"
 
 
 class QueueFull(Exception):
@@ -128,14 +127,21 @@ def _in_mode(tier: Tier, mode: str) -> Tier:
 
 
 def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, TierState] | None = None) -> Chain:
-    """The chain below its model tiers, each of those passed over for ``reason`` (of ``kind``), or, when its
-    last load (in ``states``) said it is absent here, for that: the answer for a request whose time ran
-    out, or that came during the warm-up.  Uncached; it calls no model, so any thread may use it."""
+    """The chain below its model tiers, each of those passed over for ``reason`` (of ``kind``), or for being
+    absent here when its last load (in ``states``) or a look at the disk (``Tier.absent``) says so: the answer
+    for a request whose time ran out, or that came during the warm-up.  During the warm-up (kind LOADING) an
+    early tier that is loaded (the e5-small encoder) answers too, on the caller's thread and without a latency
+    budget (its runs wait on one another, beside a load); else no model runs.
+    Uncached."""
 
     def passed(tier: Tier) -> Tier:
         state = (states or {}).get(tier.name)
         if state is not None and state.state == ABSENT_STATE:
             return _passed(tier.name, state.kind, state.detail)
+        if kind == Reason.LOADING and tier.early and state is not None and state.state == READY:
+            return replace(tier, budget_ms=None)  # the best tier there is until the LLMs are in: never timed out
+        if (absent := tier.absent()) is not None:
+            return _passed(tier.name, absent.kind, absent.detail)
         return _passed(tier.name, kind, reason)
 
     return _uncached([passed(t) if t.model else t for t in chain.tiers], chain)
@@ -190,12 +196,12 @@ def _uncached(tiers: list[Tier], chain: Chain) -> Chain:
 
 
 def warm(chain: Chain, states: dict[str, TierState]) -> None:
-    """Load every model tier of ``chain`` not ready yet and run it once on WARM_TEXT, in order; LLMs only
-    while the model pool has room (one more would push out the first).  The tiers are called directly,
-    not through the chain: the warm-up query is neither logged nor counted.  A tier that cannot load is
-    recorded by its watch and skipped."""
+    """Load every model tier of ``chain`` not ready yet and run it once on WARM_TEXT, the early ones (the encoder,
+    which then answers while the LLMs load) first, then the others in order; LLMs only while the model pool has
+    room (one more would push out the first).  The tiers are called directly, not through the chain: the
+    warm-up query is neither logged nor counted.  A tier that cannot load is recorded by its watch and skipped."""
     room = chain.pool.max_loaded if chain.pool is not None else math.inf
-    for tier in chain.tiers:
+    for tier in sorted(chain.tiers, key=lambda t: not t.early):
         pooled = tier.model in registry.REGISTRY
         if not tier.model or (pooled and room <= 0):
             continue
