@@ -388,7 +388,7 @@ def _classify_file(
         for _ in _read_jsonl(input_path, set(), user, warn=False):
             pass
     try:
-        fd = sys.stdout.fileno() if to_stdout else _open_output(output, resume)
+        fd = None if to_stdout else _open_output(output, resume)
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
     try:
@@ -405,7 +405,11 @@ def _classify_file(
                 size = len(batch)
                 batch.clear()
                 try:
-                    _write_all(fd, lines)
+                    if fd is None:
+                        sys.stdout.buffer.write(lines)
+                        sys.stdout.flush()
+                    else:
+                        _write_all(fd, lines)
                 except OSError as e:
                     raise UserError(
                         f"cannot write {output}: {e.strerror or e}; the lines written before stay, "
@@ -422,7 +426,7 @@ def _classify_file(
                 if batch:
                     flush()
     finally:
-        if not to_stdout:
+        if fd is not None:
             os.close(fd)
     click.echo("wrote the results to stdout" if to_stdout else f"wrote {output}", err=True)
     if lost := chain.metrics.log_write_failures:
