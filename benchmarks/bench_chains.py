@@ -22,7 +22,7 @@ from pathlib import Path
 from common import save_report
 
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import make_chain, pct, run, summarize
+from mlx_intent.evaluation.run import lang_order, make_chain, pct, run, summarize
 from mlx_intent.settings import load_settings
 
 # name -> (tiers, settings overrides)
@@ -37,8 +37,8 @@ CONFIGS: dict[str, tuple[tuple[str, ...], dict]] = {
     "e5+smol+kw": (("e5-small", "smollm2-135m", "keyword"), {}),  # cheap first: the LLM when e5 is unsure
 }
 OURS = ("dev", "probe")
-HELDOUT = ("public-heldout-clinc150", "public-heldout-hwu64", "public-heldout-slurp")
-RESERVED = ("reserved-clinc150", "reserved-slurp", "reserved-xsid", "reserved-snips")
+HELDOUT = ("public-heldout-clinc150", "public-heldout-hwu64", "public-heldout-slurp", "public-heldout-massive")
+RESERVED = ("reserved-clinc150", "reserved-slurp", "reserved-xsid", "reserved-snips", "reserved-massive")
 SETS = OURS + HELDOUT + RESERVED
 SHORT = {s: s.replace("public-heldout-", "held-out ").replace("reserved-", "reserved ") for s in SETS}
 
@@ -84,6 +84,7 @@ def main() -> None:
         ("accuracy", "Accuracy (primary intent)", pct),
         ("ece", "ECE (15 bins)", lambda x: "-" if x is None else f"{x:.3f}"),
         ("exact_multi", "Multi-intent exact match (rows with more than one gold intent)", pct),
+        ("greeting_precision", "Greeting precision (answers `greeting` that are)", pct),
         ("per_query_ms", "Wall time per query, ms (batches of 8)", lambda x: f"{x:.1f}"),
     ):
         lines += [f"## {title}", "", "| config | " + " | ".join(SHORT[s] for s in sets) + " |"]
@@ -91,18 +92,21 @@ def main() -> None:
         for name in configs:
             lines.append(f"| `{name}` | " + " | ".join(fmt(table[name, s][metric]) for s in sets) + " |")
         lines.append("")
-    lines += ["## Per language (accuracy)", ""]
-    for s in sets:
-        langs = sorted({lang for name in configs for lang in table[name, s]["per_lang"]})
-        if len(langs) < 2:
-            continue
-        lines += [f"{SHORT[s]}:", "", "| config | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
-        for name in configs:
-            per = table[name, s]["per_lang"]
-            lines.append(
-                f"| `{name}` | " + " | ".join(pct(per[g]["accuracy"]) if g in per else "-" for g in langs) + " |"
-            )
-        lines.append("")
+    for key, title, fmt in (
+        ("accuracy", "accuracy", pct),
+        ("ece", "ECE", lambda x: "-" if x is None else f"{x:.3f}"),
+        ("greeting_precision", "greeting precision", pct),
+    ):
+        lines += [f"## Per language ({title})", ""]
+        for s in sets:
+            langs = lang_order({lang for name in configs for lang in table[name, s]["per_lang"]})
+            if len(langs) < 2:
+                continue
+            lines += [f"{SHORT[s]}:", "", "| config | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
+            for name in configs:
+                per = table[name, s]["per_lang"]
+                lines.append(f"| `{name}` | " + " | ".join(fmt(per[g][key]) if g in per else "-" for g in langs) + " |")
+            lines.append("")
     save_report("\n".join(lines), args.out)
 
 

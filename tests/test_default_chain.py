@@ -52,8 +52,12 @@ def test_the_default_chain_answers_with_the_blend_of_the_shipped_calibrations(mo
     assert clf.keyword is not None and clf.keyword.platt == tuple(shipped_calibration["platt"])
     probs, _ = clf.distributions(texts, temperature=1.0)  # the blend was fitted on the T = 1 probabilities
     calibrated = [keyword.KeywordClassifier().classify(t) for t in texts]
-    expected = encoder.blend(probs, calibrated, *clf.config.combination).max(axis=1)
+    mixed = encoder.blend(probs, calibrated, *clf.config.combination)
+    # then each language's own temperature, fitted on the calibration split over the blend
+    assert clf.config.blend_lang_temperature
+    expected = encoder.by_language(mixed, texts, dict(clf.config.blend_lang_temperature)).max(axis=1)
     assert np.allclose([r["confidence"] for r in results], expected, atol=1e-4)
     raw = keyword.KeywordClassifier(platt=None)
-    unblended = encoder.blend(probs, [raw.classify(t) for t in texts], *clf.config.combination).max(axis=1)
+    unblended = encoder.blend(probs, [raw.classify(t) for t in texts], *clf.config.combination)
+    unblended = encoder.by_language(unblended, texts, dict(clf.config.blend_lang_temperature)).max(axis=1)
     assert not np.allclose(unblended, expected, atol=1e-3)  # so the calibration made a difference
