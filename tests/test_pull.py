@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub, run_cli
+from fakehub import FakeHub, hub_cache_of, run_cli, run_python
 
 from mlx_intent.models import registry
 
@@ -85,6 +85,22 @@ def resolves(hub: FakeHub) -> list[tuple[str, str, str | None]]:
     return [r for r in hub.requests if "/resolve/" in r[1]]
 
 
+@pytest.fixture
+def in_process(tmp_path, monkeypatch) -> Path:
+    """This process sees what ``run_cli(home=tmp_path / "home")`` pulled: that models folder and its hub cache."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLX_INTENT_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_of(home)))
+    return home
+
+
+def tree(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (links followed) and its size."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
 def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     home = tmp_path / "home"
     first = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url)
@@ -92,6 +108,8 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     assert "tinyllama is ready in" in first.stdout
     fetched = sorted({Path(r[1]).name for r in resolves(hub)})
     assert fetched == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert str(hub_cache_of(home)) in first.stdout  # the standard Hub cache (HF_HOME/hub), not the models folder
+    assert not (home / ".hub").exists()
 
     listing = run_cli("models", "list", home=home, endpoint=hub.url)
     assert listing.returncode == 0, listing.stderr
@@ -107,16 +125,64 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     assert offline.returncode == 0, offline.stderr
 
 
-def test_pulled_model_loads_in_process(hub, tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    assert run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url).returncode == 0
-    monkeypatch.setenv("MLX_INTENT_HOME", str(home))
+def test_pulled_model_loads_in_process(hub, in_process):
+    assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
     assert registry.state("tinyllama") == "converted"
     from mlx_intent.models.loading import load
 
     model, tokenizer = load("tinyllama")
     assert tokenizer.encode("hello")
     assert registry.state("tinyllama") == "ready"
+
+
+def test_the_pull_is_a_standard_hub_cache_entry(hub, tmp_path):
+    """`hf cache` tools (scan_cache_dir) see the pulled repo in HF_HUB_CACHE."""
+    from huggingface_hub import scan_cache_dir
+
+    home = tmp_path / "home"
+    assert run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url).returncode == 0
+    repos = {r.repo_id: r for r in scan_cache_dir(hub_cache_of(home)).repos}
+    assert list(repos) == [MLX_REPO]
+    assert {f.file_name for r in repos[MLX_REPO].revisions for f in r.files} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_a_model_mlx_lm_already_downloaded_is_not_downloaded_again(hub, tmp_path):
+    """mlx-lm's default model is the 3B's own repo: what `mlx_lm.load` fetched into the standard cache, the pull
+    finds there without a single request to the Hub."""
+    home = tmp_path / "home"
+    fetched = run_python(f"from mlx_lm import load; load({MLX_REPO!r})", home=home, endpoint=hub.url)
+    assert fetched.returncode == 0, fetched.stderr
+    assert resolves(hub)
+    hub.requests.clear()
+    result = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    assert str(hub_cache_of(home)) in result.stdout
+
+
+def test_nothing_the_project_writes_lands_in_the_snapshot(hub, in_process):
+    """The stamp, the system prompt's KV cache and the calibration go under the models home, keyed by repo and
+    commit: the snapshot is huggingface-hub's (shared with mlx-lm), left as it was downloaded."""
+    from fakehub import COMMIT
+
+    from mlx_intent.classifier import IntentClassifier
+
+    assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
+    snapshot = registry.resolve_dir("tinyllama")
+    before = tree(snapshot)
+    clf = IntentClassifier("tinyllama", home=in_process, use_adapter=False)
+    assert clf.classify("where is my hotel")["primary_intent"]
+    own = in_process / registry.STATE_FOLDER / MLX_REPO.replace("/", "--") / COMMIT
+    assert tree(snapshot) == before
+    assert registry.state("tinyllama") == "ready"
+    assert (own / registry.STAMP).is_file()
+    assert list(own.glob("prompt_cache_*.safetensors"))
+    assert clf.calibration_file == own / "calibration.json"  # where `mlx-intent calibrate tinyllama` writes
 
 
 def test_offline_without_cache_fails_clearly(hub, tmp_path):

@@ -40,8 +40,11 @@ EXPECTED = {
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    """An empty models folder; the bundled GGUF is still installed, so smollm2-135m is 'downloaded'."""
+    """An empty models folder and hub cache; the bundled GGUF is still installed, so smollm2-135m is 'downloaded'."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_hub_cache"))
     return tmp_path
 
 
@@ -53,9 +56,10 @@ def fake_mlx_folder(name: str) -> Path:
     return path
 
 
-def fake_pulled_snapshot(name: str) -> Path:
-    """What huggingface-hub leaves in the hub cache after a pull: refs/main and a snapshot folder."""
-    repo = registry.hub_cache() / ("models--" + registry.get_spec(name).mlx_repo.replace("/", "--"))
+def fake_pulled_snapshot(name: str, cache: Path | None = None) -> Path:
+    """What huggingface-hub leaves in a hub cache (the standard one unless ``cache``) after a pull: refs/main
+    and a snapshot folder."""
+    repo = (cache or registry.hub_cache()) / ("models--" + registry.get_spec(name).mlx_repo.replace("/", "--"))
     commit = "a" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -98,7 +102,7 @@ def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "elsewhere"))
     assert registry.home() == tmp_path / "elsewhere"
     assert registry.model_dir("tinyllama") == tmp_path / "elsewhere" / "tinyllama"
-    assert registry.hub_cache() == tmp_path / "elsewhere" / ".hub"
+    assert registry.old_hub_cache() == tmp_path / "elsewhere" / ".hub"
     monkeypatch.delenv("MLX_INTENT_HOME")
     assert registry.home() != tmp_path / "elsewhere"
 
@@ -112,7 +116,7 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
     given = tmp_path / "given"
     assert registry.home(given) == given
     assert registry.model_dir("tinyllama", given) == given / "tinyllama"
-    assert registry.hub_cache(given) == given / ".hub"
+    assert registry.old_hub_cache(given) == given / ".hub"
     assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
     assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
     assert registry.state("tinyllama", given) == "missing"
@@ -185,6 +189,25 @@ def test_pulled_snapshot_resolves(home):
     snapshot = fake_pulled_snapshot("llama-3.2-3b")
     assert registry.resolve_dir("llama-3.2-3b") == snapshot
     assert registry.state("llama-3.2-3b") == "converted"
+
+
+def test_a_pulled_snapshot_is_stamped_under_the_home_not_in_the_hub_cache(home):
+    """The snapshot belongs to huggingface-hub (and mlx-lm, and `hf cache`): the project's files for it live
+    under the models home, keyed by repo and commit."""
+    snapshot = fake_pulled_snapshot("llama-3.2-3b")
+    registry.write_stamp(snapshot, loaded=True)
+    assert registry.state("llama-3.2-3b") == "ready"
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    own = home / registry.STATE_FOLDER / "mlx-community--Llama-3.2-3B-Instruct-4bit" / ("a" * 40)
+    assert registry.state_dir(snapshot) == own
+    assert json.loads((own / registry.STAMP).read_text()) == {"loaded": True}
+
+
+def test_a_snapshot_in_the_old_models_home_cache_is_still_found(home):
+    """Pulls used to go to <home>/.hub: such a snapshot is read where it is, not downloaded again."""
+    snapshot = fake_pulled_snapshot("tinyllama", registry.old_hub_cache())
+    assert registry.resolve_dir("tinyllama") == snapshot
+    assert registry.state("tinyllama") == "converted"
 
 
 def test_select_under_2gb_only_small_models(home):
@@ -420,7 +443,7 @@ def test_a_read_only_models_folder_still_loads(models_home, bundled, monkeypatch
     where chmod stops nothing, so the write is made to fail) still gives the model."""
     from mlx_intent.models import loading
 
-    def refuse(path, **fields):
+    def refuse(path, home=None, **fields):
         raise PermissionError(13, "Read-only file system", str(path))
 
     monkeypatch.setattr(loading, "write_stamp", refuse)

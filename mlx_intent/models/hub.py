@@ -50,7 +50,7 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     path = registry.resolve_dir(name, home)
     if path is not None:
         return path
-    path = _download(spec.name, spec.mlx_repo, registry.hub_cache(home), into_cache=True, home=home)
+    path = _download(spec.name, spec.mlx_repo, registry.hub_cache(), into_cache=True, home=home)
     if not registry.is_mlx_folder(path):
         raise PullError(f"{name}: {spec.mlx_repo} holds no MLX model (config.json and model*.safetensors) in {path}")
     return path

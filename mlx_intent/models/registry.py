@@ -2,8 +2,11 @@
 
 One file, one source of truth.  Models live under one folder, the ``home`` setting
 (``--home``, ``.env`` or ``$MLX_INTENT_HOME``; see ``mlx_intent.settings``), else ``models/``
-of the checkout.  A model's MLX folder is ``<home>/<name>/``; weights pulled from the Hub
-are cached by huggingface-hub under ``<home>/.hub/``.
+of the checkout.  A model's MLX folder is ``<home>/<name>/`` when converted here; weights pulled from the Hub
+stay in huggingface-hub's standard cache (HF_HUB_CACHE, by default ``~/.cache/huggingface/hub``), shared with
+mlx-lm and the ``hf cache`` tools, and the project's own files for them (stamp, prompt caches, calibration) go
+to ``<home>/hub-state/<org>--<repo>/<commit>/``, never into the cache's snapshot.  ``<home>/.hub/``, where
+pulls went before, is still read.
 
 Every function that resolves a path takes ``home``: the caller's models folder (commands
 pass ``Settings.home``); None is the default of ``home()``.  This module never reads the
@@ -98,8 +101,10 @@ PRIMARY = "llama-3.2-3b"
 FALLBACK = "tinyllama"
 BUNDLED = "smollm2-135m"
 
-# The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
+# The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.  All among the files
+# mlx-lm downloads (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), so a snapshot mlx-lm fetched is complete for us too.
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
+STATE_FOLDER = "hub-state"  # under the models home: the project's files for a Hub snapshot
 
 
 class UnknownModelError(KeyError):
@@ -133,8 +138,28 @@ def home(home: Path | None = None) -> Path:
 _home = home  # for the functions below, whose ``home`` argument hides it
 
 
-def hub_cache(home: Path | None = None) -> Path:
+def hub_cache() -> Path:
+    """huggingface-hub's standard cache (HF_HUB_CACHE, else HF_HOME/hub), as huggingface-hub read it at import."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def old_hub_cache(home: Path | None = None) -> Path:
+    """Where pulls went before they used the standard cache: still read, so nothing is downloaded twice."""
     return _home(home) / ".hub"
+
+
+def state_dir(weights: Path, home: Path | None = None) -> Path:
+    """Where the project keeps its own files for the model in ``weights`` (stamp, prompt caches, calibration).
+
+    A snapshot of a Hub cache belongs to huggingface-hub and is shared with mlx-lm: its files go to
+    ``<home>/hub-state/<org>--<repo>/<commit>/``.  A folder converted here is the project's own: itself."""
+    weights = Path(weights)
+    repo = weights.parent.parent
+    if weights.parent.name == "snapshots" and repo.name.startswith("models--"):
+        return _home(home) / STATE_FOLDER / repo.name.removeprefix("models--") / weights.name
+    return weights
 
 
 def model_dir(name: str, home: Path | None = None) -> Path:
@@ -162,20 +187,22 @@ def is_mlx_folder(path: Path) -> bool:
 
 
 def pulled_dir(spec: ModelSpec, home: Path | None = None) -> Path | None:
-    """The snapshot of the ready MLX repo in the hub cache, if it was pulled."""
+    """The snapshot of the ready MLX repo in the standard hub cache (pulled, or downloaded by mlx-lm), else in
+    the models home's old ``.hub``; None if in neither."""
     if spec.mlx_repo is None:
         return None
     from huggingface_hub import snapshot_download
 
-    try:  # same patterns as the pull, or the snapshot looks incomplete (README.md was never fetched)
-        path = Path(
-            snapshot_download(
-                spec.mlx_repo, cache_dir=hub_cache(home), local_files_only=True, allow_patterns=HUB_PATTERNS
+    for cache in (hub_cache(), old_hub_cache(home)):
+        try:  # same patterns as the pull, or the snapshot looks incomplete (README.md was never fetched)
+            path = Path(
+                snapshot_download(spec.mlx_repo, cache_dir=cache, local_files_only=True, allow_patterns=HUB_PATTERNS)
             )
-        )
-    except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
-        return None
-    return path if is_mlx_folder(path) else None
+        except Exception:  # not in this cache (LocalEntryNotFoundError and friends)
+            continue
+        if is_mlx_folder(path):
+            return path
+    return None
 
 
 def resolve_dir(name: str, home: Path | None = None) -> Path | None:
@@ -205,19 +232,22 @@ def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
     return _home(home) / f"{spec.name}.source"
 
 
-def read_stamp(path: Path) -> dict:
+def read_stamp(path: Path, home: Path | None = None) -> dict:
+    """The facts recorded for the model in ``path`` (its weights folder), from its ``state_dir``."""
     try:
-        return json.loads((path / STAMP).read_text())
+        return json.loads((state_dir(path, home) / STAMP).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def write_stamp(path: Path, **fields) -> None:
-    """Record facts learnt by loading (peak memory, load time) next to the weights."""
-    data = read_stamp(path) | fields
-    tmp = path / f".{STAMP}.tmp"
+def write_stamp(path: Path, home: Path | None = None, **fields) -> None:
+    """Record facts learnt by loading (peak memory, load time) for the weights in ``path``, in its ``state_dir``."""
+    data = read_stamp(path, home) | fields
+    folder = state_dir(path, home)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STAMP}.tmp"
     tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path / STAMP)
+    os.replace(tmp, folder / STAMP)
 
 
 def state(name: str, home: Path | None = None) -> str:
@@ -225,14 +255,15 @@ def state(name: str, home: Path | None = None) -> str:
     spec = get_spec(name)
     path = resolve_dir(name, home)
     if path is not None:
-        return "ready" if read_stamp(path).get("loaded") else "converted"
+        return "ready" if read_stamp(path, home).get("loaded") else "converted"
     if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec, home).is_dir()):
         return "downloaded"
     return "missing"
 
 
 def disk_size(name: str, home: Path | None = None) -> int:
-    """Bytes on disk of the model's MLX folder (following the hub cache's links)."""
+    """Bytes on disk of the model's MLX folder (following the hub cache's links; the project's own files for a
+    snapshot are elsewhere, in its ``state_dir``)."""
     path = resolve_dir(name, home)
     if path is None:
         gguf = bundled_gguf(get_spec(name))
