@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,70 @@ def test_pull_from_source_quantizes_to_4bit(hub, tmp_path):
     model, tokenizer = mlx_load(str(out))
     logits = model(mx.array([tokenizer.encode("hello world")]))
     assert logits.shape[-1] == 49152 and bool(mx.isfinite(logits).all())
+
+
+# ---- --model: a registry name, a Hub repo id or a local MLX folder, as mlx-lm takes them --------------------------
+
+OUTSIDE_REPO = "someone/SmolLM2-135M-Instruct-mlx"  # no registry model's repo
+LLM_ONLY = ["--min-confidence", "0", "--keyword-floor", "off", "--latency-budget-ms", "600000", "--cache-size", "0"]
+
+
+def classify_with(model: str, home: Path, endpoint: str) -> subprocess.CompletedProcess:
+    return run_cli("classify", "-v", "--model", model, *LLM_ONLY, "where is my hotel", home=home, endpoint=endpoint)
+
+
+def test_model_by_hub_repo_id_is_pulled_and_classifies(mlx_repo, tmp_path):
+    hub = FakeHub({OUTSIDE_REPO: mlx_repo})
+    home = tmp_path / "home"
+    try:
+        pulled = run_cli("models", "pull", OUTSIDE_REPO, home=home, endpoint=hub.url)
+        assert pulled.returncode == 0, pulled.stderr
+        assert str(hub_cache_of(home)) in pulled.stdout
+        hub.requests.clear()
+        result = classify_with(OUTSIDE_REPO, home, hub.url)
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == OUTSIDE_REPO
+    assert hub.requests == []
+    assert list((home / registry.STATE_FOLDER / OUTSIDE_REPO.replace("/", "--")).glob("*/prompt_cache_*"))
+
+
+def test_model_by_local_mlx_folder_classifies_and_is_left_as_it_was(mlx_repo, tmp_path):
+    folder = tmp_path / "my-mlx-model"
+    shutil.copytree(mlx_repo, folder)
+    before = tree(folder)
+    result = classify_with(str(folder), tmp_path / "home", "http://127.0.0.1:9")  # no Hub needed
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == str(folder)
+    assert tree(folder) == before  # stamp and prompt cache under the models home, not in the user's folder
+    assert list((tmp_path / "home" / registry.STATE_FOLDER / "local").glob("my-mlx-model-*/prompt_cache_*"))
+    assert registry.outside_spec(str(folder)).chat_format == "chatml"  # read from its chat template
+
+
+@pytest.mark.parametrize("name", ["gpt-5", "no such/repo/here", "./not-a-folder"])
+def test_model_that_is_no_name_repo_or_folder_is_the_unknown_model_error(name, tmp_path):
+    result = classify_with(name, tmp_path / "home", "http://127.0.0.1:9")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"unknown model {name!r}" in result.stderr
+    assert "Hub repo id (org/name) or a folder holding an MLX model" in result.stderr
+
+
+def test_model_without_a_chat_template_this_project_knows_is_refused_in_words(mlx_repo, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(mlx_repo, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": "{{ messages }}"}))
+    result = classify_with(str(folder), tmp_path / "home", "http://127.0.0.1:9")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no chat template this project can prompt (Llama 3, ChatML or Zephyr)" in result.stderr
+
+    hub = FakeHub({OUTSIDE_REPO: folder})
+    try:
+        pulled = run_cli("models", "pull", OUTSIDE_REPO, home=tmp_path / "home", endpoint=hub.url)
+    finally:
+        hub.close()
+    assert pulled.returncode == 3, pulled.stderr
+    assert "no chat template this project can prompt" in pulled.stderr

@@ -95,7 +95,10 @@ def test_bundled_model():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(UnknownModelError) as e:
         registry.get_spec("gpt-5")
-    assert str(e.value) == "unknown model 'gpt-5'; known models: llama-3.2-3b, tinyllama, llama-3.1-8b, smollm2-135m"
+    assert str(e.value) == (
+        "unknown model 'gpt-5'; known models: llama-3.2-3b, tinyllama, llama-3.1-8b, smollm2-135m; "
+        "or give a Hub repo id (org/name) or a folder holding an MLX model"
+    )
 
 
 def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):

@@ -766,9 +766,11 @@ def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> No
 @click.option("--from-source", is_flag=True, help="Download the original weights and convert them to 4-bit.")
 @home_options
 def models_pull(name: str, from_source: bool, settings: Settings) -> None:
-    """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
+    """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable) into the standard Hugging Face
+    cache (HF_HUB_CACHE, else HF_HOME/hub), where a model mlx-lm already downloaded is found as is.
 
-    Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
+    NAME: a registry model, or a Hub repo id (org/name) of an MLX model with a Llama 3, ChatML or Zephyr chat
+    template.  Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
     _clean_stale(registry.home(settings.home))

@@ -25,7 +25,8 @@ class PullError(RuntimeError):
 def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path:
     """Make ``name`` loadable under ``home`` (the registry default if None) and return its MLX folder.
 
-    Default: download the ready MLX 4-bit repo into the hub cache.  ``from_source``:
+    ``name``: a registry model, or a Hub repo id or an MLX model folder (``registry.outside_spec``).
+    Default: download the ready MLX 4-bit repo into the standard hub cache.  ``from_source``:
     download the original weights and quantize them to 4-bit here with mlx-lm.  The
     bundled model has no MLX repo: its GGUF is converted.  A model already on disk is
     returned as is, without touching the network.
@@ -53,6 +54,8 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     path = _download(spec.name, spec.mlx_repo, registry.hub_cache(), into_cache=True, home=home)
     if not registry.is_mlx_folder(path):
         raise PullError(f"{name}: {spec.mlx_repo} holds no MLX model (config.json and model*.safetensors) in {path}")
+    if name not in registry.REGISTRY:  # on disk now: its chat template must be one this project can prompt
+        registry.outside_spec(name)
     return path
 
 
