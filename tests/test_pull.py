@@ -268,7 +268,10 @@ def test_pull_from_source_quantizes_to_4bit(hub, tmp_path):
     quant = json.loads((out / "config.json").read_text())["quantization"]
     assert (quant["bits"], quant["group_size"]) == (4, 64)
     assert not list(home.glob("*.partial"))
-    assert not (home / "tinyllama.source" / "original").exists()  # only the files a model needs
+    assert not (home / "tinyllama.source").exists()  # the original weights went to the standard hub cache
+    source = hub_cache_of(home) / ("models--" + SOURCE_REPO.replace("/", "--")) / "snapshots"
+    assert not list(source.glob("*/original"))  # only the files a model needs
+    assert registry.is_mlx_folder(next(source.iterdir()))
     assert not any("/api/models/" + MLX_REPO in r[1] for r in hub.requests)
     model, tokenizer = mlx_load(str(out))
     logits = model(mx.array([tokenizer.encode("hello world")]))

@@ -56,10 +56,11 @@ def fake_mlx_folder(name: str) -> Path:
     return path
 
 
-def fake_pulled_snapshot(name: str, cache: Path | None = None) -> Path:
-    """What huggingface-hub leaves in a hub cache (the standard one unless ``cache``) after a pull: refs/main
-    and a snapshot folder."""
-    repo = (cache or registry.hub_cache()) / ("models--" + registry.get_spec(name).mlx_repo.replace("/", "--"))
+def fake_pulled_snapshot(name: str, cache: Path | None = None, repo_id: str | None = None) -> Path:
+    """What huggingface-hub leaves in a hub cache (the standard one unless ``cache``) after a pull of ``name``'s
+    MLX repo (or ``repo_id``): refs/main and a snapshot folder."""
+    repo_id = repo_id or registry.get_spec(name).mlx_repo
+    repo = (cache or registry.hub_cache()) / ("models--" + repo_id.replace("/", "--"))
     commit = "a" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -204,6 +205,14 @@ def test_a_pulled_snapshot_is_stamped_under_the_home_not_in_the_hub_cache(home):
     own = home / registry.STATE_FOLDER / "mlx-community--Llama-3.2-3B-Instruct-4bit" / ("a" * 40)
     assert registry.state_dir(snapshot) == own
     assert json.loads((own / registry.STAMP).read_text()) == {"loaded": True}
+
+
+def test_original_weights_in_the_hub_cache_are_downloaded(home):
+    """What transformers or mlx_lm.convert downloaded of the source repo: `models pull --from-source` converts it
+    without downloading it again."""
+    fake_pulled_snapshot("tinyllama", repo_id=registry.get_spec("tinyllama").source_repo)
+    assert registry.state("tinyllama") == "downloaded"
+    assert registry.resolve_dir("tinyllama") is None
 
 
 def test_a_snapshot_in_the_old_models_home_cache_is_still_found(home):

@@ -74,13 +74,17 @@ def pull_e5(home: Path | None = None) -> Path:
 
 
 def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
-    """Download the original weights and quantize them (4-bit, group 64) into model_dir, atomically."""
+    """Download the original weights into the standard hub cache (as ``mlx_lm.convert`` would: weights already
+    there are not downloaded again) and quantize them (4-bit, group 64) into model_dir, atomically.  Weights
+    downloaded into ``<home>/<name>.source/`` before pulls used the cache are used where they are."""
     if spec.source_repo is None:
         raise PullError(f"{spec.name} has no source repo to convert from")
     out = registry.model_dir(spec.name, home)
     if registry.is_mlx_folder(out):
         return out
-    source = _download(spec.name, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
+    source = registry.source_dir(spec, home)
+    if not registry.is_mlx_folder(source):  # config.json and model*.safetensors: the original weights too
+        source = _download(spec.name, spec.source_repo, registry.hub_cache(), into_cache=True, home=home)
     from mlx_lm import convert
 
     holder = staging_dir(out)

@@ -306,6 +306,7 @@ def find_adapter(name: str, home: Path | None = None) -> Path | None:
 
 
 def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
+    """Where `models pull --from-source` downloaded the original weights before it used the standard hub cache."""
     return _home(home) / f"{spec.key}.source"
 
 
@@ -333,8 +334,10 @@ def state(name: str, home: Path | None = None) -> str:
     path = resolve_dir(name, home)
     if path is not None:
         return "ready" if read_stamp(path, home).get("loaded") else "converted"
-    if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec, home).is_dir()):
+    if bundled_gguf(spec) is not None:
         return "downloaded"
+    if spec.source_repo and (source_dir(spec, home).is_dir() or _snapshot(spec.source_repo, hub_cache())):
+        return "downloaded"  # the original weights, ready for `models pull --from-source`
     return "missing"
 
 
