@@ -717,7 +717,7 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
 # Names the models home uses for itself: adapters/, data/ and corpora/ (mlx-intent data), e5-small/ (models pull
 # e5-small), calibration/ (calibrate keyword, e5-small), feedback.db and its -wal, -shm and -journal files, hub-state/
 # (stamps, prompt caches and calibrations of pulled models), .hub/ (the old pull cache); <model>.source/ holds the
-# weights of a pull --from-source.
+# original weights of an old pull --from-source.
 RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_FOLDER, DB_NAME, registry.STATE_FOLDER})
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # 100 at most: staging adds to it, NAME_MAX is 255
 
