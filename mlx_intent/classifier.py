@@ -152,6 +152,7 @@ class IntentClassifier:
         # it rides along at the end of every scoring row (see ``distributions``).
         self._deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
         self._tail = max((path for _, path in self._deeper), key=len, default=[])
+        self._own = own
         self._cache_path = self._cache_file(cache_dir or own, folder, adapter)
         self._system, self._from_disk = self._system_cache()
 
@@ -215,7 +216,8 @@ class IntentClassifier:
             raise kv.NotFiniteError(f"{self.name}: the model gives NaN or infinite values (damaged weights?)")
         if path is not None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.parent == self._own:  # the project's folder for these weights, made on first use
+                    path.parent.mkdir(parents=True, exist_ok=True)
                 kv.save(path, system)
                 prune_prompt_caches(path.parent)
             except (OSError, RuntimeError, ValueError):  # read-only or full folder (MLX raises RuntimeError)
