@@ -102,6 +102,13 @@ def test_unknown_model_names_the_known_ones():
     )
 
 
+@pytest.mark.parametrize("name", ["x" * 5000, "~nouser/x", "org/bad..name", "org--x/y", ".", "tinylama"])
+def test_a_name_that_is_no_model_repo_id_or_mlx_folder_is_unknown(name):
+    """Neither a path too long for the system nor a repo id the Hub would refuse gets further than the error."""
+    with pytest.raises(UnknownModelError, match="^unknown model"):
+        registry.get_spec(name)
+
+
 def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "elsewhere"))
     assert registry.home() == tmp_path / "elsewhere"

@@ -127,7 +127,7 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:
         if len(self.args) > 1:
-            return f"model {self.args[0]!r}: {self.args[1]}"
+            return f"unknown model {self.args[0]!r}: {self.args[1]}"
         return (
             f"unknown model {self.args[0]!r}; known models: {', '.join(REGISTRY)}; "
             "or give a Hub repo id (org/name) or a folder holding an MLX model"
@@ -152,12 +152,16 @@ def outside_spec(name: str) -> ModelSpec:
     Its prompt format is read from its chat template (``chat_format``): a model on disk whose template is none
     this project can prompt is refused, in words.  Its context is its own, at most 8192 tokens; it has no
     recommended sampling temperature (``--sample`` decodes greedily) and no memory estimate before it is on disk."""
-    path = Path(name).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(name).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError):  # a name too long for a path, ~user of no such user
+        path, is_dir = Path(name), False
+    if is_dir:
         if not is_mlx_folder(path):
             raise UnknownModelError(name, f"{path} holds no MLX model (config.json and model*.safetensors)")
         folder, repo, weights = path.resolve(), None, path
-    elif _REPO_ID.fullmatch(name):
+    elif _is_repo_id(name):
         folder, repo, weights = None, name, _snapshot(name, hub_cache())
     else:
         raise UnknownModelError(name)
@@ -175,6 +179,21 @@ def outside_spec(name: str) -> ModelSpec:
         except (OSError, ValueError, TypeError):
             pass
     return ModelSpec(name, None, repo, context, 0.0, (0.0, 0.0), fmt, rank=-1, folder=folder)
+
+
+def _is_repo_id(name: str) -> bool:
+    """org/name, and valid for huggingface-hub (no "--" or "..", at most 96 characters): a typo of a registry
+    name is no repo id, and the Hub is never asked for one it would refuse."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not _REPO_ID.fullmatch(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def chat_format(folder: Path) -> str | None:
