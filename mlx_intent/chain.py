@@ -208,7 +208,7 @@ class ModelPool:
         import mlx.core as mx
 
         try:
-            registry.write_stamp(path, peak_memory=mx.get_peak_memory() - before)
+            registry.write_stamp(path, self.home, peak_memory=mx.get_peak_memory() - before)
         except OSError:  # a read-only models folder costs the figure, not the answer
             pass
 

@@ -78,7 +78,8 @@ def model_calibration(name: str, home: Path | None = None) -> calibration.Loaded
     """The fit model ``name`` reads as it would load now (its adapter's, else its folder's); None when it is
     not on disk.  For `models list`."""
     adapter = registry.find_adapter(name, home)
-    folder = adapter or registry.resolve_dir(name, home)
+    weights = registry.resolve_dir(name, home)
+    folder = adapter or (registry.state_dir(weights, home) if weights is not None else None)
     return None if folder is None else load_calibration(folder, name, shipped_adapter_fit(name, adapter, home))
 
 
@@ -129,9 +130,11 @@ class IntentClassifier:
         self.mode = mode
         self.sample = sample
         folder = registry.resolve_dir(self.name, home)
-        # A calibration belongs to the weights as used: beside the adapter when there is one.  The package's
-        # own adapter is never written into: `mlx-intent calibrate` keeps its fit under the models home.
-        self.calibration_dir = adapter or folder
+        # The project's files for these weights: never inside a Hub snapshot, which huggingface-hub owns.
+        own = registry.state_dir(folder, home) if folder is not None else None
+        # A calibration belongs to the weights as used: beside the adapter when there is one, else in ``own``.
+        # The package's own adapter is never written into: `mlx-intent calibrate` keeps its fit under the home.
+        self.calibration_dir = adapter or own
         home_fit = shipped_adapter_fit(self.name, adapter, home)
         # where a new fit goes (none for a model given in memory, with no folder)
         self.calibration_file = home_fit or (self.calibration_dir / CALIBRATION if self.calibration_dir else None)
@@ -149,7 +152,8 @@ class IntentClassifier:
         # it rides along at the end of every scoring row (see ``distributions``).
         self._deeper = [(node, path) for node, path in _branch_nodes(self._branch) if path]
         self._tail = max((path for _, path in self._deeper), key=len, default=[])
-        self._cache_path = self._cache_file(cache_dir or folder, folder, adapter)
+        self._own = own
+        self._cache_path = self._cache_file(cache_dir or own, folder, adapter)
         self._system, self._from_disk = self._system_cache()
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -196,9 +200,9 @@ class IntentClassifier:
         return folder / f"prompt_cache_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
     def _system_cache(self, reuse: bool = True) -> tuple[list[tuple], bool]:
-        """KV of the system prompt: computed once, saved next to the model, reused; and whether it was read
-        from the file.  A file that does not hold a sound cache for this prompt is replaced; a cache that is
-        not finite (damaged weights) is never saved, and the model cannot be used."""
+        """KV of the system prompt: computed once, saved with the project's files for the model (``state_dir``),
+        reused; and whether it was read from the file.  A file that does not hold a sound cache for this prompt is
+        replaced; a cache that is not finite (damaged weights) is never saved, and the model cannot be used."""
         path = self._cache_path
         if reuse and path is not None and path.is_file():
             try:
@@ -212,6 +216,8 @@ class IntentClassifier:
             raise kv.NotFiniteError(f"{self.name}: the model gives NaN or infinite values (damaged weights?)")
         if path is not None:
             try:
+                if path.parent == self._own:  # the project's folder for these weights, made on first use
+                    path.parent.mkdir(parents=True, exist_ok=True)
                 kv.save(path, system)
                 prune_prompt_caches(path.parent)
             except (OSError, RuntimeError, ValueError):  # read-only or full folder (MLX raises RuntimeError)

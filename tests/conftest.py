@@ -5,6 +5,7 @@ developer's own models/ folder."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,18 @@ def models_home(tmp_path_factory) -> str:
         os.environ.pop("MLX_INTENT_HOME", None)
     else:
         os.environ["MLX_INTENT_HOME"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hub_cache(tmp_path_factory):
+    """huggingface-hub's standard cache, where pulls go and the registry looks: a fresh folder for the session,
+    never the developer's own (huggingface-hub read HF_HUB_CACHE at import, so its constant is set here)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(tmp_path_factory.mktemp("hf_hub_cache"))
+    yield Path(constants.HF_HUB_CACHE)
+    constants.HF_HUB_CACHE = saved
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +90,9 @@ PULLED = ("llama-3.2-3b", "tinyllama")  # the design card's models, pulled as a 
 
 
 @pytest.fixture(scope="session")
-def standin_home(standin_repos, tmp_path_factory):
-    """A models folder into which ``mlx-intent models pull`` fetched Llama 3.2 3B's and TinyLlama's stand-ins
-    from the fake hub (tests/fakehub.py), as a new user would."""
+def standin_home(standin_repos, tmp_path_factory, hub_cache):
+    """A models folder for which ``mlx-intent models pull`` fetched Llama 3.2 3B's and TinyLlama's stand-ins
+    from the fake hub (tests/fakehub.py) into the session's hub cache, as a new user would."""
     from fakehub import FakeHub, run_cli
 
     from mlx_intent.models import registry
@@ -88,7 +101,7 @@ def standin_home(standin_repos, tmp_path_factory):
     home = tmp_path_factory.mktemp("standin_home") / "models"
     try:
         for name in PULLED:
-            result = run_cli("models", "pull", name, home=home, endpoint=hub.url)
+            result = run_cli("models", "pull", name, home=home, endpoint=hub.url, HF_HUB_CACHE=str(hub_cache))
             assert result.returncode == 0, result.stderr
             assert f"{name} is ready in" in result.stdout
     finally:

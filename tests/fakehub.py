@@ -105,6 +105,25 @@ class FakeHub:
 
 def run_cli(*args: str, home: Path, endpoint: str, **env: str) -> subprocess.CompletedProcess:
     """Run ``mlx-intent`` with a fresh models folder and Hugging Face home, talking to ``endpoint``."""
+    return subprocess.run(
+        [str(CLI), *args], env=hub_env(home, endpoint, **env), capture_output=True, text=True, timeout=300
+    )
+
+
+def run_python(code: str, home: Path, endpoint: str, **env: str) -> subprocess.CompletedProcess:
+    """Run Python ``code`` (another Hub client, such as mlx-lm) in the environment ``run_cli`` gives."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env=hub_env(home, endpoint, **env), capture_output=True, text=True, timeout=300
+    )
+
+
+def hub_cache_of(home: Path) -> Path:
+    """The standard Hub cache of ``run_cli(home=home)``: HF_HOME/hub."""
+    return home.parent / "hf_home" / "hub"
+
+
+def hub_env(home: Path, endpoint: str, **env: str) -> dict[str, str]:
+    """The environment of a run: models folder ``home``, HF_HOME beside it (``hub_cache_of``), ``endpoint``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     full |= {
         "MLX_INTENT_HOME": str(home),
@@ -116,4 +135,4 @@ def run_cli(*args: str, home: Path, endpoint: str, **env: str) -> subprocess.Com
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     } | env
-    return subprocess.run([str(CLI), *args], env=full, capture_output=True, text=True, timeout=300)
+    return full

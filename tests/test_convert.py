@@ -331,7 +331,9 @@ def _tree(root):
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".", "..", "adapters", "Adapters", "data", "corpora", "e5-small", ".hub", "../x", "a/b", "x.source"]
+    "name",
+    ["", ".", "..", "adapters", "Adapters", "data", "corpora", "e5-small", ".hub", "hub-state", "../x", "a/b"]
+    + ["x.source"],
 )
 def test_cli_convert_refuses_a_name_that_is_not_a_plain_model_name(tmp_path, monkeypatch, name):
     """--name '' or '.' used to wipe the models folder, 'adapters' every adapter, '../x' a folder outside it."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
-from fakehub import FakeHub, run_cli
+from fakehub import FakeHub, hub_cache_of, run_cli, run_python
 
 from mlx_intent.models import registry
 
@@ -85,6 +86,22 @@ def resolves(hub: FakeHub) -> list[tuple[str, str, str | None]]:
     return [r for r in hub.requests if "/resolve/" in r[1]]
 
 
+@pytest.fixture
+def in_process(tmp_path, monkeypatch) -> Path:
+    """This process sees what ``run_cli(home=tmp_path / "home")`` pulled: that models folder and its hub cache."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MLX_INTENT_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_of(home)))
+    return home
+
+
+def tree(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (links followed) and its size."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
 def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     home = tmp_path / "home"
     first = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url)
@@ -92,6 +109,8 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     assert "tinyllama is ready in" in first.stdout
     fetched = sorted({Path(r[1]).name for r in resolves(hub)})
     assert fetched == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert str(hub_cache_of(home)) in first.stdout  # the standard Hub cache (HF_HOME/hub), not the models folder
+    assert not (home / ".hub").exists()
 
     listing = run_cli("models", "list", home=home, endpoint=hub.url)
     assert listing.returncode == 0, listing.stderr
@@ -107,16 +126,64 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
     assert offline.returncode == 0, offline.stderr
 
 
-def test_pulled_model_loads_in_process(hub, tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    assert run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url).returncode == 0
-    monkeypatch.setenv("MLX_INTENT_HOME", str(home))
+def test_pulled_model_loads_in_process(hub, in_process):
+    assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
     assert registry.state("tinyllama") == "converted"
     from mlx_intent.models.loading import load
 
     model, tokenizer = load("tinyllama")
     assert tokenizer.encode("hello")
     assert registry.state("tinyllama") == "ready"
+
+
+def test_the_pull_is_a_standard_hub_cache_entry(hub, tmp_path):
+    """`hf cache` tools (scan_cache_dir) see the pulled repo in HF_HUB_CACHE."""
+    from huggingface_hub import scan_cache_dir
+
+    home = tmp_path / "home"
+    assert run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url).returncode == 0
+    repos = {r.repo_id: r for r in scan_cache_dir(hub_cache_of(home)).repos}
+    assert list(repos) == [MLX_REPO]
+    assert {f.file_name for r in repos[MLX_REPO].revisions for f in r.files} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_a_model_mlx_lm_already_downloaded_is_not_downloaded_again(hub, tmp_path):
+    """mlx-lm's default model is the 3B's own repo: what `mlx_lm.load` fetched into the standard cache, the pull
+    finds there without a single request to the Hub."""
+    home = tmp_path / "home"
+    fetched = run_python(f"from mlx_lm import load; load({MLX_REPO!r})", home=home, endpoint=hub.url)
+    assert fetched.returncode == 0, fetched.stderr
+    assert resolves(hub)
+    hub.requests.clear()
+    result = run_cli("models", "pull", "tinyllama", home=home, endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    assert str(hub_cache_of(home)) in result.stdout
+
+
+def test_nothing_the_project_writes_lands_in_the_snapshot(hub, in_process):
+    """The stamp, the system prompt's KV cache and the calibration go under the models home, keyed by repo and
+    commit: the snapshot is huggingface-hub's (shared with mlx-lm), left as it was downloaded."""
+    from fakehub import COMMIT
+
+    from mlx_intent.classifier import IntentClassifier
+
+    assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
+    snapshot = registry.resolve_dir("tinyllama")
+    before = tree(snapshot)
+    clf = IntentClassifier("tinyllama", home=in_process, use_adapter=False)
+    assert clf.classify("where is my hotel")["primary_intent"]
+    own = in_process / registry.STATE_FOLDER / MLX_REPO.replace("/", "--") / COMMIT
+    assert tree(snapshot) == before
+    assert registry.state("tinyllama") == "ready"
+    assert (own / registry.STAMP).is_file()
+    assert list(own.glob("prompt_cache_*.safetensors"))
+    assert clf.calibration_file == own / "calibration.json"  # where `mlx-intent calibrate tinyllama` writes
 
 
 def test_offline_without_cache_fails_clearly(hub, tmp_path):
@@ -201,8 +268,78 @@ def test_pull_from_source_quantizes_to_4bit(hub, tmp_path):
     quant = json.loads((out / "config.json").read_text())["quantization"]
     assert (quant["bits"], quant["group_size"]) == (4, 64)
     assert not list(home.glob("*.partial"))
-    assert not (home / "tinyllama.source" / "original").exists()  # only the files a model needs
+    assert not (home / "tinyllama.source").exists()  # the original weights went to the standard hub cache
+    source = hub_cache_of(home) / ("models--" + SOURCE_REPO.replace("/", "--")) / "snapshots"
+    assert not list(source.glob("*/original"))  # only the files a model needs
+    assert registry.is_mlx_folder(next(source.iterdir()))
     assert not any("/api/models/" + MLX_REPO in r[1] for r in hub.requests)
     model, tokenizer = mlx_load(str(out))
     logits = model(mx.array([tokenizer.encode("hello world")]))
     assert logits.shape[-1] == 49152 and bool(mx.isfinite(logits).all())
+
+
+# ---- --model: a registry name, a Hub repo id or a local MLX folder, as mlx-lm takes them --------------------------
+
+OUTSIDE_REPO = "someone/SmolLM2-135M-Instruct-mlx"  # no registry model's repo
+LLM_ONLY = ["--min-confidence", "0", "--keyword-floor", "off", "--latency-budget-ms", "600000", "--cache-size", "0"]
+
+
+def classify_with(model: str, home: Path, endpoint: str) -> subprocess.CompletedProcess:
+    return run_cli("classify", "-v", "--model", model, *LLM_ONLY, "where is my hotel", home=home, endpoint=endpoint)
+
+
+def test_model_by_hub_repo_id_is_pulled_and_classifies(mlx_repo, tmp_path):
+    hub = FakeHub({OUTSIDE_REPO: mlx_repo})
+    home = tmp_path / "home"
+    try:
+        pulled = run_cli("models", "pull", OUTSIDE_REPO, home=home, endpoint=hub.url)
+        assert pulled.returncode == 0, pulled.stderr
+        assert str(hub_cache_of(home)) in pulled.stdout
+        hub.requests.clear()
+        result = classify_with(OUTSIDE_REPO, home, hub.url)
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == OUTSIDE_REPO
+    assert hub.requests == []
+    assert list((home / registry.STATE_FOLDER / OUTSIDE_REPO.replace("/", "--")).glob("*/prompt_cache_*"))
+
+
+def test_model_by_local_mlx_folder_classifies_and_is_left_as_it_was(mlx_repo, tmp_path):
+    folder = tmp_path / "my-mlx-model"
+    shutil.copytree(mlx_repo, folder)
+    before = tree(folder)
+    result = classify_with(str(folder), tmp_path / "home", "http://127.0.0.1:9")  # no Hub needed
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == str(folder)
+    assert tree(folder) == before  # stamp and prompt cache under the models home, not in the user's folder
+    assert list((tmp_path / "home" / registry.STATE_FOLDER / "local").glob("my-mlx-model-*/prompt_cache_*"))
+    assert registry.outside_spec(str(folder)).chat_format == "chatml"  # read from its chat template
+
+
+@pytest.mark.parametrize("name", ["gpt-5", "no such/repo/here", "./not-a-folder"])
+def test_model_that_is_no_name_repo_or_folder_is_the_unknown_model_error(name, tmp_path):
+    result = classify_with(name, tmp_path / "home", "http://127.0.0.1:9")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"unknown model {name!r}" in result.stderr
+    assert "Hub repo id (org/name) or a folder holding an MLX model" in result.stderr
+
+
+def test_model_without_a_chat_template_this_project_knows_is_refused_in_words(mlx_repo, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(mlx_repo, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": "{{ messages }}"}))
+    result = classify_with(str(folder), tmp_path / "home", "http://127.0.0.1:9")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no chat template this project can prompt (Llama 3, ChatML or Zephyr)" in result.stderr
+
+    hub = FakeHub({OUTSIDE_REPO: folder})
+    try:
+        pulled = run_cli("models", "pull", OUTSIDE_REPO, home=tmp_path / "home", endpoint=hub.url)
+    finally:
+        hub.close()
+    assert pulled.returncode == 3, pulled.stderr
+    assert "no chat template this project can prompt" in pulled.stderr

@@ -40,8 +40,11 @@ EXPECTED = {
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
-    """An empty models folder; the bundled GGUF is still installed, so smollm2-135m is 'downloaded'."""
+    """An empty models folder and hub cache; the bundled GGUF is still installed, so smollm2-135m is 'downloaded'."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_hub_cache"))
     return tmp_path
 
 
@@ -53,9 +56,11 @@ def fake_mlx_folder(name: str) -> Path:
     return path
 
 
-def fake_pulled_snapshot(name: str) -> Path:
-    """What huggingface-hub leaves in the hub cache after a pull: refs/main and a snapshot folder."""
-    repo = registry.hub_cache() / ("models--" + registry.get_spec(name).mlx_repo.replace("/", "--"))
+def fake_pulled_snapshot(name: str, cache: Path | None = None, repo_id: str | None = None) -> Path:
+    """What huggingface-hub leaves in a hub cache (the standard one unless ``cache``) after a pull of ``name``'s
+    MLX repo (or ``repo_id``): refs/main and a snapshot folder."""
+    repo_id = repo_id or registry.get_spec(name).mlx_repo
+    repo = (cache or registry.hub_cache()) / ("models--" + repo_id.replace("/", "--"))
     commit = "a" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -91,14 +96,24 @@ def test_bundled_model():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(UnknownModelError) as e:
         registry.get_spec("gpt-5")
-    assert str(e.value) == "unknown model 'gpt-5'; known models: llama-3.2-3b, tinyllama, llama-3.1-8b, smollm2-135m"
+    assert str(e.value) == (
+        "unknown model 'gpt-5'; known models: llama-3.2-3b, tinyllama, llama-3.1-8b, smollm2-135m; "
+        "or give a Hub repo id (org/name) or a folder holding an MLX model"
+    )
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "~nouser/x", "org/bad..name", "org--x/y", ".", "tinylama"])
+def test_a_name_that_is_no_model_repo_id_or_mlx_folder_is_unknown(name):
+    """Neither a path too long for the system nor a repo id the Hub would refuse gets further than the error."""
+    with pytest.raises(UnknownModelError, match="^unknown model"):
+        registry.get_spec(name)
 
 
 def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "elsewhere"))
     assert registry.home() == tmp_path / "elsewhere"
     assert registry.model_dir("tinyllama") == tmp_path / "elsewhere" / "tinyllama"
-    assert registry.hub_cache() == tmp_path / "elsewhere" / ".hub"
+    assert registry.old_hub_cache() == tmp_path / "elsewhere" / ".hub"
     monkeypatch.delenv("MLX_INTENT_HOME")
     assert registry.home() != tmp_path / "elsewhere"
 
@@ -112,7 +127,7 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
     given = tmp_path / "given"
     assert registry.home(given) == given
     assert registry.model_dir("tinyllama", given) == given / "tinyllama"
-    assert registry.hub_cache(given) == given / ".hub"
+    assert registry.old_hub_cache(given) == given / ".hub"
     assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
     assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
     assert registry.state("tinyllama", given) == "missing"
@@ -185,6 +200,33 @@ def test_pulled_snapshot_resolves(home):
     snapshot = fake_pulled_snapshot("llama-3.2-3b")
     assert registry.resolve_dir("llama-3.2-3b") == snapshot
     assert registry.state("llama-3.2-3b") == "converted"
+
+
+def test_a_pulled_snapshot_is_stamped_under_the_home_not_in_the_hub_cache(home):
+    """The snapshot belongs to huggingface-hub (and mlx-lm, and `hf cache`): the project's files for it live
+    under the models home, keyed by repo and commit."""
+    snapshot = fake_pulled_snapshot("llama-3.2-3b")
+    registry.write_stamp(snapshot, loaded=True)
+    assert registry.state("llama-3.2-3b") == "ready"
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    own = home / registry.STATE_FOLDER / "mlx-community--Llama-3.2-3B-Instruct-4bit" / ("a" * 40)
+    assert registry.state_dir(snapshot) == own
+    assert json.loads((own / registry.STAMP).read_text()) == {"loaded": True}
+
+
+def test_original_weights_in_the_hub_cache_are_downloaded(home):
+    """What transformers or mlx_lm.convert downloaded of the source repo: `models pull --from-source` converts it
+    without downloading it again."""
+    fake_pulled_snapshot("tinyllama", repo_id=registry.get_spec("tinyllama").source_repo)
+    assert registry.state("tinyllama") == "downloaded"
+    assert registry.resolve_dir("tinyllama") is None
+
+
+def test_a_snapshot_in_the_old_models_home_cache_is_still_found(home):
+    """Pulls used to go to <home>/.hub: such a snapshot is read where it is, not downloaded again."""
+    snapshot = fake_pulled_snapshot("tinyllama", registry.old_hub_cache())
+    assert registry.resolve_dir("tinyllama") == snapshot
+    assert registry.state("tinyllama") == "converted"
 
 
 def test_select_under_2gb_only_small_models(home):
@@ -420,7 +462,7 @@ def test_a_read_only_models_folder_still_loads(models_home, bundled, monkeypatch
     where chmod stops nothing, so the write is made to fail) still gives the model."""
     from mlx_intent.models import loading
 
-    def refuse(path, **fields):
+    def refuse(path, home=None, **fields):
         raise PermissionError(13, "Read-only file system", str(path))
 
     monkeypatch.setattr(loading, "write_stamp", refuse)

@@ -48,7 +48,8 @@ def calibrate_command(
     model: str, data: tuple[str, ...], force: bool, from_feedback: bool, verify: bool, settings: Settings
 ) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
-    on labelled data, and save them in calibration.json (beside MODEL's adapter, else in its folder) for classify.
+    on labelled data, and save them in calibration.json for classify: beside MODEL's adapter, else beside its
+    converted weights, or under <home>/hub-state/ for weights pulled into the Hub cache.
 
     MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead; `e5-small` refits its head's
     temperature, multi-intent threshold and blend with the keyword tier.  Both are saved under the models folder

@@ -650,7 +650,7 @@ def models_list(model: str | None, settings: Settings) -> None:
     rows = [("", "name", "state", "on disk", "memory", "peak seen", "MLX repo", "memory budget from")]
     for spec in registry.REGISTRY.values():
         path = registry.resolve_dir(spec.name, home)
-        peak = registry.read_stamp(path).get("peak_memory") if path else None
+        peak = registry.read_stamp(path, home).get("peak_memory") if path else None
         need = budget(spec.name, home)
         rows.append(
             (
@@ -715,9 +715,10 @@ def _encoder_row(home: Path | None) -> tuple[str, ...]:
 
 
 # Names the models home uses for itself: adapters/, data/ and corpora/ (mlx-intent data), e5-small/ (models pull
-# e5-small), calibration/ (calibrate keyword, e5-small), feedback.db and its -wal, -shm and -journal files, .hub/
-# (the pull cache); <model>.source/ holds the weights of a pull --from-source.
-RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_FOLDER, DB_NAME})
+# e5-small), calibration/ (calibrate keyword, e5-small), feedback.db and its -wal, -shm and -journal files, hub-state/
+# (stamps, prompt caches and calibrations of pulled models), .hub/ (the old pull cache); <model>.source/ holds the
+# original weights of an old pull --from-source.
+RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_FOLDER, DB_NAME, registry.STATE_FOLDER})
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # 100 at most: staging adds to it, NAME_MAX is 255
 
 
@@ -765,9 +766,11 @@ def models_convert(gguf: Path, name: str, force: bool, settings: Settings) -> No
 @click.option("--from-source", is_flag=True, help="Download the original weights and convert them to 4-bit.")
 @home_options
 def models_pull(name: str, from_source: bool, settings: Settings) -> None:
-    """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable).
+    """Download NAME's ready MLX 4-bit repo from the Hugging Face Hub (resumable) into the standard Hugging Face
+    cache (HF_HUB_CACHE, else HF_HOME/hub), where a model mlx-lm already downloaded is found as is.
 
-    Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
+    NAME: a registry model, or a Hub repo id (org/name) of an MLX model with a Llama 3, ChatML or Zephyr chat
+    template.  Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
     _clean_stale(registry.home(settings.home))

@@ -25,7 +25,8 @@ class PullError(RuntimeError):
 def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path:
     """Make ``name`` loadable under ``home`` (the registry default if None) and return its MLX folder.
 
-    Default: download the ready MLX 4-bit repo into the hub cache.  ``from_source``:
+    ``name``: a registry model, or a Hub repo id or an MLX model folder (``registry.outside_spec``).
+    Default: download the ready MLX 4-bit repo into the standard hub cache.  ``from_source``:
     download the original weights and quantize them to 4-bit here with mlx-lm.  The
     bundled model has no MLX repo: its GGUF is converted.  A model already on disk is
     returned as is, without touching the network.
@@ -50,9 +51,11 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     path = registry.resolve_dir(name, home)
     if path is not None:
         return path
-    path = _download(spec.name, spec.mlx_repo, registry.hub_cache(home), into_cache=True, home=home)
+    path = _download(spec.name, spec.mlx_repo, registry.hub_cache(), into_cache=True, home=home)
     if not registry.is_mlx_folder(path):
         raise PullError(f"{name}: {spec.mlx_repo} holds no MLX model (config.json and model*.safetensors) in {path}")
+    if name not in registry.REGISTRY:  # on disk now: its chat template must be one this project can prompt
+        registry.outside_spec(name)
     return path
 
 
@@ -71,13 +74,17 @@ def pull_e5(home: Path | None = None) -> Path:
 
 
 def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
-    """Download the original weights and quantize them (4-bit, group 64) into model_dir, atomically."""
+    """Download the original weights into the standard hub cache (as ``mlx_lm.convert`` would: weights already
+    there are not downloaded again) and quantize them (4-bit, group 64) into model_dir, atomically.  Weights
+    downloaded into ``<home>/<name>.source/`` before pulls used the cache are used where they are."""
     if spec.source_repo is None:
         raise PullError(f"{spec.name} has no source repo to convert from")
     out = registry.model_dir(spec.name, home)
     if registry.is_mlx_folder(out):
         return out
-    source = _download(spec.name, spec.source_repo, registry.source_dir(spec, home), into_cache=False, home=home)
+    source = registry.source_dir(spec, home)
+    if not registry.is_mlx_folder(source):  # config.json and model*.safetensors: the original weights too
+        source = _download(spec.name, spec.source_repo, registry.hub_cache(), into_cache=True, home=home)
     from mlx_lm import convert
 
     holder = staging_dir(out)

@@ -179,7 +179,7 @@ def load(name: str, adapter: Path | None = None, dequantize: bool | None = None,
     model.eval()
     backend.wire_working_set()
     try:
-        write_stamp(path, loaded=True, load_s=round(time.perf_counter() - start, 3), device=backend.device_name())
+        write_stamp(path, home, loaded=True, load_s=round(time.perf_counter() - start, 3), device=backend.device_name())
     except OSError:  # a read-only models folder costs the "ready" state and load time, not the model
         pass
     return model, tokenizer

