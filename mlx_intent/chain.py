@@ -733,11 +733,13 @@ def build_chain(
             if base == ENCODER:
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
                 # to the keyword tier alone would answer worse, so it takes every text it can load for.  LLMs
-                # between it and the keyword tier (the cascade place) get the texts it is unsure of.
+                # between it and the keyword tier (the cascade place) get the texts it is unsure of, when one of
+                # them is on disk: else the blend keeps them.
                 below = names[i + 1 :]
                 cascade = below[: below.index(KEYWORD)] if KEYWORD in below else None
                 blended = settings.combine and cascade is not None and all(n in registry.REGISTRY for n in cascade)
-                threshold = last if blended and not cascade else threshold
+                present = blended and any(pool.absent(n) is None for n in cascade)
+                threshold = last if blended and not present else threshold
                 llm, weight = None, 0.0
                 if mixed:
                     registry.get_spec(mixed)  # unknown names fail when the chain is built

@@ -92,3 +92,8 @@ def test_fit_llm_weight_ignores_noise_and_follows_a_sharp_llm():
     sharp[np.arange(200), gold] = 1 - 0.02 * (len(INTENTS) - 1)
     assert encoder.fit_llm_weight(p, sharp, gold) > 1
     assert encoder.fit_llm_weight(p, rng.dirichlet(np.ones(len(INTENTS)), 200), gold) <= 0.2
+
+
+def test_with_no_cascade_llm_on_disk_the_blend_keeps_every_text(tmp_path, models_home):
+    chain = build_chain(Settings(home=tmp_path, cache_size=0))
+    assert chain.names == (ENCODER, PRIMARY, FALLBACK, KEYWORD, GENERAL) and chain.tiers[0].threshold == 0.0

@@ -305,7 +305,8 @@ def measure_places(clf, rows: list[dict], fitted: np.ndarray, settings, report=c
     }
     figures = {}
     for place, names in chains.items():
-        quiet = replace(settings, chain=tuple(names), cache_size=0, log=None)
+        # no latency budget: a busy machine would hand a slow tier's batches down and measure its load, not the place
+        quiet = replace(settings, chain=tuple(names), cache_size=0, log=None, latency_budget_ms=None)
         chain = build_chain(quiet, llm_weights={model: weight})
         chain.recording = False
         chain.pool.loaded[model] = clf  # the model already in memory: an 8 GB Mac holds one copy of a 3B
