@@ -97,3 +97,17 @@ def test_fit_llm_weight_ignores_noise_and_follows_a_sharp_llm():
 def test_with_no_cascade_llm_on_disk_the_blend_keeps_every_text(tmp_path, models_home):
     chain = build_chain(Settings(home=tmp_path, cache_size=0))
     assert chain.names == (ENCODER, PRIMARY, FALLBACK, KEYWORD, GENERAL) and chain.tiers[0].threshold == 0.0
+
+
+def test_config_and_models_list_say_which_place_is_in_force_and_why(tmp_path, clean_settings):
+    from click.testing import CliRunner
+
+    from mlx_intent.cli.main import main
+
+    store(tmp_path, FALLBACK, "blend")
+    for args in (["config"], ["models", "list"]):
+        result = CliRunner().invoke(main, [*args, "--home", str(tmp_path)])
+        assert result.exit_code == 0, result.output
+        assert f"chain: {ENCODER}+{FALLBACK} -> {PRIMARY} -> {KEYWORD} -> {GENERAL} (the default)" in result.output
+        assert f"{FALLBACK} place: blend (accuracy on the calibration split: first 90.0%" in result.output
+        assert f"{PRIMARY} place: cascade (not measured, so never first)" in result.output
