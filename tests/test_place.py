@@ -4,6 +4,7 @@ beside its fits, read by the default chain; never measured, or a file that canno
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,31 @@ def test_config_and_models_list_say_which_place_is_in_force_and_why(tmp_path, cl
         assert f"chain: {ENCODER}+{FALLBACK} -> {PRIMARY} -> {KEYWORD} -> {GENERAL} (the default)" in result.output
         assert f"{FALLBACK} place: blend (accuracy on the calibration split: first 90.0%" in result.output
         assert f"{PRIMARY} place: cascade (not measured, so never first)" in result.output
+
+
+def test_a_pulled_llm_once_calibrated_goes_where_it_measured_best(standin_home, tmp_path, clean_settings):
+    """The README's steps after `models pull`, with Llama 3.2 3B's stand-in: calibrate measures the three places
+    through the chain (the blend's with the model in the pool), stores the best, and the default chain and
+    `models list` follow it."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mlx_intent.cli.main import main
+
+    home = tmp_path / "models"
+    shutil.copytree(standin_home, home)  # the session's stand-in home stays uncalibrated for the other tests
+    rows = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "calib.jsonl").read_text().splitlines()
+    data = tmp_path / "calib-slice.jsonl"
+    data.write_text("\n".join(rows[::47]) + "\n")  # 13 rows
+    args = ["calibrate", PRIMARY, "--data", str(data), "--force", "--no-verify", "--home", str(home)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(calibration.place_file(PRIMARY, home).read_text())
+    assert record["place"] in calibration.PLACES and set(record["figures"]) == set(calibration.PLACES)
+    assert record["n"] == 13 and record["fitted_on"].endswith("calib-slice.jsonl")
+    names = default_chain_names(Settings(home=home))
+    where = {"first": 0, "cascade": 1}.get(record["place"])
+    assert names.index(PRIMARY) == where if where is not None else names[0] == blended_name(PRIMARY)
+    listed = CliRunner().invoke(main, ["models", "list", "--home", str(home)])
+    assert f"{PRIMARY} place: {record['place']} (accuracy on the calibration split" in listed.output
