@@ -743,9 +743,9 @@ def build_chain(
                 llm, weight = None, 0.0
                 if mixed:
                     registry.get_spec(mixed)  # unknown names fail when the chain is built
-                    weight = (llm_weights or {}).get(mixed, read_place(mixed, settings.home).weight)
+                    stored = read_place(mixed, settings.home).weight  # None: named by hand, never fitted
+                    weight = (llm_weights or {}).get(mixed, 1.0 if stored is None else stored)
                     llm = llm_distributions(mixed, pool)
-                    weight = 1.0 if weight is None else weight  # named by hand, never fitted: an equal say
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
                 tier = encoder_tier(threshold, budget, retry, blended, settings.home, llm, weight)
                 followup = followup or learned_detector(tier.load)
