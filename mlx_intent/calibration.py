@@ -150,3 +150,59 @@ def write(path: Path, record: dict) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+# Where an LLM goes in the default chain, measured by `mlx-intent calibrate MODEL` on the calibration split and kept
+# beside its fits as <models home>/calibration/<MODEL>.place.json: in front of the encoder ("first"), after it for
+# the texts it is unsure of ("cascade"), or inside its blend with the keyword tier at a fitted weight ("blend").
+PLACES = ("first", "cascade", "blend")
+DEFAULT_PLACE = "cascade"  # never measured: an LLM whose accuracy on people's text is unknown does not go first
+WEIGHT_RANGE = (0.0, 5.0)  # the LLM's log-linear weight in the blend
+
+
+@dataclass(frozen=True)
+class Place:
+    """An LLM's measured place: ``name`` (one of PLACES), its blend ``weight`` (None: not fitted), the calibration
+    split's ``figures`` for each place, and the file it came from (``source``; an unusable one is named there)."""
+
+    name: str = DEFAULT_PLACE
+    weight: float | None = None
+    figures: dict | None = None
+    source: Loaded = Loaded()
+
+    def why(self) -> str:
+        """One line for ``models list`` and ``config``: the place and the figures that chose it."""
+        ignored = "".join(f"; IGNORED {p}" for p in self.source.problems)
+        if self.figures is None:
+            return f"{self.name} (not measured, so never first){ignored}"
+        shown = ", ".join(f"{name} {100 * f['accuracy']:.1f}%" for name, f in self.figures.items())
+        return f"{self.name} (accuracy on the calibration split: {shown}; {self.source.path})"
+
+
+def place_file(model: str, home: Path | None = None) -> Path:
+    return home_file(f"{model}.place", home)
+
+
+def read_place(model: str, home: Path | None = None) -> Place:
+    """``model``'s measured place, else the default (cascade); a file that cannot be used is warned about once
+    and ignored."""
+    path = place_file(model, home)
+    try:
+        record = read_record(path)
+        if record is None:
+            return Place()
+        if record.get("model") != model:
+            raise CalibrationError(f"measured for {record.get('model')!r:.40}, not {model}")
+        if record.get("place") not in PLACES:
+            raise CalibrationError(f"place {record.get('place')!r:.40} is not one of {', '.join(PLACES)}")
+        weight = number(record, "llm_weight", *WEIGHT_RANGE, default=None)
+        figures = record.get("figures")
+        if not isinstance(figures, dict) or not all(
+            isinstance(f, dict) and isinstance(f.get("accuracy"), (int, float)) for f in figures.values()
+        ):
+            raise CalibrationError("figures is not an object of {place: {accuracy, ...}}")
+    except (OSError, ValueError, TypeError) as e:
+        problem = f"{path}: {e}"
+        warn_once(("place", problem), f"{model}: ignoring the place {problem}; it runs as the {DEFAULT_PLACE} tier")
+        return Place(source=Loaded(problems=(problem,)))
+    return Place(record["place"], weight, figures, Loaded(record["place"], path))

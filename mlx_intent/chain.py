@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+from mlx_intent.calibration import read_place
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
+from mlx_intent.errors import warn_once
 from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, top_gap, user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
@@ -262,17 +264,20 @@ def encoder_tier(
     retry_after_s: float = 60.0,
     combine: bool = False,
     home: Path | None = None,
+    llm: Callable[[list[str]], list[list[float]] | None] | None = None,
+    llm_weight: float = 0.0,
 ) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
     the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays).
-    ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers."""
+    ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers; ``llm`` and
+    ``llm_weight`` blend an LLM in (``llm_distributions``)."""
     from mlx_intent import encoder
 
     def build() -> encoder.EncoderClassifier:
         # One query as part of the load: MLX compiles its kernels on a first run (seconds on a fresh machine),
         # which would otherwise count against the first query's latency budget.
-        clf = encoder.EncoderClassifier(combine=combine, home=home)
+        clf = encoder.EncoderClassifier(combine=combine, home=home, llm=llm, llm_weight=llm_weight)
         clf.classify_batch([WARM_TEXT])
         return clf
 
@@ -322,19 +327,47 @@ def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> 
     )
 
 
+def llm_distributions(name: str, pool: ModelPool) -> Callable[[list[str]], list[list[float]] | None]:
+    """The LLM ``name``'s distributions over INTENTS, for the encoder's blend; None when it cannot answer (not
+    installed, failed to load, raised): the blend then answers without it, and the fault is said once."""
+
+    def run(texts: list[str]) -> list[list[float]] | None:
+        try:
+            rows = pool.get(name).distributions(texts)
+        except Exception as e:  # PassOver included: the blend never waits on an LLM that is not there
+            warn_once(("blend", name, type(e).__name__), f"{ENCODER}: blending without {name} ({e})")
+            return None
+        pool.stamp_peak(name)
+        return [[row[intent] for intent in INTENTS] for row in rows]
+
+    return run
+
+
+def blended_name(llm: str) -> str:
+    """The chain name of e5-small blended with ``llm`` (its place "blend"): ``e5-small+llm``."""
+    return f"{ENCODER}+{llm}"
+
+
 def default_chain_names(settings: Settings) -> list[str]:
-    """The LLMs (Llama 3.2 3B, TinyLlama, or LLM_MODEL / LLM_FALLBACK_MODEL), then e5-small blended with the
-    keyword tier, then general.  The bundled SmolLM2-135M is not in it: on the public sets it added
-    nothing to the blend and cost ~200 ms a query on this CPU (benchmarks/reports/chains-llm.md); name it
-    with --chain, or LLM_MODEL=smollm2-135m, to use it."""
-    names = [
-        settings.model or registry.PRIMARY,
-        settings.fallback_model or registry.FALLBACK,
-        ENCODER,
-        KEYWORD,
-        GENERAL,
-    ]
-    return list(dict.fromkeys(names))  # LLM_MODEL may repeat a later tier
+    """The LLMs (Llama 3.2 3B, TinyLlama, or LLM_MODEL / LLM_FALLBACK_MODEL), each where `mlx-intent calibrate`
+    measured it best on the calibration split (calibration.read_place): in front of e5-small, inside its blend
+    (``e5-small+MODEL``), or, never measured, after it as a cascade tier for the texts it is unsure of; then the
+    keyword tier and general.  On this CPU the bundled SmolLM2-135M first made answers worse
+    (benchmarks/reports/chains-llm.md); unmeasured, no LLM goes first.  The bundled model is not in the default
+    chain: name it with --chain, or LLM_MODEL=smollm2-135m."""
+    front, cascade, blended = [], [], None
+    llms = dict.fromkeys([settings.model or registry.PRIMARY, settings.fallback_model or registry.FALLBACK])
+    for name in llms:
+        if name in (ENCODER, KEYWORD, GENERAL):  # LLM_MODEL may name a tier that is in the chain anyway
+            continue
+        place = read_place(name, settings.home).name
+        if place == "blend" and blended is None:
+            blended = name
+        elif place == "first":
+            front.append(name)
+        else:
+            cascade.append(name)
+    return [*front, blended_name(blended) if blended else ENCODER, *cascade, KEYWORD, GENERAL]
 
 
 class Chain:
@@ -665,9 +698,15 @@ def model_floor(settings: Settings, names: list[str]) -> float:
     return calibrated_accuracy(home=settings.home) or 0.0
 
 
-def build_chain(settings: Settings | None = None, names: list[str] | None = None, memory: int | None = None) -> Chain:
+def build_chain(
+    settings: Settings | None = None,
+    names: list[str] | None = None,
+    memory: int | None = None,
+    llm_weights: dict[str, float] | None = None,
+) -> Chain:
     """The chain from settings (default: ``load_settings()``: .env, then the environment): ``names``
-    (--chain) or MLX_INTENT_CHAIN, else the default."""
+    (--chain) or MLX_INTENT_CHAIN, else the default.  ``llm_weights`` give a blended LLM's weight instead of
+    its stored one (`mlx-intent calibrate` measures the blend before it stores anything)."""
     if settings is None:
         from mlx_intent.settings import load_settings
 
@@ -690,13 +729,25 @@ def build_chain(settings: Settings | None = None, names: list[str] | None = None
         else:
             tier_floor = floor if KEYWORD in names[i + 1 :] else 0.0
             threshold = max(settings.min_confidence, tier_floor)
-            if name == ENCODER:
+            base, _, mixed = name.partition("+")
+            if base == ENCODER:
                 # Blended, the tier already holds the keyword tier's reading: handing its unsure answers
-                # to the keyword tier alone would answer worse, so it takes every text it can load for.
-                blended = settings.combine and names[i + 1 : i + 2] == [KEYWORD]
-                threshold = last if blended else threshold
+                # to the keyword tier alone would answer worse, so it takes every text it can load for.  LLMs
+                # between it and the keyword tier (the cascade place) get the texts it is unsure of, when one of
+                # them is on disk: else the blend keeps them.
+                below = names[i + 1 :]
+                cascade = below[: below.index(KEYWORD)] if KEYWORD in below else None
+                blended = settings.combine and cascade is not None and all(n in registry.REGISTRY for n in cascade)
+                present = blended and any(pool.absent(n) is None for n in cascade)
+                threshold = last if blended and not present else threshold
+                llm, weight = None, 0.0
+                if mixed:
+                    registry.get_spec(mixed)  # unknown names fail when the chain is built
+                    stored = read_place(mixed, settings.home).weight  # None: named by hand, never fitted
+                    weight = (llm_weights or {}).get(mixed, 1.0 if stored is None else stored)
+                    llm = llm_distributions(mixed, pool)
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
-                tier = encoder_tier(threshold, budget, retry, blended, settings.home)
+                tier = encoder_tier(threshold, budget, retry, blended, settings.home, llm, weight)
                 followup = followup or learned_detector(tier.load)
             else:
                 tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)

@@ -20,7 +20,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +183,20 @@ def fit_blend(p: np.ndarray, keyword: list[dict], gold: list[int]) -> tuple[floa
     return min(((best[0], best[1], g) for g in COMBINE_GRID), key=nll)
 
 
+def mix(p: np.ndarray, llm: np.ndarray, weight: float) -> np.ndarray:
+    """softmax(log p + weight log p_llm): the LLM's distribution as one more log-linear term of the blend."""
+    z = np.log(np.maximum(p, 1e-12)) + weight * np.log(np.maximum(np.asarray(llm, dtype=np.float64), 1e-12))
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def fit_llm_weight(p: np.ndarray, llm: np.ndarray, gold: list[int]) -> float:
+    """The LLM's weight on COMBINE_GRID minimising the NLL of the gold primaries (the calibration split); 0 when
+    it adds nothing the blend does not know."""
+    idx = np.arange(len(gold))
+    return min(COMBINE_GRID, key=lambda w: float(-np.log(mix(p, llm, w)[idx, gold] + 1e-12).mean()))
+
+
 def by_language(probs: np.ndarray, texts: list[str], temperatures: dict[str, float]) -> np.ndarray:
     """Each row at its text's language's temperature (p ** (1 / T) renormalised); rows of a language without
     one, or whose language is not detected, unchanged.  Per language because the calibration split showed
@@ -230,8 +244,11 @@ class EncoderClassifier:
         head_dir: Path | None = None,
         combine: bool = False,
         home: Path | None = None,
+        llm: Callable[[list[str]], list[list[float]] | None] | None = None,
+        llm_weight: float = 0.0,
     ) -> None:
-        """``home``: the models folder, where `mlx-intent calibrate` keeps its fits (None: the registry default)."""
+        """``home``: the models folder, where `mlx-intent calibrate` keeps its fits (None: the registry default).
+        ``llm``: an LLM's distributions over INTENTS (None when it cannot answer), blended in at ``llm_weight``."""
         backend.use_openblas()
         import mlx.core as mx
         from mlx.utils import tree_unflatten
@@ -257,6 +274,7 @@ class EncoderClassifier:
             raise HeadError(f"{self.head_dir}: head.json names {self.config.tuned_layers} tuned layers, none stored")
         mx.eval(self.model.parameters(), self.head.parameters())
         self.keyword = self._keyword() if combine else None
+        self.llm, self.llm_weight = llm, llm_weight
 
     def _keyword(self):
         """The keyword classifier to blend with, or None when the head has no fit for the shipped one."""
@@ -294,19 +312,26 @@ class EncoderClassifier:
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True), 1.0 / (1.0 + np.exp(-multi))
 
+    def answer_distributions(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the distribution the tier answers with, before any LLM: blended with the keyword tier's where it has
+        a fit; sigmoid) for each text."""
+        if self.keyword is not None:  # the blend was fitted on the head's T = 1 probabilities (calibrate_head)
+            probs, multi = self.distributions(texts, temperature=1.0)
+            probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
+            return by_language(probs, texts, dict(self.config.blend_lang_temperature)), multi
+        probs, multi = self.distributions(texts)
+        return by_language(probs, texts, dict(self.config.lang_temperature)), multi
+
     def classify_batch(self, texts: list[str], mode: str | None = None) -> list[dict]:
-        """``mode`` is accepted for the chain's sake: an encoder has one way to answer."""
+        """``mode`` is accepted for the chain's sake: an encoder has one way to answer.  With an ``llm`` (the
+        chain's blend place) its distribution joins at ``llm_weight``; when it cannot answer, the blend answers."""
         if not texts:
             return []
         start = time.perf_counter()
         texts = list(texts)
-        if self.keyword is not None:  # the blend was fitted on the head's T = 1 probabilities (calibrate_head)
-            probs, multi = self.distributions(texts, temperature=1.0)
-            probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
-            probs = by_language(probs, texts, dict(self.config.blend_lang_temperature))
-        else:
-            probs, multi = self.distributions(texts)
-            probs = by_language(probs, texts, dict(self.config.lang_temperature))
+        probs, multi = self.answer_distributions(texts)
+        if self.llm is not None and self.llm_weight > 0 and (llm := self.llm(texts)) is not None:
+            probs = mix(probs, llm, self.llm_weight)
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []
         for p, m in zip(probs, multi):

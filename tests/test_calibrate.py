@@ -13,7 +13,10 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mlx_intent.calibration import PLACES, place_file, read_place
+from mlx_intent.chain import ENCODER, default_chain_names
 from mlx_intent.schema import INTENTS
+from mlx_intent.settings import Settings
 from mlx_intent.tuner.calibrate import (
     every_branch,
     fit_platt,
@@ -142,6 +145,7 @@ def restored_calibration(models_home, bundled):
     try:
         yield path
     finally:
+        place_file("smollm2-135m").unlink(missing_ok=True)
         if before is None:
             path.unlink(missing_ok=True)
         else:
@@ -178,6 +182,18 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(
     model, tokenizer = bundled
     clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer)
     assert clf.temperature == written["temperature"] and clf.threshold == written["threshold"]
+    # where it goes in the chain: the three places measured through the chain on the same rows, the best kept
+    place = json.loads(place_file("smollm2-135m").read_text())
+    assert set(place["figures"]) == set(PLACES) and place["n"] == 12
+    best = max(f["accuracy"] for f in place["figures"].values())
+    assert place["figures"][place["place"]]["accuracy"] == best
+    assert place["figures"]["first"]["llm_read"] == 1.0  # first, it reads every text
+    assert place["figures"]["cascade"]["llm_read"] <= 1.0
+    assert 0 <= place["llm_weight"] <= 2 and read_place("smollm2-135m").name == place["place"]
+    assert "where smollm2-135m goes" in result.output
+    names = default_chain_names(Settings(model="smollm2-135m", fallback_model="smollm2-135m"))
+    expected = {"first": ["smollm2-135m", ENCODER], "cascade": [ENCODER, "smollm2-135m"]}
+    assert names[:2] == expected.get(place["place"], [f"{ENCODER}+smollm2-135m", "keyword"])
 
 
 def test_the_calibration_is_restored_after_the_calibrate_test(restored_calibration):
@@ -271,6 +287,7 @@ def test_calibrate_never_writes_into_the_shipped_adapter(models_home, bundled, t
     data.write_text("".join(json.dumps({"id": str(i), "text": t, "primary_intent": p, "all_intents": a}) + "\n"
                             for i, (t, p, a) in enumerate(LABELLED)))
     args = ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6", "--force", "--no-verify"]
+    args.append("--no-place")
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert {p.name: p.read_bytes() for p in (packaged / "smollm2-135m").iterdir()} == before  # untouched

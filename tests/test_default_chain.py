@@ -28,8 +28,8 @@ def shipped_calibration(monkeypatch):
     return json.loads(SHIPPED.read_text())
 
 
-def test_the_default_chain_is_the_llms_then_the_blend(models_home):
-    assert default_chain_names(Settings()) == [PRIMARY, FALLBACK, ENCODER, KEYWORD, "general"]
+def test_the_default_chain_is_the_blend_then_the_unmeasured_llms(models_home):
+    assert default_chain_names(Settings()) == [ENCODER, PRIMARY, FALLBACK, KEYWORD, "general"]
 
 
 def test_an_llm_before_the_keyword_tier_must_beat_its_calibrated_accuracy(models_home, shipped_calibration):

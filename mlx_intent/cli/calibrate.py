@@ -43,13 +43,29 @@ from mlx_intent.tuner.calibrate import _SHOWN, _figures, calibrate_keyword, fit_
     show_default=True,
     help="Run the model again at the fitted temperature and score that run.",
 )
+@click.option(
+    "--place/--no-place",
+    default=True,
+    show_default=True,
+    help="An LLM: measure the chain with it first, as a cascade tier after the blend, and inside the blend, on "
+    "the same rows, and keep the most accurate place for the default chain.",
+)
 @settings_options
 def calibrate_command(
-    model: str, data: tuple[str, ...], force: bool, from_feedback: bool, verify: bool, settings: Settings
+    model: str,
+    data: tuple[str, ...],
+    force: bool,
+    from_feedback: bool,
+    verify: bool,
+    place: bool,
+    settings: Settings,
 ) -> None:
     """Fit MODEL's temperature (NLL of the gold primary) and multi-intent threshold (all_intents exact match)
     on labelled data, and save them in calibration.json for classify: beside MODEL's adapter, else beside its
-    converted weights, or under <home>/hub-state/ for weights pulled into the Hub cache.
+    converted weights, or under <home>/hub-state/ for weights pulled into the Hub cache.  Then measure on the
+    same rows where MODEL goes in the default chain (first; a cascade tier for the texts the encoder's blend is
+    unsure of; inside the blend at a fitted weight) and keep the most accurate place in
+    <home>/calibration/MODEL.place.json (--no-place skips it; never measured, an LLM is the cascade tier).
 
     MODEL `keyword` fits Platt scaling of the keyword tier's confidence instead; `e5-small` refits its head's
     temperature, multi-intent threshold and blend with the keyword tier.  Both are saved under the models folder
@@ -112,6 +128,22 @@ def calibrate_command(
         f" (at {DEFAULT_THRESHOLD:g}: {pct(default_match)}) over {len(rows)} rows"
     )
     click.echo(f"wrote {clf.calibration_file}")
+    if place:
+        _place(clf, rows, fitted, path, temperature, threshold, settings)
+
+
+def _place(clf, rows: list[dict], fitted, path: Path, temperature: float, threshold: float, settings) -> None:
+    """Measure where MODEL goes in the default chain (first, cascade, blend) and store the winner beside its fits."""
+    from mlx_intent import encoder
+    from mlx_intent.tuner.calibrate import measure_places
+
+    if (why := encoder.available(home=settings.home)) is not None:
+        click.echo(f"place not measured ({encoder.NAME}: {why}); {clf.name} runs as the cascade tier", err=True)
+        return
+    clf.temperature, clf.threshold = temperature, threshold
+    record = {**measure_places(clf, rows, fitted, settings), "fitted_on": shown(path)}
+    written = calibration.write(calibration.place_file(clf.name, settings.home), record)
+    click.echo(f"wrote {written}: the default chain puts {clf.name} at its place {record['place']!r}")
 
 
 def _enough(rows: list[dict], force: bool) -> None:

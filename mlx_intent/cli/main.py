@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from mlx_intent.calibration import FOLDER as CALIBRATION_FOLDER
+from mlx_intent.calibration import read_place
 from mlx_intent.cli.bench import bench_command
 from mlx_intent.cli.calibrate import calibrate_command
 from mlx_intent.cli.compare import compare_command
@@ -27,6 +28,7 @@ from mlx_intent.cli.evaluate import eval_command
 from mlx_intent.cli.feedback import feedback_command
 from mlx_intent.cli.options import (
     chain_for,
+    chain_in_force,
     check_log,
     check_writable,
     config_command,
@@ -674,6 +676,11 @@ def models_list(model: str | None, settings: Settings) -> None:
     width = max(len(name) for name in fits) + 1
     for name, loaded in fits.items():
         click.echo(f"  {name + ':':<{width}}  {loaded.describe()}")
+    click.echo("where each LLM goes in the default chain (mlx-intent calibrate MODEL --data calib measures it):")
+    for name in registry.REGISTRY:
+        click.echo(f"  {name + ':':<{width}}  {read_place(name, home).why()}")
+    for line in chain_in_force(settings):
+        click.echo(line)
 
 
 def _calibrations(home: Path | None) -> dict:

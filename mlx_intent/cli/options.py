@@ -69,6 +69,23 @@ def config_command(settings: Settings) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
+    for line in chain_in_force(settings):
+        click.echo(line)
+
+
+def chain_in_force(settings: Settings) -> list[str]:
+    """The chain these settings run, and for each LLM of the default chain its place and the figures that chose
+    it (``mlx-intent calibrate MODEL`` measures them), for ``config`` and ``models list``."""
+    from mlx_intent.calibration import read_place
+    from mlx_intent.chain import default_chain_names
+
+    if settings.chain:
+        return [f"chain: {' -> '.join(settings.chain)} (set by MLX_INTENT_CHAIN or --chain: no place applies)"]
+    names = default_chain_names(settings)
+    lines = [f"chain: {' -> '.join(names)} (the default)"]
+    llms = dict.fromkeys(part for name in names for part in name.split("+") if part in registry.REGISTRY)
+    lines += [f"  {name} place: {read_place(name, settings.home).why()}" for name in llms]
+    return lines
 
 
 def check_writable(path: Path, what: str, *, folder: bool = False, make_parents: bool = False) -> None:

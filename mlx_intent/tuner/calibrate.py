@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import click
 import numpy as np
@@ -265,3 +266,57 @@ _SHOWN = (
     ("Brier (multi-class)", "brier", num),
     ("mean confidence", "confidence", num),
 )
+
+
+def _chain_figures(chain, texts: list[str], gold: list[int], llm: str, batch_size: int) -> dict[str, float]:
+    """A chain's accuracy, ECE, the share of texts its LLM answered or helped answer, and ms a query."""
+    results = []
+    for i in range(0, len(texts), batch_size):
+        results += chain.classify_batch(texts[i : i + batch_size])
+    conf = np.array([r["confidence"] for r in results])
+    correct = np.array([INTENTS.index(r["primary_intent"]) == g for r, g in zip(results, gold)])
+    read = [r["tier"] == llm or any(f["tier"] == llm for f in r["fallbacks"]) for r in results]
+    return {
+        "accuracy": round(float(correct.mean()), 4),
+        "ece": round(scores.ece(conf, correct), 4),
+        "llm_read": round(float(np.mean(read)), 4),
+        "ms_per_query": round(float(np.mean([r["latency_per_query_ms"] for r in results])), 1),
+    }
+
+
+def measure_places(clf, rows: list[dict], fitted: np.ndarray, settings, report=click.echo) -> dict:
+    """Where the LLM ``clf`` (at its fitted temperature) should go in the default chain, measured on the
+    calibration split ``rows``, each place through the chain itself: (a) first,
+    (b) a cascade tier after the blend, for the texts the blend is unsure of, (c) inside the blend, at a weight
+    fitted by NLL on ``fitted`` (its distributions at the fitted temperature).  The most accurate place wins;
+    a tie goes to the cheaper (cascade, then blend).  Returns the record calibration.read_place reads."""
+    from mlx_intent import encoder
+    from mlx_intent.chain import ENCODER, GENERAL, KEYWORD, blended_name, build_chain
+
+    model, texts = clf.name, [r["text"] for r in rows]
+    gold = [INTENTS.index(r["primary_intent"]) for r in rows]
+    e5 = encoder.EncoderClassifier(combine=settings.combine, home=settings.home)
+    blend = np.concatenate([e5.answer_distributions(texts[i : i + 64])[0] for i in range(0, len(texts), 64)])
+    weight = encoder.fit_llm_weight(blend, fitted, gold)
+    chains = {
+        "first": [model, ENCODER, KEYWORD, GENERAL],
+        "cascade": [ENCODER, model, KEYWORD, GENERAL],
+        "blend": [blended_name(model), KEYWORD, GENERAL],
+    }
+    figures = {}
+    for place, names in chains.items():
+        # no latency budget: a busy machine would hand a slow tier's batches down and measure its load, not the place
+        quiet = replace(settings, chain=tuple(names), cache_size=0, log=None, latency_budget_ms=None)
+        chain = build_chain(quiet, llm_weights={model: weight})
+        chain.recording = False
+        chain.pool.loaded[model] = clf  # the model already in memory: an 8 GB Mac holds one copy of a 3B
+        figures[place] = _chain_figures(chain, texts, gold, model, settings.batch_size)
+    figures["blend"]["llm_read"] = 1.0 if weight > 0 else 0.0  # inside the blend it reads every text, or none
+    best = max(("cascade", "blend", "first"), key=lambda place: figures[place]["accuracy"])  # ties: the first
+    report(f"where {model} goes, measured on {len(rows)} rows (blend weight {weight:g}):")
+    report(f"{'place':<10}{'accuracy':>10}{'ECE':>8}{'LLM read':>10}{'ms/query':>10}")
+    for place, f in figures.items():
+        mark = "  <- chosen" if place == best else ""
+        shown = f"{pct(f['accuracy']):>10}{num(f['ece']):>8}{pct(f['llm_read']):>10}{f['ms_per_query']:>10}"
+        report(f"{place:<10}{shown}{mark}")
+    return {"model": model, "place": best, "llm_weight": weight, "n": len(rows), "figures": figures}
