@@ -290,13 +290,14 @@ def no_env(monkeypatch, tmp_path):
 
 
 def test_default_chain_names(no_env):
-    assert default_chain_names(load_settings(environ={})) == [PRIMARY, FALLBACK, ENCODER, KEYWORD, GENERAL]
+    """No LLM has a measured place here, so each is a cascade tier after the encoder's blend (issue 24, part 5)."""
+    assert default_chain_names(load_settings(environ={})) == [ENCODER, PRIMARY, FALLBACK, KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": "tinyllama", "LLM_FALLBACK_MODEL": "llama-3.1-8b"})
-    assert default_chain_names(settings) == ["tinyllama", "llama-3.1-8b", ENCODER, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == [ENCODER, "tinyllama", "llama-3.1-8b", KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": BUNDLED, "LLM_FALLBACK_MODEL": PRIMARY})
-    assert default_chain_names(settings) == [BUNDLED, PRIMARY, ENCODER, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == [ENCODER, BUNDLED, PRIMARY, KEYWORD, GENERAL]
     settings = load_settings(environ={"LLM_MODEL": FALLBACK})  # a repeated tier is listed once, first place
-    assert default_chain_names(settings) == [FALLBACK, ENCODER, KEYWORD, GENERAL]
+    assert default_chain_names(settings) == [ENCODER, FALLBACK, KEYWORD, GENERAL]
 
 
 def test_chain_setting_and_flag_set_the_order(no_env, models_home):
@@ -307,7 +308,7 @@ def test_chain_setting_and_flag_set_the_order(no_env, models_home):
     assert (result["tier"], result["fallbacks"]) == (KEYWORD, [])
     assert not chain.pool.loaded  # the model after the keyword tier was never needed
     assert build_chain(settings, names=[BUNDLED, KEYWORD]).names == (BUNDLED, KEYWORD, GENERAL)  # --chain wins
-    assert build_chain(load_settings(environ={"LLM_MODEL": "tinyllama"})).names[0] == "tinyllama"
+    assert build_chain(load_settings(environ={"LLM_MODEL": "tinyllama"})).names[:2] == (ENCODER, "tinyllama")
 
 
 def test_unknown_tier_fails_when_the_chain_is_built():
