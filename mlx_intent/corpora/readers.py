@@ -129,21 +129,27 @@ def read_hwu64(root: Path, splits: tuple[str, ...] = ("all",)) -> Iterator[Recor
 # --- SLURP ----------------------------------------------------------------------------
 
 
+def _jsonl_fields(path: Path, fields: Callable[[dict], tuple]) -> Iterator[tuple]:
+    """``fields(row)`` of each line of a JSONL corpus file; a line that is no JSON object with those fields names
+    the file and the line."""
+    with _need(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield fields(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorpusFormatError(f"corrupt corpus file {path}: line {n}: {e!r}") from None
+
+
 def read_slurp(root: Path, splits: tuple[str, ...]) -> Iterator[Record]:
     """dataset/slurp/<split>.jsonl; the label is scenario_action (the 'intent' field is not always that)."""
     for split in splits:
-        path = _need(root / "dataset" / "slurp" / f"{split}.jsonl")
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    label = f"{r['scenario']}_{r['action']}"
-                    text, key = r["sentence"], r["slurp_id"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CorpusFormatError(f"corrupt corpus file {path}: line {n}: {e!r}") from None
-                yield Record("slurp", split, str(key), label, str(text).strip())
+        path = root / "dataset" / "slurp" / f"{split}.jsonl"
+        for label, text, key in _jsonl_fields(
+            path, lambda r: (f"{r['scenario']}_{r['action']}", r["sentence"], r["slurp_id"])
+        ):
+            yield Record("slurp", split, str(key), label, str(text).strip())
 
 
 # --- xSID -----------------------------------------------------------------------------
@@ -238,18 +244,12 @@ def read_massive(root: Path, splits: tuple[str, ...]) -> Iterator[Record]:
     so ``parallel_id`` finds the English original of any row (row-level relabels are made on it).
     """
     for lang, locale in MASSIVE_LOCALES.items():
-        path = _need(root / MASSIVE_DIR / f"{locale}.jsonl")
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    split, label, text, key = r["partition"], r["intent"], r["utt"], str(r["id"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CorpusFormatError(f"corrupt corpus file {path}: line {n}: {e!r}") from None
-                if split in splits:
-                    yield Record("massive", split, f"{lang}-{key}", label, " ".join(str(text).split()), lang)
+        rows = _jsonl_fields(
+            root / MASSIVE_DIR / f"{locale}.jsonl", lambda r: (r["partition"], r["intent"], r["utt"], r["id"])
+        )
+        for split, label, text, key in rows:
+            if split in splits:
+                yield Record("massive", split, f"{lang}-{key}", label, " ".join(str(text).split()), lang)
 
 
 def parallel_id(rec: Record) -> str:
