@@ -118,3 +118,15 @@ def clean_settings(monkeypatch, tmp_path, models_home):
         if variable != "MLX_INTENT_HOME":
             monkeypatch.delenv(variable, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Any chain being built fails the test: what is checked must be checked before the run."""
+    from mlx_intent import chain as chain_module
+
+    def build(*args, **kwargs):
+        raise AssertionError("the chain was built: the run started before the check")
+
+    monkeypatch.setattr(chain_module, "build_chain", build)
+    monkeypatch.setattr("mlx_intent.evaluation.run.build_chain", build)

@@ -42,17 +42,6 @@ KEYWORD = ["--chain", "keyword"]
 pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
 
 
-@pytest.fixture
-def no_run(monkeypatch):
-    """Any chain being built fails the test: what is checked must be checked before the run."""
-
-    def build(*args, **kwargs):
-        raise AssertionError("the chain was built: the run started before the check")
-
-    monkeypatch.setattr(chain_module, "build_chain", build)
-    monkeypatch.setattr("mlx_intent.evaluation.run.build_chain", build)
-
-
 def invoke(*args: str, input: str | None = None):
     return CliRunner().invoke(main, list(args), input=input)
 

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_faults_cli import assert_clean_error, invoke, write_jsonl
 
-from mlx_intent import chain as chain_module
-from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT
 from mlx_intent.metrics import ClassificationLog, LogError
 
@@ -31,34 +29,6 @@ KEYWORD = ["--chain", "keyword"]
 main_module = importlib.import_module("mlx_intent.cli.main")  # the module (mlx_intent.cli.main is also the group)
 
 pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
-
-
-@pytest.fixture
-def no_run(monkeypatch):
-    """Any chain being built fails the test: what is checked must be checked before the run."""
-
-    def build(*args, **kwargs):
-        raise AssertionError("the chain was built: the run started before the check")
-
-    monkeypatch.setattr(chain_module, "build_chain", build)
-    monkeypatch.setattr("mlx_intent.evaluation.run.build_chain", build)
-
-
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(main, list(args), input=input)
-
-
-def assert_clean_error(result, code: int, *words: str) -> None:
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, result.output
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def queries(path: Path, n: int = 3) -> Path:
