@@ -60,7 +60,8 @@ def test_classify_verbose_names_the_model_that_answered(cwd):
 
 def config_rows(output: str) -> dict[str, tuple[str, str]]:
     """setting -> (value, source) from the ``config`` table."""
-    rows = [re.split(r"\s{2,}", line.strip()) for line in output.splitlines()[1:]]
+    table = output.split("\nchain: ", 1)[0]  # the chain in force and each LLM's place follow the table
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[1:]]
     return {row[0]: (row[2], row[3]) for row in rows}
 
 
@@ -76,7 +77,7 @@ def test_config_shows_precedence_dotenv_env_flag(cwd, monkeypatch):
 
 
 def test_config_names_the_bad_value_and_a_later_layer_fixes_it(cwd):
-    out = run("config", code=1, env={"MLX_INTENT_CACHE_SIZE": "-1"})
+    out = run("config", code=2, env={"MLX_INTENT_CACHE_SIZE": "-1"})  # bad usage (issue 26, finding 20)
     assert "MLX_INTENT_CACHE_SIZE='-1' (from environment)" in out
     rows = config_rows(run("config", "--cache-size", "0", env={"MLX_INTENT_CACHE_SIZE": "-1"}))
     assert rows["cache_size"] == ("0", "command line")
