@@ -203,23 +203,23 @@ def test_torn_last_line_is_tolerated_and_repaired(tmp_path):
     path = tmp_path / "log.jsonl"
     with ClassificationLog(path) as log:
         for i in range(3):
-            log.write({"i": i})
+            log.write({"ts": "t", "i": i})  # a log's records start with their time (metrics.LOG_START)
     with open(path, "ab") as f:
-        f.write(b'{"i": 3, "te')  # a crash mid-write
+        f.write(b'{"ts":"t","i": 3, "te')  # a crash mid-write
     records = read_log(path)
     assert [r["i"] for r in records] == [0, 1, 2] and records.skipped == 1
 
     with ClassificationLog(path) as log:  # reopening cuts the fragment off before appending
-        log.write({"i": 4})
+        log.write({"ts": "t", "i": 4})
     records = read_log(path)
     assert [r["i"] for r in records] == [0, 1, 2, 4] and records.skipped == 0
 
 
 def test_whole_last_record_without_newline_is_kept(tmp_path):
     path = tmp_path / "log.jsonl"
-    path.write_bytes(b'{"i": 0}\n{"i": 1}')
+    path.write_bytes(b'{"ts":"t","i": 0}\n{"ts":"t","i": 1}')
     with ClassificationLog(path) as log:
-        log.write({"i": 2})
+        log.write({"ts": "t", "i": 2})
     assert [r["i"] for r in read_log(path)] == [0, 1, 2]
 
 
@@ -246,7 +246,7 @@ WRITER = textwrap.dedent(
     i = len(read_log(sys.argv[1])) if len(sys.argv) > 2 else 0
     log = ClassificationLog(sys.argv[1])
     while True:
-        log.write({"i": i, "text": "x" * (i % 5000), "primary_intent": "general"})
+        log.write({"ts": "t", "i": i, "text": "x" * (i % 5000), "primary_intent": "general"})
         print(i, flush=True)  # printed only once the line is durable
         i += 1
     """
