@@ -284,7 +284,7 @@ def test_unknown_name_is_an_error(home, where):
 def table(output: str) -> dict[str, tuple[bool, str]]:
     """``models list`` rows as name -> (selected, state)."""
     rows = {}
-    for line in output.splitlines():
+    for line in output.split("\nmodels folder:")[0].splitlines():  # the table; each LLM's place follows it
         cells = line.split()
         selected = cells[:1] == ["*"]
         cells = cells[selected:]
@@ -395,7 +395,8 @@ def test_models_list_shows_the_budget_and_where_it_comes_from(home, monkeypatch)
     headers_only_llama_3b()
     result = CliRunner().invoke(main, ["models", "list"])
     assert result.exit_code == 0, result.output
-    rows = {line.split()[1 if line.startswith("*") else 0]: line for line in result.output.splitlines() if line.strip()}
+    listed = result.output.split("\nmodels folder:")[0].splitlines()  # the table; each LLM's place follows it
+    rows = {line.split()[1 if line.startswith("*") else 0]: line for line in listed if line.strip()}
     assert "2.6 GB" in rows["llama-3.2-3b"] and "measured: weights 1.68 GB (on disk) + KV cache" in rows["llama-3.2-3b"]
     assert "1.2 GB" in rows["tinyllama"] and "registry estimate" in rows["tinyllama"]
 
