@@ -125,7 +125,8 @@ def test_a_pulled_llm_once_calibrated_goes_where_it_measured_best(standin_home, 
     from mlx_intent.cli.main import main
 
     home = tmp_path / "models"
-    shutil.copytree(standin_home, home)  # the session's stand-in home stays uncalibrated for the other tests
+    # the session's stand-in home stays uncalibrated for the other tests (the pulls themselves are in the Hub cache)
+    shutil.copytree(standin_home, home) if standin_home.exists() else home.mkdir(parents=True)
     rows = (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "calib.jsonl").read_text().splitlines()
     data = tmp_path / "calib-slice.jsonl"
     data.write_text("\n".join(rows[::47]) + "\n")  # 13 rows

@@ -285,7 +285,11 @@ LLM_ONLY = ["--min-confidence", "0", "--keyword-floor", "off", "--latency-budget
 
 
 def classify_with(model: str, home: Path, endpoint: str) -> subprocess.CompletedProcess:
-    return run_cli("classify", "-v", "--model", model, *LLM_ONLY, "where is my hotel", home=home, endpoint=endpoint)
+    """Classify through the model alone (--chain), after checking that --model puts it in the default chain: there,
+    unmeasured, it is the cascade tier after the encoder's blend (issue 24, part 5), which answers this text."""
+    shown = run_cli("config", "--model", model, home=home, endpoint=endpoint)
+    assert shown.returncode == 0 and f"e5-small -> {model} -> " in shown.stdout, shown.stdout + shown.stderr
+    return run_cli("classify", "-v", "--chain", model, *LLM_ONLY, "where is my hotel", home=home, endpoint=endpoint)
 
 
 def test_model_by_hub_repo_id_is_pulled_and_classifies(mlx_repo, tmp_path):
