@@ -130,7 +130,7 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
     assert registry.old_hub_cache(given) == given / ".hub"
     assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
     assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
-    assert registry.state("tinyllama", given) == "missing"
+    assert registry.state("llama-3.1-8b", given) == "missing"  # never pulled into the session's Hub cache
     assert environment_home({"MLX_INTENT_HOME": "~/m"}) == Path("~/m").expanduser()
     assert environment_home({"MLX_INTENT_HOME": " "}) is None and environment_home({}) is None
     assert environment_home() == load_settings(environ={"MLX_INTENT_HOME": str(tmp_path / "env")}).home

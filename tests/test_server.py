@@ -265,7 +265,8 @@ def test_health_is_503_until_the_primary_tier_is_loaded(other_chain, gate):
 
 
 def test_health_skips_a_tier_that_is_not_downloaded(models_home):
-    settings = Settings(chain=("tinyllama", "keyword"))
+    # Llama 3.1 8B: no test pulls it into the session's Hub cache (the stand-ins are the 3B and TinyLlama)
+    settings = Settings(chain=("llama-3.1-8b", "keyword"))
     with running(create_app(settings, build_chain(settings))) as (base, _):
         wait_ready(base)
         assert httpx.get(f"{base}/healthz").json()["primary"] == "keyword"

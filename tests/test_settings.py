@@ -204,12 +204,13 @@ def test_config_command(tmp_path):
     runner = CliRunner(env=dict.fromkeys(ENV_VARS.values()))  # hide the developer's own variables
     result = runner.invoke(config_command, ["--mode", "generate"], env={"MLX_INTENT_BATCH_SIZE": "16"})
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    table = result.output.split("\nchain: ", 1)[0].splitlines()  # the chain in force follows the table
+    lines = {line.split()[0]: line for line in table}
     assert lines["mode"].split()[2:] == ["generate", "command", "line"]
     assert lines["batch_size"].split()[1:] == ["MLX_INTENT_BATCH_SIZE", "16", "environment"]
     assert lines["cache_size"].split()[-1] == "default"
     # columns line up: every row puts the value at the same offset
-    assert len({line.index(line.split()[2]) for line in result.output.splitlines()[1:]}) == 1
+    assert len({line.index(line.split()[2]) for line in table[1:]}) == 1
 
     bad = runner.invoke(config_command, [], env={"MLX_INTENT_CACHE_SIZE": "abc"})
     assert bad.exit_code == 2 and "MLX_INTENT_CACHE_SIZE='abc' (from environment)" in bad.output

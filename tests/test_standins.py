@@ -58,7 +58,8 @@ def write_rows(path, rows) -> str:
 def test_models_list_shows_the_pulled_models(standin_home, clean_env, monkeypatch):
     monkeypatch.setattr(backend, "available_memory", lambda: 16 * registry.GB)
     out = cli("models", "list", "--home", str(standin_home))
-    rows = {line.lstrip("* ").split()[0]: line for line in out.splitlines() if line.strip()}
+    table = out.split("\nmodels folder:")[0]  # the table; each LLM's place follows it
+    rows = {line.lstrip("* ").split()[0]: line for line in table.splitlines() if line.strip()}
     for name in PULLED:
         state = rows[name].lstrip("* ").split()[1]
         assert state in ("converted", "ready") and "measured: weights" in rows[name], out
