@@ -130,6 +130,9 @@ class Tier:
     # Small and fast (the e5-small encoder): the server's warm-up loads it first, and it answers requests
     # while the LLM tiers still load.
     early: bool = False
+    # An early tier's answer with what it has loaded, loading nothing (the encoder without the LLM it blends in),
+    # raising PassOver(LOADING) before that: what it answers while the server warms up.  None: ``run`` once loaded.
+    alone: Callable[[list[str]], list[dict]] | None = None
 
 
 def keyword_tier(home: Path | None = None) -> Tier:
@@ -266,19 +269,31 @@ def encoder_tier(
     home: Path | None = None,
     llm: Callable[[list[str]], list[list[float]] | None] | None = None,
     llm_weight: float = 0.0,
+    llm_load: Callable[[], object] | None = None,
 ) -> Tier:
     """The e5-small tier (mlx_intent/encoder.py), loaded on first use; with ``combine`` it answers with its
     calibrated blend with the keyword tier, whose rule-1 veto then does not apply a second time (measured:
     the veto cost the blend 1.3 points on probe and 2.8 on dev's greetings; the multi-intent merge stays).
     ``home`` is the models folder whose pulled weights (``models pull e5-small``) it prefers; ``llm`` and
-    ``llm_weight`` blend an LLM in (``llm_distributions``)."""
+    ``llm_weight`` blend an LLM in (``llm_distributions``), which ``llm_load`` loads as part of the tier's load
+    (so that its load time never counts against a query's budget; a failure there leaves the blend without it)."""
     from mlx_intent import encoder
 
     def build() -> encoder.EncoderClassifier:
         # One query as part of the load: MLX compiles its kernels on a first run (seconds on a fresh machine),
-        # which would otherwise count against the first query's latency budget.
+        # which would otherwise count against the first query's latency budget.  Without the LLM: the encoder is
+        # ready (and answers alone during the server's warm-up) before the LLM has loaded.
         clf = encoder.EncoderClassifier(combine=combine, home=home, llm=llm, llm_weight=llm_weight)
-        clf.classify_batch([WARM_TEXT])
+        clf.classify_batch([WARM_TEXT], with_llm=False)
+        return clf
+
+    def load() -> encoder.EncoderClassifier:
+        clf = lazy.get()
+        if llm_load is not None:
+            try:
+                llm_load()
+            except Exception:  # said once when the blend runs without it (llm_distributions)
+                pass
         return clf
 
     def absent() -> PassOver | None:
@@ -293,16 +308,24 @@ def encoder_tier(
         with lock:
             return clf.classify_batch(texts)
 
+    def alone(texts: list[str]) -> list[dict]:
+        clf = lazy.value
+        if clf is None:
+            raise PassOver(Reason.LOADING, f"loading: {encoder.NAME} is not loaded yet")
+        with lock:
+            return clf.classify_batch(texts, with_llm=False)
+
     return Tier(
         encoder.NAME,
         run,
-        lazy.get,
+        load,
         model=encoder.NAME,
         threshold=threshold,
         budget_ms=budget_ms,
         veto=not combine,
         absent=absent,
         early=True,
+        alone=alone,
     )
 
 
@@ -747,7 +770,8 @@ def build_chain(
                     weight = (llm_weights or {}).get(mixed, 1.0 if stored is None else stored)
                     llm = llm_distributions(mixed, pool)
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
-                tier = encoder_tier(threshold, budget, retry, blended, settings.home, llm, weight)
+                llm_load = (lambda m=mixed: pool.get(m)) if mixed else None
+                tier = encoder_tier(threshold, budget, retry, blended, settings.home, llm, weight, llm_load)
                 followup = followup or learned_detector(tier.load)
             else:
                 tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)

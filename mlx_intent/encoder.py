@@ -322,15 +322,16 @@ class EncoderClassifier:
         probs, multi = self.distributions(texts)
         return by_language(probs, texts, dict(self.config.lang_temperature)), multi
 
-    def classify_batch(self, texts: list[str], mode: str | None = None) -> list[dict]:
+    def classify_batch(self, texts: list[str], mode: str | None = None, with_llm: bool = True) -> list[dict]:
         """``mode`` is accepted for the chain's sake: an encoder has one way to answer.  With an ``llm`` (the
-        chain's blend place) its distribution joins at ``llm_weight``; when it cannot answer, the blend answers."""
+        chain's blend place) its distribution joins at ``llm_weight``; when it cannot answer, the blend answers.
+        ``with_llm=False`` answers without it, loading nothing more (the server's answers while the LLM loads)."""
         if not texts:
             return []
         start = time.perf_counter()
         texts = list(texts)
         probs, multi = self.answer_distributions(texts)
-        if self.llm is not None and self.llm_weight > 0 and (llm := self.llm(texts)) is not None:
+        if with_llm and self.llm is not None and self.llm_weight > 0 and (llm := self.llm(texts)) is not None:
             probs = mix(probs, llm, self.llm_weight)
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []

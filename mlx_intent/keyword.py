@@ -1,7 +1,7 @@
 """Keyword tier: lexicon look-up plus the labelling guide's boundary rules, no model.
 
-It answers in well under a millisecond, so it serves as the first tier of the chain
-and as the fallback when no model is loaded.  The lexicons are the TSV files in
+It answers in well under a millisecond: the chain's last tier before ``general``, the fallback when no
+model is loaded, and the reading the e5-small tier blends in.  The lexicons are the TSV files in
 ``mlx_intent/lexicons`` (one per language, all merged so code-switched queries work).
 """
 

@@ -689,7 +689,7 @@ def test_the_encoders_first_run_counts_as_its_load_not_a_query(monkeypatch):
         def __init__(self, **kwargs):
             pass
 
-        def classify_batch(self, texts):
+        def classify_batch(self, texts, with_llm=True):
             now[0] += 5.6 if FirstRunSlow.runs == 0 else 0.01
             FirstRunSlow.runs += 1
             return [answer("restaurant") for _ in texts]

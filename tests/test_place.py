@@ -4,15 +4,31 @@ beside its fits, read by the default chain; never measured, or a file that canno
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from test_server import WAIT_S, post, running, until
 
 from mlx_intent import calibration, encoder
-from mlx_intent.chain import ENCODER, GENERAL, KEYWORD, blended_name, build_chain, default_chain_names
+from mlx_intent.chain import (
+    ENCODER,
+    GENERAL,
+    KEYWORD,
+    Chain,
+    blended_name,
+    build_chain,
+    default_chain_names,
+    encoder_tier,
+    general_tier,
+    keyword_tier,
+)
 from mlx_intent.models.registry import FALLBACK, PRIMARY
 from mlx_intent.schema import INTENTS
+from mlx_intent.serve.app import create_app
 from mlx_intent.settings import Settings
 
 
@@ -60,12 +76,12 @@ def test_a_stored_blend_makes_the_encoder_blend_the_llm_in(tmp_path, models_home
     store(tmp_path, FALLBACK, "blend", weight=0.7)
     chain = build_chain(Settings(home=tmp_path, cache_size=0))
     assert chain.names == (ENCODER, PRIMARY, KEYWORD, GENERAL)  # the 3B unmeasured: the cascade tier
-    with pytest.warns(RuntimeWarning, match=f"without {FALLBACK}"):  # its warm-up query: not installed, so
-        clf = chain.tiers[0].load()  # the blend answers alone
+    clf = chain.tiers[0].load()  # the LLM's load fails (not installed) without a word: its first use says so
     assert clf.llm_weight == 0.7 and clf.keyword is not None  # still the blend with the keyword tier
     texts = ["where can I eat fish near Galata?", "Taksim'e nasıl giderim?"]
+    with pytest.warns(RuntimeWarning, match=f"without {FALLBACK}"):  # not installed, so the blend answers alone
+        alone = chain.classify_batch(texts)
     assert clf.llm(texts) is None
-    alone = chain.classify_batch(texts)
     fake = np.full((len(texts), len(INTENTS)), 0.01)
     fake[:, INTENTS.index("weather")] = 1 - 0.01 * (len(INTENTS) - 1)
     clf.llm = lambda batch: fake[: len(batch)]
@@ -141,3 +157,59 @@ def test_a_pulled_llm_once_calibrated_goes_where_it_measured_best(standin_home, 
     assert names.index(PRIMARY) == where if where is not None else names[0] == blended_name(PRIMARY)
     listed = CliRunner().invoke(main, ["models", "list", "--home", str(home)])
     assert f"{PRIMARY} place: {record['place']} (accuracy on the calibration split" in listed.output
+
+
+def weather_llm(calls: list):
+    """A stand-in LLM for the blend, sure of weather whatever it reads; ``calls`` hears each batch's size."""
+
+    def distributions(texts: list[str]) -> np.ndarray:
+        calls.append(len(texts))
+        rows = np.full((len(texts), len(INTENTS)), 0.001)
+        rows[:, INTENTS.index("weather")] = 1 - 0.001 * (len(INTENTS) - 1)
+        return rows
+
+    return distributions
+
+
+def test_the_blended_llms_load_counts_as_load_not_as_the_first_querys_time(models_home):
+    """Issue 24, part 3: the blend tier's load loads its LLM too, so a slow LLM load never passes the first
+    query over as a timeout (the encoder answers, blended)."""
+    calls, loads = [], []
+    tier = encoder_tier(
+        0.0,
+        200.0,
+        combine=True,
+        llm=weather_llm(calls),
+        llm_weight=5.0,
+        llm_load=lambda: (loads.append(1), time.sleep(0.5)),
+    )
+    result = Chain([tier, keyword_tier(), general_tier()], cache_size=0).classify("where can I eat fish near Galata?")
+    assert loads == [1] and calls and result["tier"] == ENCODER and result["fallbacks"] == []
+    assert result["primary_intent"] == "weather"  # the LLM's say, weighted 5: it was blended in
+
+
+def test_while_a_blended_llm_loads_the_encoder_answers_alone(models_home):
+    """Issue 24, part 3, with the LLM in the blend place: the server's warm-up readies the encoder without the
+    LLM; while the LLM loads, requests get the encoder's own answer (not the keyword tier's, nor a wait on the
+    load); once loaded, the blend answers with it."""
+    gate, calls = threading.Event(), []
+    tier = encoder_tier(
+        0.0, 800.0, combine=True, llm=weather_llm(calls), llm_weight=5.0, llm_load=lambda: gate.wait(WAIT_S)
+    )
+    chain = Chain([tier, keyword_tier(), general_tier()], cache_size=0)
+    app = create_app(Settings(latency_budget_ms=800.0, cache_size=0, batch_size=8), chain, request_timeout_ms=600_000)
+    text = {"text": "where can I eat fish near Galata?"}
+    try:
+        with running(app) as (base, _):
+            until(lambda: post(base, "/v1/classify", text).json()["tier"] == ENCODER, "the encoder answers alone")
+            during = post(base, "/v1/classify", text).json()
+            assert httpx.get(f"{base}/healthz").status_code == 503  # the LLM is still loading
+            gate.set()
+            until(lambda: httpx.get(f"{base}/healthz").status_code == 200, "warm")
+            after = post(base, "/v1/classify", text).json()
+    finally:
+        gate.set()
+    assert (
+        during["tier"] == ENCODER and during["primary_intent"] == "restaurant" and during["runtime_fallback"] is False
+    )
+    assert after["tier"] == ENCODER and after["primary_intent"] == "weather" and calls

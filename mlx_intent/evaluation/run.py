@@ -503,7 +503,10 @@ def footer(s: dict[str, Any], report: Path, figures: dict[str, str]) -> list[str
         + (f"; plots beside it: {report.stem}-*.png ({', '.join(sorted(figures))})" if figures else ""),
     ]
     if registry.PRIMARY in absent:
-        lines.append(f"next step on a Mac: {registry.how_to_get(registry.PRIMARY)} (Llama 3.2 3B, the first tier)")
+        lines.append(
+            f"next step on a Mac: {registry.how_to_get(registry.PRIMARY)} (Llama 3.2 3B), then "
+            f"`mlx-intent calibrate {registry.PRIMARY} --data calib` to measure where it goes in the chain"
+        )
     return lines
 
 

@@ -131,17 +131,20 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     absent here when its last load (in ``states``) or a look at the disk (``Tier.absent``) says so: the answer
     for a request whose time ran out, or that came during the warm-up.  During the warm-up (kind LOADING) an
     early tier that is loaded (the e5-small encoder) answers too, on the caller's thread and without a latency
-    budget (its runs wait on one another, beside a load); else no model runs.
+    budget (its runs wait on one another, beside a load), and without the LLM it may blend in (``Tier.alone``:
+    that LLM may be the load under way); else no model runs.
     Uncached."""
 
     def passed(tier: Tier) -> Tier:
         state = (states or {}).get(tier.name)
         if state is not None and state.state == ABSENT_STATE:
             return _passed(tier.name, state.kind, state.detail)
-        if kind == Reason.LOADING and tier.early and state is not None and state.state == READY:
+        if kind == Reason.LOADING and tier.early and tier.alone is None and state is not None and state.state == READY:
             return replace(tier, budget_ms=None)  # the best tier there is until the LLMs are in: never timed out
         if (absent := tier.absent()) is not None:
             return _passed(tier.name, absent.kind, absent.detail)
+        if kind == Reason.LOADING and tier.early and tier.alone is not None:  # answers once loaded, loading nothing
+            return replace(tier, run=tier.alone, load=lambda: None, budget_ms=None)
         return _passed(tier.name, kind, reason)
 
     return _uncached([passed(t) if t.model else t for t in chain.tiers], chain)
