@@ -144,7 +144,7 @@ def test_the_callers_share_the_reader_and_the_repair(tmp_path):
     its own checks; --resume and the log repair a tail the same way."""
     import importlib.util
 
-    from mlx_intent.cli.main import _done_ids, _read_jsonl
+    from mlx_intent.batch_io import done_ids, read_lines
     from mlx_intent.evaluation.data import read_labelled
     from mlx_intent.metrics import LogError, read_log
     from mlx_intent.schema import INTENTS
@@ -157,11 +157,11 @@ def test_the_callers_share_the_reader_and_the_repair(tmp_path):
     path = tmp_path / "in.jsonl"
     first = json.dumps({"id": "1", "text": "ferry", "primary_intent": INTENTS[0]}).encode()
     path.write_bytes(first + b'\n\n{"text": "caf\xe9"}\n')
-    for read in (lambda p: list(_read_jsonl(str(p), set())), read_labelled, bench_read):
+    for read in (lambda p: list(read_lines(str(p), set())), read_labelled, bench_read):
         with pytest.raises(JSONLError, match=r"in\.jsonl:3: not valid UTF-8"):
             read(path)
     with pytest.raises(LogError, match=r"in\.jsonl:1: corrupt record \(not valid JSON"):
         read_log(write(path, b'{"i": 0\n{"i": 1}\n'))
     assert read_log(write(path, b'{"i": 0}\n{"i": 1')).skipped == 1
     path.write_bytes(b'{"id": "1"}\n{"id": "2"}')  # a whole record that only lacks its newline: kept
-    assert _done_ids(path) == {json.dumps("1"), json.dumps("2")} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
+    assert done_ids(path) == {json.dumps("1"), json.dumps("2")} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
