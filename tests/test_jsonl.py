@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_intent.errors import InputError
-from mlx_intent.jsonl import JSONLError, iter_jsonl, read_jsonl, repair_file, repair_tail
+from mlx_intent.jsonl import JSONLError, iter_jsonl, read_jsonl, repair_tail
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -31,6 +31,15 @@ def scratch(tmp_path_factory) -> Path:
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def repair_file(path: Path) -> bool:
+    """``repair_tail`` of the file at ``path``, through a descriptor of its own, as the log's writers hold one."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return repair_tail(fd)
+    finally:
+        os.close(fd)
 
 
 def test_values_with_the_numbers_of_their_lines(tmp_path):
