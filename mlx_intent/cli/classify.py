@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from mlx_intent import batch_io
+from mlx_intent import distributed as dist
 from mlx_intent.cli.options import chain_for, check_log, check_writable, same_file, settings_options
 from mlx_intent.errors import InputError, UserError
 from mlx_intent.feedback import check_user, open_store
@@ -91,8 +92,6 @@ def classify(
         raise click.UsageError("--output - (stdout) cannot be resumed or merged: give a file")
     if str(output) != "-":
         check_writable(output, "--output")
-    from mlx_intent import distributed as dist
-
     group = dist.init(distributed)
     if group is None:
         _classify_file(input_path, output, resume, settings, sample, record, user)
