@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_intent.batch_io import Report, answer_lines, done_ids, id_key, lines_by_id, read_lines
 from mlx_intent.errors import EXIT_ERROR, InputError, UserError
 
 STEP_SECONDS = 0.5  # the work between two line counts: progress stays live, the all_sum stays cheap
@@ -227,18 +228,25 @@ def my_batches(
 
 
 def classify_file(
-    group, input_path: str, output: Path, resume: bool, chain, batch_size: int, user: str | None = None
+    group,
+    input_path: str,
+    output: Path,
+    resume: bool,
+    chain,
+    batch_size: int,
+    user: str | None = None,
+    report: Report | None = None,
 ) -> None:
     """``classify --input --output [--resume]`` over the ranks of ``group``; OUT ends as one process writes it.
 
-    The command's own reader, resume and output rows (cli.main) are used as they are, so a distributed run
-    reads, refuses and writes exactly what one process does."""
+    One process's reader, resume and output rows (mlx_intent.batch_io) are used as they are, so a distributed
+    run reads, refuses and writes exactly what one process does; ``report`` gets the same notes."""
     _check(group, input_path, output, resume)
     _agree(group, input_path)
     part = part_path(output, group.rank(), group.size())
     held = _hold(group, part)
     try:
-        _classify_part(group, input_path, output, part, resume, chain, batch_size, user)
+        _classify_part(group, input_path, output, part, resume, chain, batch_size, user, report)
     finally:
         os.close(held)
 
@@ -263,21 +271,27 @@ def _hold(group, part: Path) -> int:
 
 
 def _classify_part(
-    group, input_path: str, output: Path, part: Path, resume: bool, chain, batch_size: int, user: str | None
+    group,
+    input_path: str,
+    output: Path,
+    part: Path,
+    resume: bool,
+    chain,
+    batch_size: int,
+    user: str | None,
+    report: Report | None,
 ) -> None:
     """The body of classify_file once this rank holds its part file."""
-    from mlx_intent.cli.main import _done_ids, _read_jsonl, answer_lines, id_key
-
     rank, size = group.rank(), group.size()
-    written = set(broadcast_json(group, sorted(_done_ids(output)) if rank == 0 and resume else []))
-    done = written | (_done_ids(part) if resume else set())
+    written = set(broadcast_json(group, sorted(done_ids(output, report=report)) if rank == 0 and resume else []))
+    done = written | (done_ids(part, report=report) if resume else set())
     error: InputError | None = None  # a bad input line: every rank stops there
     failure: Exception | None = None  # this rank could not classify or write: it is named, the rest go on
     # backslashreplace, as one process writes: an id with a lone surrogate goes back to the escape it was read from
     mode = "a" if resume else "w"
     with open(part, mode, encoding="utf-8", errors="backslashreplace") as out, progress_bar(group) as bar:
         lock = Lockstep(group, bar)
-        lines = _read_jsonl(input_path, set(), user)
+        lines = read_lines(input_path, set(), user, report)
         batches = my_batches(lines, rank, size, batch_size, lambda i: id_key(i) in done)
         try:
             for batch in batches:
@@ -307,7 +321,7 @@ def _classify_part(
     merge_error: Exception | None = None
     if rank == 0:
         try:
-            _merge(parts, output, resume, written, _read_jsonl(input_path, set()))
+            _merge(parts, output, resume, written, read_lines(input_path, set(), report=report))
         except Exception as e:
             merge_error = e
     if all_sum(group, [merge_error is None])[0] == size:  # OUT is whole: the part files are done with
@@ -332,8 +346,6 @@ def _failed(failed: list[tuple[int, dict]], size: int, output: Path) -> UserErro
 def _merge(parts: list[bytes], output: Path, resume: bool, written: set[str], records) -> None:
     """Rank 0 writes OUT in input order from every rank's part file (after what OUT already holds, on
     --resume, as one process appends): the lines up to a bad input line, each id once."""
-    from mlx_intent.cli.main import id_key, lines_by_id
-
     lines: dict[str, bytes] = {}
     for data in parts:
         for k, raw in lines_by_id(data, "part"):  # a torn line is skipped: redone since, its id has a whole line

@@ -88,12 +88,3 @@ def repair_tail(fd: int) -> bool:
         os.ftruncate(fd, start)
     os.fsync(fd)
     return True
-
-
-def repair_file(path: Path | str) -> bool:
-    """``repair_tail`` of the file at ``path`` (which must exist)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return repair_tail(fd)
-    finally:
-        os.close(fd)

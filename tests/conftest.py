@@ -124,9 +124,10 @@ def clean_settings(monkeypatch, tmp_path, models_home):
 def no_run(monkeypatch):
     """Any chain being built fails the test: what is checked must be checked before the run."""
     from mlx_intent import chain as chain_module
+    from mlx_intent.evaluation import run as run_module  # imported first: imported under the patch, it keeps it
 
     def build(*args, **kwargs):
         raise AssertionError("the chain was built: the run started before the check")
 
     monkeypatch.setattr(chain_module, "build_chain", build)
-    monkeypatch.setattr("mlx_intent.evaluation.run.build_chain", build)
+    monkeypatch.setattr(run_module, "build_chain", build)

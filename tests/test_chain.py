@@ -35,7 +35,8 @@ from mlx_intent.chain import (
     keyword_tier,
     llm_tier,
 )
-from mlx_intent.cli.main import _human, main
+from mlx_intent.cli.main import main
+from mlx_intent.cli.models import human_size
 from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.models import loading, registry
 from mlx_intent.models.registry import BUNDLED, FALLBACK, GB, PRIMARY
@@ -473,7 +474,7 @@ def test_peak_memory_is_stamped_and_listed(smol):
     assert not chain.pool.unstamped  # written once, after the first run
     out = CliRunner().invoke(main, ["models", "list"]).output
     row = next(line for line in out.splitlines() if f" {BUNDLED} " in line)
-    assert f"  {_human(peak)}  " in row
+    assert f"  {human_size(peak)}  " in row
 
 
 def test_bundled_model_below_the_threshold_falls_to_keyword(smol):

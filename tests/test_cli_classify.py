@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_intent import schema
-from mlx_intent.cli.main import ANSWER_KEYS, OUTPUT_KEYS, main
+from mlx_intent.batch_io import ANSWER_KEYS, OUTPUT_KEYS
+from mlx_intent.cli.main import main
 from mlx_intent.models import loading
 
 LLM = ["--chain", "smollm2-135m", "--min-confidence", "0", "--latency-budget-ms", "600000"]
@@ -169,11 +170,11 @@ def test_missing_input_file_exits_2(tmp_path):
 
 
 def test_resume_cuts_a_torn_last_line(tmp_path):
-    from mlx_intent.cli.main import _done_ids
+    from mlx_intent.batch_io import done_ids
 
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id": "1", "primary_intent": "greeting"}\n{"id": "2", "prim')
-    assert _done_ids(out) == {json.dumps("1")}
+    assert done_ids(out) == {json.dumps("1")}
     assert out.read_bytes() == b'{"id": "1", "primary_intent": "greeting"}\n'
 
 

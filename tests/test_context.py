@@ -422,12 +422,12 @@ def test_cli_context_errors_name_the_line(cli_env):
     context=st.one_of(st.none(), st.text(max_size=5), st.lists(st.one_of(st.text(max_size=5), st.none()), max_size=7))
 )
 def test_an_input_line_context_is_read_or_refused_naming_the_line(tmp_path, context):
-    from mlx_intent.cli.main import _read_jsonl
+    from mlx_intent.batch_io import read_lines
 
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "a", "text": "and tomorrow?", "context": context}) + "\n", encoding="utf-8")
     try:
-        [(_, _, _, _, read)] = list(_read_jsonl(str(path), set()))
+        [(_, _, _, _, read)] = list(read_lines(str(path), set()))
     except InputError as e:
         assert str(e).startswith(f"{path}:1: ") and context_problem(context) is not None
     else:  # read only what the rule accepts (no context at all reads as none)

@@ -372,7 +372,7 @@ def test_a_lone_surrogate_is_refused_as_by_the_server(tmp_path):
 def test_the_cli_and_the_server_refuse_the_same_texts(text):
     from pydantic import ValidationError
 
-    from mlx_intent.cli.main import _query
+    from mlx_intent.batch_io import query_text
     from mlx_intent.errors import InputError
     from mlx_intent.serve.app import ClassifyRequest
 
@@ -382,7 +382,7 @@ def test_the_cli_and_the_server_refuse_the_same_texts(text):
     except ValidationError:
         served = False
     try:
-        _query(text)
+        query_text(text)
         taken = True
     except InputError:
         taken = False

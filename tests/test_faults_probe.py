@@ -5,7 +5,6 @@ section titles are the issue's findings."""
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import os
 import socket
@@ -20,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_faults_cli import assert_clean_error, invoke, write_jsonl
 
+from mlx_intent import batch_io
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT
 from mlx_intent.metrics import ClassificationLog, LogError
 
 WAIT_S = 180  # a cap on waiting for a state, never an assertion about speed
 
 KEYWORD = ["--chain", "keyword"]
-main_module = importlib.import_module("mlx_intent.cli.main")  # the module (mlx_intent.cli.main is also the group)
 
 pytestmark = pytest.mark.usefixtures("clean_settings")  # conftest: no stray .env or MLX_INTENT_* setting
 
@@ -164,7 +163,7 @@ def test_resume_drops_garbled_and_repeated_lines(tmp_path):
 def test_ctrl_c_during_a_write_writes_the_batch_once_and_resume_finishes(tmp_path, monkeypatch):
     source = queries(tmp_path / "in.jsonl", 20)
     out = tmp_path / "out.jsonl"
-    write_all, calls = main_module._write_all, []
+    write_all, calls = batch_io.write_all, []
 
     def interrupted(fd, data, offset=None):
         calls.append(len(data))
@@ -173,7 +172,7 @@ def test_ctrl_c_during_a_write_writes_the_batch_once_and_resume_finishes(tmp_pat
             raise KeyboardInterrupt
         write_all(fd, data, offset)
 
-    monkeypatch.setattr(main_module, "_write_all", interrupted)
+    monkeypatch.setattr(batch_io, "write_all", interrupted)
     args = ["classify", *KEYWORD, "--batch-size", "4", "--input", str(source), "--output", str(out)]
     result = invoke(*args)
     assert result.exit_code == 1, result.output  # click's Abort

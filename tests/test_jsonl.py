@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_intent.errors import InputError
-from mlx_intent.jsonl import JSONLError, iter_jsonl, read_jsonl, repair_file, repair_tail
+from mlx_intent.jsonl import JSONLError, iter_jsonl, read_jsonl, repair_tail
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -31,6 +31,15 @@ def scratch(tmp_path_factory) -> Path:
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def repair_file(path: Path) -> bool:
+    """``repair_tail`` of the file at ``path``, through a descriptor of its own, as the log's writers hold one."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return repair_tail(fd)
+    finally:
+        os.close(fd)
 
 
 def test_values_with_the_numbers_of_their_lines(tmp_path):
@@ -144,7 +153,7 @@ def test_the_callers_share_the_reader_and_the_repair(tmp_path):
     its own checks; --resume and the log repair a tail the same way."""
     import importlib.util
 
-    from mlx_intent.cli.main import _done_ids, _read_jsonl
+    from mlx_intent.batch_io import done_ids, read_lines
     from mlx_intent.evaluation.data import read_labelled
     from mlx_intent.metrics import LogError, read_log
     from mlx_intent.schema import INTENTS
@@ -157,11 +166,11 @@ def test_the_callers_share_the_reader_and_the_repair(tmp_path):
     path = tmp_path / "in.jsonl"
     first = json.dumps({"id": "1", "text": "ferry", "primary_intent": INTENTS[0]}).encode()
     path.write_bytes(first + b'\n\n{"text": "caf\xe9"}\n')
-    for read in (lambda p: list(_read_jsonl(str(p), set())), read_labelled, bench_read):
+    for read in (lambda p: list(read_lines(str(p), set())), read_labelled, bench_read):
         with pytest.raises(JSONLError, match=r"in\.jsonl:3: not valid UTF-8"):
             read(path)
     with pytest.raises(LogError, match=r"in\.jsonl:1: corrupt record \(not valid JSON"):
         read_log(write(path, b'{"i": 0\n{"i": 1}\n'))
     assert read_log(write(path, b'{"i": 0}\n{"i": 1')).skipped == 1
     path.write_bytes(b'{"id": "1"}\n{"id": "2"}')  # a whole record that only lacks its newline: kept
-    assert _done_ids(path) == {json.dumps("1"), json.dumps("2")} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'
+    assert done_ids(path) == {json.dumps("1"), json.dumps("2")} and path.read_bytes() == b'{"id": "1"}\n{"id": "2"}\n'

