@@ -780,3 +780,25 @@ def build_chain(
     chain = Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries, followup=followup)
     chain.users = user_thresholds(settings.home)
     return chain
+
+
+_DEFAULT: dict[str, object] = {}  # model name -> a shared IntentClassifier
+
+
+def classify(text: str, model: str | None = None, mode: str = "score", user: str | None = None) -> dict:
+    """Classify one text with a shared classifier (loaded on first use); the result's ``id`` is its own, as
+    the chain's are (``mlx_intent.feedback``).  ``ambiguous`` says whether its top two intents are closer than
+    ``user``'s margin (``mlx-intent users``; else MLX_INTENT_MARGIN).  One model has no tier to pass a text
+    to: a user's min_confidence takes effect in the chain (``build_chain().classify(text, user=)``)."""
+    from mlx_intent.classifier import IntentClassifier
+    from mlx_intent.settings import load_settings
+
+    settings = load_settings()
+    limits = (user_thresholds(settings.home)(check_user(user)) if user is not None else None) or {}
+    name = model or loading.select_from_settings()
+    if name not in _DEFAULT:
+        _DEFAULT[name] = IntentClassifier(name)
+    result = _DEFAULT[name].classify(text, mode=mode)
+    gap = top_gap(result)
+    ambiguous = gap is not None and gap < limits.get("margin", settings.margin)
+    return {**result, "ambiguous": ambiguous, "id": new_id()}

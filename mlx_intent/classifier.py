@@ -466,26 +466,3 @@ def _leaf_probs(root: Node, probs: dict[int, dict[int, float]]) -> dict[str, flo
 
     walk(root, 1.0)
     return {name: out[name] for name in INTENTS}
-
-
-_DEFAULT: dict[str, IntentClassifier] = {}
-
-
-def classify(text: str, model: str | None = None, mode: str = "score", user: str | None = None) -> dict:
-    """Classify one text with a shared classifier (loaded on first use); the result's ``id`` is its own, as
-    the chain's are (``mlx_intent.feedback``).  ``ambiguous`` says whether its top two intents are closer than
-    ``user``'s margin (``mlx-intent users``; else MLX_INTENT_MARGIN).  One model has no tier to pass a text
-    to: a user's min_confidence takes effect in the chain (``build_chain().classify(text, user=)``)."""
-    from mlx_intent.chain import top_gap
-    from mlx_intent.feedback import check_user, new_id, user_thresholds
-    from mlx_intent.settings import load_settings
-
-    settings = load_settings()
-    limits = (user_thresholds(settings.home)(check_user(user)) if user is not None else None) or {}
-    name = model or loading.select_from_settings()
-    if name not in _DEFAULT:
-        _DEFAULT[name] = IntentClassifier(name)
-    result = _DEFAULT[name].classify(text, mode=mode)
-    gap = top_gap(result)
-    ambiguous = gap is not None and gap < limits.get("margin", settings.margin)
-    return {**result, "ambiguous": ambiguous, "id": new_id()}

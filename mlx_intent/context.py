@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mlx_intent.normalize import MAX_TEXT_CHARS, normalize, text_problem
+from mlx_intent.normalize import MAX_TEXT_CHARS, SEPARATOR, normalize, text_problem
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
 
 MAX_CONTEXT_TURNS = 5  # earlier turns a request may carry, and a server session keeps
 CONTEXT_CHARS = 240  # of the earlier turns the encoder reads before a turn (pair_text)
-SEPARATOR = " </s> "  # between turns, as the encoder reads a conversation
 SHORT_WORDS = 3  # the rule: a turn this short with no cue of its own is elliptical
 
 # The rule's openers, folded (normalize): how a traveller continues a question in each language.

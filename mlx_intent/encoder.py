@@ -29,6 +29,7 @@ import numpy as np
 from mlx_intent import calibration
 from mlx_intent.langid import detect_language
 from mlx_intent.models import backend
+from mlx_intent.normalize import SEPARATOR
 from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS, to_json
 
 NAME = "e5-small"
@@ -213,7 +214,6 @@ def encode_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """<s> query: text </s>, cut to MAX_TOKENS.  A turn read after its earlier turns (context.pair_text) that is
     too long loses its oldest earlier text first, so that the turn itself is read whole where it fits (a cut
     in characters cannot promise that: emoji, URLs and CJK take many tokens a character)."""
-    from mlx_intent.context import SEPARATOR
     from mlx_intent.models.e5 import QUERY_PREFIX
 
     out = []

@@ -12,6 +12,7 @@ import unicodedata
 # The longest query any tier is given, in characters: the server refuses longer texts, the CLI cuts them
 # here before any tier tokenizes them (a 5 MB line took 43 s and 1.5 GB and held its whole batch up).
 MAX_TEXT_CHARS = 4000
+SEPARATOR = " </s> "  # between turns, as the encoder reads a conversation (context.pair_text)
 
 # Letters that case folding and decomposition leave apart but travellers mix up.
 _SPECIAL: dict[int, str | None] = {

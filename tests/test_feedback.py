@@ -28,6 +28,7 @@ from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import Settings
+from mlx_intent.tuner import recalibrate
 
 KEYWORD = Settings(chain=("keyword",))
 TEXTS = ["best kebab in Kadikoy", "hello!", "will it rain tomorrow?", "ferry to Uskudar", "Havaist to IST"]
@@ -91,14 +92,14 @@ def test_the_log_carries_the_id_to_join_on(home, tmp_path):
 
 
 def test_the_python_api_classify_attaches_an_id(monkeypatch):
-    from mlx_intent import classifier
+    from mlx_intent import chain
 
     class Fake:
         def classify(self, text, mode="score"):
             return {"primary_intent": "general", "confidence": 0.5, "all_intents": ["general"]}
 
-    monkeypatch.setitem(classifier._DEFAULT, "fake", Fake())
-    a, b = classifier.classify("x", model="fake"), classifier.classify("x", model="fake")
+    monkeypatch.setitem(chain._DEFAULT, "fake", Fake())
+    a, b = chain.classify("x", model="fake"), chain.classify("x", model="fake")
     assert a["id"] != b["id"] and len(a["id"]) == 32
 
 
@@ -426,7 +427,7 @@ def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread
         clf.confidence = 0.4
         return {"n": len(rows)}
 
-    recalibrator = fb.Recalibrator(chain, 4, minimum=1, refit=refit)
+    recalibrator = recalibrate.Recalibrator(chain, 4, minimum=1, refit=refit)
     texts = [r["text"] for r in labelled("calib")[:8]]
     results = chain.classify_batch(texts)
     for res in results[:3]:
@@ -451,7 +452,7 @@ def test_a_failed_refit_keeps_the_serving_calibration(home):
     def broken(clf, rows):
         raise RuntimeError("no")
 
-    recalibrator = fb.Recalibrator(chain, 1, minimum=1, refit=broken)
+    recalibrator = recalibrate.Recalibrator(chain, 1, minimum=1, refit=broken)
     fb.add_feedback(chain.store, chain.classify(labelled("calib")[0]["text"])["id"], "weather")
     assert recalibrator.check()
     assert chain.classify("x")["confidence"] == 0.9 and recalibrator.refits == []
@@ -465,7 +466,7 @@ def test_the_e5_tier_refit_swaps_in_a_calibration_that_believes_the_feedback():
     before, config = clf.classify_batch(texts), clf.config
     rng = random.Random(0)
     noisy = [{"text": t, "primary_intent": p, "all_intents": [p]} for t in texts for p in [rng.choice(INTENTS)]]
-    fitted = fb.refit_classifier(clf, noisy)
+    fitted = recalibrate.refit_classifier(clf, noisy)
     assert clf.config is not config and clf.config.calibrated_on == "feedback"
     assert clf.config.temperature == fitted["calibration"]["temperature"]
     after = clf.classify_batch(texts)
@@ -492,7 +493,7 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
     import uvicorn
     from fastapi.testclient import TestClient
 
-    monkeypatch.setattr(fb, "POLL_S", 0.05)
+    monkeypatch.setattr(recalibrate, "POLL_S", 0.05)
     monkeypatch.setattr(fb, "MIN_CALIBRATION_RECORDS", 8)
     rows = labelled("calib")[:8]
     seen = {}

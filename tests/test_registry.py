@@ -484,7 +484,7 @@ def test_models_list_star_honours_llm_model(home, monkeypatch):
 
 def test_intent_classifier_and_classify_honour_llm_model(home, monkeypatch):
     """``IntentClassifier()`` and ``classify()`` pick LLM_MODEL (then LLM_FALLBACK_MODEL) over the ranking."""
-    from mlx_intent import classifier
+    from mlx_intent import chain, classifier
     from mlx_intent.models import loading
 
     monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
@@ -500,9 +500,9 @@ def test_intent_classifier_and_classify_honour_llm_model(home, monkeypatch):
     monkeypatch.setattr(loading, "load", no_load)
     with pytest.raises(RuntimeError, match="stop here"):
         classifier.IntentClassifier()
-    monkeypatch.setattr(classifier, "_DEFAULT", {})
+    monkeypatch.setattr(chain, "_DEFAULT", {})
     with pytest.raises(RuntimeError, match="stop here"):
-        classifier.classify("hello")
+        chain.classify("hello")
     monkeypatch.delenv("LLM_MODEL")
     monkeypatch.setenv("LLM_FALLBACK_MODEL", "tinyllama")
     with pytest.raises(RuntimeError, match="stop here"):

@@ -15,8 +15,9 @@ import click
 
 from mlx_intent.cli.options import chain_for, settings_options
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, Recalibrator, open_store
+from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, open_store
 from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
+from mlx_intent.tuner.recalibrate import Recalibrator
 
 seconds = click.FloatRange(0, min_open=True)
 
