@@ -7,7 +7,7 @@ use_openblas()  # before anything imports mlx.core
 # The public API, by the module that defines each name.
 _API = {
     "IntentClassifier": "classifier",  # one LLM tier
-    "classify": "classifier",
+    "classify": "chain",  # one text, the shared default model, with an id
     "EncoderClassifier": "encoder",  # the e5-small tier
     "build_chain": "chain",  # the whole fallback chain, as the CLI and the server run it
 }

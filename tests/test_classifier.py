@@ -90,8 +90,8 @@ def test_public_api_is_lazy():
     """``import mlx_intent`` loads neither mlx nor the classifier; the names resolve on use."""
     code = (
         "import sys, mlx_intent; assert 'mlx.core' not in sys.modules and 'mlx_intent.classifier' not in sys.modules; "
-        "from mlx_intent import IntentClassifier, classify; from mlx_intent import classifier as c; "
-        "assert IntentClassifier is c.IntentClassifier and classify is c.classify; "
+        "from mlx_intent import IntentClassifier, classify; from mlx_intent import chain as h, classifier as c; "
+        "assert IntentClassifier is c.IntentClassifier and classify is h.classify; "
         "assert sorted(mlx_intent.__all__) == ['EncoderClassifier', 'IntentClassifier', 'build_chain', 'classify']; "
         "from mlx_intent import build_chain, EncoderClassifier; from mlx_intent import chain, encoder; "
         "assert build_chain is chain.build_chain and EncoderClassifier is encoder.EncoderClassifier"
