@@ -374,7 +374,7 @@ def test_the_cli_and_the_server_refuse_the_same_texts(text):
 
     from mlx_intent.batch_io import query_text
     from mlx_intent.errors import InputError
-    from mlx_intent.serve.app import ClassifyRequest
+    from mlx_intent.serve.schemas import ClassifyRequest
 
     try:
         ClassifyRequest(text=text)

@@ -311,7 +311,7 @@ def test_serve_on_a_port_in_use_is_an_error_in_words(tmp_path):
 def test_feedback_takes_only_json_booleans(field, value):
     from pydantic import ValidationError
 
-    from mlx_intent.serve.app import FeedbackRequest
+    from mlx_intent.serve.schemas import FeedbackRequest
 
     with pytest.raises(ValidationError):
         FeedbackRequest.model_validate({"id": "x", "primary_intent": "restaurant", field: value})

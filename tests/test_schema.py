@@ -17,7 +17,7 @@ from mlx_intent import schema
 from mlx_intent.schema import INTENTS, JSON_SCHEMA, KEYS, MAX_INTENTS, SchemaError
 
 pytest.importorskip("fastapi")
-from mlx_intent.serve.app import Answer, ClassifyResult  # noqa: E402
+from mlx_intent.serve.schemas import Answer, ClassifyResult  # noqa: E402
 
 TYPES = {
     "object": lambda v: isinstance(v, dict),

@@ -228,10 +228,10 @@ def test_modes_and_queue_defaults_are_defined_once():
 
     from mlx_intent import classifier, schema, settings
     from mlx_intent.cli.serve import serve_command
-    from mlx_intent.serve import app, batcher
+    from mlx_intent.serve import app, batcher, schemas
 
     assert classifier.MODES is settings.MODES
-    assert app.Mode.__args__ == settings.MODES
+    assert schemas.Mode.__args__ == settings.MODES
     assert importlib.import_module("mlx_intent.batch_io").ANSWER_KEYS is schema.KEYS
     defaults = inspect.signature(batcher.Batcher).parameters
     assert defaults["max_batch"].default == settings.Settings().batch_size == settings.BATCH_SIZE
