@@ -27,14 +27,13 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mlx_intent import feedback
 from mlx_intent.chain import Chain, Reason, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.models import registry
 from mlx_intent.serve.batcher import (
     ABSENT_STATE,
@@ -52,6 +51,7 @@ from mlx_intent.serve.batcher import (
     mode_chain,
     watched,
 )
+from mlx_intent.serve.metrics import Prometheus
 from mlx_intent.serve.schemas import (
     ERRORS,
     FEEDBACK_ERRORS,
@@ -90,80 +90,9 @@ FIRST_BYTE_TIMEOUT_S = 2.0  # a connection that sends nothing is closed after th
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 LOADING = "loading: the server is warming up its models; answered by the tiers that are ready"
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 JSON_POSTS = ("/v1/classify", "/v1/classify/batch", "/v1/classify/stream", "/v1/feedback")
 ENDPOINTS = (*JSON_POSTS, "/v1/models", "/healthz", "/metrics", "/openapi.json")
 GUARDED = ("/v1/feedback", "/metrics", "/v1/models")  # what --token guards: the store and the read-outs
-
-
-# ---- metrics ------------------------------------------------------------------------------------
-
-
-class Prometheus:
-    """The service's metrics in their own registry (several apps may live in one process)."""
-
-    def __init__(self, batcher: Batcher, chain: Chain):
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("mlx_intent_http_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.latency = Histogram(
-            "mlx_intent_http_request_seconds", "HTTP request time", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r
-        )
-        self.intents = Counter("mlx_intent_intents", "Answers by primary intent", ["intent"], registry=r)
-        self.tiers = Counter("mlx_intent_tiers", "Answers by the tier that gave them", ["tier"], registry=r)
-        self.fallbacks = Counter(
-            "mlx_intent_fallbacks",
-            "Tiers passed over at run time, by reason kind (tiers absent here: mlx_intent_tier_absent)",
-            ["tier", "reason"],
-            registry=r,
-        )
-        self.fallback_answers = Counter(
-            "mlx_intent_fallback_answers",
-            "Answers a tier passed over at run time: the fallback rate is this over mlx_intent_tiers",
-            registry=r,
-        )
-        self.absent = Gauge(
-            "mlx_intent_tier_absent",
-            "1 for a tier absent here (reason not_installed or too_large): a configuration fact, not a fallback",
-            ["tier", "reason"],
-            registry=r,
-        )
-        self.absent_seen: set[tuple[str, str]] = set()
-        self.cache_hits = Counter("mlx_intent_cache_hits", "Answers from the result cache", registry=r)
-        self.abandoned = Counter(
-            "mlx_intent_abandoned_requests",
-            "Requests whose client left before the answer (status 499): neither counted as answered, logged nor kept",
-            registry=r,
-        )
-        self.batches = Histogram(
-            "mlx_intent_batch_texts", "Texts per batch run by the worker", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
-        )
-        Gauge("mlx_intent_queue_jobs", "Jobs waiting for the worker", registry=r).set_function(batcher.waiting)
-        peak = Gauge("mlx_intent_peak_memory_bytes", "Peak MLX memory of this process", registry=r)
-        peak.set_function(lambda: (chain.metrics.snapshot()["peak_memory_mb"] or 0) * MB)
-        lost = Gauge(
-            "mlx_intent_log_write_failures",
-            "Answers given whose classification log record could not be written (full disk...); only grows",
-            registry=r,
-        )
-        lost.set_function(lambda: chain.metrics.log_write_failures)
-
-    def answered(self, result: dict) -> None:
-        self.intents.labels(result["primary_intent"]).inc()
-        self.tiers.labels(result["tier"]).inc()
-        present = {result["tier"]}
-        for f in result.get("fallbacks") or ():
-            if is_absent(f):
-                self.absent.labels(f["tier"], f["kind"]).set(1)
-                self.absent_seen.add((f["tier"], f["kind"]))
-            else:  # a tier still loading is counted by its kind, "loading", but the answer is no fallback
-                self.fallbacks.labels(f["tier"], f["kind"]).inc()
-                present.update([] if is_warming(f) else [f["tier"]])
-        self.fallback_answers.inc(len(present) > 1)
-        for tier, kind in self.absent_seen:
-            if tier in present:  # pulled since, and loaded: no longer absent
-                self.absent.labels(tier, kind).set(0)
-        if result.get("cached"):
-            self.cache_hits.inc()
 
 
 def host_name(header: str) -> str:
