@@ -25,15 +25,10 @@ from test_server import WAIT_S, metric_samples, post, raise_, raw_request, runni
 from mlx_intent.chain import Chain, ModelPool, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
-from mlx_intent.serve.app import (
-    FIRST_BYTE_TIMEOUT_S,
-    SHUTDOWN_GRACE_S,
-    allowed_hosts,
-    create_app,
-    server_config,
-)
+from mlx_intent.serve.app import create_app
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient
+from mlx_intent.serve.middleware import FIRST_BYTE_TIMEOUT_S, SHUTDOWN_GRACE_S, allowed_hosts, server_config
 from mlx_intent.settings import QUEUE_SIZE, Settings
 from mlx_intent.stats import check, summarize
 

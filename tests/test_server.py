@@ -35,10 +35,11 @@ from schemathesis.checks import not_a_server_error
 from mlx_intent import schema
 from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.normalize import MAX_TEXT_CHARS
-from mlx_intent.serve.app import create_app, server_config
+from mlx_intent.serve.app import create_app
 from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
+from mlx_intent.serve.middleware import server_config
 from mlx_intent.serve.schemas import MAX_BATCH_TEXTS, MAX_BODY_BYTES
 from mlx_intent.settings import Settings
 
