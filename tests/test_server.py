@@ -340,6 +340,36 @@ def test_metrics_count_cache_hits(keyword_url):
     assert metric_samples(httpx.get(f"{keyword_url}/metrics").text)["mlx_intent_cache_hits_total"] >= 1
 
 
+def test_each_answer_is_checked_once(models_home):
+    """The answer's model checks each answer once: by the route's response model, or the stream's own check
+    (it was checked twice: model_validate, then FastAPI again).  Counted by its confidence validator."""
+    from fastapi.testclient import TestClient
+
+    from mlx_intent.serve import schemas
+
+    settings = Settings(chain=("keyword",), cache_size=0)
+    calls = []
+
+    def count(frame, event, arg):
+        if event == "call" and frame.f_code is schemas._number.__code__:
+            calls.append(1)
+
+    threading.setprofile(count)  # the threads started from here: the client's event loop runs the app
+    try:
+        with TestClient(create_app(settings, build_chain(settings)), base_url="http://127.0.0.1") as client:
+            assert client.get("/healthz").status_code == 200
+            for path, body, answers in [
+                ("/v1/classify", {"text": TEXTS[0]}, 1),
+                ("/v1/classify/batch", {"texts": TEXTS[:3]}, 3),
+                ("/v1/classify/stream", {"text": TEXTS[1]}, 1),
+            ]:
+                calls.clear()
+                assert client.post(path, json=body).status_code == 200
+                assert len(calls) == answers, path
+    finally:
+        threading.setprofile(None)
+
+
 def test_metrics_and_results_tell_absent_tiers_from_runtime_fallbacks():
     """A tier not installed here is a gauge (a configuration fact), never a fallback; a tier passed over at
     run time (unsure) is counted by kind and in the answers that fell back.  Latency per query is the

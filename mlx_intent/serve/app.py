@@ -169,7 +169,7 @@ async def classify_stream(body: StreamRequest, service: Served):
 
 async def at_once(service: Service, text: str, why: tuple[Reason, str], start: float) -> AsyncIterator[str]:
     results = await asyncio.to_thread(service.below, [text], why)
-    yield event("result", (await service.answered([text], results, start))[0])
+    yield event("result", checked((await service.answered([text], results, start))[0]))
 
 
 async def sse(service: Service, job: Job, events: asyncio.Queue, text: str, start: float) -> AsyncIterator[str]:
@@ -203,11 +203,17 @@ async def stream_events(
         if kind == "token":
             yield event("token", {"text": data})
         elif kind == "result":
-            yield event("result", (await service.answered([text], [data], start))[0])
+            yield event("result", checked((await service.answered([text], [data], start))[0]))
             return
         else:
             yield event("error", {"error": "stream failed", "detail": data})
             return
+
+
+def checked(out: dict) -> dict:
+    """An answer as ClassifyResult shows it: what FastAPI does for the other routes, by their response model
+    (the one check of an answer in the server; the stream has no response model)."""
+    return ClassifyResult.model_validate(out).model_dump()
 
 
 def event(kind: str, data: Any) -> str:

@@ -34,7 +34,7 @@ from mlx_intent.serve.batcher import (
     watched,
 )
 from mlx_intent.serve.metrics import Prometheus
-from mlx_intent.serve.schemas import ClassifyResult, FeedbackRequest, Turn
+from mlx_intent.serve.schemas import FeedbackRequest, Turn
 from mlx_intent.serve.sessions import Sessions
 from mlx_intent.settings import MODES, Settings
 
@@ -131,9 +131,10 @@ class Service:
     async def answered(
         self, texts: list[str], results: list[dict], start: float, user: str | None = None, contexts=None
     ) -> list[dict]:
+        """The results as shown, recorded (checked against ClassifyResult once, by whoever sends them)."""
         outs = [self.shown(r, start, len(texts)) for r in results]
         await asyncio.to_thread(self.record, texts, outs, user, contexts)
-        return [ClassifyResult.model_validate(out).model_dump() for out in outs]
+        return outs
 
     def contexts_of(self, turns: list[Turn]) -> list[tuple[str, ...]]:
         """Each turn's earlier turns: its own context, or its session's (with the batch's earlier turns of the
