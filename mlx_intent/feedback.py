@@ -32,16 +32,15 @@ import json
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlx_intent.errors import InputError, UserError
+from mlx_intent.results import DISAGREEING, FeedbackError, check_user, top_gap
 from mlx_intent.schema import INTENTS, MAX_INTENTS, SchemaError, validate
 
 log = logging.getLogger("mlx_intent.feedback")
@@ -53,9 +52,6 @@ SERVE_BUSY_TIMEOUT_MS = 250
 FEEDBACK_WEIGHT = 3  # a correction counts this many written rows in training
 CALIB_SHARE = 0.25  # of the records (by a hash of the text): calibration; the rest: training
 MIN_CALIBRATION_RECORDS = 30  # fewer and a refit would follow noise
-# Kinds of ``fallbacks`` entries (chain.Reason values) where a tier above the one that answered gave an answer
-# that was overruled: the tiers disagreed.  (This module cannot import chain, which imports it.)
-DISAGREEING_KINDS = frozenset({"low_confidence", "rule1"})
 # The active-learning queue ranks by margin between the top two intents, less these for the other signals.
 DISAGREEMENT_BONUS, CONTEXT_BONUS = 0.5, 0.25
 
@@ -107,12 +103,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class FeedbackError(InputError):
-    """A feedback request that cannot be stored (exit 2); ``status`` is its HTTP code."""
-
-    status = 422
-
-
 class UnknownResult(FeedbackError):
     status = 404
 
@@ -123,11 +113,6 @@ class DuplicateFeedback(FeedbackError):
 
 class StoreError(UserError):
     """The database cannot be opened or used: a corrupt file, a newer schema, a read-only folder."""
-
-
-def new_id() -> str:
-    """A result id: 128 random bits as 32 hex digits, unique and not guessable."""
-    return uuid.uuid4().hex
 
 
 def db_path(home: Path | None = None) -> Path:
@@ -237,20 +222,6 @@ def open_store(home: Path | None = None, create: bool = True, busy_timeout_ms: i
 # ---- results ------------------------------------------------------------------------------------
 
 
-def top_gap(raw: Mapping[str, Any]) -> float | None:
-    """The gap between the two most likely intents of a tier's answer: from its distribution (``top``: the LLM
-    tiers in score mode, the encoder's softmax), else from the shares of its evidence (the keyword tier's
-    ``scores``); None where the tier gives no second score (generate mode, ``general``)."""
-    probs = sorted((float(p) for _, p in raw.get("top") or ()), reverse=True)
-    if len(probs) < 2:
-        scores = [float(v) for v in (raw.get("scores") or {}).values() if float(v) > 0]
-        total = sum(scores)
-        if not total:
-            return None
-        probs = sorted((v / total for v in scores), reverse=True) + [0.0]
-    return probs[0] - probs[1]
-
-
 def margin_of(result: Mapping[str, Any]) -> float:
     """The gap the store keeps (``top_gap``), else the smallest gap the confidence allows (2 c - 1, the rest of
     the mass on one intent)."""
@@ -281,7 +252,7 @@ def record_results(store: Store, records: Iterable[Mapping[str, Any]]) -> None:
                 r.get("tier"),
                 r.get("model"),
                 margin_of(r),
-                sum(f.get("kind") in DISAGREEING_KINDS for f in fallbacks),
+                sum(f.get("kind") in DISAGREEING for f in fallbacks),
                 int(bool(r.get("context_used"))),
                 json.dumps(rest, ensure_ascii=False, default=str),
             )
@@ -562,18 +533,8 @@ def register_metrics(registry, store: Store) -> None:
 
 # ---- per-user thresholds ------------------------------------------------------------------------
 
-USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,63}")
 MIN_USER_RECORDS = 20  # judged records of a user before their thresholds are learned
 THRESHOLDS = ("min_confidence", "margin")
-
-
-def check_user(user: object) -> str:
-    """A user id: 1 to 64 characters, letters, digits and ``._@:+-``, starting with a letter or digit."""
-    if not isinstance(user, str) or not USER_ID.fullmatch(user):
-        raise FeedbackError(
-            f"user {str(user)[:80]!r}: expected 1 to 64 letters, digits or ._@:+- (starting with a letter or digit)"
-        )
-    return user
 
 
 def check_thresholds(min_confidence: object = None, margin: object = None) -> dict[str, float | None]:

@@ -537,7 +537,8 @@ def test_a_converted_folder_whose_config_does_not_fit_is_refused_at_load(tmp_pat
 
 
 def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
-    from mlx_intent.chain import MAX_REASON_CHARS, Chain, PassOver, Reason, Tier, keyword_tier
+    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.results import MAX_REASON_CHARS, PassOver, Reason
 
     def load():
         raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)

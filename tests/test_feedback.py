@@ -26,6 +26,7 @@ from mlx_intent.chain import Chain, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
+from mlx_intent.results import FeedbackError
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import Settings
 from mlx_intent.tuner import recalibrate
@@ -161,13 +162,13 @@ def test_unknown_ids_and_bad_intents_are_refused_naming_the_intents(chain):
     with pytest.raises(fb.UnknownResult) as unknown:
         fb.add_feedback(chain.store, "0" * 32, "weather")
     assert unknown.value.status == 404 and unknown.value.exit_code == EXIT_INPUT
-    with pytest.raises(fb.FeedbackError, match="the intents are: greeting, restaurant") as bad:
+    with pytest.raises(FeedbackError, match="the intents are: greeting, restaurant") as bad:
         fb.add_feedback(chain.store, result["id"], "wether")
     assert bad.value.status == 422
-    with pytest.raises(fb.FeedbackError, match="start with primary_intent"):
+    with pytest.raises(FeedbackError, match="start with primary_intent"):
         fb.add_feedback(chain.store, result["id"], "weather", ["events", "weather"])
     other = next(i for i in INTENTS if i != result["primary_intent"])
-    with pytest.raises(fb.FeedbackError, match="confirmation"):
+    with pytest.raises(FeedbackError, match="confirmation"):
         fb.add_feedback(chain.store, result["id"], other, correct=True)
     assert fb.accuracy(chain.store)["count"] == 0
 
@@ -180,7 +181,7 @@ def test_unknown_ids_and_bad_intents_are_refused_naming_the_intents(chain):
 def test_labels_are_taken_exactly_when_the_schema_allows_them(primary, others):
     try:
         got = fb.check_labels(primary, others)
-    except fb.FeedbackError:
+    except FeedbackError:
         names = [primary, *(others or [])]
         legal = others is None or (1 <= len(others) <= MAX_INTENTS and len(set(others)) == len(others))
         legal = legal and all(n in INTENTS for n in names) and (others is None or others[0] == primary)
@@ -196,9 +197,10 @@ WRITER = """
 import sys
 from pathlib import Path
 from mlx_intent import feedback as fb
+from mlx_intent.results import new_id
 store = fb.open_store(Path(sys.argv[1]))
 for i in range(100_000):
-    rid = fb.new_id()
+    rid = new_id()
     fb.record_results(store, [{"id": rid, "ts": str(i), "text": f"query {i}", "primary_intent": "general",
                                "confidence": 0.5, "all_intents": ["general"], "tier": "keyword"}])
     fb.add_feedback(store, rid, "weather" if i % 2 else "general")

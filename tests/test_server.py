@@ -33,7 +33,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from mlx_intent import schema
-from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, Tier, build_chain, keyword_tier
+from mlx_intent.results import PassOver, Reason
 from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app, server_config
 from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_intent import feedback as fb
-from mlx_intent.chain import GENERAL, Chain, Reason, Tier, build_chain, top_gap
+from mlx_intent.chain import GENERAL, Chain, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_INPUT, InputError
+from mlx_intent.results import FeedbackError, Reason, check_user, top_gap
 from mlx_intent.settings import Settings, SettingsError, load_settings
 
 KEYWORD = Settings(chain=("keyword",), cache_size=0)
@@ -292,8 +293,8 @@ def test_user_ids_are_short_plain_strings(user):
         and all(c.isalnum() or c in "._@:+-" for c in user)
     )
     try:
-        assert fb.check_user(user) == user and ok
-    except fb.FeedbackError:
+        assert check_user(user) == user and ok
+    except FeedbackError:
         assert not ok
 
 
@@ -314,7 +315,7 @@ def test_thresholds_parse_in_their_ranges(p, m):
     try:
         out = fb.check_thresholds(p, m)
         assert ok_p and ok_m and out["min_confidence"] == (None if p is None else pv)
-    except fb.FeedbackError:
+    except FeedbackError:
         assert not (ok_p and ok_m)
 
 

@@ -33,11 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mlx_intent import feedback
-from mlx_intent.chain import Chain, Reason, timing_fields
+from mlx_intent.chain import Chain, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
 from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
+from mlx_intent.results import FeedbackError, Reason, check_user
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.batcher import (
     ABSENT_STATE,
@@ -98,7 +99,7 @@ def _readable(text: str) -> str:
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
 Mode = Literal[MODES]  # type: ignore[valid-type]
-User = Annotated[str, AfterValidator(feedback.check_user)]
+User = Annotated[str, AfterValidator(check_user)]
 USER_HELP = "Whose thresholds apply (mlx-intent users set); an unknown user gets the defaults."
 
 
@@ -856,7 +857,7 @@ def create_app(
         try:
             fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
             return feedback.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
-        except feedback.FeedbackError as e:  # its words name the store's file: not the client's to know
+        except FeedbackError as e:  # its words name the store's file: not the client's to know
             return error(e.status, str(e).replace(str(chain.store.path), "this server's feedback store"))
         except feedback.StoreError:  # locked by another process past the busy timeout, a full disk
             log.warning("feedback not stored: the store is unavailable", exc_info=True)
