@@ -24,7 +24,8 @@ from mlx_intent.calibration import read_place
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import warn_once
-from mlx_intent.feedback import Store, StoreError, record_results, user_thresholds
+from mlx_intent.feedback.store import Store, StoreError, record_results
+from mlx_intent.feedback.users import user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry

@@ -25,7 +25,7 @@ from mlx_intent.context import (
     topic,
 )
 from mlx_intent.errors import InputError
-from mlx_intent.feedback import Store
+from mlx_intent.feedback.store import Store
 from mlx_intent.normalize import MAX_TEXT_CHARS
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.sessions import Sessions

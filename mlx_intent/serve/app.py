@@ -32,9 +32,10 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mlx_intent import feedback
 from mlx_intent.chain import Chain, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
+from mlx_intent.feedback import collector
+from mlx_intent.feedback import store as feedback_store
 from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.models import registry
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
@@ -676,7 +677,7 @@ def create_app(
     )
     prometheus = Prometheus(batcher, chain)
     if chain.store is not None:
-        feedback.register_metrics(prometheus.registry, chain.store)
+        collector.register_metrics(prometheus.registry, chain.store)
     batcher.on_batch = prometheus.batches.observe
     warming = {"up": Job([], WARM), "probe": None, "stopping": False}
 
@@ -856,10 +857,10 @@ def create_app(
             return error(404, "this server does not record answers (started with --no-record)")
         try:
             fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
-            return feedback.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
+            return feedback_store.add_feedback(chain.store, body.id, body.primary_intent, body.all_intents, **fields)
         except FeedbackError as e:  # its words name the store's file: not the client's to know
             return error(e.status, str(e).replace(str(chain.store.path), "this server's feedback store"))
-        except feedback.StoreError:  # locked by another process past the busy timeout, a full disk
+        except feedback_store.StoreError:  # locked by another process past the busy timeout, a full disk
             log.warning("feedback not stored: the store is unavailable", exc_info=True)
             return error(503, "the feedback store is busy or unavailable; try again", None, {"Retry-After": "5"})
 
