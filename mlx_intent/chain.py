@@ -740,9 +740,9 @@ def classify(text: str, model: str | None = None, mode: str = "score", user: str
 
     settings = load_settings()
     limits = (user_thresholds(settings.home)(check_user(user)) if user is not None else None) or {}
-    name = model or loading.select_from_settings()
-    if name not in _DEFAULT:
-        _DEFAULT[name] = IntentClassifier(name)
+    name = model or loading.select_from_settings(settings=settings)
+    if name not in _DEFAULT:  # picked and loaded from one folder, the settings' (.env included)
+        _DEFAULT[name] = IntentClassifier(name, home=settings.home)
     result = _DEFAULT[name].classify(text, mode=mode)
     gap = top_gap(result)
     ambiguous = gap is not None and gap < limits.get("margin", settings.margin)
