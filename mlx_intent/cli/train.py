@@ -100,7 +100,7 @@ def train(
     clean_stale(target.parent)
     feedback = training_rows(settings.home) if with_feedback else []
     if model == ENCODER:
-        from mlx_intent.context import with_request_pairs
+        from mlx_intent.tuner.augment import with_request_pairs
         from mlx_intent.tuner.encoder import train_encoder
 
         def rows_of(names):
