@@ -22,7 +22,8 @@ from pathlib import Path
 from common import save_report
 
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import lang_order, make_chain, pct, run, summarize
+from mlx_intent.evaluation.report import lang_order, pct
+from mlx_intent.evaluation.run import make_chain, run, summarize
 from mlx_intent.settings import load_settings
 
 # name -> (tiers, settings overrides)

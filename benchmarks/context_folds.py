@@ -20,10 +20,11 @@ import click
 
 from mlx_intent import encoder
 from mlx_intent.chain import build_chain
-from mlx_intent.context import with_request_pairs
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import kind_table, pct, run, summarize
+from mlx_intent.evaluation.report import kind_table, pct
+from mlx_intent.evaluation.run import run, summarize
 from mlx_intent.settings import load_settings
+from mlx_intent.tuner.augment import with_request_pairs
 from mlx_intent.tuner.encoder import train_encoder
 
 

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 from mlx_intent.context import context_problem
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import FeedbackError, check_user
 from mlx_intent.jsonl import JSONLError, parse_line, read_jsonl, repair_tail
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
+from mlx_intent.results import FeedbackError, check_user
 from mlx_intent.schema import KEYS
 
 Report = Callable[[str], None]

@@ -18,17 +18,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 
 from mlx_intent.calibration import read_place
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import warn_once
-from mlx_intent.feedback import Store, StoreError, check_user, new_id, record_results, top_gap, user_thresholds
+from mlx_intent.feedback.store import Store, StoreError, record_results
+from mlx_intent.feedback.users import user_thresholds
 from mlx_intent.langid import detect_language
 from mlx_intent.metrics import ClassificationLog, Metrics, log_record, runtime_fallback
 from mlx_intent.models import backend, loading, registry
+from mlx_intent.results import TRANSIENT, PassOver, Reason, check_user, fallback, new_id, top_gap
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT, answer_of, validate
 from mlx_intent.settings import Settings
 
@@ -37,34 +38,6 @@ logger = logging.getLogger("mlx_intent.chain")
 KEYWORD, GENERAL = "keyword", "general"
 GENERAL_CONFIDENCE = 0.1
 WARM_TEXT = "Hello! Where can I eat good fish near the Galata Tower?"  # the query a tier runs once as it loads
-
-
-class Reason(str, Enum):
-    """Why a tier was passed over: the ``kind`` of a ``fallbacks`` entry (its ``reason`` is the words).
-    Caching, readiness and metric labels decide on the kind, never on the words."""
-
-    NOT_INSTALLED = "not_installed"  # the model is not on disk
-    TOO_LARGE = "too_large"  # the model does not fit in memory
-    LOAD_FAILED = "load_failed"  # loading raised (or failed recently: backing off)
-    ERROR = "error"  # the tier raised while answering
-    TIMEOUT = "timeout"  # over its latency budget, or the request's time ran out
-    INVALID = "invalid"  # an answer that does not follow the schema
-    LOW_CONFIDENCE = "low_confidence"  # below the tier's threshold
-    RULE1 = "rule1"  # the keyword tier read social words with a request (rule 1 of the guide)
-    AMBIGUOUS = "ambiguous"  # its top two intents closer than the margin
-    LOADING = "loading"  # still loading while the server warms up: not a run-time fallback (metrics.WARMUP_KINDS)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# Reasons that may not recur (a timeout under load, a crash, a load that may succeed after the back-off):
-# answers given because of them are not cached, or one bad moment would pin a worse answer.
-TRANSIENT = frozenset({Reason.ERROR, Reason.TIMEOUT, Reason.LOAD_FAILED, Reason.LOADING})
-# Reasons that will not change while the process runs: such a tier is not the one to wait for.  Being absent
-# here is a configuration fact, not a fallback: fallback rates and alerts count only the other reasons
-# (metrics.ABSENT_KINDS holds the same values, for modules that cannot import this one).
-ABSENT = frozenset({Reason.NOT_INSTALLED, Reason.TOO_LARGE})
 
 
 def cache_key(context: Context, text: str):
@@ -79,34 +52,6 @@ def timing_fields(call_ms: float, texts: int) -> dict:
     """The latency fields of a result from a call of ``texts`` texts that took ``call_ms``."""
     texts = max(texts, 1)
     return {"latency_ms": round(call_ms, 2), "latency_per_query_ms": round(call_ms / texts, 3), "batch_texts": texts}
-
-
-MAX_REASON_CHARS = 500  # a load failure's words (mlx-lm's "Missing 8730 parameters: ..." ran to 371 KB) ride
-# in every answer, log line and feedback row: cut to this
-
-
-def bounded(reason: str) -> str:
-    """``reason`` cut to MAX_REASON_CHARS, with an ellipsis where it was cut."""
-    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
-
-
-class PassOver(Exception):
-    """A tier declines to answer: ``kind`` (a Reason) and ``detail``, the words recorded in ``fallbacks``
-    (bounded)."""
-
-    def __init__(self, kind: Reason, detail: str):
-        detail = bounded(detail)
-        super().__init__(detail)
-        self.kind = Reason(kind)
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
-
-
-def fallback(tier: str, kind: Reason, reason: str) -> dict:
-    """One ``fallbacks`` entry: the tier, the reason in words (bounded), and its kind."""
-    return {"tier": tier, "reason": bounded(reason), "kind": Reason(kind).value}
 
 
 @dataclass
@@ -795,9 +740,9 @@ def classify(text: str, model: str | None = None, mode: str = "score", user: str
 
     settings = load_settings()
     limits = (user_thresholds(settings.home)(check_user(user)) if user is not None else None) or {}
-    name = model or loading.select_from_settings()
-    if name not in _DEFAULT:
-        _DEFAULT[name] = IntentClassifier(name)
+    name = model or loading.select_from_settings(settings=settings)
+    if name not in _DEFAULT:  # picked and loaded from one folder, the settings' (.env included)
+        _DEFAULT[name] = IntentClassifier(name, home=settings.home)
     result = _DEFAULT[name].classify(text, mode=mode)
     gap = top_gap(result)
     ambiguous = gap is not None and gap < limits.get("margin", settings.margin)

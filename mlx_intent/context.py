@@ -10,15 +10,13 @@ read in their conversation (``pair_text``: the earlier turns, a separator, the t
 (tuner/encoder.py), and a turn continues the earlier answer when its pair reads more as that answer's intent
 than as its own (``pair_detector``).  Without the encoder (the keyword chain) a frozen rule stands in: the
 keyword tier found no cue of its own, and the turn is short or opens with one of a few follow-up words
-(``MARKERS``).
+(``MARKERS``).  The training rows of conversations (the pairs, their augmentation) are tuner/augment.py's.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-
-import numpy as np
 
 from mlx_intent.normalize import MAX_TEXT_CHARS, SEPARATOR, normalize, text_problem
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
@@ -106,34 +104,6 @@ def pair_text(context: Context, text: str) -> str:
     return f"{SEPARATOR.join(context)[-CONTEXT_CHARS:]}{SEPARATOR}{text}"
 
 
-def encoder_text(row: dict) -> str:
-    """What the encoder reads for a labelled row: the turn in its conversation (``pair_text``) where it has one."""
-    return pair_text(tuple(row["context"]), row["text"]) if row.get("context") else row["text"]
-
-
-def request_pairs(context_rows: list[dict], single_rows: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """``n`` rows of ``single_rows``, each after the earlier turns of a random row of ``context_rows``, labelled
-    as they are: a request of its own stays its own after a conversation, and social talk stays social."""
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(single_rows), size=min(n, len(single_rows)), replace=False) if context_rows else []
-    earlier = [list(r["context"]) for r in context_rows]
-    return [
-        {
-            **single_rows[i],
-            "context": earlier[rng.integers(len(earlier))],
-            "kind": "social" if single_rows[i]["primary_intent"] == SOCIAL_INTENT else "new_request",
-        }
-        for i in picked
-    ]
-
-
-def with_request_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
-    """Training ``rows``, and where some are conversations, AUGMENT ``request_pairs`` after them: full requests
-    after a conversation too, so that the conversations do not teach "always continue"."""
-    pairs = [r for r in rows if r.get("context")]
-    return rows + request_pairs(pairs, [r for r in rows if not r.get("context")], AUGMENT, seed) if pairs else rows
-
-
 def pair_detector(encoder) -> Detector:
     """The encoder's own reading of the turn in its conversation (trained on pairs, tuner/encoder.py): the turn
     continues the earlier answer when ``earlier turns </s> turn`` reads more as that answer's intent than as
@@ -180,6 +150,3 @@ def _rule_instead(state: dict, why: object, items: list[Item]) -> list[float]:
         warnings.warn(f"e5-small cannot read conversations, using the keyword rule: {why}", stacklevel=3)
         state["warned"] = True
     return rule_detector(items)
-
-
-AUGMENT = 1000  # rows of the single-turn training data, each after earlier turns of the context set: not follow-ups

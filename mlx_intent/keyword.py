@@ -199,33 +199,6 @@ def load_lexicons(folder: Path | None = None) -> Lexicon:
     )
 
 
-def lint_lexicons(folder: Path | None = None) -> list[str]:
-    """Lines that load but say a term twice in one file: the same line again, or one intent given two
-    weights for one normalized term (loading keeps the stronger, so the weaker line is dead and misleads
-    a reader).  Spelling variants that normalize alike (مرحبا, مرحباً) are fine.  The tier is frozen; this
-    keeps its files honest."""
-    folder = Path(folder) if folder is not None else LEXICON_DIR
-    problems = []
-    for path in sorted(folder.glob("*.tsv")):
-        lines: dict[tuple[str, str, float], int] = {}
-        weights: dict[tuple, tuple[int, float]] = {}
-        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not raw.strip() or raw.lstrip().startswith("#"):
-                continue
-            intent, words, is_stem, weight = _parse_line(path, lineno, raw)
-            term = raw.split("\t")[1].strip()
-            if (intent, term, weight) in lines:
-                problems.append(f"{path.name}:{lineno}: {intent} {term!r} repeats line {lines[intent, term, weight]}")
-                continue
-            lines[intent, term, weight] = lineno
-            first, before = weights.setdefault((intent, words, is_stem), (lineno, weight))
-            if before != weight:
-                problems.append(
-                    f"{path.name}:{lineno}: {intent} {term!r} has weight {weight:g}, line {first} {before:g}"
-                )
-    return problems
-
-
 @functools.cache
 def default_lexicon() -> Lexicon:
     """The package lexicons, loaded once on first use."""
@@ -345,7 +318,7 @@ def _evidence(text: str, lex: Lexicon) -> _Evidence:
 
 
 def _decide(ev: _Evidence) -> tuple[str, list[str], dict[str, float]]:
-    """Apply the boundary rules of shared/intents.md in order; return primary, all_intents, final scores."""
+    """Apply the boundary rules (schema.BOUNDARY_RULES) in order; return primary, all_intents, final scores."""
     s = {i: v for i, v in ev.scores.items() if v > 0}
     greeting = s.pop(SOCIAL_INTENT, 0.0)  # rule 1: social words never outrank a request
 

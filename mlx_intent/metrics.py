@@ -23,6 +23,7 @@ from typing import Any
 
 from mlx_intent.errors import warn_once
 from mlx_intent.jsonl import JSONLError, iter_jsonl, repair_tail
+from mlx_intent.results import ABSENT, WARMUP
 
 # Upper edges (ms) of the latency buckets, 1-2-5 spaced; one more bucket holds everything above the last.
 LATENCY_EDGES_MS: tuple[float, ...] = (
@@ -72,23 +73,14 @@ def peak_memory_mb() -> float | None:
         return None
 
 
-# The fallback kinds (chain.Reason values) of a tier that is absent here: not downloaded, or too large for
-# this machine.  That is a configuration fact, listed once (``absent_tiers``), not a fallback: the fallback
-# rate and its alert count only tiers passed over at run time.  chain.ABSENT holds the same kinds.
-ABSENT_KINDS = frozenset({"not_installed", "too_large"})
-# Passed over because the server was still loading it (chain.Reason.LOADING): a one-time cost of starting, counted
-# apart (fallback.warming), never as a run-time fallback.
-WARMUP_KINDS = frozenset({"loading"})
-
-
 def is_absent(entry: Mapping[str, Any]) -> bool:
     """Whether a ``fallbacks`` entry says its tier is absent here (an entry without a kind is not)."""
-    return entry.get("kind") in ABSENT_KINDS
+    return entry.get("kind") in ABSENT
 
 
 def is_warming(entry: Mapping[str, Any]) -> bool:
     """Whether a ``fallbacks`` entry says its tier was still loading while the server warmed up."""
-    return entry.get("kind") in WARMUP_KINDS
+    return entry.get("kind") in WARMUP
 
 
 def runtime_fallback(fallbacks) -> bool:

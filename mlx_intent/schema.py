@@ -1,8 +1,9 @@
 """The 15 intents, the six languages and the output schema: the one source of truth.
 
 Everything else (prompts, the constrained sampler, the keyword tier, data checks,
-docs) imports these names; nothing else spells them out.  Mirrors
-``shared/intents.md``.
+docs) imports these names; nothing else spells them out.  The labelling guide is written down here, in the
+repository: its table of intents (``INTENTS``, ``DESCRIPTIONS``) and its boundary rules (``BOUNDARY_RULES``);
+the README's "How a query flows" tells how the tiers apply them.
 """
 
 from __future__ import annotations

@@ -295,12 +295,21 @@ def load_settings(
     return Settings(**values, sources=sources)  # type: ignore[arg-type]
 
 
-def environment_home(environ: Mapping[str, str] | None = None) -> Path | None:
-    """The ``home`` setting's environment layer alone (MLX_INTENT_HOME, default ``os.environ``), parsed as
-    load_settings parses it: the models folder of library calls given no home (``IntentClassifier()``,
-    ``loading.load``...).  Commands pass ``Settings.home`` down instead; this is the only place that reads it."""
+def settings_home(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Path | None:
+    """The ``home`` setting as ``load_settings`` gives it without flags: ``.env`` < MLX_INTENT_HOME, parsed
+    alike (None: unset).  Only ``home`` is read, so a bad other setting does not stop a path.  The models folder
+    of library calls given no home (``IntentClassifier()``, ``loading.load``...): the same folder the settings
+    name, never the environment's alone while ``.env`` says another.  Commands pass ``Settings.home`` down."""
     environ = os.environ if environ is None else environ
-    return SPECS["home"].parse(environ.get(SPECS["home"].env))  # type: ignore[return-value]
+    spec = SPECS["home"]
+    raw, source = environ.get(spec.env), "environment"
+    path = dotenv if dotenv is not None else Path.cwd() / ".env"
+    if raw is None and (dotenv is not None or path.is_file()):
+        raw, source = read_dotenv(path).get(spec.env), f".env ({path})"
+    try:
+        return spec.parse(raw)  # type: ignore[return-value]
+    except ValueError as e:
+        raise SettingsError(f"{spec.env}={raw!r} (from {source}): {e}") from None
 
 
 def flag(name: str) -> str:

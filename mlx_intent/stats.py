@@ -50,7 +50,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def feedback_alert(figures: Mapping[str, Any] | None) -> Alert | None:
-    """The critical alert of the accuracy the feedback reports (``mlx_intent.feedback.accuracy``), from
+    """The critical alert of the accuracy the feedback reports (``mlx_intent.feedback.data.accuracy``), from
     FEEDBACK_MIN_RECORDS records on; /metrics shows the same."""
     if not figures or figures["count"] < FEEDBACK_MIN_RECORDS or figures["rate"] >= ACCURACY_MIN:
         return None

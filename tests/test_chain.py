@@ -26,8 +26,6 @@ from mlx_intent.chain import (
     KEYWORD,
     Chain,
     ModelPool,
-    PassOver,
-    Reason,
     Tier,
     build_chain,
     default_chain_names,
@@ -40,6 +38,7 @@ from mlx_intent.cli.models import human_size
 from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.models import loading, registry
 from mlx_intent.models.registry import BUNDLED, FALLBACK, GB, PRIMARY
+from mlx_intent.results import PassOver, Reason
 from mlx_intent.settings import ENV_VARS, Settings, load_settings
 
 ANSWER_KEYS = {"primary_intent", "confidence", "all_intents"}
@@ -616,12 +615,6 @@ def test_absent_tiers_are_not_runtime_fallbacks(models_home):
         }
     }
     assert fb["passed_over"] == {"count": 3, "rate": 1.0}
-
-
-def test_absent_kinds_agree():
-    from mlx_intent.metrics import ABSENT_KINDS
-
-    assert {r.value for r in chain_module.ABSENT} == ABSENT_KINDS
 
 
 def opinion(primary: str, extra: list[str]):

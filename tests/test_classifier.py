@@ -10,13 +10,14 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from json_processor import JSONLogitsProcessor
 from mlx_lm import stream_generate
 from mlx_lm.models import cache as cache_module
 
 from mlx_intent import schema
 from mlx_intent.classifier import MAX_QUERY_TOKENS, EmptyTextError, IntentClassifier
 from mlx_intent.models import registry
-from mlx_intent.sampler import AnswerVocab, JSONLogitsProcessor, Node, branch_probs
+from mlx_intent.sampler import AnswerVocab, Node, branch_probs
 from mlx_intent.schema import INTENTS
 
 TEXTS = [

@@ -186,7 +186,7 @@ def converted_home(tmp_path, monkeypatch):
     from mlx_intent.models import gguf, registry
 
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
-    monkeypatch.setattr(registry, "environment_home", lambda: tmp_path / "default")
+    monkeypatch.setattr(registry, "settings_home", lambda: tmp_path / "default")
     home = tmp_path / "x"
     gguf_path = registry.bundled_gguf(registry.get_spec("smollm2-135m"))
     made = CliRunner().invoke(

@@ -17,19 +17,18 @@ from mlx_intent.cli.main import main
 from mlx_intent.context import (
     MAX_CONTEXT_TURNS,
     context_problem,
-    encoder_text,
     learned_detector,
     pair_detector,
-    request_pairs,
     rule_detector,
     topic,
 )
 from mlx_intent.errors import InputError
-from mlx_intent.feedback import Store
+from mlx_intent.feedback.store import Store
 from mlx_intent.normalize import MAX_TEXT_CHARS
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.sessions import Sessions
 from mlx_intent.settings import Settings
+from mlx_intent.tuner.augment import encoder_text, request_pairs
 
 KEYWORD = Settings(chain=("keyword",))
 ANSWERS = {  # a stand-in tier's own reading of each turn (what a tier with no context would say)

@@ -185,7 +185,8 @@ def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
     from mlx_intent import chain as chain_module
     from mlx_intent.chain import Chain, Tier
     from mlx_intent.evaluation.data import read_labelled
-    from mlx_intent.evaluation.run import footer, headline, run, summarize
+    from mlx_intent.evaluation.report import footer, headline
+    from mlx_intent.evaluation.run import run, summarize
 
     now = [0.0]
     monkeypatch.setattr(chain_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0]))

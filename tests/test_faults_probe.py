@@ -341,7 +341,7 @@ def test_convert_refuses_every_name_the_home_uses_for_itself(tmp_path, name):
 
 @pytest.fixture
 def store_home(tmp_path) -> Path:
-    from mlx_intent.feedback import open_store
+    from mlx_intent.feedback.store import open_store
 
     home = tmp_path / "h"
     open_store(home).close()
@@ -537,7 +537,8 @@ def test_a_converted_folder_whose_config_does_not_fit_is_refused_at_load(tmp_pat
 
 
 def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
-    from mlx_intent.chain import MAX_REASON_CHARS, Chain, PassOver, Reason, Tier, keyword_tier
+    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.results import MAX_REASON_CHARS, PassOver, Reason
 
     def load():
         raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)
@@ -558,7 +559,7 @@ def served(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from mlx_intent.chain import build_chain
-    from mlx_intent.feedback import open_store
+    from mlx_intent.feedback.store import open_store
     from mlx_intent.serve.app import create_app
     from mlx_intent.settings import Settings
 
@@ -580,7 +581,7 @@ def test_a_request_head_over_the_bound_is_refused_whole(served):
 
 
 def test_error_bodies_name_no_path_no_exception_and_no_allowed_host(served, monkeypatch):
-    from mlx_intent import feedback
+    from mlx_intent.feedback import store as feedback_store
 
     client, chain = served
     refused = client.get("/healthz", headers={"Host": "rebound.example"})
@@ -593,21 +594,21 @@ def test_error_bodies_name_no_path_no_exception_and_no_allowed_host(served, monk
     def broken(*args, **kwargs):
         raise RuntimeError(f"secret detail at {chain.store.path}")
 
-    monkeypatch.setattr(feedback, "add_feedback", broken)
+    monkeypatch.setattr(feedback_store, "add_feedback", broken)
     crashed = client.post("/v1/feedback", json={"id": "x", "correct": True})
     assert crashed.status_code == 500
     assert "RuntimeError" not in crashed.text and "secret" not in crashed.text and "feedback.db" not in crashed.text
 
 
 def test_feedback_to_a_locked_store_is_a_503_with_retry_after(served, monkeypatch):
-    from mlx_intent import feedback
+    from mlx_intent.feedback import store as feedback_store
 
     client, chain = served
 
     def locked(*args, **kwargs):
-        raise feedback.StoreError(f"{chain.store.path}: database is locked")
+        raise feedback_store.StoreError(f"{chain.store.path}: database is locked")
 
-    monkeypatch.setattr(feedback, "add_feedback", locked)
+    monkeypatch.setattr(feedback_store, "add_feedback", locked)
     r = client.post("/v1/feedback", json={"id": "x", "correct": True})
     assert r.status_code == 503 and r.headers["Retry-After"] and "feedback.db" not in r.text
 
@@ -626,7 +627,7 @@ def test_a_token_guards_feedback_metrics_and_models_but_not_classify(tmp_path):
     from fastapi.testclient import TestClient
 
     from mlx_intent.chain import build_chain
-    from mlx_intent.feedback import open_store
+    from mlx_intent.feedback.store import open_store
     from mlx_intent.serve.app import create_app
     from mlx_intent.settings import Settings
 
@@ -750,7 +751,7 @@ def test_a_store_locked_by_another_process_costs_records_not_answers(tmp_path):
     from test_server import metric_samples
 
     from mlx_intent.chain import build_chain
-    from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, open_store
+    from mlx_intent.feedback.store import SERVE_BUSY_TIMEOUT_MS, open_store
     from mlx_intent.serve.app import create_app
     from mlx_intent.settings import Settings
 

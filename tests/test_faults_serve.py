@@ -22,9 +22,10 @@ import uvicorn
 from click.testing import CliRunner
 from test_server import WAIT_S, metric_samples, post, raise_, raw_request, running, until
 
-from mlx_intent.chain import Chain, ModelPool, PassOver, Reason, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, ModelPool, Tier, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
+from mlx_intent.results import PassOver, Reason
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient

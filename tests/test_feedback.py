@@ -1,4 +1,4 @@
-"""Corrections and feedback (mlx_intent/feedback.py): result ids, the SQLite store and its durability, the CLI and
+"""Corrections and feedback (mlx_intent/feedback/): result ids, the SQLite store and its durability, the CLI and
 the HTTP route with their errors, training and calibration from feedback, real-time recalibration in the
 server, the active-learning queue, and the accuracy in stats and /metrics."""
 
@@ -21,11 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import WAIT_S, until
 
-from mlx_intent import feedback as fb
 from mlx_intent.chain import Chain, Tier, build_chain
 from mlx_intent.cli.main import main
-from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT
+from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT, InputError
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
+from mlx_intent.feedback import data as fb_data
+from mlx_intent.feedback import store as fb_store
+from mlx_intent.results import FeedbackError
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
 from mlx_intent.settings import Settings
 from mlx_intent.tuner import recalibrate
@@ -42,7 +44,7 @@ def home(tmp_path) -> Path:
 @pytest.fixture
 def chain(home) -> Chain:
     chain = build_chain(KEYWORD)
-    chain.store = fb.open_store(home)
+    chain.store = fb_store.open_store(home)
     return chain
 
 
@@ -53,7 +55,7 @@ def cli(*args: str, home: Path, input: str | None = None):
 def labelled(part: str | None = None) -> list[dict]:
     """Rows of the calibration split, of one feedback part (by the hash of their text) or all."""
     rows = read_labelled(DATA_DIR / "calib.jsonl")
-    return [r for r in rows if part is None or fb.part_of(r["text"]) == part]
+    return [r for r in rows if part is None or fb_data.part_of(r["text"]) == part]
 
 
 def judge(chain: Chain, rows: list[dict], wrong: bool = False) -> list[dict]:
@@ -62,7 +64,7 @@ def judge(chain: Chain, rows: list[dict], wrong: bool = False) -> list[dict]:
     results = chain.classify_batch([r["text"] for r in rows])
     for r, res in zip(rows, results):
         label = next(i for i in INTENTS if i != res["primary_intent"]) if wrong else r["primary_intent"]
-        fb.add_feedback(chain.store, res["id"], label)
+        fb_store.add_feedback(chain.store, res["id"], label)
     return results
 
 
@@ -109,30 +111,30 @@ def test_the_database_is_owner_only_in_wal_mode_with_a_schema_version(chain):
     for name in ("feedback.db", "feedback.db-wal", "feedback.db-shm"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
     assert chain.store.read("PRAGMA journal_mode") == [{"journal_mode": "wal"}]
-    assert chain.store.read("SELECT version FROM schema_version") == [{"version": fb.SCHEMA_VERSION}]
+    assert chain.store.read("SELECT version FROM schema_version") == [{"version": fb_store.SCHEMA_VERSION}]
     columns = {r["name"] for r in chain.store.read("PRAGMA table_info(results)")}
     assert {"user", "context", "context_used", "margin"} <= columns
 
 
 def test_reopening_keeps_the_records_and_a_newer_schema_is_refused(chain, home):
     result = chain.classify(TEXTS[0])
-    again = fb.open_store(home)
+    again = fb_store.open_store(home)
     assert again.read("SELECT id FROM results") == [{"id": result["id"]}]
     with again.write() as db:
-        db.execute("UPDATE schema_version SET version = ?", (fb.SCHEMA_VERSION + 1,))
-    with pytest.raises(fb.StoreError, match="newer"):
-        fb.open_store(home)
+        db.execute("UPDATE schema_version SET version = ?", (fb_store.SCHEMA_VERSION + 1,))
+    with pytest.raises(fb_store.StoreError, match="newer"):
+        fb_store.open_store(home)
 
 
 def test_commands_that_read_never_create_a_store(home):
-    assert fb.open_store(home, create=False) is None and not home.exists()
+    assert fb_store.open_store(home, create=False) is None and not home.exists()
     result = cli("feedback", "list", home=home)
     assert result.exit_code == EXIT_INPUT and "no feedback store" in result.output and not home.exists()
 
 
 def test_a_corrupt_store_is_named_in_words(home):
     home.mkdir(parents=True)
-    (home / fb.DB_NAME).write_bytes(b"not a database, " * 256)
+    (home / fb_store.DB_NAME).write_bytes(b"not a database, " * 256)
     result = cli("feedback", "list", home=home)
     assert result.exit_code == 1 and "feedback.db" in result.output and "not a database" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -143,33 +145,33 @@ def test_a_corrupt_store_is_named_in_words(home):
 
 def test_confirm_correct_replace_and_accuracy(chain):
     a, b = chain.classify_batch(TEXTS[:2])
-    confirmed = fb.add_feedback(chain.store, a["id"], correct=True)
+    confirmed = fb_store.add_feedback(chain.store, a["id"], correct=True)
     assert confirmed["verdict"] == "confirmed" and confirmed["primary_intent"] == a["primary_intent"]
     other = next(i for i in INTENTS if i != b["primary_intent"])
-    corrected = fb.add_feedback(chain.store, b["id"], other)
+    corrected = fb_store.add_feedback(chain.store, b["id"], other)
     assert corrected["verdict"] == "corrected" and corrected["answer"] == b["primary_intent"]
-    assert fb.accuracy(chain.store) == {"count": 2, "confirmed": 1, "corrected": 1, "rate": 0.5}
-    with pytest.raises(fb.DuplicateFeedback, match="--replace") as dup:
-        fb.add_feedback(chain.store, b["id"], correct=True)
+    assert fb_data.accuracy(chain.store) == {"count": 2, "confirmed": 1, "corrected": 1, "rate": 0.5}
+    with pytest.raises(fb_store.DuplicateFeedback, match="--replace") as dup:
+        fb_store.add_feedback(chain.store, b["id"], correct=True)
     assert dup.value.status == 409
-    assert fb.add_feedback(chain.store, b["id"], correct=True, replace=True)["replaced"]
-    assert fb.accuracy(chain.store)["rate"] == 1.0 and fb.written(chain.store) == 3  # the replacement counts
+    assert fb_store.add_feedback(chain.store, b["id"], correct=True, replace=True)["replaced"]
+    assert fb_data.accuracy(chain.store)["rate"] == 1.0 and fb_store.written(chain.store) == 3  # the replacement counts
 
 
 def test_unknown_ids_and_bad_intents_are_refused_naming_the_intents(chain):
     result = chain.classify(TEXTS[0])
-    with pytest.raises(fb.UnknownResult) as unknown:
-        fb.add_feedback(chain.store, "0" * 32, "weather")
+    with pytest.raises(fb_store.UnknownResult) as unknown:
+        fb_store.add_feedback(chain.store, "0" * 32, "weather")
     assert unknown.value.status == 404 and unknown.value.exit_code == EXIT_INPUT
-    with pytest.raises(fb.FeedbackError, match="the intents are: greeting, restaurant") as bad:
-        fb.add_feedback(chain.store, result["id"], "wether")
+    with pytest.raises(FeedbackError, match="the intents are: greeting, restaurant") as bad:
+        fb_store.add_feedback(chain.store, result["id"], "wether")
     assert bad.value.status == 422
-    with pytest.raises(fb.FeedbackError, match="start with primary_intent"):
-        fb.add_feedback(chain.store, result["id"], "weather", ["events", "weather"])
+    with pytest.raises(FeedbackError, match="start with primary_intent"):
+        fb_store.add_feedback(chain.store, result["id"], "weather", ["events", "weather"])
     other = next(i for i in INTENTS if i != result["primary_intent"])
-    with pytest.raises(fb.FeedbackError, match="confirmation"):
-        fb.add_feedback(chain.store, result["id"], other, correct=True)
-    assert fb.accuracy(chain.store)["count"] == 0
+    with pytest.raises(FeedbackError, match="confirmation"):
+        fb_store.add_feedback(chain.store, result["id"], other, correct=True)
+    assert fb_data.accuracy(chain.store)["count"] == 0
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -179,8 +181,8 @@ def test_unknown_ids_and_bad_intents_are_refused_naming_the_intents(chain):
 )
 def test_labels_are_taken_exactly_when_the_schema_allows_them(primary, others):
     try:
-        got = fb.check_labels(primary, others)
-    except fb.FeedbackError:
+        got = fb_store.check_labels(primary, others)
+    except FeedbackError:
         names = [primary, *(others or [])]
         legal = others is None or (1 <= len(others) <= MAX_INTENTS and len(set(others)) == len(others))
         legal = legal and all(n in INTENTS for n in names) and (others is None or others[0] == primary)
@@ -195,13 +197,14 @@ def test_labels_are_taken_exactly_when_the_schema_allows_them(primary, others):
 WRITER = """
 import sys
 from pathlib import Path
-from mlx_intent import feedback as fb
-store = fb.open_store(Path(sys.argv[1]))
+from mlx_intent.feedback import store as fb_store
+from mlx_intent.results import new_id
+store = fb_store.open_store(Path(sys.argv[1]))
 for i in range(100_000):
-    rid = fb.new_id()
-    fb.record_results(store, [{"id": rid, "ts": str(i), "text": f"query {i}", "primary_intent": "general",
+    rid = new_id()
+    fb_store.record_results(store, [{"id": rid, "ts": str(i), "text": f"query {i}", "primary_intent": "general",
                                "confidence": 0.5, "all_intents": ["general"], "tier": "keyword"}])
-    fb.add_feedback(store, rid, "weather" if i % 2 else "general")
+    fb_store.add_feedback(store, rid, "weather" if i % 2 else "general")
     print(rid, flush=True)  # after the commit
 """
 
@@ -220,7 +223,7 @@ def test_a_kill_9_during_writes_loses_nothing_committed(home):
         proc.send_signal(signal.SIGKILL)
         rest = proc.communicate(timeout=WAIT_S)[0]
     committed += rest.split()
-    db = sqlite3.connect(home / fb.DB_NAME)
+    db = sqlite3.connect(home / fb_store.DB_NAME)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     stored = {r[0] for r in db.execute("SELECT id FROM feedback")}
     assert set(committed) <= stored and len(stored) - len(committed) <= 1  # at most one committed, not yet printed
@@ -275,7 +278,7 @@ def test_classify_input_record_writes_the_result_ids(home, tmp_path):
     result = cli("classify", "--input", str(src), "--output", str(out), "--chain", "keyword", "--record", home=home)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    store = fb.open_store(home)
+    store = fb_store.open_store(home)
     assert {r["id"] for r in store.read("SELECT id FROM results")} == {line["result_id"] for line in lines}
 
 
@@ -296,7 +299,7 @@ def test_any_feedback_arguments_get_an_answer_or_a_usage_error(chain, home, args
 def test_feedback_outweighs_written_rows_of_the_same_text():
     written = [{"text": "Kadikoy?", "primary_intent": "general"}, {"text": "hello", "primary_intent": "greeting"}]
     judged = [{"text": "kadıköy?", "primary_intent": "neighborhood", "all_intents": ["neighborhood"]}]
-    rows = fb.fold_feedback(written, judged, weight=3)
+    rows = fb_data.fold_feedback(written, judged, weight=3)
     assert [r["primary_intent"] for r in rows] == ["greeting"] + ["neighborhood"] * 3
 
 
@@ -307,19 +310,19 @@ def test_a_correction_replaces_the_same_text_only_after_the_same_earlier_turns()
         {"text": "and on Sunday?", "primary_intent": "general"},
     ]
     judged = [{"text": "And on Sunday?", "context": ["where can I shop?"], "primary_intent": "events"}]
-    rows = fb.fold_feedback(written, judged, weight=1)
+    rows = fb_data.fold_feedback(written, judged, weight=1)
     assert [r["primary_intent"] for r in rows] == ["transportation", "general", "events"]
 
 
 def test_training_and_calibration_parts_never_share_a_record(chain, home):
     rows = labelled()[:80]
     judge(chain, rows)
-    train, calib = fb.training_rows(home), fb.calibration_rows(home, minimum=1)
+    train, calib = fb_data.training_rows(home), fb_data.calibration_rows(home, minimum=1)
     assert len(train) + len(calib) == 80 and train and calib
     assert not {r["text"] for r in train} & {r["text"] for r in calib}
-    assert all(fb.part_of(r["text"]) == "calib" for r in calib)
-    with pytest.raises(fb.InputError, match="at least 1000 needed"):
-        fb.calibration_rows(home, minimum=1000)
+    assert all(fb_data.part_of(r["text"]) == "calib" for r in calib)
+    with pytest.raises(InputError, match="at least 1000 needed"):
+        fb_data.calibration_rows(home, minimum=1000)
 
 
 def test_turns_with_earlier_turns_train_as_conversations_but_never_calibrate(chain, home):
@@ -327,10 +330,10 @@ def test_turns_with_earlier_turns_train_as_conversations_but_never_calibrate(cha
     rows = calib + train
     contexts = [["Will it rain today?"]] * 3 + [None] * 3 + [["Will it rain today?"]] * 2
     for r, res in zip(rows, chain.classify_batch([r["text"] for r in rows], contexts=contexts)):
-        fb.add_feedback(chain.store, res["id"], r["primary_intent"])
+        fb_store.add_feedback(chain.store, res["id"], r["primary_intent"])
     # a follow-up's label is the intent it continues, which the turn read alone (as calibration reads it) lacks
-    assert sorted(r["text"] for r in fb.calibration_rows(home, minimum=1)) == sorted(r["text"] for r in calib[3:])
-    assert [r["context"] for r in fb.training_rows(home)] == [["Will it rain today?"]] * 2
+    assert sorted(r["text"] for r in fb_data.calibration_rows(home, minimum=1)) == sorted(r["text"] for r in calib[3:])
+    assert [r["context"] for r in fb_data.training_rows(home)] == [["Will it rain today?"]] * 2
 
 
 @pytest.fixture
@@ -395,7 +398,7 @@ def test_calibrate_from_feedback_fits_on_the_calibration_part_or_refuses(chain, 
     done = cli("calibrate", "keyword", "--from-feedback", home=home)
     assert done.exit_code == 0, done.output
     record = json.loads(calibration.home_file(keyword.FIT_NAME, home).read_text())  # under the home, not the package
-    assert record["n"] == 40 and record["fitted_on"].endswith(fb.DB_NAME)
+    assert record["n"] == 40 and record["fitted_on"].endswith(fb_store.DB_NAME)
     both = cli("calibrate", "keyword", "--from-feedback", "--data", "calib", home=home)
     assert both.exit_code == 2 and "give no --data" in both.output
 
@@ -415,7 +418,7 @@ class Probe:
 def probe_chain(home) -> tuple[Chain, Probe]:
     probe = Probe()
     tier = Tier("probe", lambda texts: probe.classify_batch(texts), load=lambda: probe, model="probe")
-    return Chain([tier], cache_size=0, store=fb.open_store(home)), probe
+    return Chain([tier], cache_size=0, store=fb_store.open_store(home)), probe
 
 
 def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread(home):
@@ -431,16 +434,16 @@ def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread
     texts = [r["text"] for r in labelled("calib")[:8]]
     results = chain.classify_batch(texts)
     for res in results[:3]:
-        fb.add_feedback(chain.store, res["id"], "weather")
+        fb_store.add_feedback(chain.store, res["id"], "weather")
     assert not recalibrator.check() and chain.classify("x")["confidence"] == 0.9  # 3 < 4 new records
-    fb.add_feedback(chain.store, results[3]["id"], "weather")
+    fb_store.add_feedback(chain.store, results[3]["id"], "weather")
     assert recalibrator.check() and calls == []  # readied, not run: the fit waits for the classifying thread
     worker = threading.Thread(target=lambda: chain.classify("y"))
     worker.start()
     worker.join()
     assert calls == [(worker.ident, 4)] and chain.classify("z")["confidence"] == 0.4
     for res in results[4:8]:
-        fb.add_feedback(chain.store, res["id"], "events")
+        fb_store.add_feedback(chain.store, res["id"], "events")
     assert recalibrator.check()
     chain.classify("w")
     assert [n for _, n in calls] == [4, 8] and [r["n"] for r in recalibrator.refits] == [4, 8]
@@ -453,7 +456,7 @@ def test_a_failed_refit_keeps_the_serving_calibration(home):
         raise RuntimeError("no")
 
     recalibrator = recalibrate.Recalibrator(chain, 1, minimum=1, refit=broken)
-    fb.add_feedback(chain.store, chain.classify(labelled("calib")[0]["text"])["id"], "weather")
+    fb_store.add_feedback(chain.store, chain.classify(labelled("calib")[0]["text"])["id"], "weather")
     assert recalibrator.check()
     assert chain.classify("x")["confidence"] == 0.9 and recalibrator.refits == []
 
@@ -494,7 +497,7 @@ def test_serve_recalibrate_every_n_swaps_the_e5_calibration_without_a_restart(ho
     from fastapi.testclient import TestClient
 
     monkeypatch.setattr(recalibrate, "POLL_S", 0.05)
-    monkeypatch.setattr(fb, "MIN_CALIBRATION_RECORDS", 8)
+    monkeypatch.setattr(fb_data, "MIN_CALIBRATION_RECORDS", 8)
     rows = labelled("calib")[:8]
     seen = {}
 
@@ -546,10 +549,10 @@ def record(rid: str, confidence: float, top=None, fallbacks=(), context_used=Fal
 
 
 def test_the_queue_ranks_small_margins_disagreement_and_context_first(home):
-    store = fb.open_store(home)
+    store = fb_store.open_store(home)
     unsure = {"tier": "smollm2-135m", "kind": "low_confidence", "reason": "low confidence: 0.40 < 0.50"}
     absent = {"tier": "llama-3.2-3b", "kind": "not_installed", "reason": "not downloaded"}
-    fb.record_results(
+    fb_store.record_results(
         store,
         [
             record("a", 0.9, top=[["general", 0.9], ["events", 0.05]]),  # margin 0.85
@@ -560,11 +563,11 @@ def test_the_queue_ranks_small_margins_disagreement_and_context_first(home):
             record("f", 0.5, top=[["general", 0.5], ["events", 0.49]]),  # margin 0.01, but judged already
         ],
     )
-    fb.add_feedback(store, "f", correct=True)
-    ranked = fb.queue(store)
+    fb_store.add_feedback(store, "f", correct=True)
+    ranked = fb_data.queue(store)
     assert [r["id"] for r in ranked] == ["b", "e", "c", "d", "a"]
     assert ranked[2]["disagreement"] == 1 and ranked[3]["context_used"] and ranked[1]["margin"] == pytest.approx(0.2)
-    assert [r["id"] for r in fb.queue(store, limit=2)] == ["b", "e"]
+    assert [r["id"] for r in fb_data.queue(store, limit=2)] == ["b", "e"]
     shown = cli("feedback", "queue", "--limit", "3", home=home)
     assert shown.exit_code == 0 and shown.output.index("text b") < shown.output.index("text e")
     assert "disagree" in shown.output and "text d" not in shown.output
@@ -599,7 +602,7 @@ def server(tmp_path_factory):
     from mlx_intent.serve.app import create_app
 
     chain = build_chain(KEYWORD)
-    chain.store = fb.open_store(tmp_path_factory.mktemp("served"))
+    chain.store = fb_store.open_store(tmp_path_factory.mktemp("served"))
     with (
         TestClient(create_app(KEYWORD, chain), base_url="http://127.0.0.1") as client,
         TestClient(create_app(KEYWORD, build_chain(KEYWORD)), base_url="http://127.0.0.1") as bare,

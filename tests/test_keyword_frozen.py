@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_intent.keyword import KeywordClassifier, lint_lexicons
+from mlx_intent.keyword import LEXICON_DIR, KeywordClassifier, _parse_line
 
 DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
 # Primary accuracy of the keyword tier (raw confidences; calibration never changes the primary),
@@ -24,6 +24,33 @@ def test_the_frozen_tier_keeps_its_recorded_accuracy(split):
     keyword = KeywordClassifier(platt=None)
     accuracy = sum(keyword.classify(r["text"])["primary_intent"] == r["primary_intent"] for r in rows) / len(rows)
     assert abs(accuracy - RECORDED[split]) <= 0.005, f"{split}: {accuracy:.4f} vs recorded {RECORDED[split]}"
+
+
+def lint_lexicons(folder: Path | None = None) -> list[str]:
+    """Lines that load but say a term twice in one file: the same line again, or one intent given two
+    weights for one normalized term (loading keeps the stronger, so the weaker line is dead and misleads
+    a reader).  Spelling variants that normalize alike (مرحبا, مرحباً) are fine.  The tier is frozen; this
+    keeps its files honest."""
+    folder = Path(folder) if folder is not None else LEXICON_DIR
+    problems = []
+    for path in sorted(folder.glob("*.tsv")):
+        lines: dict[tuple[str, str, float], int] = {}
+        weights: dict[tuple, tuple[int, float]] = {}
+        for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not raw.strip() or raw.lstrip().startswith("#"):
+                continue
+            intent, words, is_stem, weight = _parse_line(path, lineno, raw)
+            term = raw.split("\t")[1].strip()
+            if (intent, term, weight) in lines:
+                problems.append(f"{path.name}:{lineno}: {intent} {term!r} repeats line {lines[intent, term, weight]}")
+                continue
+            lines[intent, term, weight] = lineno
+            first, before = weights.setdefault((intent, words, is_stem), (lineno, weight))
+            if before != weight:
+                problems.append(
+                    f"{path.name}:{lineno}: {intent} {term!r} has weight {weight:g}, line {first} {before:g}"
+                )
+    return problems
 
 
 def test_the_shipped_lexicons_pass_the_lint():

@@ -119,9 +119,9 @@ def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
 
 
 def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_path, monkeypatch):
-    """Path functions take the caller's home (Settings.home); None is the default, whose environment layer
-    settings reads (MLX_INTENT_HOME, parsed as load_settings parses it)."""
-    from mlx_intent.settings import environment_home, load_settings
+    """Path functions take the caller's home (Settings.home); None is the default, the home setting that
+    settings reads (.env < MLX_INTENT_HOME, parsed as load_settings parses it)."""
+    from mlx_intent.settings import load_settings, settings_home
 
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "env"))
     given = tmp_path / "given"
@@ -131,9 +131,48 @@ def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_pat
     assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
     assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
     assert registry.state("llama-3.1-8b", given) == "missing"  # never pulled into the session's Hub cache
-    assert environment_home({"MLX_INTENT_HOME": "~/m"}) == Path("~/m").expanduser()
-    assert environment_home({"MLX_INTENT_HOME": " "}) is None and environment_home({}) is None
-    assert environment_home() == load_settings(environ={"MLX_INTENT_HOME": str(tmp_path / "env")}).home
+    assert settings_home({"MLX_INTENT_HOME": "~/m"}) == Path("~/m").expanduser()
+    assert settings_home({"MLX_INTENT_HOME": " "}) is None and settings_home({}) is None
+    assert settings_home() == load_settings(environ={"MLX_INTENT_HOME": str(tmp_path / "env")}).home
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"MLX_INTENT_HOME={tmp_path / 'dotenv'}\n")
+    assert settings_home({}, dotenv) == tmp_path / "dotenv" == load_settings(environ={}, dotenv=dotenv).home
+    assert settings_home({"MLX_INTENT_HOME": "~/m"}, dotenv) == Path("~/m").expanduser()  # the environment wins
+
+
+def test_classify_picks_and_loads_from_the_home_of_dotenv(tmp_path, monkeypatch):
+    """Issue 25, part 6: ``classify()`` with MLX_INTENT_HOME set only in ``./.env`` picks its model among the
+    models of that folder and builds the classifier with that folder, never the environment's alone."""
+    from huggingface_hub import constants
+
+    from mlx_intent import chain, classifier
+
+    monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
+    monkeypatch.delenv("LLM_MODEL", raising=False)
+    monkeypatch.delenv("LLM_FALLBACK_MODEL", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_hub_cache"))
+    monkeypatch.setattr(backend, "available_memory", lambda: 16 * GB)
+    dotenv_home = tmp_path / "dotenv-home"
+    (tmp_path / ".env").write_text(f"MLX_INTENT_HOME={dotenv_home}\n")
+    monkeypatch.chdir(tmp_path)
+    folder = registry.model_dir("tinyllama", dotenv_home)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    built = []
+
+    class Fake:
+        def __init__(self, name, home=None, **kw):
+            built.append((name, home))
+
+        def classify(self, text, mode="score"):
+            return {"primary_intent": "general", "confidence": 0.5, "all_intents": ["general"]}
+
+    monkeypatch.setattr(classifier, "IntentClassifier", Fake)
+    monkeypatch.setattr(chain, "_DEFAULT", {})
+    assert chain.classify("hello")["primary_intent"] == "general"
+    assert built == [("tinyllama", dotenv_home)]
+    assert registry.home() == dotenv_home  # a library call given no home: the same folder
 
 
 def test_default_home_is_the_checkouts_models_folder(monkeypatch):

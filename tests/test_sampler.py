@@ -14,7 +14,6 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +26,6 @@ from mlx_intent.prompts import ANSWER_PREFIX
 from mlx_intent.sampler import (
     END,
     AnswerVocab,
-    JSONLogitsProcessor,
     JSONMachine,
     branch_probs,
     write_answer,
@@ -165,35 +163,6 @@ def test_machine_always_writes_valid_json(toks, data, which, max_intents, greedy
     assert answer["confidence"] == round(machine.confidence, 4)
 
 
-@SETTINGS
-@given(data=st.data(), which=TOKENIZERS, seed=st.integers(0, 2**32 - 1))
-def test_logits_processor_masks_full_vocabulary(toks, data, which, seed):
-    """The mlx-lm processor on full-vocabulary logits with planted extreme values: the argmax
-    is always an allowed token, EOS only once the answer is complete, and the text is valid."""
-    tok = toks[which]
-    eos = tok.size  # one id past the tokenizer's own, as a model's padded vocabulary has
-    proc = JSONLogitsProcessor(tok.vocab, eos_token_id=eos)
-    rng = np.random.default_rng(seed)
-    tokens = [0, 1, 2]  # the prompt
-    for _ in range(1000):
-        logits = rng.normal(0.0, 5.0, tok.size + 8).astype(np.float32)
-        planted = data.draw(st.lists(st.tuples(st.integers(0, tok.size + 7), LOGIT), max_size=6))
-        for index, value in planted:
-            logits[index] = value
-        out = np.array(proc(mx.array(tokens), mx.array(logits)[None]))[0]
-        allowed = proc.machine.allowed() or [eos]
-        assert not np.isnan(out).any()
-        assert set(np.flatnonzero(out > -np.inf)) <= set(allowed)
-        pick = int(np.argmax(out))
-        assert pick in allowed
-        if pick == eos:
-            break
-        tokens.append(pick)
-    assert proc.machine.done
-    assert tokens[3:] == proc.machine.tokens
-    check_answer(tok, proc.machine)
-
-
 def step_by_step(vocab: AnswerVocab, primary: str, confidence: float, all_intents: list[str]) -> JSONMachine:
     """Drive the machine one token at a time, no jump-forward: a forced token is simply the only allowed one."""
     machine = JSONMachine(vocab, max_intents=len(all_intents))
@@ -252,25 +221,6 @@ def test_mask_is_a_trie_lookup(toks, data, which):
     finally:
         vocab.encode = encode
     assert len(calls) == 1 and calls[0].startswith(" ") and '"all_intents": ["' in calls[0]
-
-
-@pytest.mark.parametrize("text", ["Where can I eat fish in Kadıköy?", "مرحبا", "🙂🙂🙂 ???"])
-def test_logits_processor_with_mlx_lm(bundled, text):
-    """The processor inside mlx-lm's own generation loop, on the bundled model, with a plain
-    chat prompt (no system prompt, so the model has no idea of the format): valid JSON."""
-    from mlx_lm import stream_generate
-
-    model, tokenizer = bundled
-    vocab = AnswerVocab(lambda s: list(tokenizer.encode(s, add_special_tokens=False)))
-    proc = JSONLogitsProcessor(vocab, eos_token_id=tokenizer.eos_token_id)
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-    prompt = tokenizer.encode(chat, add_special_tokens=False)
-    pieces = [r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=80, logits_processors=[proc])]
-    assert proc.machine.done
-    assert "".join(pieces) == proc.machine.text
-    schema.parse(proc.machine.text)
 
 
 @given(extra=st.lists(st.sampled_from(INTENTS), min_size=MAX_INTENTS, max_size=len(INTENTS), unique=True))

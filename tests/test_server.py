@@ -33,8 +33,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from mlx_intent import schema
-from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, Tier, build_chain, keyword_tier
 from mlx_intent.normalize import MAX_TEXT_CHARS
+from mlx_intent.results import PassOver, Reason
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient

@@ -13,10 +13,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_intent import feedback as fb
-from mlx_intent.chain import GENERAL, Chain, Reason, Tier, build_chain, top_gap
+from mlx_intent.chain import GENERAL, Chain, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_INPUT, InputError
+from mlx_intent.feedback import store as fb_store
+from mlx_intent.feedback import users as fb_users
+from mlx_intent.results import FeedbackError, Reason, check_user, top_gap
 from mlx_intent.settings import Settings, SettingsError, load_settings
 
 KEYWORD = Settings(chain=("keyword",), cache_size=0)
@@ -100,9 +102,9 @@ def test_ambiguous_on_every_result_through_the_cli_and_its_input_lines(home, tmp
 
 
 def test_a_users_min_confidence_and_margin_apply_to_their_requests_only(home):
-    store = fb.open_store(home)
-    fb.set_user(store, "strict", min_confidence=0.99)
-    fb.set_user(store, "wary", margin=1.0)
+    store = fb_store.open_store(home)
+    fb_users.set_user(store, "strict", min_confidence=0.99)
+    fb_users.set_user(store, "wary", margin=1.0)
     chain = build_chain(Settings(chain=("keyword",), home=home))
     default = chain.classify(TEXT)
     assert default["primary_intent"] != "general"
@@ -131,7 +133,7 @@ def test_a_users_min_confidence_never_undercuts_the_tiers_floor():
 
 def test_requests_record_their_user_in_the_store(home):
     chain = build_chain(Settings(chain=("keyword",), home=home))
-    chain.store = fb.open_store(home)
+    chain.store = fb_store.open_store(home)
     rid = chain.classify(TEXT, user="alice")["id"]
     assert chain.store.read("SELECT user FROM results WHERE id = ?", (rid,)) == [{"user": "alice"}]
 
@@ -172,7 +174,7 @@ def test_users_set_refuses_bad_thresholds(home, args):
 def test_users_show_and_learn_of_an_unknown_user_exit_2(home):
     assert cli("users", "show", "ghost", home=home).exit_code == EXIT_INPUT
     assert cli("users", "learn", "ghost", home=home).exit_code == EXIT_INPUT  # no store yet
-    fb.open_store(home)
+    fb_store.open_store(home)
     out = cli("users", "learn", "ghost", home=home)
     assert out.exit_code == EXIT_INPUT and "0 judged records, at least 20" in out.output
 
@@ -183,7 +185,7 @@ def test_user_thresholds_through_the_http_api(home):
     from mlx_intent.serve.app import create_app
 
     settings = Settings(chain=("keyword",), home=home, cache_size=0)
-    fb.set_user(fb.open_store(home), "strict", min_confidence=0.99)
+    fb_users.set_user(fb_store.open_store(home), "strict", min_confidence=0.99)
     with TestClient(create_app(settings, build_chain(settings)), base_url="http://127.0.0.1") as client:
         strict = client.post("/v1/classify", json={"text": TEXT, "user": "strict"}).json()
         plain = client.post("/v1/classify", json={"text": TEXT}).json()
@@ -201,7 +203,7 @@ def test_user_on_the_python_api(home, monkeypatch):
     import mlx_intent
 
     monkeypatch.setenv("MLX_INTENT_HOME", str(home))
-    fb.set_user(fb.open_store(home), "strict", min_confidence=0.99)
+    fb_users.set_user(fb_store.open_store(home), "strict", min_confidence=0.99)
     chain = mlx_intent.build_chain(Settings(chain=("keyword",), home=home))
     assert chain.classify(TEXT, user="strict")["primary_intent"] == "general"
     assert chain.classify_batch([TEXT], users=["someone"])[0]["primary_intent"] != "general"
@@ -210,7 +212,7 @@ def test_user_on_the_python_api(home, monkeypatch):
 # ---- learning a user's thresholds ---------------------------------------------------------------
 
 
-def synthetic(store: fb.Store, user: str, confidences: list[float], right_from: float) -> None:
+def synthetic(store: fb_store.Store, user: str, confidences: list[float], right_from: float) -> None:
     """Judged records of ``user``: right where the confidence is at least ``right_from``."""
     records = []
     for n, c in enumerate(confidences):
@@ -227,38 +229,38 @@ def synthetic(store: fb.Store, user: str, confidences: list[float], right_from: 
                 "top": top,
             }
         )
-    fb.record_results(store, records)
+    fb_store.record_results(store, records)
     for n, c in enumerate(confidences):
-        fb.add_feedback(store, f"{user}-{n}", "restaurant" if c >= right_from else "shopping")
+        fb_store.add_feedback(store, f"{user}-{n}", "restaurant" if c >= right_from else "shopping")
 
 
 def test_learning_fits_a_users_min_confidence_on_their_feedback_only(home):
-    store = fb.open_store(home)
+    store = fb_store.open_store(home)
     confidences = [round(0.3 + 0.6 * n / 29, 4) for n in range(30)]
     synthetic(store, "u1", confidences, right_from=0.62)
     synthetic(store, "u2", confidences, right_from=0.0)  # always right: must not move u1's fit
-    fit = fb.learn_user_thresholds(store, "u1")
+    fit = fb_users.learn_user_thresholds(store, "u1")
     first_right = min(c for c in confidences if c >= 0.62)
     assert fit["min_confidence"] == first_right and fit["records"] == 30
     assert fit["accuracy_accepted"] == 1.0 and fit["accuracy_before"] < 1.0
-    assert fb.get_user(store, "u1")["learned_from"] == 30
-    assert fb.learn_user_thresholds(store, "u2")["min_confidence"] == min(confidences)  # keep everything
+    assert fb_users.get_user(store, "u1")["learned_from"] == 30
+    assert fb_users.learn_user_thresholds(store, "u2")["min_confidence"] == min(confidences)  # keep everything
     out = cli("users", "learn", "u1", home=home)
     assert out.exit_code == 0 and f"min_confidence {first_right:g}" in out.output
     with pytest.raises(InputError, match="at least 40"):
-        fb.learn_user_thresholds(store, "u1", minimum=40)
+        fb_users.learn_user_thresholds(store, "u1", minimum=40)
 
 
 # ---- the store's migration ----------------------------------------------------------------------
 
 
 def test_a_version_1_store_migrates_and_keeps_its_records(home):
-    path = fb.db_path(home)
+    path = fb_store.db_path(home)
     path.parent.mkdir(parents=True)
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     db.execute("INSERT INTO schema_version VALUES (1)")
-    for statement in fb.MIGRATIONS[0]:
+    for statement in fb_store.MIGRATIONS[0]:
         db.execute(statement)
     db.execute(
         "INSERT INTO results VALUES ('r1', 't', 'bob', 'kebab?', NULL, 'en', 'restaurant', 0.9, '[\"restaurant\"]', "
@@ -270,13 +272,14 @@ def test_a_version_1_store_migrates_and_keeps_its_records(home):
     )
     db.commit()
     db.close()
-    store = fb.open_store(home)
+    store = fb_store.open_store(home)
     assert (
-        store.read("SELECT version FROM schema_version") == [{"version": fb.SCHEMA_VERSION}] and fb.SCHEMA_VERSION == 2
+        store.read("SELECT version FROM schema_version") == [{"version": fb_store.SCHEMA_VERSION}]
+        and fb_store.SCHEMA_VERSION == 2
     )
-    assert [r["id"] for r in fb.list_feedback(store)] == ["r1"]
-    assert fb.user_records(store, "bob") == [{"confidence": 0.9, "margin": 0.8, "correct": 1}]
-    assert fb.set_user(store, "bob", margin=0.1)["margin"] == 0.1
+    assert [r["id"] for r in fb_store.list_feedback(store)] == ["r1"]
+    assert fb_users.user_records(store, "bob") == [{"confidence": 0.9, "margin": 0.8, "correct": 1}]
+    assert fb_users.set_user(store, "bob", margin=0.1)["margin"] == 0.1
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -292,8 +295,8 @@ def test_user_ids_are_short_plain_strings(user):
         and all(c.isalnum() or c in "._@:+-" for c in user)
     )
     try:
-        assert fb.check_user(user) == user and ok
-    except fb.FeedbackError:
+        assert check_user(user) == user and ok
+    except FeedbackError:
         assert not ok
 
 
@@ -312,9 +315,9 @@ def test_thresholds_parse_in_their_ranges(p, m):
     ok_p = p is None or (pv is not None and 0 < pv <= 1)
     ok_m = m is None or 0 <= m <= 1
     try:
-        out = fb.check_thresholds(p, m)
+        out = fb_users.check_thresholds(p, m)
         assert ok_p and ok_m and out["min_confidence"] == (None if p is None else pv)
-    except fb.FeedbackError:
+    except FeedbackError:
         assert not (ok_p and ok_m)
 
 

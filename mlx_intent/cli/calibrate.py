@@ -11,8 +11,9 @@ from mlx_intent.cli.options import settings_options
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import pct, shown
-from mlx_intent.feedback import calibration_rows, db_path
+from mlx_intent.evaluation.report import pct, shown
+from mlx_intent.feedback.data import calibration_rows
+from mlx_intent.feedback.store import db_path
 from mlx_intent.models import registry
 from mlx_intent.schema import MAX_INTENTS
 from mlx_intent.settings import Settings

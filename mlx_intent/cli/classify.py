@@ -14,8 +14,9 @@ from mlx_intent import batch_io
 from mlx_intent import distributed as dist
 from mlx_intent.cli.options import chain_for, check_log, check_writable, same_file, settings_options
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import check_user, open_store
+from mlx_intent.feedback.store import open_store
 from mlx_intent.models import registry
+from mlx_intent.results import check_user
 from mlx_intent.settings import Settings
 
 

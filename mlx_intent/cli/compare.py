@@ -12,16 +12,8 @@ from mlx_intent.errors import EXIT_INPUT, EXIT_MODEL
 from mlx_intent.evaluation import scores
 from mlx_intent.evaluation.compare import delta, render
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import (
-    chain_names,
-    default_report,
-    make_chain,
-    pct,
-    reproduce,
-    run,
-    summarize,
-    write_report,
-)
+from mlx_intent.evaluation.report import default_report, pct, reproduce, write_report
+from mlx_intent.evaluation.run import chain_names, make_chain, run, summarize
 from mlx_intent.settings import Settings
 
 _HELP = f"""A/B test: run chains A and B (comma-separated tiers, e.g. keyword and smollm2-135m,keyword) on DATA.

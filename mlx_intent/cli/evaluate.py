@@ -12,21 +12,8 @@ from mlx_intent import distributed as dist
 from mlx_intent.cli.options import check_log, check_writable, same_file, settings_options
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, EXIT_MODEL, InputError, UserError
 from mlx_intent.evaluation.data import data_path, read_labelled
-from mlx_intent.evaluation.run import (
-    chain_names,
-    default_report,
-    footer,
-    headline,
-    make_chain,
-    pct,
-    prediction_rows,
-    render,
-    reproduce,
-    run,
-    summarize,
-    use_base_models,
-    write_report,
-)
+from mlx_intent.evaluation.report import default_report, footer, headline, pct, render, reproduce, write_report
+from mlx_intent.evaluation.run import chain_names, make_chain, prediction_rows, run, summarize, use_base_models
 from mlx_intent.settings import Settings
 
 _HELP = f"""Evaluate the chain (or one tier) on labelled DATA and write a Markdown report with figures.

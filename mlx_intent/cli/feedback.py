@@ -14,7 +14,8 @@ import click
 
 from mlx_intent.cli.options import check_writable, home_options
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import Store, add_feedback, db_path, export_rows, list_feedback, open_store, queue
+from mlx_intent.feedback.data import export_rows, queue
+from mlx_intent.feedback.store import Store, add_feedback, db_path, list_feedback, open_store
 from mlx_intent.schema import MAX_INTENTS
 from mlx_intent.settings import Settings
 

@@ -12,7 +12,7 @@ from mlx_intent.calibration import read_place
 from mlx_intent.cli.options import chain_in_force, clean_stale, home_options
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError
-from mlx_intent.feedback import DB_NAME
+from mlx_intent.feedback.store import DB_NAME
 from mlx_intent.models import registry
 from mlx_intent.settings import Settings
 

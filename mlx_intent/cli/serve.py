@@ -15,7 +15,7 @@ import click
 
 from mlx_intent.cli.options import chain_for, settings_options
 from mlx_intent.errors import InputError, UserError
-from mlx_intent.feedback import SERVE_BUSY_TIMEOUT_MS, open_store
+from mlx_intent.feedback.store import SERVE_BUSY_TIMEOUT_MS, open_store
 from mlx_intent.settings import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, KEEP_ALIVE_S, MAX_WAIT_MS, QUEUE_SIZE, Settings
 from mlx_intent.tuner.recalibrate import Recalibrator
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from mlx_intent.cli.options import check_writable, settings_options
-from mlx_intent.feedback import accuracy, open_store
+from mlx_intent.feedback.data import accuracy
+from mlx_intent.feedback.store import open_store
 from mlx_intent.metrics import LogRecords, read_log
 from mlx_intent.settings import Settings
 from mlx_intent.stats import (

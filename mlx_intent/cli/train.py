@@ -10,7 +10,7 @@ import click
 from mlx_intent.cli.options import clean_stale, home_options
 from mlx_intent.encoder import NAME as ENCODER
 from mlx_intent.errors import InputError, ModelError
-from mlx_intent.feedback import FEEDBACK_WEIGHT, fold_feedback, training_rows
+from mlx_intent.feedback.data import FEEDBACK_WEIGHT, fold_feedback, training_rows
 from mlx_intent.models import registry
 from mlx_intent.settings import Settings
 
@@ -100,7 +100,7 @@ def train(
     clean_stale(target.parent)
     feedback = training_rows(settings.home) if with_feedback else []
     if model == ENCODER:
-        from mlx_intent.context import with_request_pairs
+        from mlx_intent.tuner.augment import with_request_pairs
         from mlx_intent.tuner.encoder import train_encoder
 
         def rows_of(names):

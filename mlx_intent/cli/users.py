@@ -12,17 +12,16 @@ import click
 
 from mlx_intent.cli.options import home_options
 from mlx_intent.errors import InputError
-from mlx_intent.feedback import (
+from mlx_intent.feedback.store import db_path, open_store
+from mlx_intent.feedback.users import (
     MIN_USER_RECORDS,
-    check_user,
-    db_path,
     delete_user,
     get_user,
     learn_user_thresholds,
     list_users,
-    open_store,
     set_user,
 )
+from mlx_intent.results import check_user
 from mlx_intent.settings import Settings
 
 

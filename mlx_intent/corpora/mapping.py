@@ -1,7 +1,7 @@
 """The reviewed label maps: source intent -> one of our 15 intents, or dropped.
 
 The maps are TSV package data (maps/<corpus>.tsv: source_intent, intent, reason), one
-line per source label, each with a reason citing shared/intents.md, so that a reviewer
+line per source label, each with a reason citing the labelling guide (schema.py), so that a reviewer
 reads and diffs decisions rather than code.  `-` drops a label that is genuinely
 ambiguous for our schema.  maps/<corpus>.exclude.tsv (id, reason) drops single rows of
 training splits that contradict their label's mapping (e.g. a taxi to the airport:

@@ -254,7 +254,7 @@ def bench_llm(name: str, texts: list[str], config: BenchConfig, home: Path | Non
     return figures
 
 
-def bench_encoder(texts: list[str], config: BenchConfig, combine: bool, step: Step) -> dict:
+def bench_encoder(texts: list[str], config: BenchConfig, combine: bool, step: Step, home: Path | None = None) -> dict:
     """The e5-small tier as the default chain runs it (``combine``: blended with the keyword tier).  An encoder
     neither prefills a prompt nor decodes: those figures, generation's and the naive baseline's are None."""
     import mlx.core as mx
@@ -262,7 +262,7 @@ def bench_encoder(texts: list[str], config: BenchConfig, combine: bool, step: St
     from mlx_intent.encoder import EncoderClassifier
 
     mx.reset_peak_memory()
-    load_ms, clf = _ms(lambda: EncoderClassifier(combine=combine))
+    load_ms, clf = _ms(lambda: EncoderClassifier(combine=combine, home=home))
     step("load")
     figures = {
         "kind": "encoder",
@@ -356,7 +356,7 @@ def run_bench(
                 chain_settings = settings if settings is not None else load_settings()
                 result["models"][name] = bench_chain(texts, config, chain_settings, step)
             elif name == ENCODER:
-                result["models"][name] = bench_encoder(texts, config, combine, step)
+                result["models"][name] = bench_encoder(texts, config, combine, step, home)
             else:
                 result["models"][name] = bench_llm(name, texts, config, home, step)
         gc.collect()  # the model just measured is freed before the next one loads

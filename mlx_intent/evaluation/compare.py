@@ -10,14 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mlx_intent.evaluation.run import (
-    lang_order,
-    machine_lines,
-    num,
-    pct,
-    shown,
-    table,
-)
+from mlx_intent.evaluation.report import lang_order, machine_lines, num, pct, shown, table
 from mlx_intent.schema import INTENTS
 
 

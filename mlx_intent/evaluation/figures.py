@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: files only, no display
 from matplotlib.figure import Figure
 
-from mlx_intent.evaluation.run import lang_order, num, pct
+from mlx_intent.evaluation.report import lang_order, num, pct
 from mlx_intent.schema import INTENTS
 
 

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_intent.settings import environment_home
+from mlx_intent.settings import settings_home
 
 GB = 1024**3
 STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
@@ -212,12 +212,12 @@ def chat_format(folder: Path) -> str | None:
 
 
 def home(home: Path | None = None) -> Path:
-    """The models folder: ``home`` when given, else the home setting's environment layer
-    (MLX_INTENT_HOME, read by settings), else models/ of the checkout, else ~/.cache."""
+    """The models folder: ``home`` when given (``Settings.home``), else the home setting as the settings read
+    it (``.env`` < MLX_INTENT_HOME: ``settings.settings_home``), else models/ of the checkout, else ~/.cache."""
     if home is not None:
         return Path(home).expanduser()
-    if (env := environment_home()) is not None:
-        return env
+    if (setting := settings_home()) is not None:
+        return setting
     checkout = Path(__file__).resolve().parents[2]  # mlx_intent/models/registry.py -> the checkout
     if (checkout / "pyproject.toml").is_file():
         return checkout / "models"

@@ -21,8 +21,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mlx_intent import feedback
-from mlx_intent.chain import Chain, Reason
+from mlx_intent.chain import Chain
+from mlx_intent.feedback.store import StoreError
+from mlx_intent.results import FeedbackError, Reason
 from mlx_intent.serve.batcher import STREAM, Job
 from mlx_intent.serve.middleware import LOOPBACK_HOSTS, Guard, allowed_hosts, is_loopback, json_errors, server_config
 from mlx_intent.serve.schemas import (
@@ -228,9 +229,9 @@ def feedback_route(body: FeedbackRequest, service: Served):
         return error(404, "this server does not record answers (started with --no-record)")
     try:
         return service.feedback(body)
-    except feedback.FeedbackError as e:  # its words name the store's file: not the client's to know
+    except FeedbackError as e:  # its words name the store's file: not the client's to know
         return error(e.status, str(e).replace(str(store.path), "this server's feedback store"))
-    except feedback.StoreError:  # locked by another process past the busy timeout, a full disk
+    except StoreError:  # locked by another process past the busy timeout, a full disk
         log.warning("feedback not stored: the store is unavailable", exc_info=True)
         return error(503, "the feedback store is busy or unavailable; try again", None, {"Retry-After": "5"})
 

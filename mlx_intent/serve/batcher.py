@@ -29,8 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from mlx_intent.chain import ABSENT, WARM_TEXT, Chain, PassOver, Reason, Tier
+from mlx_intent.chain import WARM_TEXT, Chain, Tier
 from mlx_intent.models import registry
+from mlx_intent.results import ABSENT, PassOver, Reason
 from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
 STREAM, WARM, GENERATE = "stream", "warm", "generate"

@@ -1,14 +1,21 @@
 """The server's Prometheus metrics, in a registry of their own (several apps may live in one process): requests
 by endpoint and status (counted by the middleware), answers by intent and tier, fallbacks, tiers absent here,
-cache hits, abandoned requests, batch sizes, the queue, peak memory and lost log records."""
+cache hits, abandoned requests, batch sizes, the queue, peak memory and lost log records; and the feedback
+store's figures, read at each scrape (``register_metrics``)."""
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from mlx_intent.chain import Chain
+from mlx_intent.feedback.data import accuracy
+from mlx_intent.feedback.store import Store, StoreError
 from mlx_intent.metrics import MB, is_absent, is_warming
 from mlx_intent.serve.batcher import Batcher
+from mlx_intent.stats import feedback_alert
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -78,3 +85,33 @@ class Prometheus:
                 self.absent.labels(tier, kind).set(0)
         if result.get("cached"):
             self.cache_hits.inc()
+
+
+def register_metrics(registry, store: Store) -> None:
+    """Gauges of the feedback in a Prometheus registry, read from the store at each scrape (other processes
+    write to it too): accuracy, records by verdict, and the critical alert of ``stats --check``."""
+
+    class Collector:
+        def collect(self):
+            lost = GaugeMetricFamily(
+                "mlx_intent_feedback_results_lost", "Answers given whose record the store could not keep; only grows"
+            )
+            lost.add_metric([], store.lost)
+            try:
+                figures = accuracy(store)
+            except StoreError:  # busy past its timeout: this scrape goes without the feedback figures
+                return [lost]
+            rate = GaugeMetricFamily(
+                "mlx_intent_feedback_accuracy", "Share of judged answers whose primary intent was right (NaN: none)"
+            )
+            rate.add_metric([], math.nan if figures["rate"] is None else figures["rate"])
+            records = GaugeMetricFamily("mlx_intent_feedback_records", "Feedback records", labels=["verdict"])
+            records.add_metric(["confirmed"], figures["confirmed"])
+            records.add_metric(["corrected"], figures["corrected"])
+            alert = GaugeMetricFamily(
+                "mlx_intent_feedback_accuracy_critical", "1 while feedback accuracy raises the critical alert"
+            )
+            alert.add_metric([], float(feedback_alert(figures) is not None))
+            return [lost, rate, records, alert]
+
+    registry.register(Collector())

@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
-from mlx_intent import feedback
-from mlx_intent.chain import Reason
 from mlx_intent.context import MAX_CONTEXT_TURNS
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
+from mlx_intent.results import Reason, check_user
 from mlx_intent.schema import MAX_INTENTS, Intent
 from mlx_intent.serve.sessions import MAX_SESSION_ID
 from mlx_intent.settings import BODY_TIMEOUT_S, MODES
@@ -34,7 +33,7 @@ def _readable(text: str) -> str:
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_readable)]
 Mode = Literal[MODES]  # type: ignore[valid-type]
-User = Annotated[str, AfterValidator(feedback.check_user)]
+User = Annotated[str, AfterValidator(check_user)]
 USER_HELP = "Whose thresholds apply (mlx-intent users set); an unknown user gets the defaults."
 
 

@@ -14,10 +14,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from mlx_intent import feedback
-from mlx_intent.chain import Chain, Reason, timing_fields
+from mlx_intent.chain import Chain, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
+from mlx_intent.feedback.store import add_feedback
 from mlx_intent.models import registry
+from mlx_intent.results import Reason
 from mlx_intent.serve.batcher import (
     ABSENT_STATE,
     READY,
@@ -33,7 +34,7 @@ from mlx_intent.serve.batcher import (
     mode_chain,
     watched,
 )
-from mlx_intent.serve.metrics import Prometheus
+from mlx_intent.serve.metrics import Prometheus, register_metrics
 from mlx_intent.serve.schemas import FeedbackRequest, Turn
 from mlx_intent.serve.sessions import Sessions
 from mlx_intent.settings import MODES, Settings
@@ -82,7 +83,7 @@ class Service:
         )
         self.prometheus = Prometheus(self.batcher, chain)
         if chain.store is not None:
-            feedback.register_metrics(self.prometheus.registry, chain.store)
+            register_metrics(self.prometheus.registry, chain.store)
         self.batcher.on_batch = self.prometheus.batches.observe
         self.sessions = sessions if sessions is not None else Sessions()
         self.up, self.probe, self.stopping = Job([], WARM), None, False  # the warm-up; a degraded tier's retry
@@ -177,9 +178,9 @@ class Service:
         return await self.answered(texts, results, start, user, contexts)
 
     def feedback(self, body: FeedbackRequest) -> dict:
-        """Store a correction or confirmation of an answer (raises feedback.FeedbackError, StoreError)."""
+        """Store a correction or confirmation of an answer (raises FeedbackError, StoreError)."""
         fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
-        return feedback.add_feedback(self.chain.store, body.id, body.primary_intent, body.all_intents, **fields)
+        return add_feedback(self.chain.store, body.id, body.primary_intent, body.all_intents, **fields)
 
     def readiness(self) -> dict:
         """/healthz's body, decided from the tiers' states now; a degraded server queues one warm-up job at a

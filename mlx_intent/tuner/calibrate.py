@@ -20,7 +20,7 @@ import numpy as np
 from mlx_intent import calibration
 from mlx_intent.calibration import T_RANGE
 from mlx_intent.evaluation import scores
-from mlx_intent.evaluation.run import num, pct, shown
+from mlx_intent.evaluation.report import num, pct, shown
 from mlx_intent.schema import INTENTS, MAX_INTENTS
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 11))  # 0.05 .. 0.5

@@ -8,7 +8,7 @@ what makes training fit on a 2-core CPU.  The loss is a cross-entropy of the pri
 calibration rows, which are neither trained on nor reported.
 
 A row with earlier turns (a conversation set's, or feedback on a conversation) is read as
-``earlier turns </s> turn`` (context.encoder_text) and labelled as the conversation reads it: a
+``earlier turns </s> turn`` (augment.encoder_text) and labelled as the conversation reads it: a
 follow-up with the intent it continues.  That teaches the encoder to read a turn in its
 conversation, which the chain asks of it when it decides whether a turn continues the earlier ones
 (mlx_intent/context.py).
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_intent.context import encoder_text
 from mlx_intent.encoder import HEAD_CONFIG, HEAD_DIR, HEAD_WEIGHTS, by_language, encode_ids, head_module
 from mlx_intent.evaluation import scores
 from mlx_intent.langid import detect_language
@@ -34,6 +33,7 @@ from mlx_intent.models import backend
 from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS
 from mlx_intent.staging import staging_dir
 from mlx_intent.tuner import check_better_than_chance, check_finite, install
+from mlx_intent.tuner.augment import encoder_text
 from mlx_intent.tuner.calibrate import fit_temperature, temper
 
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95

@@ -9,8 +9,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from mlx_intent import feedback
-from mlx_intent.feedback import StoreError, calibration_part, written
+from mlx_intent.feedback import data
+from mlx_intent.feedback.data import calibration_part
+from mlx_intent.feedback.store import StoreError, written
 
 log = logging.getLogger("mlx_intent.tuner.recalibrate")
 POLL_S = 1.0  # seconds between looks at the feedback store
@@ -65,12 +66,12 @@ class Recalibrator:
         poll_s: float | None = None,
         refit: Callable[[object, list[dict]], dict | None] = refit_classifier,
     ) -> None:
-        """``minimum`` records in the calibration part (default feedback.MIN_CALIBRATION_RECORDS, read when built)
+        """``minimum`` records in the calibration part (default data.MIN_CALIBRATION_RECORDS, read when built)
         before a refit; the store is looked at every ``poll_s`` seconds (default POLL_S)."""
         if chain.store is None:
             raise ValueError("recalibration needs a chain that records (a store)")
         self.store, self.every, self.refit = chain.store, every, refit
-        self.minimum = feedback.MIN_CALIBRATION_RECORDS if minimum is None else minimum
+        self.minimum = data.MIN_CALIBRATION_RECORDS if minimum is None else minimum
         self.poll_s = POLL_S if poll_s is None else poll_s
         self.seen = written(self.store)
         self.pending: list[dict] | None = None

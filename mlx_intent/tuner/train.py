@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlx_intent.errors import InputError
 from mlx_intent.evaluation.data import read_labelled
-from mlx_intent.feedback import fold_feedback
+from mlx_intent.feedback.data import fold_feedback
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab
@@ -128,7 +128,7 @@ def train_adapter(
     feedback: list[dict] | None = None,
 ) -> dict:
     """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary.
-    ``feedback`` rows (``mlx_intent.feedback.training_rows``) are folded into the training rows, outweighing them.
+    ``feedback`` rows (``mlx_intent.feedback.data.training_rows``) are folded into the training rows, outweighing them.
     An adapter already in ``out_dir`` is kept aside as ``<name>.previous/`` (``mlx-intent train`` asks for --force).
     ``home`` is the models folder the model loads from and the adapter goes to (None: the registry default)."""
     import mlx.core as mx
