@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from mlx_intent.calibration import read_place
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
@@ -109,15 +110,41 @@ def fallback(tier: str, kind: Reason, reason: str) -> dict:
     return {"tier": tier, "reason": bounded(reason), "kind": Reason(kind).value}
 
 
+class Classifier(Protocol):
+    """What a model tier runs: the LLM classifier (``classifier.IntentClassifier``) and the e5-small encoder
+    (``encoder.EncoderClassifier``) both are one.  ``contexts`` holds each text's earlier turns (oldest first);
+    a classifier that reads no conversation ignores them."""
+
+    def classify_batch(self, texts: list[str], *, contexts: Sequence[Sequence[str]] | None = None) -> list[dict]: ...
+
+
+class Kind(str, Enum):
+    """What a tier is: the chain, the server and the evaluation ask ``Tier.kind``, never guess from its model."""
+
+    LLM = "llm"  # a causal LM in the model pool: decodes in a mode, streams, reads the conversation
+    ENCODER = "encoder"  # the e5-small encoder (blended with the keyword tier and maybe an LLM)
+    KEYWORD = "keyword"  # the keyword tier
+    GENERAL = "general"  # the last tier, which always answers
+    RULE = "rule"  # any other tier that loads no model (a stand-in, a test's)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MODEL_KINDS = frozenset({Kind.LLM, Kind.ENCODER})  # the tiers that load a model: watched, warmed, recalibrated
+
+
 @dataclass
 class Tier:
     """A named classifier: ``run(texts) -> results`` (schema fields at least).
-    ``load`` readies it (raising PassOver); its time does not count against the budget."""
+    ``load`` readies it (raising PassOver) and gives its Classifier (a model tier's; None for the others); its time
+    does not count against the budget."""
 
     name: str
     run: Callable[[list[str]], list[dict]]
     load: Callable[[], object] = lambda: None
-    model: str | None = None
+    model: str | None = None  # the model it runs, as its results name it
+    kind: Kind = Kind.RULE
     threshold: float = 0.0
     budget_ms: float | None = None
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
@@ -134,6 +161,17 @@ class Tier:
     # raising PassOver(LOADING) before that: what it answers while the server warms up.  None: ``run`` once loaded.
     alone: Callable[[list[str]], list[dict]] | None = None
 
+    @property
+    def loads_model(self) -> bool:
+        """Whether it loads a model (an LLM, the encoder): a load to watch, warm, recalibrate or pass over."""
+        return self.kind in MODEL_KINDS
+
+    def classifier(self) -> Classifier:
+        """A model tier's classifier, loaded (raising PassOver where it cannot be)."""
+        if not self.loads_model:
+            raise TypeError(f"tier {self.name} ({self.kind}) has no classifier")
+        return self.load()
+
 
 def keyword_tier(home: Path | None = None) -> Tier:
     """The keyword tier, with the fit of ``home`` (the models folder) or the packaged one."""
@@ -141,12 +179,12 @@ def keyword_tier(home: Path | None = None) -> Tier:
 
     # A broken lexicon fails at start-up, naming it; a broken calibration only costs the calibration (a warning).
     keyword = KeywordClassifier(home=home)
-    return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts])
+    return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts], kind=Kind.KEYWORD)
 
 
 def general_tier() -> Tier:
     answer = {"primary_intent": FALLBACK_INTENT, "confidence": GENERAL_CONFIDENCE, "all_intents": [FALLBACK_INTENT]}
-    return Tier(GENERAL, lambda texts: [dict(answer) for _ in texts])
+    return Tier(GENERAL, lambda texts: [dict(answer) for _ in texts], kind=Kind.GENERAL)
 
 
 @dataclass
@@ -320,6 +358,7 @@ def encoder_tier(
         run,
         load,
         model=encoder.NAME,
+        kind=Kind.ENCODER,
         threshold=threshold,
         budget_ms=budget_ms,
         veto=not combine,
@@ -343,6 +382,7 @@ def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> 
         run,
         lambda: pool.get(name),
         model=name,
+        kind=Kind.LLM,
         threshold=threshold,
         budget_ms=budget_ms,
         contextual=True,
@@ -668,7 +708,7 @@ class Chain:
                 continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
             results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model, "ambiguous": ambiguous}
-        if tier.model is not None and self.secondaries is not None:
+        if tier.loads_model and self.secondaries is not None:
             passed = set(left)
             answered = [i for i in todo if i not in passed]
             left = sorted(left + self._second_opinion(tier, texts, answered, results, fallbacks))

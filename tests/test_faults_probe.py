@@ -537,12 +537,12 @@ def test_a_converted_folder_whose_config_does_not_fit_is_refused_at_load(tmp_pat
 
 
 def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
-    from mlx_intent.chain import MAX_REASON_CHARS, Chain, PassOver, Reason, Tier, keyword_tier
+    from mlx_intent.chain import MAX_REASON_CHARS, Chain, Kind, PassOver, Reason, Tier, keyword_tier
 
     def load():
         raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)
 
-    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted"), keyword_tier()])
+    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted", kind=Kind.LLM), keyword_tier()])
     result = chain.classify("Where can I eat fish?")
     [entry] = result["fallbacks"]
     assert entry["kind"] == "load_failed" and len(entry["reason"]) <= MAX_REASON_CHARS
@@ -677,11 +677,11 @@ class Model:
 
 
 def model_app(model: Model, log: Path | None = None):
-    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.chain import Chain, Kind, Tier, keyword_tier
     from mlx_intent.serve.app import create_app
     from mlx_intent.settings import Settings
 
-    tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm")
+    tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm", kind=Kind.LLM)
     chain = Chain([tier, keyword_tier()], log=ClassificationLog(log) if log else None)
     return create_app(Settings(chain=("keyword",)), chain, request_timeout_ms=600_000)
 

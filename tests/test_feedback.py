@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from test_server import WAIT_S, until
 
 from mlx_intent import feedback as fb
-from mlx_intent.chain import Chain, Tier, build_chain
+from mlx_intent.chain import Chain, Kind, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
@@ -414,7 +414,7 @@ class Probe:
 
 def probe_chain(home) -> tuple[Chain, Probe]:
     probe = Probe()
-    tier = Tier("probe", lambda texts: probe.classify_batch(texts), load=lambda: probe, model="probe")
+    tier = Tier("probe", lambda texts: probe.classify_batch(texts), load=lambda: probe, model="probe", kind=Kind.LLM)
     return Chain([tier], cache_size=0, store=fb.open_store(home)), probe
 
 

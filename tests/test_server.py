@@ -33,7 +33,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from mlx_intent import schema
-from mlx_intent.chain import Chain, PassOver, Reason, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, Kind, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app, server_config
 from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient
@@ -274,7 +274,7 @@ def test_health_skips_a_tier_that_is_not_downloaded(models_home):
 
 def test_readiness_decides_on_the_reason_kind():
     def declines(kind: Reason, words: str) -> Tier:
-        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL)
+        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL, kind=Kind.LLM)
 
     def after_warm_up(tier: Tier) -> dict:
         states = {}
@@ -300,7 +300,7 @@ def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
     def broken():
         raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
-    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL), keyword_tier()])
+    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL, kind=Kind.LLM), keyword_tier()])
     with running(create_app(SETTINGS, chain)) as (base, _):
         until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
         r = httpx.get(f"{base}/healthz")
@@ -352,7 +352,11 @@ def test_metrics_and_results_tell_absent_tiers_from_runtime_fallbacks():
         ]
 
     chain = Chain(
-        [Tier("big", lambda texts: [], absent, model="big"), Tier("picky", picky, threshold=0.5), keyword_tier()],
+        [
+            Tier("big", lambda texts: [], absent, model="big", kind=Kind.LLM),
+            Tier("picky", picky, threshold=0.5),
+            keyword_tier(),
+        ],
         cache_size=0,
     )
     with running(create_app(SETTINGS, chain)) as (base, _):
@@ -410,7 +414,7 @@ def fake_chains(gate: threading.Event, busy: threading.Event, runs: list) -> dic
             runs.append((intent, list(texts)))
             return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
 
-        return Tier(intent, run, model=intent)
+        return Tier(intent, run, model=intent, kind=Kind.LLM)
 
     return {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_intent import feedback as fb
-from mlx_intent.chain import GENERAL, Chain, Reason, Tier, build_chain, top_gap
+from mlx_intent.chain import GENERAL, Chain, Kind, Reason, Tier, build_chain, top_gap
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_INPUT, InputError
 from mlx_intent.settings import Settings, SettingsError, load_settings
@@ -26,7 +26,7 @@ TEXT = "best kebab in Kadikoy"
 def fake(name: str, top: list[tuple[str, float]], model: str | None = "fake", **kw) -> Tier:
     """A tier answering every text with the distribution ``top``."""
     answer = {"primary_intent": top[0][0], "confidence": top[0][1], "all_intents": [top[0][0]], "top": top}
-    return Tier(name, lambda texts: [dict(answer) for _ in texts], model=model, **kw)
+    return Tier(name, lambda texts: [dict(answer) for _ in texts], model=model, kind=Kind.LLM, **kw)
 
 
 CLOSE = [("restaurant", 0.48), ("nearby_locations", 0.42), ("general", 0.1)]  # 0.06 apart

@@ -12,10 +12,10 @@ import click
 
 from mlx_intent import batch_io
 from mlx_intent import distributed as dist
+from mlx_intent.chain import Kind
 from mlx_intent.cli.options import chain_for, check_log, check_writable, same_file, settings_options
 from mlx_intent.errors import InputError, UserError
 from mlx_intent.feedback import check_user, open_store
-from mlx_intent.models import registry
 from mlx_intent.settings import Settings
 
 
@@ -118,7 +118,7 @@ def _chain(settings: Settings, sample: bool, record: bool = False):
 def _need_llm(chain, what: str) -> None:
     """Generation and sampling are the LLM tiers' decoding: with no LLM tier that can load, refuse (exit 2) rather
     than let the encoder answer as if they had been applied."""
-    llms = [t for t in chain.tiers if t.model in registry.REGISTRY]
+    llms = [t for t in chain.tiers if t.kind is Kind.LLM]
     reasons = [(t.name, t.absent()) for t in llms]
     if any(why is None for _, why in reasons):
         return

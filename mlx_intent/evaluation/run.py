@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlx_intent.chain import ABSENT, GENERAL, Chain, PassOver, build_chain, default_chain_names, model_floor
+from mlx_intent.chain import ABSENT, GENERAL, Chain, Kind, PassOver, build_chain, default_chain_names, model_floor
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
 from mlx_intent.metrics import is_absent, peak_memory_mb, peak_rss_mb, runtime_fallback
@@ -49,7 +49,7 @@ def use_base_models(chain: Chain) -> None:
     from mlx_intent.classifier import IntentClassifier
 
     for tier in chain.tiers:
-        if tier.model is not None and chain.pool is not None:
+        if tier.kind is Kind.LLM and chain.pool is not None:  # the encoder has no adapter: it keeps its head
             try:
                 chain.pool.loaded[tier.model] = IntentClassifier(
                     tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home

@@ -880,7 +880,7 @@ def create_app(
         for index, tier in enumerate(served.tiers):
             if tier.name in registry.REGISTRY:
                 continue
-            state = states.get(tier.name, TierState()).state if tier.model else READY
+            state = states.get(tier.name, TierState()).state if tier.loads_model else READY
             on_disk = "missing" if state == ABSENT_STATE or tier.absent() is not None else "downloaded"
             shown = "ready" if state == READY else on_disk
             listed.append({"name": tier.name, "state": shown, "loaded": state == READY, "tier": index})

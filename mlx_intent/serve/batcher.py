@@ -29,8 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from mlx_intent.chain import ABSENT, WARM_TEXT, Chain, PassOver, Reason, Tier
-from mlx_intent.models import registry
+from mlx_intent.chain import ABSENT, WARM_TEXT, Chain, Kind, PassOver, Reason, Tier
 from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
 STREAM, WARM, GENERATE = "stream", "warm", "generate"
@@ -106,19 +105,19 @@ def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
 
         return replace(tier, load=load)
 
-    return chain.derive(tiers=[watch(t) if t.model else t for t in chain.tiers])
+    return chain.derive(tiers=[watch(t) if t.loads_model else t for t in chain.tiers])
 
 
 def mode_chain(chain: Chain, mode: str) -> Chain:
     """The same tiers, loaded models and metrics, with the LLM tiers decoding in ``mode``; its own cache,
     since the two modes may answer differently."""
-    tiers = [_in_mode(t, mode) if t.model else t for t in chain.tiers]
+    tiers = [_in_mode(t, mode) if t.kind is Kind.LLM else t for t in chain.tiers]
     return chain.derive(tiers=tiers)
 
 
 def _in_mode(tier: Tier, mode: str) -> Tier:
     def run(texts: list[str], contexts=None) -> list[dict]:
-        clf = tier.load()
+        clf = tier.classifier()
         if contexts is None:
             return clf.classify_batch(texts, mode=mode)
         return clf.classify_batch(texts, mode=mode, contexts=contexts)
@@ -138,23 +137,25 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     def passed(tier: Tier) -> Tier:
         state = (states or {}).get(tier.name)
         if state is not None and state.state == ABSENT_STATE:
-            return _passed(tier.name, state.kind, state.detail)
+            return _passed(tier, state.kind, state.detail)
         if kind == Reason.LOADING and tier.early and tier.alone is None and state is not None and state.state == READY:
             return replace(tier, budget_ms=None)  # the best tier there is until the LLMs are in: never timed out
         if (absent := tier.absent()) is not None:
-            return _passed(tier.name, absent.kind, absent.detail)
+            return _passed(tier, absent.kind, absent.detail)
         if kind == Reason.LOADING and tier.early and tier.alone is not None:  # answers once loaded, loading nothing
             return replace(tier, run=tier.alone, load=lambda: None, budget_ms=None)
-        return _passed(tier.name, kind, reason)
+        return _passed(tier, kind, reason)
 
-    return _uncached([passed(t) if t.model else t for t in chain.tiers], chain)
+    return _uncached([passed(t) if t.loads_model else t for t in chain.tiers], chain)
 
 
-def _passed(name: str, kind: Reason, reason: str) -> Tier:
+def _passed(tier: Tier, kind: Reason, reason: str) -> Tier:
+    """``tier`` passing every text over for ``reason`` (of ``kind``), loading nothing."""
+
     def run(texts: list[str]) -> list[dict]:
         raise PassOver(kind, reason)
 
-    return Tier(name, run)
+    return Tier(tier.name, run, kind=tier.kind)
 
 
 def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]) -> dict:
@@ -165,13 +166,13 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
     tier's latency budget is not applied: the client watches the answer being written."""
     passed: list[Tier] = []
     for index, tier in enumerate(chain.tiers):
-        if not tier.model:
+        if not tier.loads_model:
             break
         try:
-            clf = tier.load()
+            clf = tier.classifier()
         except Exception as e:
             kind = e.kind if isinstance(e, PassOver) else Reason.ERROR
-            passed.append(_passed(tier.name, kind, str(e) if isinstance(e, PassOver) else _error(e)))
+            passed.append(_passed(tier, kind, str(e) if isinstance(e, PassOver) else _error(e)))
             continue
         result = None
         try:
@@ -183,7 +184,7 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
         except Dropped:  # nobody is reading: neither finish nor answer
             raise
         except Exception as e:  # empty once cleaned, a fault in the model: the tiers below answer
-            replay = _passed(tier.name, Reason.ERROR, _error(e))
+            replay = _passed(tier, Reason.ERROR, _error(e))
         else:
             replay = replace(tier, run=lambda texts, r=result: [r], load=lambda: None, budget_ms=None)
         return _uncached([*passed, replay, *chain.tiers[index + 1 :]], chain).classify(text)
@@ -205,8 +206,8 @@ def warm(chain: Chain, states: dict[str, TierState]) -> None:
     warm-up query is neither logged nor counted.  A tier that cannot load is recorded by its watch and skipped."""
     room = chain.pool.max_loaded if chain.pool is not None else math.inf
     for tier in sorted(chain.tiers, key=lambda t: not t.early):
-        pooled = tier.model in registry.REGISTRY
-        if not tier.model or (pooled and room <= 0):
+        pooled = tier.kind is Kind.LLM  # held in the model pool, which has room for max_loaded
+        if not tier.loads_model or (pooled and room <= 0):
             continue
         if states.get(tier.name, TierState()).state == READY:
             room -= pooled
@@ -227,7 +228,7 @@ def health(chain: Chain, states: dict[str, TierState]) -> dict:
     ones skipped) is loaded, degraded while it fails, warming while it is not yet tried or loading.  A
     chain without model tiers is ready at once."""
     for tier in chain.tiers:
-        state = states.get(tier.name, TierState()) if tier.model else TierState(READY)
+        state = states.get(tier.name, TierState()) if tier.loads_model else TierState(READY)
         if state.state == READY:
             return {"ready": True, "status": "ready", "primary": tier.name, "detail": None}
         if state.state == FAILED:

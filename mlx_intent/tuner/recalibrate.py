@@ -78,7 +78,7 @@ class Recalibrator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        chain.tiers[:] = [replace(t, load=self._loading(t.load)) if t.model else t for t in chain.tiers]
+        chain.tiers[:] = [replace(t, load=self._loading(t.load)) if t.loads_model else t for t in chain.tiers]
 
     def _loading(self, load: Callable[[], object]) -> Callable[[], object]:
         def wrapped():
