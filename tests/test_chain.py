@@ -490,7 +490,8 @@ def test_bundled_model_below_the_threshold_falls_to_keyword(smol):
 
 def test_bundled_classify_batch_raising_falls_to_keyword(smol, monkeypatch):
     chain, _ = smol
-    monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", lambda texts: raise_(RuntimeError("Metal OOM")))
+    oom = lambda texts, **kw: raise_(RuntimeError("Metal OOM"))  # noqa: E731
+    monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", oom)
     result = Chain(chain.tiers, cache_size=0, pool=chain.pool).classify("ferry to Üsküdar")
     assert result["tier"] == KEYWORD
     assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "error: RuntimeError: Metal OOM", "kind": "error"}]
@@ -721,3 +722,26 @@ def test_each_tier_says_its_kind_and_model_tiers_share_one_call():
     for cls in (IntentClassifier, EncoderClassifier):
         contexts = inspect.signature(cls.classify_batch).parameters["contexts"]
         assert contexts.default is None and contexts.kind is not inspect.Parameter.POSITIONAL_ONLY
+
+
+def test_build_chain_returns_a_finished_chain(tmp_path):
+    """What callers once set afterwards (the store, sampling, recording, the mode, the server's load hook) is
+    given to build_chain; the pool adopts a model loaded already instead of being written into."""
+    from mlx_intent.feedback import open_store
+    from mlx_intent.settings import Settings
+
+    wrapped = []
+
+    def wrap(load):
+        wrapped.append(load)
+        return load
+
+    store = open_store(tmp_path)
+    settings = Settings(chain=("smollm2-135m", "e5-small", "keyword"))
+    chain = build_chain(settings, store=store, sample=True, recording=False, mode="generate", wrap_load=wrap)
+    assert chain.store is store and not chain.recording and chain.users is not None
+    assert (chain.pool.sample, chain.pool.mode) == (True, "generate")
+    assert len(wrapped) == 2  # the two model tiers' loads, not the keyword's
+    sentinel = object()
+    chain.pool.adopt("smollm2-135m", sentinel)
+    assert chain.pool.get("smollm2-135m") is sentinel

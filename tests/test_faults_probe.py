@@ -563,8 +563,7 @@ def served(tmp_path_factory):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path_factory.mktemp("served"))
+    chain = build_chain(settings, store=open_store(tmp_path_factory.mktemp("served")))
     app = create_app(settings, chain)
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         yield client, chain
@@ -631,8 +630,7 @@ def test_a_token_guards_feedback_metrics_and_models_but_not_classify(tmp_path):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path)
+    chain = build_chain(settings, store=open_store(tmp_path))
     app = create_app(settings, chain, token="s3cret")
     with TestClient(app, base_url="http://127.0.0.1") as client:
         answer = client.post("/v1/classify", json={"text": "Where can I eat fish?"})
@@ -755,8 +753,7 @@ def test_a_store_locked_by_another_process_costs_records_not_answers(tmp_path):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)  # as serve opens it
+    chain = build_chain(settings, store=open_store(tmp_path, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS))  # as serve does
     other = sqlite3.connect(chain.store.path, isolation_level=None)  # another process's connection
     other.execute("BEGIN EXCLUSIVE")
     try:

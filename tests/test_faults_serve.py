@@ -91,13 +91,13 @@ def test_work_past_its_deadline_is_dropped_between_chunks(mode, max_batch, first
     mode) runs no further chunk: its request has been answered without it; the worker goes on at once."""
     runs, deadline = [], [0.0]
 
-    def run(texts: list[str]) -> list[dict]:
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
         runs.append(list(texts))
         until(lambda: time.monotonic() > deadline[0], "deadline passed")  # the chunk outlasts the deadline
         return [reply() for _ in texts]
 
     chain = Chain([Tier("slow", run, model="slow", kind=Kind.LLM)], cache_size=0)
-    batcher = Batcher({"score": chain, "generate": chain}, "score", max_batch=max_batch, max_wait_s=0.0)
+    batcher = Batcher(chain, "score", max_batch=max_batch, max_wait_s=0.0)
     deadline[0] = time.monotonic() + 0.2
     late = batcher.submit(Job([f"t{i}" for i in range(6)], mode, deadline=deadline[0]))
     batcher.start()
@@ -112,7 +112,7 @@ def test_work_past_its_deadline_is_dropped_between_chunks(mode, max_batch, first
 def test_cancelled_jobs_leave_the_queue_count_at_once():
     """The queue bound counts jobs still wanted: cancelled ones (requests that timed out) free their slot
     before the worker reaches them."""
-    batcher = Batcher({"score": Chain([keyword_tier()])}, "score", queue_size=2)  # not started: nothing taken
+    batcher = Batcher(Chain([keyword_tier()]), "score", queue_size=2)  # not started: nothing taken
     for job in [batcher.submit(Job([t], "score")) for t in "ab"]:
         assert job.future.cancel()
     assert batcher.waiting() == 0
@@ -444,7 +444,7 @@ def test_serve_ends_the_process_rather_than_tear_down_under_a_worker_inside_mlx(
     from mlx_intent.cli import serve
 
     release, ended = threading.Event(), []
-    batcher = Batcher({"score": Chain([keyword_tier()])}, "score")
+    batcher = Batcher(Chain([keyword_tier()]), "score")
     batcher.thread = threading.Thread(target=release.wait, daemon=True)
     batcher.thread.start()
     monkeypatch.setattr(os, "_exit", ended.append)

@@ -35,7 +35,7 @@ from schemathesis.checks import not_a_server_error
 from mlx_intent import schema
 from mlx_intent.chain import Chain, Kind, PassOver, Reason, Tier, build_chain, keyword_tier
 from mlx_intent.serve.app import MAX_BATCH_TEXTS, MAX_BODY_BYTES, MAX_TEXT_CHARS, create_app, server_config
-from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
+from mlx_intent.serve.batcher import ABSENT_STATE, STREAM, Batcher, Job, TierState, health, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.settings import Settings
@@ -135,7 +135,7 @@ def expected(chain) -> dict:
     """Answers of one request at a time, straight from the chain, before any server uses it."""
     return {
         "score": {t: chain.classify(t) for t in TEXTS},
-        "generate": {t: mode_chain(chain, "generate").classify(t) for t in GENERATED},
+        "generate": {t: chain.classify(t, mode="generate") for t in GENERATED},
     }
 
 
@@ -403,20 +403,18 @@ def test_queued_requests_run_as_one_batch_with_the_single_answers(other_chain, g
         assert (samples["mlx_intent_batch_texts_count"], samples["mlx_intent_batch_texts_sum"]) == (1, len(TEXTS))
 
 
-def fake_chains(gate: threading.Event, busy: threading.Event, runs: list) -> dict[str, Chain]:
-    """A score chain answering restaurant and a generate chain answering weather; each run waits for ``gate``
-    (``busy`` tells it has begun) and is recorded in ``runs`` as (intent, texts)."""
+def fake_chain(gate: threading.Event, busy: threading.Event, runs: list) -> Chain:
+    """A chain whose LLM tier answers restaurant in score mode (its own) and weather in generate mode; each run
+    waits for ``gate`` (``busy`` tells it has begun) and is recorded in ``runs`` as (intent, texts)."""
 
-    def tier(intent: str) -> Tier:
-        def run(texts: list[str]) -> list[dict]:
-            busy.set()
-            gate.wait()
-            runs.append((intent, list(texts)))
-            return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
+        intent = "weather" if mode == "generate" else "restaurant"
+        busy.set()
+        gate.wait()
+        runs.append((intent, list(texts)))
+        return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
 
-        return Tier(intent, run, model=intent, kind=Kind.LLM)
-
-    return {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
+    return Chain([Tier("llm", run, model="llm", kind=Kind.LLM)], cache_size=0)
 
 
 def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
@@ -424,7 +422,7 @@ def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
     runs it text by text, as generation goes anyway); a job cancelled before its turn (its request timed
     out) is never run."""
     gate, busy, runs = threading.Event(), threading.Event(), []
-    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
+    batcher = Batcher(fake_chain(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     first = batcher.submit(Job(["a"], "score"))
     batcher.start()
     until(busy.is_set, "first job running")
@@ -444,7 +442,7 @@ def test_the_worker_keeps_batches_within_their_deadlines():
     """At 100 s a text (as if measured), a job due in 10 s runs alone: at the head of a batch a job always
     runs, so the estimate keeps learning (70 s after that quick run); then jobs due in 180 s batch two by two."""
     gate, busy, runs = threading.Event(), threading.Event(), []
-    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
+    batcher = Batcher(fake_chain(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     batcher.per_text["score"] = 100.0
     first = batcher.submit(Job(["a"], "generate"))  # holds the worker; its time is learnt for generate only
     batcher.start()
@@ -698,3 +696,33 @@ def test_client_says_when_nothing_listens():
     with pytest.raises(ClientError, match="cannot reach") as e:
         IntentClient(f"http://127.0.0.1:{free_port()}", timeout=5).health()
     assert e.value.status is None
+
+
+def test_the_server_holds_one_chain_and_names_the_mode_per_call():
+    """The worker asks its one chain for a job's mode (the LLM tier's own run, so nothing is re-implemented and
+    its memory stamp kept); the chain below the model tiers, for a request that timed out, is made once."""
+    from mlx_intent.serve.batcher import fallback_chain
+
+    modes = []
+
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
+        modes.append(mode)
+        return [{"primary_intent": "weather", "confidence": 0.9, "all_intents": ["weather"]} for _ in texts]
+
+    chain = Chain([Tier("llm", run, model="llm", kind=Kind.LLM), keyword_tier()], cache_size=8)
+    states: dict = {}
+    served = watched(chain, states)
+    batcher = Batcher(served, "score", max_wait_s=0.0)
+    batcher.start()
+    try:
+        for mode in ("score", "generate", "generate"):
+            assert batcher.submit(Job(["rain?"], mode)).future.result(WAIT_S)[0]["primary_intent"] == "weather"
+    finally:
+        batcher.stop(WAIT_S)
+    assert modes == [None, "generate"]  # the second generate answer came from the cache, kept apart per mode
+    assert not served.recording  # the server keeps each request's answers itself
+    below = fallback_chain(served, Reason.TIMEOUT, "timeout", states)
+    assert fallback_chain(served, Reason.TIMEOUT, "timeout", states) is below
+    assert below.classify("rain?")["fallbacks"][0]["kind"] == "timeout"
+    states["llm"] = TierState(ABSENT_STATE, Reason.NOT_INSTALLED, "gone")  # decided at each call, from the states
+    assert below.classify("rain?")["fallbacks"][0]["kind"] == "not_installed"

@@ -130,8 +130,7 @@ def test_a_users_min_confidence_never_undercuts_the_tiers_floor():
 
 
 def test_requests_record_their_user_in_the_store(home):
-    chain = build_chain(Settings(chain=("keyword",), home=home))
-    chain.store = fb.open_store(home)
+    chain = build_chain(Settings(chain=("keyword",), home=home), store=fb.open_store(home))
     rid = chain.classify(TEXT, user="alice")["id"]
     assert chain.store.read("SELECT user FROM results WHERE id = ?", (rid,)) == [{"user": "alice"}]
 

@@ -106,12 +106,9 @@ def classify(
 def _chain(settings: Settings, sample: bool, record: bool = False):
     """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads); with
     ``record`` it keeps its results in the feedback store."""
-    chain = chain_for(settings)
+    chain = chain_for(settings, sample=sample, store=open_store(settings.home) if record else None)
     if settings.mode == "generate":
         _need_llm(chain, "--sample" if sample else "--mode generate")
-    if chain.pool is not None:
-        chain.pool.sample = sample
-    chain.store = open_store(settings.home) if record else None
     return chain
 
 

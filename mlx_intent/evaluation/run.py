@@ -51,9 +51,8 @@ def use_base_models(chain: Chain) -> None:
     for tier in chain.tiers:
         if tier.kind is Kind.LLM and chain.pool is not None:  # the encoder has no adapter: it keeps its head
             try:
-                chain.pool.loaded[tier.model] = IntentClassifier(
-                    tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home
-                )
+                base = IntentClassifier(tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home)
+                chain.pool.adopt(tier.model, base)
             except registry.ModelNotAvailableError as e:
                 raise ModelError(str(e)) from None
 

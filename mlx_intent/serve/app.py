@@ -52,7 +52,6 @@ from mlx_intent.serve.batcher import (
     TierState,
     fallback_chain,
     health,
-    mode_chain,
     watched,
 )
 from mlx_intent.serve.sessions import MAX_SESSION_ID, Sessions
@@ -663,10 +662,9 @@ def create_app(
     the conversations of requests that name one; ``token``, if given, is asked of the GUARDED endpoints."""
     timeout_ms = request_timeout_ms or settings.latency_budget_ms * TIMEOUT_FACTOR
     states: dict[str, TierState] = {}
-    served = watched(_quiet(chain), states)
-    chains = {mode: served if mode == settings.mode else mode_chain(served, mode) for mode in MODES}
+    served = watched(chain, states)  # loads recorded; answers not: the server keeps each request's once
     batcher = Batcher(
-        chains,
+        served,
         settings.mode,
         max_batch=settings.batch_size if batching else 1,
         max_wait_s=max_wait_ms / 1000 if batching else 0.0,
@@ -911,15 +909,6 @@ def create_app(
         return PlainTextResponse(generate_latest(prometheus.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _quiet(chain: Chain) -> Chain:
-    """A copy of ``chain`` that neither logs, counts nor keeps answers: the server does all three, once per
-    answered request and with the request's own latency (a request that timed out would otherwise be logged
-    twice, and with the microseconds of the tiers that answered it in the end)."""
-    copy = chain.derive()
-    copy.recording = False
-    return copy
 
 
 def event(kind: str, data: Any) -> str:
