@@ -114,6 +114,7 @@ def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
 
 
 _BELOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chain -> {(kind, reason, states): its chain below}
+_BELOW_LOCK = threading.Lock()  # requests that time out together ask for it on several threads
 
 
 def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, TierState] | None = None) -> Chain:
@@ -125,11 +126,13 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     that LLM may be the load under way); else no model runs.
     Uncached; made once per chain, reason and states (each of its tiers decides at every call, from the states
     then), so a request that timed out builds nothing."""
-    made = _BELOW.setdefault(chain, {})
-    key = (kind, reason, id(states))
-    if key not in made:
-        made[key] = _uncached([_below(t, kind, reason, states) if t.loads_model else t for t in chain.tiers], chain)
-    return made[key]
+    with _BELOW_LOCK:
+        made = _BELOW.setdefault(chain, {})
+        key = (kind, reason, id(states))
+        if key not in made:
+            tiers = [_below(t, kind, reason, states) if t.loads_model else t for t in chain.tiers]
+            made[key] = _uncached(tiers, chain)
+        return made[key]
 
 
 def _below(tier: Tier, kind: Reason, reason: str, states: dict[str, TierState] | None) -> Tier:
