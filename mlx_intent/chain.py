@@ -18,7 +18,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from mlx_intent.calibration import read_place
 from mlx_intent.context import Context, Detector, inherit, learned_detector, rule_detector, topic
@@ -54,15 +56,41 @@ def timing_fields(call_ms: float, texts: int) -> dict:
     return {"latency_ms": round(call_ms, 2), "latency_per_query_ms": round(call_ms / texts, 3), "batch_texts": texts}
 
 
+class Classifier(Protocol):
+    """What a model tier runs: the LLM classifier (``classifier.IntentClassifier``) and the e5-small encoder
+    (``encoder.EncoderClassifier``) both are one.  ``contexts`` holds each text's earlier turns (oldest first);
+    a classifier that reads no conversation ignores them."""
+
+    def classify_batch(self, texts: list[str], *, contexts: Sequence[Sequence[str]] | None = None) -> list[dict]: ...
+
+
+class Kind(str, Enum):
+    """What a tier is: the chain, the server and the evaluation ask ``Tier.kind``, never guess from its model."""
+
+    LLM = "llm"  # a causal LM in the model pool: decodes in a mode, streams, reads the conversation
+    ENCODER = "encoder"  # the e5-small encoder (blended with the keyword tier and maybe an LLM)
+    KEYWORD = "keyword"  # the keyword tier
+    GENERAL = "general"  # the last tier, which always answers
+    RULE = "rule"  # any other tier that loads no model (a stand-in, a test's)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MODEL_KINDS = frozenset({Kind.LLM, Kind.ENCODER})  # the tiers that load a model: watched, warmed, recalibrated
+
+
 @dataclass
 class Tier:
     """A named classifier: ``run(texts) -> results`` (schema fields at least).
-    ``load`` readies it (raising PassOver); its time does not count against the budget."""
+    ``load`` readies it (raising PassOver) and gives its Classifier (a model tier's; None for the others); its time
+    does not count against the budget."""
 
     name: str
     run: Callable[[list[str]], list[dict]]
     load: Callable[[], object] = lambda: None
-    model: str | None = None
+    model: str | None = None  # the model it runs, as its results name it
+    kind: Kind = Kind.RULE
     threshold: float = 0.0
     budget_ms: float | None = None
     veto: bool = True  # the keyword tier's rule-1 veto applies (not to a tier that already blends it in)
@@ -79,6 +107,17 @@ class Tier:
     # raising PassOver(LOADING) before that: what it answers while the server warms up.  None: ``run`` once loaded.
     alone: Callable[[list[str]], list[dict]] | None = None
 
+    @property
+    def loads_model(self) -> bool:
+        """Whether it loads a model (an LLM, the encoder): a load to watch, warm, recalibrate or pass over."""
+        return self.kind in MODEL_KINDS
+
+    def classifier(self) -> Classifier:
+        """A model tier's classifier, loaded (raising PassOver where it cannot be)."""
+        if not self.loads_model:
+            raise TypeError(f"tier {self.name} ({self.kind}) has no classifier")
+        return self.load()
+
 
 def keyword_tier(home: Path | None = None) -> Tier:
     """The keyword tier, with the fit of ``home`` (the models folder) or the packaged one."""
@@ -86,12 +125,12 @@ def keyword_tier(home: Path | None = None) -> Tier:
 
     # A broken lexicon fails at start-up, naming it; a broken calibration only costs the calibration (a warning).
     keyword = KeywordClassifier(home=home)
-    return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts])
+    return Tier(KEYWORD, lambda texts: [keyword.classify(t) for t in texts], kind=Kind.KEYWORD)
 
 
 def general_tier() -> Tier:
     answer = {"primary_intent": FALLBACK_INTENT, "confidence": GENERAL_CONFIDENCE, "all_intents": [FALLBACK_INTENT]}
-    return Tier(GENERAL, lambda texts: [dict(answer) for _ in texts])
+    return Tier(GENERAL, lambda texts: [dict(answer) for _ in texts], kind=Kind.GENERAL)
 
 
 @dataclass
@@ -135,6 +174,13 @@ class ModelPool:
             self.loaded[name] = clf
             self.unstamped[name] = before
             return clf
+
+    def adopt(self, name: str, clf) -> None:
+        """Hold ``clf``, a classifier of ``name`` loaded already (the calibration's model in memory, eval's base
+        model without its adapter), as if the pool had loaded it: one copy of the weights, not two."""
+        with self.lock:
+            self.loaded[name] = clf
+            self.failed.pop(name, None)
 
     def absent(self, name: str) -> PassOver | None:
         """Why ``name`` cannot load here (not on disk, too large for memory), from the disk only; None if it can."""
@@ -265,6 +311,7 @@ def encoder_tier(
         run,
         load,
         model=encoder.NAME,
+        kind=Kind.ENCODER,
         threshold=threshold,
         budget_ms=budget_ms,
         veto=not combine,
@@ -277,9 +324,11 @@ def encoder_tier(
 def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> Tier:
     registry.get_spec(name)  # unknown names fail when the chain is built
 
-    def run(texts: list[str], contexts: list[Context] | None = None) -> list[dict]:
+    def run(texts: list[str], contexts: list[Context] | None = None, mode: str | None = None) -> list[dict]:
+        """The answers in ``mode`` (None: the pool's); a classifier is asked only for what the call names."""
         clf = pool.get(name)
-        answers = clf.classify_batch(texts) if contexts is None else clf.classify_batch(texts, contexts=contexts)
+        named = {"contexts": contexts, "mode": mode}
+        answers = clf.classify_batch(texts, **{k: v for k, v in named.items() if v is not None})
         pool.stamp_peak(name)
         return answers
 
@@ -288,6 +337,7 @@ def llm_tier(name: str, pool: ModelPool, threshold: float, budget_ms: float) -> 
         run,
         lambda: pool.get(name),
         model=name,
+        kind=Kind.LLM,
         threshold=threshold,
         budget_ms=budget_ms,
         contextual=True,
@@ -378,11 +428,13 @@ class Chain:
         self.recording = recording
         self._lock = threading.Lock()
 
-    def derive(self, tiers: list[Tier] | None = None, cache_size: int | None = None) -> Chain:
-        """A variant of this chain: other ``tiers`` or ``cache_size``, the same metrics, log, feedback store, model
-        pool and keyword second opinion (``secondaries``), and a cache of its own.  Every copy of a chain (another
-        decoding mode, the chain below timed-out LLM tiers, a stream's replay) is made here, so none
-        loses the rule-1 veto or the multi-intent merge."""
+    def derive(
+        self, tiers: list[Tier] | None = None, cache_size: int | None = None, recording: bool | None = None
+    ) -> Chain:
+        """A variant of this chain: other ``tiers``, ``cache_size`` or ``recording``, the same metrics, log,
+        feedback store, model pool and keyword second opinion (``secondaries``), and a cache of its own.  Every
+        variant (the server's watched chain, the chain below timed-out LLM tiers, a stream's replay) is made here,
+        so none loses the rule-1 veto or the multi-intent merge."""
         return Chain(
             list(self.tiers if tiers is None else tiers),
             cache_size=self.cache_size if cache_size is None else cache_size,
@@ -393,13 +445,18 @@ class Chain:
             store=self.store,
             users=self.users,
             followup=self.followup,
-            recording=self.recording,
+            recording=self.recording if recording is None else recording,
         )
 
     def classify(
-        self, text: str, label: str | None = None, user: str | None = None, context: Sequence[str] | None = None
+        self,
+        text: str,
+        label: str | None = None,
+        user: str | None = None,
+        context: Sequence[str] | None = None,
+        mode: str | None = None,
     ) -> dict:
-        return self.classify_batch([text], labels=[label], users=[user], contexts=[context])[0]
+        return self.classify_batch([text], labels=[label], users=[user], contexts=[context], mode=mode)[0]
 
     def classify_batch(
         self,
@@ -407,6 +464,7 @@ class Chain:
         labels: list[str | None] | None = None,
         users: list[str | None] | None = None,
         contexts: Sequence[Sequence[str] | None] | None = None,
+        mode: str | None = None,
     ) -> list[dict]:
         """Answers in order; uncached texts go down the chain together, one batch per tier.
 
@@ -417,7 +475,9 @@ class Chain:
         ``users`` (ids, or None) name whose thresholds apply to each text; an unknown user gets the defaults.
         ``contexts`` gives each text its earlier turns (oldest first, mlx_intent/context.py): each earlier turn
         is answered as the conversation stood then (cached like any answer), and a text that reads as a
-        follow-up takes the topic it continues (``context_used``, on every result)."""
+        follow-up takes the topic it continues (``context_used``, on every result).
+        ``mode`` (score, generate; None: the model pool's) is how the LLM tiers decode, for this call only (the
+        server's requests name theirs); its answers are cached apart from the other mode's."""
         start = time.perf_counter()
         users = users or [None] * len(texts)
         limits = self._limits(users)
@@ -437,6 +497,7 @@ class Chain:
             for i in range(len(ctx) + 1):
                 turn = (ctx[:i], ctx[i]) if i < len(ctx) else (ctx, text)
                 key = cache_key(*turn) if limit is None else None
+                key = (mode, key) if mode is not None and key is not None else key  # a mode's answers apart
                 if key is None or key not in where:
                     items.append(turn)
                     keys.append(key)
@@ -446,7 +507,7 @@ class Chain:
                         where[key] = len(items) - 1
                 turns.append(len(items) - 1 if key is None else where[key])
             asked.append(turns[-1])
-        results, loading = self._answer(items, keys, item_limits, earlier)
+        results, loading = self._answer(items, keys, item_limits, earlier, mode)
         elapsed = (time.perf_counter() - start) * 1000 - loading
         timing = timing_fields(elapsed, len(texts))
         labels = labels or [None] * len(texts)
@@ -485,7 +546,7 @@ class Chain:
         if self.store is not None:
             record_results(self.store, records)
 
-    def _answer(self, items: list[tuple[Context, str]], keys: list, limits: list, earlier: list[list[int]]):
+    def _answer(self, items: list[tuple[Context, str]], keys: list, limits: list, earlier: list[list[int]], mode=None):
         """The answers to ``items`` (cached, or down the tiers and then through the context rule; cached where
         nothing transient happened), and the ms spent loading models."""
         results: list[dict | None] = [None] * len(items)
@@ -506,7 +567,7 @@ class Chain:
         for tier in self.tiers:
             if not todo:
                 break
-            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, limits, contexts)
+            todo, load_ms = self._run_tier(tier, texts, todo, results, fallbacks, limits, contexts, mode)
             loading += load_ms
         for i in fresh:
             results[i].update(fallbacks=fallbacks[i], cached=False, context_used=False)
@@ -550,10 +611,10 @@ class Chain:
         return [found.get(user) if user is not None else None for user in users]
 
     def _run_tier(
-        self, tier: Tier, texts, todo: list[int], results, fallbacks, limits=None, contexts=None
+        self, tier: Tier, texts, todo: list[int], results, fallbacks, limits=None, contexts=None, mode=None
     ) -> tuple[list[int], float]:
-        """Run ``tier`` on the texts still unanswered; return those it passed over, and the
-        milliseconds ``tier.load()`` took."""
+        """Run ``tier`` on the texts still unanswered (an LLM tier decoding in ``mode``, when one is named); return
+        those it passed over, and the milliseconds ``tier.load()`` took."""
         t_load = time.perf_counter()
         try:
             try:
@@ -562,10 +623,11 @@ class Chain:
                 load_ms = (time.perf_counter() - t_load) * 1000
             t0 = time.perf_counter()
             batch = [texts[i] for i in todo]
+            modal = {"mode": mode} if mode is not None and tier.kind is Kind.LLM else {}
             if tier.contextual and contexts is not None and any(contexts[i] for i in todo):
-                answers = list(tier.run(batch, [contexts[i] for i in todo]))
+                answers = list(tier.run(batch, [contexts[i] for i in todo], **modal))
             else:
-                answers = list(tier.run(batch))
+                answers = list(tier.run(batch, **modal))
             spent = (time.perf_counter() - t0) * 1000
         except PassOver as e:
             return self._pass(tier, todo, e.kind, str(e), fallbacks), load_ms
@@ -613,7 +675,7 @@ class Chain:
                 continue
             extra = {k: raw[k] for k in ("truncated", "top") if k in raw}
             results[i] = {**answer, **extra, "tier": tier.name, "model": tier.model, "ambiguous": ambiguous}
-        if tier.model is not None and self.secondaries is not None:
+        if tier.loads_model and self.secondaries is not None:
             passed = set(left)
             answered = [i for i in todo if i not in passed]
             left = sorted(left + self._second_opinion(tier, texts, answered, results, fallbacks))
@@ -671,16 +733,29 @@ def build_chain(
     names: list[str] | None = None,
     memory: int | None = None,
     llm_weights: dict[str, float] | None = None,
+    *,
+    store: Store | None = None,
+    sample: bool = False,
+    recording: bool = True,
+    mode: str | None = None,
+    wrap_load: Callable[[Callable[[], object]], Callable[[], object]] | None = None,
 ) -> Chain:
     """The chain from settings (default: ``load_settings()``: .env, then the environment): ``names``
-    (--chain) or MLX_INTENT_CHAIN, else the default.  ``llm_weights`` give a blended LLM's weight instead of
-    its stored one (`mlx-intent calibrate` measures the blend before it stores anything)."""
+    (--chain) or MLX_INTENT_CHAIN, else the default, finished: nobody changes it afterwards.  ``llm_weights`` give
+    a blended LLM's weight instead of its stored one (`mlx-intent calibrate` measures the blend before it stores
+    anything).  ``store`` keeps every answer (``classify --record``, the server); ``sample``: the LLM tiers sample
+    in generate mode (``classify --sample``); ``recording`` False: ``classify_batch`` neither counts, logs nor
+    keeps its answers (the caller does, or nobody); ``mode`` is how the LLM tiers decode (default settings.mode);
+    ``wrap_load`` wraps every model tier's load (the server's live recalibration, which refits there)."""
     if settings is None:
         from mlx_intent.settings import load_settings
 
         settings = load_settings()
     names = list(names or settings.chain or default_chain_names(settings))
-    pool = ModelPool(settings.max_loaded_models, settings.retry_after_s, settings.mode, memory, home=settings.home)
+    mode = mode or settings.mode
+    pool = ModelPool(
+        settings.max_loaded_models, settings.retry_after_s, mode, memory, home=settings.home, sample=sample
+    )
     floor = model_floor(settings, names)
     # Unset, the blend and the keyword tier answer at any confidence (handing their unsure answers down only loses
     # them); set by the user (--min-confidence, MLX_INTENT_MIN_CONFIDENCE), it holds for them too, as documented.
@@ -721,10 +796,19 @@ def build_chain(
             else:
                 tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)
             tiers.append(replace(tier, margin=settings.margin, floor=tier_floor))
-    log = ClassificationLog(settings.log) if settings.log else None
-    chain = Chain(tiers, cache_size=settings.cache_size, log=log, pool=pool, secondaries=secondaries, followup=followup)
-    chain.users = user_thresholds(settings.home)
-    return chain
+    if wrap_load is not None:
+        tiers = [replace(t, load=wrap_load(t.load)) if t.loads_model else t for t in tiers]
+    return Chain(
+        tiers,
+        cache_size=settings.cache_size,
+        log=ClassificationLog(settings.log) if settings.log else None,
+        pool=pool,
+        secondaries=secondaries,
+        store=store,
+        users=user_thresholds(settings.home),
+        followup=followup,
+        recording=recording,
+    )
 
 
 _DEFAULT: dict[str, object] = {}  # model name -> a shared IntentClassifier

@@ -20,7 +20,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,8 +322,15 @@ class EncoderClassifier:
         probs, multi = self.distributions(texts)
         return by_language(probs, texts, dict(self.config.lang_temperature)), multi
 
-    def classify_batch(self, texts: list[str], mode: str | None = None, with_llm: bool = True) -> list[dict]:
-        """``mode`` is accepted for the chain's sake: an encoder has one way to answer.  With an ``llm`` (the
+    def classify_batch(
+        self,
+        texts: list[str],
+        mode: str | None = None,
+        with_llm: bool = True,
+        contexts: Sequence[Sequence[str]] | None = None,
+    ) -> list[dict]:
+        """``mode`` and ``contexts`` are accepted for the chain's sake (``chain.Classifier``): an encoder has one way
+        to answer, and reads the text alone.  With an ``llm`` (the
         chain's blend place) its distribution joins at ``llm_weight``; when it cannot answer, the blend answers.
         ``with_llm=False`` answers without it, loading nothing more (the server's answers while the LLM loads)."""
         if not texts:

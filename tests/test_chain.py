@@ -25,6 +25,7 @@ from mlx_intent.chain import (
     GENERAL_CONFIDENCE,
     KEYWORD,
     Chain,
+    Kind,
     ModelPool,
     Tier,
     build_chain,
@@ -59,7 +60,7 @@ def const_tier(name: str = "backup", intent: str = "restaurant", confidence: flo
         asked.extend(texts)
         return [answer(intent, confidence) for _ in texts]
 
-    tier = Tier(name, run, model=f"{name}-model", **kw)
+    tier = Tier(name, run, model=f"{name}-model", kind=Kind.LLM, **kw)
     tier.asked = asked  # type: ignore[attr-defined]
     return tier
 
@@ -148,7 +149,7 @@ def test_each_fault_falls_to_the_next_tier(fault):
 
 def test_every_tier_failing_ends_in_general():
     tiers = [tier for tier, _ in FAULTS.values()]
-    tiers = [Tier(f"t{i}", t.run, t.load, t.model, t.threshold, t.budget_ms) for i, t in enumerate(tiers)]
+    tiers = [dataclasses.replace(t, name=f"t{i}") for i, t in enumerate(tiers)]
     result = Chain(tiers).classify("Merhaba, nasılsın?")
     assert (result["tier"], result["primary_intent"], result["confidence"]) == (GENERAL, "general", GENERAL_CONFIDENCE)
     assert [f["tier"] for f in result["fallbacks"]] == [t.name for t in tiers]
@@ -488,7 +489,8 @@ def test_bundled_model_below_the_threshold_falls_to_keyword(smol):
 
 def test_bundled_classify_batch_raising_falls_to_keyword(smol, monkeypatch):
     chain, _ = smol
-    monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", lambda texts: raise_(RuntimeError("Metal OOM")))
+    oom = lambda texts, **kw: raise_(RuntimeError("Metal OOM"))  # noqa: E731
+    monkeypatch.setattr(chain.pool.loaded[BUNDLED], "classify_batch", oom)
     result = Chain(chain.tiers, cache_size=0, pool=chain.pool).classify("ferry to Üsküdar")
     assert result["tier"] == KEYWORD
     assert result["fallbacks"] == [{"tier": BUNDLED, "reason": "error: RuntimeError: Metal OOM", "kind": "error"}]
@@ -561,7 +563,7 @@ def test_model_loading_is_not_counted_in_latency(monkeypatch):
         return [answer("weather") for _ in texts]
 
     broken = Tier("broken", lambda t: [answer()], load(7.0, fail=True))
-    model = Tier("model", slow_answer, load(30.0), model="m")
+    model = Tier("model", slow_answer, load(30.0), model="m", kind=Kind.LLM)
     result = Chain([broken, model]).classify("rain?")
     assert result["tier"] == "model"
     assert result["latency_ms"] == pytest.approx(250.0)
@@ -577,7 +579,7 @@ def test_latency_per_query_is_the_calls_time_over_its_texts(monkeypatch):
         now[0] += 0.8
         return [answer("weather") for _ in texts]
 
-    chain = Chain([Tier("slow", slow, model="m")], cache_size=0)
+    chain = Chain([Tier("slow", slow, model="m", kind=Kind.LLM)], cache_size=0)
     results = chain.classify_batch([f"rain {i}?" for i in range(8)])
     for result in results:
         assert result["latency_ms"] == pytest.approx(800.0)
@@ -637,8 +639,8 @@ def test_the_keyword_tier_adds_further_intents_where_it_names_the_models_primary
     assert differ.classify("food near me?")["all_intents"] == ["restaurant"]
     broken = Chain([model], secondaries=lambda texts: raise_(RuntimeError("lexicon gone")))
     assert broken.classify("food near me?")["all_intents"] == ["restaurant"]
-    keyword_only = Chain([const_tier("words", "restaurant"), model], secondaries=opinion("restaurant", ["weather"]))
-    keyword_only.tiers[0].model = None  # a tier without a model is never extended
+    words = dataclasses.replace(const_tier("words", "restaurant"), kind=Kind.RULE)  # loads no model: never extended
+    keyword_only = Chain([words, model], secondaries=opinion("restaurant", ["weather"]))
     assert keyword_only.classify("food?")["all_intents"] == ["restaurant"]
 
 
@@ -694,3 +696,45 @@ def test_the_encoders_first_run_counts_as_its_load_not_a_query(monkeypatch):
     result = Chain([tier, keyword_tier()]).classify("Where can I eat fish near Galata?")
     assert result["tier"] == "e5-small" and result["fallbacks"] == []
     assert result["latency_ms"] == pytest.approx(10.0)
+
+
+def test_each_tier_says_its_kind_and_model_tiers_share_one_call():
+    """The chain, server and evaluation ask ``Tier.kind``; both model classifiers take ``classify_batch(texts,
+    contexts=)`` (``chain.Classifier``), so a tier hands either one the same way."""
+    import inspect
+
+    from mlx_intent.classifier import IntentClassifier
+    from mlx_intent.encoder import EncoderClassifier
+    from mlx_intent.settings import Settings
+
+    chain = build_chain(Settings(chain=("smollm2-135m", "e5-small", "keyword", "general")))
+    assert [t.kind for t in chain.tiers] == [Kind.LLM, Kind.ENCODER, Kind.KEYWORD, Kind.GENERAL]
+    assert [t.loads_model for t in chain.tiers] == [True, True, False, False]
+    with pytest.raises(TypeError, match="keyword"):
+        chain.tiers[2].classifier()
+    for cls in (IntentClassifier, EncoderClassifier):
+        contexts = inspect.signature(cls.classify_batch).parameters["contexts"]
+        assert contexts.default is None and contexts.kind is not inspect.Parameter.POSITIONAL_ONLY
+
+
+def test_build_chain_returns_a_finished_chain(tmp_path):
+    """What callers once set afterwards (the store, sampling, recording, the mode, the server's load hook) is
+    given to build_chain; the pool adopts a model loaded already instead of being written into."""
+    from mlx_intent.feedback import open_store
+    from mlx_intent.settings import Settings
+
+    wrapped = []
+
+    def wrap(load):
+        wrapped.append(load)
+        return load
+
+    store = open_store(tmp_path)
+    settings = Settings(chain=("smollm2-135m", "e5-small", "keyword"))
+    chain = build_chain(settings, store=store, sample=True, recording=False, mode="generate", wrap_load=wrap)
+    assert chain.store is store and not chain.recording and chain.users is not None
+    assert (chain.pool.sample, chain.pool.mode) == (True, "generate")
+    assert len(wrapped) == 2  # the two model tiers' loads, not the keyword's
+    sentinel = object()
+    chain.pool.adopt("smollm2-135m", sentinel)
+    assert chain.pool.get("smollm2-135m") is sentinel

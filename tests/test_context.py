@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import post, running, wait_ready
 
-from mlx_intent.chain import Chain, Tier, build_chain, cache_key
+from mlx_intent.chain import Chain, Kind, Tier, build_chain, cache_key
 from mlx_intent.cli.main import main
 from mlx_intent.context import (
     MAX_CONTEXT_TURNS,
@@ -48,7 +48,7 @@ def reading_tier(seen: list | None = None, contextual: bool = False) -> Tier:
             seen.append(contexts)
         return [{"primary_intent": ANSWERS[t], "confidence": 0.9, "all_intents": [ANSWERS[t]]} for t in texts]
 
-    return Tier("reader", run, model="reader-model", contextual=contextual)
+    return Tier("reader", run, model="reader-model", kind=Kind.LLM, contextual=contextual)
 
 
 @pytest.fixture

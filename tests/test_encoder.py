@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mlx_intent import encoder
-from mlx_intent.chain import ENCODER, Chain, encoder_tier, keyword_tier
+from mlx_intent.chain import ENCODER, Chain, Kind, encoder_tier, keyword_tier
 from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer, blend, fit_blend
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
@@ -342,9 +342,11 @@ def test_a_blended_tier_is_not_vetoed_again_but_still_gets_the_second_intents():
     kw = keyword_tier()
     text = "Hi! Where can I eat fish near Galata Tower?"
     for veto, tier in ((True, "keyword"), (False, "m")):
-        chain = Chain([Tier("m", social, model="m", veto=veto), kw], cache_size=0, secondaries=kw.run)
+        chain = Chain([Tier("m", social, model="m", kind=Kind.LLM, veto=veto), kw], cache_size=0, secondaries=kw.run)
         assert chain.classify(text)["tier"] == tier
-    merged = Chain([Tier("m", food, model="m", veto=False), kw], cache_size=0, secondaries=kw.run).classify(text)
+    merged = Chain(
+        [Tier("m", food, model="m", kind=Kind.LLM, veto=False), kw], cache_size=0, secondaries=kw.run
+    ).classify(text)
     assert merged["tier"] == "m" and "nearby_locations" in merged["all_intents"]
     from mlx_intent.chain import build_chain
     from mlx_intent.settings import Settings

@@ -183,7 +183,7 @@ def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
     from types import SimpleNamespace
 
     from mlx_intent import chain as chain_module
-    from mlx_intent.chain import Chain, Tier
+    from mlx_intent.chain import Chain, Kind, Tier
     from mlx_intent.evaluation.data import read_labelled
     from mlx_intent.evaluation.report import footer, headline
     from mlx_intent.evaluation.run import run, summarize
@@ -199,7 +199,7 @@ def test_eval_latency_is_per_query_with_the_call_beside_it(tiny, monkeypatch):
         return [{"primary_intent": "general", "confidence": 0.1, "all_intents": ["general"]} for _ in texts]
 
     rows = read_labelled(tiny)
-    chain = Chain([Tier("unsure", unsure, threshold=0.5), Tier("slow", slow, model="m")], cache_size=0)
+    chain = Chain([Tier("unsure", unsure, threshold=0.5), Tier("slow", slow, model="m", kind=Kind.LLM)], cache_size=0)
     summary = summarize(rows, run(chain, rows, 5), "unsure")
     assert summary["latency"][95] == pytest.approx(100.0) and summary["latency_per_call"][95] == pytest.approx(500.0)
     assert summary["batch_texts"] == {"mean": 5, "max": 5}
@@ -230,6 +230,18 @@ def test_eval_tiers_not_installed_are_not_fallbacks(tiny, tmp_path, models_home)
     assert "| tiers not installed here (not counted as fallbacks) | llama-3.2-3b, tinyllama |" in text
     assert "| answer not from the first tier | 100.0% |" in text
     assert "Top run-time pass-over reasons" not in text
+
+
+def test_eval_no_adapter_keeps_the_encoder_tier(tiny, tmp_path):
+    """--no-adapter loads the LLM tiers without their adapters; the e5-small tier is no LLM (Tier.kind) and
+    answers with its head as always (it once raised UnknownModelError, being taken for an LLM by its model)."""
+    predictions = tmp_path / "pred.jsonl"
+    args = ["eval", str(tiny), "--no-adapter", "--chain", "e5-small,keyword", "--report", str(tmp_path / "e5.md")]
+    result = CliRunner().invoke(main, [*args, "--predictions", str(predictions)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    lines = [json.loads(x) for x in predictions.read_text().splitlines()]
+    assert len(lines) == 10 and any(x["tier"] == "e5-small" for x in lines)
 
 
 def test_eval_bad_data_and_unknown_model(tmp_path, tiny):
@@ -271,7 +283,7 @@ def test_compare_keyword_vs_general(tiny, tmp_path):
 
 def test_greeting_precision_and_calibration_per_language(tiny):
     """A short command called `greeting` counts against greeting precision in its language, not recall."""
-    from mlx_intent.chain import Chain, Tier
+    from mlx_intent.chain import Chain, Kind, Tier
     from mlx_intent.evaluation.data import read_labelled
     from mlx_intent.evaluation.run import run, summarize
 
@@ -280,7 +292,7 @@ def test_greeting_precision_and_calibration_per_language(tiny):
         return [{"primary_intent": n, "confidence": 0.9, "all_intents": [n]} for n in names]
 
     rows = read_labelled(tiny)
-    chain = Chain([Tier("greeter", greets_everything_short, model="m")], cache_size=0)
+    chain = Chain([Tier("greeter", greets_everything_short, model="m", kind=Kind.LLM)], cache_size=0)
     s = summarize(rows, run(chain, rows, 5), "greeter")
     short = [r for r in rows if len(r["text"]) < 40]
     assert s["greeting_predicted"] == len(short) and s["greeting_precision"] == pytest.approx(1 / len(short))

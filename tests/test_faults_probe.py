@@ -537,13 +537,13 @@ def test_a_converted_folder_whose_config_does_not_fit_is_refused_at_load(tmp_pat
 
 
 def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
-    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.chain import Chain, Kind, Tier, keyword_tier
     from mlx_intent.results import MAX_REASON_CHARS, PassOver, Reason
 
     def load():
         raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)
 
-    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted"), keyword_tier()])
+    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted", kind=Kind.LLM), keyword_tier()])
     result = chain.classify("Where can I eat fish?")
     [entry] = result["fallbacks"]
     assert entry["kind"] == "load_failed" and len(entry["reason"]) <= MAX_REASON_CHARS
@@ -564,8 +564,7 @@ def served(tmp_path_factory):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path_factory.mktemp("served"))
+    chain = build_chain(settings, store=open_store(tmp_path_factory.mktemp("served")))
     app = create_app(settings, chain)
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         yield client, chain
@@ -632,8 +631,7 @@ def test_a_token_guards_feedback_metrics_and_models_but_not_classify(tmp_path):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path)
+    chain = build_chain(settings, store=open_store(tmp_path))
     app = create_app(settings, chain, token="s3cret")
     with TestClient(app, base_url="http://127.0.0.1") as client:
         answer = client.post("/v1/classify", json={"text": "Where can I eat fish?"})
@@ -678,11 +676,11 @@ class Model:
 
 
 def model_app(model: Model, log: Path | None = None):
-    from mlx_intent.chain import Chain, Tier, keyword_tier
+    from mlx_intent.chain import Chain, Kind, Tier, keyword_tier
     from mlx_intent.serve.app import create_app
     from mlx_intent.settings import Settings
 
-    tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm")
+    tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm", kind=Kind.LLM)
     chain = Chain([tier, keyword_tier()], log=ClassificationLog(log) if log else None)
     return create_app(Settings(chain=("keyword",)), chain, request_timeout_ms=600_000)
 
@@ -756,8 +754,7 @@ def test_a_store_locked_by_another_process_costs_records_not_answers(tmp_path):
     from mlx_intent.settings import Settings
 
     settings = Settings(chain=("keyword",))
-    chain = build_chain(settings)
-    chain.store = open_store(tmp_path, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)  # as serve opens it
+    chain = build_chain(settings, store=open_store(tmp_path, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS))  # as serve does
     other = sqlite3.connect(chain.store.path, isolation_level=None)  # another process's connection
     other.execute("BEGIN EXCLUSIVE")
     try:

@@ -22,7 +22,7 @@ import uvicorn
 from click.testing import CliRunner
 from test_server import WAIT_S, metric_samples, post, raise_, raw_request, running, until
 
-from mlx_intent.chain import Chain, ModelPool, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, Kind, ModelPool, Tier, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.results import PassOver, Reason
@@ -43,7 +43,9 @@ def reply(intent: str = "weather") -> dict:
 
 
 def absent_tier() -> Tier:
-    return Tier("big", lambda texts: [], lambda: raise_(PassOver(Reason.NOT_INSTALLED, ABSENT)), model="big")
+    return Tier(
+        "big", lambda texts: [], lambda: raise_(PassOver(Reason.NOT_INSTALLED, ABSENT)), model="big", kind=Kind.LLM
+    )
 
 
 class Hold:
@@ -62,7 +64,7 @@ class Hold:
             self.runs.append(list(texts))
             return [reply() for _ in texts]
 
-        return Tier(name, run, model=name)
+        return Tier(name, run, model=name, kind=Kind.LLM)
 
 
 @pytest.fixture
@@ -85,13 +87,13 @@ def test_work_past_its_deadline_is_dropped_between_chunks(mode, max_batch, first
     mode) runs no further chunk: its request has been answered without it; the worker goes on at once."""
     runs, deadline = [], [0.0]
 
-    def run(texts: list[str]) -> list[dict]:
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
         runs.append(list(texts))
         until(lambda: time.monotonic() > deadline[0], "deadline passed")  # the chunk outlasts the deadline
         return [reply() for _ in texts]
 
-    chain = Chain([Tier("slow", run, model="slow")], cache_size=0)
-    batcher = Batcher({"score": chain, "generate": chain}, "score", max_batch=max_batch, max_wait_s=0.0)
+    chain = Chain([Tier("slow", run, model="slow", kind=Kind.LLM)], cache_size=0)
+    batcher = Batcher(chain, "score", max_batch=max_batch, max_wait_s=0.0)
     deadline[0] = time.monotonic() + 0.2
     late = batcher.submit(Job([f"t{i}" for i in range(6)], mode, deadline=deadline[0]))
     batcher.start()
@@ -106,7 +108,7 @@ def test_work_past_its_deadline_is_dropped_between_chunks(mode, max_batch, first
 def test_cancelled_jobs_leave_the_queue_count_at_once():
     """The queue bound counts jobs still wanted: cancelled ones (requests that timed out) free their slot
     before the worker reaches them."""
-    batcher = Batcher({"score": Chain([keyword_tier()])}, "score", queue_size=2)  # not started: nothing taken
+    batcher = Batcher(Chain([keyword_tier()]), "score", queue_size=2)  # not started: nothing taken
     for job in [batcher.submit(Job([t], "score")) for t in "ab"]:
         assert job.future.cancel()
     assert batcher.waiting() == 0
@@ -155,7 +157,7 @@ def test_health_follows_the_primary_tier_after_the_warm_up():
         if broken.is_set():
             raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
-    tier = Tier("flaky", lambda texts: [reply() for _ in texts], load, model="flaky")
+    tier = Tier("flaky", lambda texts: [reply() for _ in texts], load, model="flaky", kind=Kind.LLM)
     with running(create_app(SETTINGS, Chain([tier, keyword_tier()], cache_size=0))) as (base, _):
         ready(base)
         assert httpx.get(f"{base}/healthz").json()["primary"] == "flaky"
@@ -176,7 +178,9 @@ def test_health_follows_the_primary_tier_after_the_warm_up():
 
 def test_a_request_during_the_warm_up_is_answered_at_once_by_the_tiers_that_are_ready():
     gate = threading.Event()
-    loading = Tier("loading", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="loading")
+    loading = Tier(
+        "loading", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="loading", kind=Kind.LLM
+    )
     chain = Chain([absent_tier(), loading, keyword_tier()], cache_size=0)
     try:
         with running(create_app(SETTINGS, chain, request_timeout_ms=600_000)) as (base, _):
@@ -201,11 +205,18 @@ def test_the_warm_up_is_honest(tmp_path):
     "loading"; the encoder (an early tier, loaded first) answers; waiting for the LLM is kind ``loading``, which
     is no run-time fallback: not in the fallback rate, /metrics' fallback answers, nor ``stats --check``."""
     gate = threading.Event()
-    llm = Tier("llm", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="llm")
+    llm = Tier("llm", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="llm", kind=Kind.LLM)
     gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
-    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", kind=Kind.LLM, absent=lambda: gone)
     # Its runs wait on each other beside the load: no latency budget passes it over meanwhile.
-    encoder = Tier("enc", lambda texts: [reply("restaurant") for _ in texts], model="enc", early=True, budget_ms=1e-9)
+    encoder = Tier(
+        "enc",
+        lambda texts: [reply("restaurant") for _ in texts],
+        model="enc",
+        kind=Kind.ENCODER,
+        early=True,
+        budget_ms=1e-9,
+    )
     log = tmp_path / "log.jsonl"
     chain = Chain([llm, cold, encoder, keyword_tier()], cache_size=0, log=ClassificationLog(log))
     app = create_app(SETTINGS, chain, request_timeout_ms=600_000)
@@ -275,7 +286,7 @@ def test_backing_off_words_and_metric_labels_do_not_grow_with_the_seconds(monkey
     def load():
         raise PassOver(Reason.LOAD_FAILED, f"load failed {next(seconds)}s ago, backing off")
 
-    chain = Chain([Tier("flaky", lambda texts: [], load, model="flaky"), keyword_tier()], cache_size=0)
+    chain = Chain([Tier("flaky", lambda texts: [], load, model="flaky", kind=Kind.LLM), keyword_tier()], cache_size=0)
     with running(create_app(SETTINGS, chain)) as (base, _):
         until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
         for text in ("hello", "rain?", "fish?"):
@@ -429,7 +440,7 @@ def test_serve_ends_the_process_rather_than_tear_down_under_a_worker_inside_mlx(
     from mlx_intent.cli import serve
 
     release, ended = threading.Event(), []
-    batcher = Batcher({"score": Chain([keyword_tier()])}, "score")
+    batcher = Batcher(Chain([keyword_tier()]), "score")
     batcher.thread = threading.Thread(target=release.wait, daemon=True)
     batcher.thread.start()
     monkeypatch.setattr(os, "_exit", ended.append)
@@ -479,8 +490,8 @@ def test_no_docs_page_from_a_cdn_but_the_openapi_description(keyword_url):
 def test_models_lists_every_tier_that_answers():
     """Issue 24, part 6: /v1/models listed the registry only, not the e5-small tier that answers."""
     gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
-    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", absent=lambda: gone)
-    encoder = Tier("enc", lambda texts: [reply() for _ in texts], model="enc", early=True)
+    cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", kind=Kind.LLM, absent=lambda: gone)
+    encoder = Tier("enc", lambda texts: [reply() for _ in texts], model="enc", kind=Kind.ENCODER, early=True)
     with running(create_app(SETTINGS, Chain([cold, encoder, keyword_tier()], cache_size=0))) as (base, _):
         ready(base)
         models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()["models"]}

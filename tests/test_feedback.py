@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import WAIT_S, until
 
-from mlx_intent.chain import Chain, Tier, build_chain
+from mlx_intent.chain import Chain, Kind, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_CRITICAL, EXIT_INPUT, InputError
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
@@ -43,9 +43,7 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def chain(home) -> Chain:
-    chain = build_chain(KEYWORD)
-    chain.store = fb_store.open_store(home)
-    return chain
+    return build_chain(KEYWORD, store=fb_store.open_store(home))
 
 
 def cli(*args: str, home: Path, input: str | None = None):
@@ -415,14 +413,16 @@ class Probe:
         return [{"primary_intent": "general", "confidence": self.confidence, "all_intents": ["general"]} for _ in texts]
 
 
-def probe_chain(home) -> tuple[Chain, Probe]:
-    probe = Probe()
-    tier = Tier("probe", lambda texts: probe.classify_batch(texts), load=lambda: probe, model="probe")
-    return Chain([tier], cache_size=0, store=fb_store.open_store(home)), probe
+def probe_chain(home, every: int, refit) -> tuple[Chain, Probe, recalibrate.Recalibrator]:
+    """A chain of one stand-in model tier whose load the recalibrator wraps, as build_chain(wrap_load=) does."""
+    probe, store = Probe(), fb_store.open_store(home)
+    recalibrator = recalibrate.Recalibrator(store, every, minimum=1, refit=refit)
+    load = recalibrator.loading(lambda: probe)
+    tier = Tier("probe", lambda texts: probe.classify_batch(texts), load=load, model="probe", kind=Kind.LLM)
+    return Chain([tier], cache_size=0, store=store), probe, recalibrator
 
 
 def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread(home):
-    chain, probe = probe_chain(home)
     calls = []
 
     def refit(clf, rows):
@@ -430,7 +430,7 @@ def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread
         clf.confidence = 0.4
         return {"n": len(rows)}
 
-    recalibrator = recalibrate.Recalibrator(chain, 4, minimum=1, refit=refit)
+    chain, probe, recalibrator = probe_chain(home, 4, refit)
     texts = [r["text"] for r in labelled("calib")[:8]]
     results = chain.classify_batch(texts)
     for res in results[:3]:
@@ -450,12 +450,10 @@ def test_the_recalibrator_refits_after_every_n_records_in_the_classifying_thread
 
 
 def test_a_failed_refit_keeps_the_serving_calibration(home):
-    chain, probe = probe_chain(home)
-
     def broken(clf, rows):
         raise RuntimeError("no")
 
-    recalibrator = recalibrate.Recalibrator(chain, 1, minimum=1, refit=broken)
+    chain, probe, recalibrator = probe_chain(home, 1, broken)
     fb_store.add_feedback(chain.store, chain.classify(labelled("calib")[0]["text"])["id"], "weather")
     assert recalibrator.check()
     assert chain.classify("x")["confidence"] == 0.9 and recalibrator.refits == []
@@ -601,8 +599,7 @@ def server(tmp_path_factory):
 
     from mlx_intent.serve.app import create_app
 
-    chain = build_chain(KEYWORD)
-    chain.store = fb_store.open_store(tmp_path_factory.mktemp("served"))
+    chain = build_chain(KEYWORD, store=fb_store.open_store(tmp_path_factory.mktemp("served")))
     with (
         TestClient(create_app(KEYWORD, chain), base_url="http://127.0.0.1") as client,
         TestClient(create_app(KEYWORD, build_chain(KEYWORD)), base_url="http://127.0.0.1") as bare,

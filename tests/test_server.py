@@ -33,11 +33,11 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from mlx_intent import schema
-from mlx_intent.chain import Chain, Tier, build_chain, keyword_tier
+from mlx_intent.chain import Chain, Kind, Tier, build_chain, keyword_tier
 from mlx_intent.normalize import MAX_TEXT_CHARS
 from mlx_intent.results import PassOver, Reason
 from mlx_intent.serve.app import create_app
-from mlx_intent.serve.batcher import STREAM, Batcher, Job, health, mode_chain, warm, watched
+from mlx_intent.serve.batcher import ABSENT_STATE, STREAM, Batcher, Job, TierState, health, warm, watched
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.serve.middleware import server_config
@@ -139,7 +139,7 @@ def expected(chain) -> dict:
     """Answers of one request at a time, straight from the chain, before any server uses it."""
     return {
         "score": {t: chain.classify(t) for t in TEXTS},
-        "generate": {t: mode_chain(chain, "generate").classify(t) for t in GENERATED},
+        "generate": {t: chain.classify(t, mode="generate") for t in GENERATED},
     }
 
 
@@ -278,7 +278,7 @@ def test_health_skips_a_tier_that_is_not_downloaded(models_home):
 
 def test_readiness_decides_on_the_reason_kind():
     def declines(kind: Reason, words: str) -> Tier:
-        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL)
+        return Tier(MODEL, lambda texts: [], lambda: raise_(PassOver(kind, words)), model=MODEL, kind=Kind.LLM)
 
     def after_warm_up(tier: Tier) -> dict:
         states = {}
@@ -304,7 +304,7 @@ def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
     def broken():
         raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
-    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL), keyword_tier()])
+    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL, kind=Kind.LLM), keyword_tier()])
     with running(create_app(SETTINGS, chain)) as (base, _):
         until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
         r = httpx.get(f"{base}/healthz")
@@ -386,7 +386,11 @@ def test_metrics_and_results_tell_absent_tiers_from_runtime_fallbacks():
         ]
 
     chain = Chain(
-        [Tier("big", lambda texts: [], absent, model="big"), Tier("picky", picky, threshold=0.5), keyword_tier()],
+        [
+            Tier("big", lambda texts: [], absent, model="big", kind=Kind.LLM),
+            Tier("picky", picky, threshold=0.5),
+            keyword_tier(),
+        ],
         cache_size=0,
     )
     with running(create_app(SETTINGS, chain)) as (base, _):
@@ -433,20 +437,18 @@ def test_queued_requests_run_as_one_batch_with_the_single_answers(other_chain, g
         assert (samples["mlx_intent_batch_texts_count"], samples["mlx_intent_batch_texts_sum"]) == (1, len(TEXTS))
 
 
-def fake_chains(gate: threading.Event, busy: threading.Event, runs: list) -> dict[str, Chain]:
-    """A score chain answering restaurant and a generate chain answering weather; each run waits for ``gate``
-    (``busy`` tells it has begun) and is recorded in ``runs`` as (intent, texts)."""
+def fake_chain(gate: threading.Event, busy: threading.Event, runs: list) -> Chain:
+    """A chain whose LLM tier answers restaurant in score mode (its own) and weather in generate mode; each run
+    waits for ``gate`` (``busy`` tells it has begun) and is recorded in ``runs`` as (intent, texts)."""
 
-    def tier(intent: str) -> Tier:
-        def run(texts: list[str]) -> list[dict]:
-            busy.set()
-            gate.wait()
-            runs.append((intent, list(texts)))
-            return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
+        intent = "weather" if mode == "generate" else "restaurant"
+        busy.set()
+        gate.wait()
+        runs.append((intent, list(texts)))
+        return [{"primary_intent": intent, "confidence": 0.9, "all_intents": [intent]} for _ in texts]
 
-        return Tier(intent, run, model=intent)
-
-    return {"score": Chain([tier("restaurant")], cache_size=0), "generate": Chain([tier("weather")], cache_size=0)}
+    return Chain([Tier("llm", run, model="llm", kind=Kind.LLM)], cache_size=0)
 
 
 def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
@@ -454,7 +456,7 @@ def test_the_worker_batches_by_mode_and_skips_cancelled_jobs():
     runs it text by text, as generation goes anyway); a job cancelled before its turn (its request timed
     out) is never run."""
     gate, busy, runs = threading.Event(), threading.Event(), []
-    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
+    batcher = Batcher(fake_chain(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     first = batcher.submit(Job(["a"], "score"))
     batcher.start()
     until(busy.is_set, "first job running")
@@ -474,7 +476,7 @@ def test_the_worker_keeps_batches_within_their_deadlines():
     """At 100 s a text (as if measured), a job due in 10 s runs alone: at the head of a batch a job always
     runs, so the estimate keeps learning (70 s after that quick run); then jobs due in 180 s batch two by two."""
     gate, busy, runs = threading.Event(), threading.Event(), []
-    batcher = Batcher(fake_chains(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
+    batcher = Batcher(fake_chain(gate, busy, runs), "score", max_batch=8, max_wait_s=0.0)
     batcher.per_text["score"] = 100.0
     first = batcher.submit(Job(["a"], "generate"))  # holds the worker; its time is learnt for generate only
     batcher.start()
@@ -728,3 +730,33 @@ def test_client_says_when_nothing_listens():
     with pytest.raises(ClientError, match="cannot reach") as e:
         IntentClient(f"http://127.0.0.1:{free_port()}", timeout=5).health()
     assert e.value.status is None
+
+
+def test_the_server_holds_one_chain_and_names_the_mode_per_call():
+    """The worker asks its one chain for a job's mode (the LLM tier's own run, so nothing is re-implemented and
+    its memory stamp kept); the chain below the model tiers, for a request that timed out, is made once."""
+    from mlx_intent.serve.batcher import fallback_chain
+
+    modes = []
+
+    def run(texts: list[str], mode: str | None = None) -> list[dict]:
+        modes.append(mode)
+        return [{"primary_intent": "weather", "confidence": 0.9, "all_intents": ["weather"]} for _ in texts]
+
+    chain = Chain([Tier("llm", run, model="llm", kind=Kind.LLM), keyword_tier()], cache_size=8)
+    states: dict = {}
+    served = watched(chain, states)
+    batcher = Batcher(served, "score", max_wait_s=0.0)
+    batcher.start()
+    try:
+        for mode in ("score", "generate", "generate"):
+            assert batcher.submit(Job(["rain?"], mode)).future.result(WAIT_S)[0]["primary_intent"] == "weather"
+    finally:
+        batcher.stop(WAIT_S)
+    assert modes == [None, "generate"]  # the second generate answer came from the cache, kept apart per mode
+    assert not served.recording  # the server keeps each request's answers itself
+    below = fallback_chain(served, Reason.TIMEOUT, "timeout", states)
+    assert fallback_chain(served, Reason.TIMEOUT, "timeout", states) is below
+    assert below.classify("rain?")["fallbacks"][0]["kind"] == "timeout"
+    states["llm"] = TierState(ABSENT_STATE, Reason.NOT_INSTALLED, "gone")  # decided at each call, from the states
+    assert below.classify("rain?")["fallbacks"][0]["kind"] == "not_installed"

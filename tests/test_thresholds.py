@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_intent.chain import GENERAL, Chain, Tier, build_chain
+from mlx_intent.chain import GENERAL, Chain, Kind, Tier, build_chain
 from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_INPUT, InputError
 from mlx_intent.feedback import store as fb_store
@@ -28,7 +28,7 @@ TEXT = "best kebab in Kadikoy"
 def fake(name: str, top: list[tuple[str, float]], model: str | None = "fake", **kw) -> Tier:
     """A tier answering every text with the distribution ``top``."""
     answer = {"primary_intent": top[0][0], "confidence": top[0][1], "all_intents": [top[0][0]], "top": top}
-    return Tier(name, lambda texts: [dict(answer) for _ in texts], model=model, **kw)
+    return Tier(name, lambda texts: [dict(answer) for _ in texts], model=model, kind=Kind.LLM, **kw)
 
 
 CLOSE = [("restaurant", 0.48), ("nearby_locations", 0.42), ("general", 0.1)]  # 0.06 apart
@@ -132,8 +132,7 @@ def test_a_users_min_confidence_never_undercuts_the_tiers_floor():
 
 
 def test_requests_record_their_user_in_the_store(home):
-    chain = build_chain(Settings(chain=("keyword",), home=home))
-    chain.store = fb_store.open_store(home)
+    chain = build_chain(Settings(chain=("keyword",), home=home), store=fb_store.open_store(home))
     rid = chain.classify(TEXT, user="alice")["id"]
     assert chain.store.read("SELECT user FROM results WHERE id = ?", (rid,)) == [{"user": "alice"}]
 

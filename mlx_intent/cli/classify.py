@@ -12,10 +12,10 @@ import click
 
 from mlx_intent import batch_io
 from mlx_intent import distributed as dist
+from mlx_intent.chain import Kind
 from mlx_intent.cli.options import chain_for, check_log, check_writable, same_file, settings_options
 from mlx_intent.errors import InputError, UserError
 from mlx_intent.feedback.store import open_store
-from mlx_intent.models import registry
 from mlx_intent.results import check_user
 from mlx_intent.settings import Settings
 
@@ -107,19 +107,16 @@ def classify(
 def _chain(settings: Settings, sample: bool, record: bool = False):
     """The chain of ``settings``; with ``sample`` its LLM tiers sample (before any of them loads); with
     ``record`` it keeps its results in the feedback store."""
-    chain = chain_for(settings)
+    chain = chain_for(settings, sample=sample, store=open_store(settings.home) if record else None)
     if settings.mode == "generate":
         _need_llm(chain, "--sample" if sample else "--mode generate")
-    if chain.pool is not None:
-        chain.pool.sample = sample
-    chain.store = open_store(settings.home) if record else None
     return chain
 
 
 def _need_llm(chain, what: str) -> None:
     """Generation and sampling are the LLM tiers' decoding: with no LLM tier that can load, refuse (exit 2) rather
     than let the encoder answer as if they had been applied."""
-    llms = [t for t in chain.tiers if t.model in registry.REGISTRY]
+    llms = [t for t in chain.tiers if t.kind is Kind.LLM]
     reasons = [(t.name, t.absent()) for t in llms]
     if any(why is None for _, why in reasons):
         return

@@ -131,14 +131,15 @@ def check_log(settings: Settings, **others: Path | str | None) -> None:
         raise InputError(f"{what} {e}") from None
 
 
-def chain_for(settings: Settings, **files: Path | str | None):
-    """The chain the settings describe, for a command; an unknown model is a ModelError (exit 3), an unwritable
-    log, or one that is not a log or is one of the command's ``files`` (check_log), an InputError (exit 2)."""
+def chain_for(settings: Settings, files: dict[str, Path | str | None] | None = None, **build):
+    """The chain the settings describe, for a command, built with ``build`` (``chain.build_chain``'s keywords:
+    store, sample, wrap_load...); an unknown model is a ModelError (exit 3), an unwritable log, or one that is not
+    a log or is one of the command's ``files`` (check_log), an InputError (exit 2)."""
     from mlx_intent.chain import build_chain
 
-    check_log(settings, **files)
+    check_log(settings, **(files or {}))
     try:
-        chain = build_chain(settings)
+        chain = build_chain(settings, **build)
     except registry.UnknownModelError as e:
         raise ModelError(str(e)) from None
     if settings.sources.get("model") == "command line" and registry.state(settings.model, settings.home) == "missing":

@@ -128,11 +128,13 @@ def serve_command(
             err=True,
         )
     sock = listen_socket(host, port)  # before any model loads: a port in use fails at once, in one line
-    chain = chain_for(settings)
-    chain.store = None if no_record else open_store(settings.home, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)
-    if recalibrate_every and chain.store is None:
+    if recalibrate_every and no_record:
         raise click.UsageError("--recalibrate-every needs the answers recorded: drop --no-record")
-    recalibrator = Recalibrator(chain, recalibrate_every).start() if recalibrate_every else None
+    store = None if no_record else open_store(settings.home, busy_timeout_ms=SERVE_BUSY_TIMEOUT_MS)
+    recalibrator = Recalibrator(store, recalibrate_every) if recalibrate_every else None
+    chain = chain_for(settings, store=store, wrap_load=recalibrator.loading if recalibrator else None)
+    if recalibrator is not None:
+        recalibrator.start()
     app = create_app(
         settings,
         chain,

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from mlx_intent.chain import Chain, build_chain, default_chain_names
+from mlx_intent.chain import Chain, Kind, build_chain, default_chain_names
 from mlx_intent.errors import ModelError
 from mlx_intent.evaluation import scores
 from mlx_intent.evaluation.report import shown
@@ -47,11 +47,10 @@ def use_base_models(chain: Chain) -> None:
     from mlx_intent.classifier import IntentClassifier
 
     for tier in chain.tiers:
-        if tier.model is not None and chain.pool is not None:
+        if tier.kind is Kind.LLM and chain.pool is not None:  # the encoder has no adapter: it keeps its head
             try:
-                chain.pool.loaded[tier.model] = IntentClassifier(
-                    tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home
-                )
+                base = IntentClassifier(tier.model, mode=chain.pool.mode, use_adapter=False, home=chain.pool.home)
+                chain.pool.adopt(tier.model, base)
             except registry.ModelNotAvailableError as e:
                 raise ModelError(str(e)) from None
 

@@ -16,7 +16,9 @@ Deadlines are checked again between chunks, and per text in generate mode (it wr
 time anyway): work whose request was already answered by the tiers below is dropped, not finished.
 
 Every load of a model tier is recorded (``watched``), so /healthz and the answers given without the
-worker (during the warm-up, after a timeout) know each tier's state without loading anything.
+worker (during the warm-up, after a timeout) know each tier's state without loading anything.  The worker holds
+one chain and names each batch's mode in the call (``Chain.classify_batch(mode=)``); the chain below the model
+tiers (``fallback_chain``) is made once per reason and decides per call from the tiers' states.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from mlx_intent.chain import WARM_TEXT, Chain, Tier
-from mlx_intent.models import registry
+from mlx_intent.chain import WARM_TEXT, Chain, Kind, Tier
 from mlx_intent.results import ABSENT, PassOver, Reason
 from mlx_intent.settings import BATCH_SIZE, MAX_WAIT_MS, QUEUE_SIZE
 
@@ -87,8 +89,10 @@ class TierState:
 
 
 def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
-    """``chain`` with every load of a model tier recorded in ``states`` (by tier name; its copies for other
-    modes share them): the server reads a tier's state there on each /healthz, never loading anything."""
+    """The server's chain: ``chain`` with every load of a model tier recorded in ``states`` (by tier name), which
+    the server reads on each /healthz, never loading anything; and recording nothing itself: the server counts,
+    logs and keeps each request's answers once, with the request's own latency (a request that timed out would
+    otherwise be kept twice, and with the microseconds of the tiers that answered it in the end)."""
 
     def watch(tier: Tier) -> Tier:
         def load():
@@ -107,24 +111,11 @@ def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
 
         return replace(tier, load=load)
 
-    return chain.derive(tiers=[watch(t) if t.model else t for t in chain.tiers])
+    return chain.derive(tiers=[watch(t) if t.loads_model else t for t in chain.tiers], recording=False)
 
 
-def mode_chain(chain: Chain, mode: str) -> Chain:
-    """The same tiers, loaded models and metrics, with the LLM tiers decoding in ``mode``; its own cache,
-    since the two modes may answer differently."""
-    tiers = [_in_mode(t, mode) if t.model else t for t in chain.tiers]
-    return chain.derive(tiers=tiers)
-
-
-def _in_mode(tier: Tier, mode: str) -> Tier:
-    def run(texts: list[str], contexts=None) -> list[dict]:
-        clf = tier.load()
-        if contexts is None:
-            return clf.classify_batch(texts, mode=mode)
-        return clf.classify_batch(texts, mode=mode, contexts=contexts)
-
-    return replace(tier, run=run)
+_BELOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chain -> {(kind, reason, states): its chain below}
+_BELOW_LOCK = threading.Lock()  # requests that time out together ask for it on several threads
 
 
 def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, TierState] | None = None) -> Chain:
@@ -134,45 +125,65 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     early tier that is loaded (the e5-small encoder) answers too, on the caller's thread and without a latency
     budget (its runs wait on one another, beside a load), and without the LLM it may blend in (``Tier.alone``:
     that LLM may be the load under way); else no model runs.
-    Uncached."""
+    Uncached; made once per chain, reason and states (each of its tiers decides at every call, from the states
+    then), so a request that timed out builds nothing."""
+    with _BELOW_LOCK:
+        made = _BELOW.setdefault(chain, {})
+        key = (kind, reason, id(states))
+        if key not in made:
+            tiers = [_below(t, kind, reason, states) if t.loads_model else t for t in chain.tiers]
+            made[key] = _uncached(tiers, chain)
+        return made[key]
 
-    def passed(tier: Tier) -> Tier:
+
+def _below(tier: Tier, kind: Reason, reason: str, states: dict[str, TierState] | None) -> Tier:
+    """``tier`` in the chain below the model tiers: what it does is decided at each call, from ``states`` then."""
+
+    def stand_in() -> Tier:
         state = (states or {}).get(tier.name)
         if state is not None and state.state == ABSENT_STATE:
-            return _passed(tier.name, state.kind, state.detail)
+            return _passed(tier, state.kind, state.detail)
         if kind == Reason.LOADING and tier.early and tier.alone is None and state is not None and state.state == READY:
-            return replace(tier, budget_ms=None)  # the best tier there is until the LLMs are in: never timed out
+            return tier  # the best tier there is until the LLMs are in: never timed out
         if (absent := tier.absent()) is not None:
-            return _passed(tier.name, absent.kind, absent.detail)
+            return _passed(tier, absent.kind, absent.detail)
         if kind == Reason.LOADING and tier.early and tier.alone is not None:  # answers once loaded, loading nothing
-            return replace(tier, run=tier.alone, load=lambda: None, budget_ms=None)
-        return _passed(tier.name, kind, reason)
+            return replace(tier, run=tier.alone, load=lambda: None)
+        return _passed(tier, kind, reason)
 
-    return _uncached([passed(t) if t.model else t for t in chain.tiers], chain)
+    def run(texts: list[str], *more) -> list[dict]:
+        now = stand_in()
+        now.load()
+        return now.run(texts, *more)
+
+    return replace(tier, run=run, load=lambda: None, budget_ms=None)
 
 
-def _passed(name: str, kind: Reason, reason: str) -> Tier:
-    def run(texts: list[str]) -> list[dict]:
+def _passed(tier: Tier, kind: Reason, reason: str) -> Tier:
+    """``tier`` passing every text over for ``reason`` (of ``kind``), loading nothing."""
+
+    def run(texts: list[str], *more) -> list[dict]:
         raise PassOver(kind, reason)
 
-    return Tier(name, run)
+    return Tier(tier.name, run, kind=tier.kind)
 
 
-def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]) -> dict:
+def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None], mode: str | None = None) -> dict:
     """Constrained generation by the first LLM tier that loads, its JSON emitted piece by piece as
-    ("token", text); returns the final answer as the chain would give it (thresholds, tiers below).
+    ("token", text); returns the final answer as the chain would give it (thresholds, tiers below, the LLM tiers
+    there decoding in ``mode``: None, the chain's).
 
     Only LLM tiers at the head of the chain stream; with none ready the chain answers alone.  The
     tier's latency budget is not applied: the client watches the answer being written."""
     passed: list[Tier] = []
     for index, tier in enumerate(chain.tiers):
-        if not tier.model:
+        if not tier.loads_model:
             break
         try:
-            clf = tier.load()
+            clf = tier.classifier()
         except Exception as e:
             kind = e.kind if isinstance(e, PassOver) else Reason.ERROR
-            passed.append(_passed(tier.name, kind, str(e) if isinstance(e, PassOver) else _error(e)))
+            passed.append(_passed(tier, kind, str(e) if isinstance(e, PassOver) else _error(e)))
             continue
         result = None
         try:
@@ -184,11 +195,11 @@ def stream_classify(chain: Chain, text: str, emit: Callable[[str, object], None]
         except Dropped:  # nobody is reading: neither finish nor answer
             raise
         except Exception as e:  # empty once cleaned, a fault in the model: the tiers below answer
-            replay = _passed(tier.name, Reason.ERROR, _error(e))
+            replay = _passed(tier, Reason.ERROR, _error(e))
         else:
-            replay = replace(tier, run=lambda texts, r=result: [r], load=lambda: None, budget_ms=None)
-        return _uncached([*passed, replay, *chain.tiers[index + 1 :]], chain).classify(text)
-    return _uncached([*passed, *chain.tiers[len(passed) :]], chain).classify(text)
+            replay = replace(tier, run=lambda texts, *_, r=result, **__: [r], load=lambda: None, budget_ms=None)
+        return _uncached([*passed, replay, *chain.tiers[index + 1 :]], chain).classify(text, mode=mode)
+    return _uncached([*passed, *chain.tiers[len(passed) :]], chain).classify(text, mode=mode)
 
 
 def _error(e: Exception) -> str:
@@ -206,8 +217,8 @@ def warm(chain: Chain, states: dict[str, TierState]) -> None:
     warm-up query is neither logged nor counted.  A tier that cannot load is recorded by its watch and skipped."""
     room = chain.pool.max_loaded if chain.pool is not None else math.inf
     for tier in sorted(chain.tiers, key=lambda t: not t.early):
-        pooled = tier.model in registry.REGISTRY
-        if not tier.model or (pooled and room <= 0):
+        pooled = tier.kind is Kind.LLM  # held in the model pool, which has room for max_loaded
+        if not tier.loads_model or (pooled and room <= 0):
             continue
         if states.get(tier.name, TierState()).state == READY:
             room -= pooled
@@ -228,7 +239,7 @@ def health(chain: Chain, states: dict[str, TierState]) -> dict:
     ones skipped) is loaded, degraded while it fails, warming while it is not yet tried or loading.  A
     chain without model tiers is ready at once."""
     for tier in chain.tiers:
-        state = states.get(tier.name, TierState()) if tier.model else TierState(READY)
+        state = states.get(tier.name, TierState()) if tier.loads_model else TierState(READY)
         if state.state == READY:
             return {"ready": True, "status": "ready", "primary": tier.name, "detail": None}
         if state.state == FAILED:
@@ -239,13 +250,13 @@ def health(chain: Chain, states: dict[str, TierState]) -> dict:
 
 
 class Batcher:
-    """The worker thread and its bounded queue.  ``chains`` maps each mode to the chain that answers it;
-    warm-up uses ``default_mode``, streams the generate chain; ``on_batch(n)`` hears every batch's size.
+    """The worker thread and its bounded queue.  ``chain`` answers every mode: its LLM tiers decode in
+    ``default_mode`` unless a job names another (streams: generate); ``on_batch(n)`` hears every batch's size.
     ``states`` holds the model tiers' states (see ``watched``), which the warm-up fills."""
 
     def __init__(
         self,
-        chains: dict[str, Chain],
+        chain: Chain,
         default_mode: str = "score",
         max_batch: int = BATCH_SIZE,
         max_wait_s: float = MAX_WAIT_MS / 1000,
@@ -253,7 +264,7 @@ class Batcher:
         on_batch: Callable[[int], None] = lambda n: None,
         states: dict[str, TierState] | None = None,
     ):
-        self.chains = chains
+        self.chain = chain
         self.default_mode = default_mode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -358,8 +369,11 @@ class Batcher:
                 return
             began = time.perf_counter()
             try:
-                results = self.chains[mode].classify_batch(
-                    [t for _, t, _ in chunk], users=[j.user for j, *_ in chunk], contexts=[c for *_, c in chunk]
+                results = self.chain.classify_batch(
+                    [t for _, t, _ in chunk],
+                    users=[j.user for j, *_ in chunk],
+                    contexts=[c for *_, c in chunk],
+                    mode=self._mode(mode),
                 )
             except Exception as e:  # tiers catch their own faults; this is a bug, answered as one
                 for job in {job for job, *_ in chunk + todo}:
@@ -372,6 +386,10 @@ class Batcher:
                 if len(answers[job]) == len(job.texts):
                     job.future.set_result(answers[job])
 
+    def _mode(self, mode: str) -> str | None:
+        """The mode to name in a call to the chain: None for its own (the default mode)."""
+        return None if mode == self.default_mode else mode
+
     def _learn(self, mode: str, seconds: float) -> None:
         old = self.per_text.get(mode)
         self.per_text[mode] = seconds if old is None else old + LEARN_RATE * (seconds - old)
@@ -379,7 +397,7 @@ class Batcher:
     def _run_alone(self, job: Job) -> None:
         try:
             if job.mode == WARM:
-                warm(self.chains[self.default_mode], self.states)
+                warm(self.chain, self.states)
                 job.future.set_result(None)
             else:
 
@@ -388,7 +406,7 @@ class Batcher:
                         raise Dropped("the client left")
                     job.emit(kind, data)
 
-                result = stream_classify(self.chains[GENERATE], job.texts[0], emit)
+                result = stream_classify(self.chain, job.texts[0], emit, self._mode(GENERATE))
                 job.emit("result", result)
                 job.future.set_result(result)
         except Dropped as e:

@@ -1,7 +1,7 @@
 """The server's state and work, without HTTP: what the routes share (mlx-lm's model provider and response
 generator in one).
 
-One ``Service`` holds the chain as served (quiet, its tier loads watched, one per mode), the batcher whose
+One ``Service`` holds the chain as served (its tier loads watched; the mode named per call), the batcher whose
 single worker thread owns MLX, the metrics, the conversations and the warm-up.  A request goes to the
 worker; one that waits longer than the request timeout, or comes while the warm-up loads the models, is
 answered at once by the tiers below them, on a thread (never on the event loop, which must keep answering
@@ -31,13 +31,12 @@ from mlx_intent.serve.batcher import (
     TierState,
     fallback_chain,
     health,
-    mode_chain,
     watched,
 )
 from mlx_intent.serve.metrics import Prometheus, register_metrics
 from mlx_intent.serve.schemas import FeedbackRequest, Turn
 from mlx_intent.serve.sessions import Sessions
-from mlx_intent.settings import MODES, Settings
+from mlx_intent.settings import Settings
 
 LOADING = "loading: the server is warming up its models; answered by the tiers that are ready"
 WARMING_UP = (Reason.LOADING, LOADING)
@@ -72,9 +71,9 @@ class Service:
     ):
         self.settings, self.chain, self.timeout_ms = settings, chain, timeout_ms
         self.states: dict[str, TierState] = {}
-        self.served, chains = serving_chains(chain, settings, self.states)
+        self.served = watched(chain, self.states)  # loads recorded; answers not: the server keeps each request's once
         self.batcher = Batcher(
-            chains,
+            self.served,
             settings.mode,
             max_batch=settings.batch_size if batching else 1,
             max_wait_s=max_wait_ms / 1000 if batching else 0.0,
@@ -216,24 +215,9 @@ class Service:
         for index, tier in enumerate(served.tiers):
             if tier.name in registry.REGISTRY:
                 continue
-            state = states.get(tier.name, TierState()).state if tier.model else READY
+            state = states.get(tier.name, TierState()).state if tier.loads_model else READY
             on_disk = "missing" if state == ABSENT_STATE or tier.absent() is not None else "downloaded"
             shown = "ready" if state == READY else on_disk
             listed.append({"name": tier.name, "state": shown, "loaded": state == READY, "tier": index})
         return listed
 
-
-def serving_chains(chain: Chain, settings: Settings, states: dict[str, TierState]) -> tuple[Chain, dict[str, Chain]]:
-    """The chain as served (quiet, its loads watched into ``states``) and the chain of each mode."""
-    served = watched(_quiet(chain), states)
-    chains = {mode: served if mode == settings.mode else mode_chain(served, mode) for mode in MODES}
-    return served, chains
-
-
-def _quiet(chain: Chain) -> Chain:
-    """A copy of ``chain`` that neither logs, counts nor keeps answers: the server does all three, once per
-    answered request and with the request's own latency (a request that timed out would otherwise be logged
-    twice, and with the microseconds of the tiers that answered it in the end)."""
-    copy = chain.derive()
-    copy.recording = False
-    return copy

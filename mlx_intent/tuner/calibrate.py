@@ -307,9 +307,8 @@ def measure_places(clf, rows: list[dict], fitted: np.ndarray, settings, report=c
     for place, names in chains.items():
         # no latency budget: a busy machine would hand a slow tier's batches down and measure its load, not the place
         quiet = replace(settings, chain=tuple(names), cache_size=0, log=None, latency_budget_ms=None)
-        chain = build_chain(quiet, llm_weights={model: weight})
-        chain.recording = False
-        chain.pool.loaded[model] = clf  # the model already in memory: an 8 GB Mac holds one copy of a 3B
+        chain = build_chain(quiet, llm_weights={model: weight}, recording=False)
+        chain.pool.adopt(model, clf)  # the model already in memory: an 8 GB Mac holds one copy of a 3B
         figures[place] = _chain_figures(chain, texts, gold, model, settings.batch_size)
     figures["blend"]["llm_read"] = 1.0 if weight > 0 else 0.0  # inside the blend it reads every text, or none
     best = max(("cascade", "blend", "first"), key=lambda place: figures[place]["accuracy"])  # ties: the first

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from mlx_intent.feedback import data
 from mlx_intent.feedback.data import calibration_part
-from mlx_intent.feedback.store import StoreError, written
+from mlx_intent.feedback.store import Store, StoreError, written
 
 log = logging.getLogger("mlx_intent.tuner.recalibrate")
 POLL_S = 1.0  # seconds between looks at the feedback store
@@ -54,12 +54,12 @@ class Recalibrator:
     A background thread watches the store (other processes may write to it) and readies the rows; the fit
     itself runs when the chain next readies that tier, in its ``load`` step: in the thread that classifies,
     so a model never runs in two threads at once (MLX must not), outside any latency budget, and the swap
-    lands between two batches.  The tiers of ``chain`` are wrapped in place: build it before the chains
-    derived from it (the server's)."""
+    lands between two batches.  The chain is built with its model tiers' loads wrapped by ``loading``
+    (``build_chain(wrap_load=recalibrator.loading)``)."""
 
     def __init__(
         self,
-        chain,
+        store: Store,
         every: int,
         *,
         minimum: int | None = None,
@@ -68,9 +68,9 @@ class Recalibrator:
     ) -> None:
         """``minimum`` records in the calibration part (default data.MIN_CALIBRATION_RECORDS, read when built)
         before a refit; the store is looked at every ``poll_s`` seconds (default POLL_S)."""
-        if chain.store is None:
-            raise ValueError("recalibration needs a chain that records (a store)")
-        self.store, self.every, self.refit = chain.store, every, refit
+        if store is None:
+            raise ValueError("recalibration needs the answers recorded (a store)")
+        self.store, self.every, self.refit = store, every, refit
         self.minimum = data.MIN_CALIBRATION_RECORDS if minimum is None else minimum
         self.poll_s = POLL_S if poll_s is None else poll_s
         self.seen = written(self.store)
@@ -79,9 +79,10 @@ class Recalibrator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        chain.tiers[:] = [replace(t, load=self._loading(t.load)) if t.model else t for t in chain.tiers]
 
-    def _loading(self, load: Callable[[], object]) -> Callable[[], object]:
+    def loading(self, load: Callable[[], object]) -> Callable[[], object]:
+        """A model tier's ``load`` that, once it has loaded, refits the classifier on the rows readied, if any."""
+
         def wrapped():
             clf = load()
             with self._lock:
