@@ -115,7 +115,8 @@ def serve_command(
     try:
         import uvicorn
 
-        from mlx_intent.serve.app import allowed_hosts, create_app, is_loopback, server_config
+        from mlx_intent.serve.app import create_app
+        from mlx_intent.serve.middleware import allowed_hosts, is_loopback, server_config
     except ImportError as e:
         raise click.ClickException(f"serve needs the web extras: pip install 'mlx-intent[serve]' ({e})") from None
     check_host(host, port)

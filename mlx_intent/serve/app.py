@@ -25,7 +25,7 @@ from mlx_intent.chain import Chain
 from mlx_intent.feedback.store import StoreError
 from mlx_intent.results import FeedbackError, Reason
 from mlx_intent.serve.batcher import STREAM, Job
-from mlx_intent.serve.middleware import LOOPBACK_HOSTS, Guard, allowed_hosts, is_loopback, json_errors, server_config
+from mlx_intent.serve.middleware import LOOPBACK_HOSTS, Guard, json_errors
 from mlx_intent.serve.schemas import (
     ERRORS,
     FEEDBACK_ERRORS,
@@ -47,10 +47,6 @@ from mlx_intent.settings import BODY_TIMEOUT_S, MAX_WAIT_MS, QUEUE_SIZE, Setting
 log = logging.getLogger("mlx_intent.cli.serve")
 
 TIMEOUT_FACTOR = 4  # default request timeout: this many latency budgets (queueing and batching included)
-
-# cli/serve.py imports the middleware's three from here until it is pointed at serve.middleware (issue 25 merge)
-__all__ = ["allowed_hosts", "create_app", "is_loopback", "server_config"]
-
 
 def create_app(
     settings: Settings,

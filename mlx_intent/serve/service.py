@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from mlx_intent.chain import Chain, timing_fields
 from mlx_intent.context import MAX_CONTEXT_TURNS
-from mlx_intent.feedback.store import add_feedback
+from mlx_intent.feedback import store as feedback_store
 from mlx_intent.models import registry
 from mlx_intent.results import Reason
 from mlx_intent.serve.batcher import (
@@ -179,7 +179,7 @@ class Service:
     def feedback(self, body: FeedbackRequest) -> dict:
         """Store a correction or confirmation of an answer (raises FeedbackError, StoreError)."""
         fields = {"correct": body.correct, "replace": body.replace, "source": "api"}
-        return add_feedback(self.chain.store, body.id, body.primary_intent, body.all_intents, **fields)
+        return feedback_store.add_feedback(self.chain.store, body.id, body.primary_intent, body.all_intents, **fields)
 
     def readiness(self) -> dict:
         """/healthz's body, decided from the tiers' states now; a degraded server queues one warm-up job at a
