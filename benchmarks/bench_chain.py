@@ -6,8 +6,10 @@ Each query is timed twice, back to back and in alternating order: the tier's ``r
 directly, and ``Chain([tier], cache_size=0).classify(text)``.  The overhead is the per-query difference
 (paired, so a load spike on this shared machine tends to hit both halves).  What the chain adds: the cache
 key (normalize), answer validation, language detection and the metrics record.  The log is off except in
-one row, which shows its cost (one write and fsync per query).  MLX is imported first, as in any chain with
-an LLM tier, so the metrics read MLX's peak memory on every record.
+one row, which shows its cost (one write and fsync per query).  Two rows add the keyword tier's second opinion
+(``secondaries``), as the default chain runs it: behind the bundled model, and behind e5-small blended with the
+keyword tier (which hands the chain the keyword reading it blended, so the keyword tier is not run twice).
+MLX is imported first, as in any chain with an LLM tier, so the metrics read MLX's peak memory on every record.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from common import percentile, save_report
 
-from mlx_intent.chain import Chain, ModelPool, Tier, keyword_tier, llm_tier
+from mlx_intent.chain import Chain, ModelPool, Tier, encoder_tier, keyword_tier, llm_tier
 from mlx_intent.metrics import ClassificationLog
 from mlx_intent.models import backend
 from mlx_intent.models.registry import BUNDLED
@@ -43,9 +45,12 @@ def timed(call: Callable[[str], object], text: str) -> float:
     return (time.perf_counter_ns() - start) / 1e3
 
 
-def paired(tier: Tier, texts: list[str], repeats: int, log: ClassificationLog | None = None) -> dict[str, list[float]]:
-    """µs per query for the bare tier, the chain around it, and their per-query difference."""
-    chain = Chain([tier], cache_size=0, log=log)
+def paired(
+    tier: Tier, texts: list[str], repeats: int, log: ClassificationLog | None = None, secondaries=None
+) -> dict[str, list[float]]:
+    """µs per query for the bare tier, the chain around it (with the keyword tier's second opinion when
+    ``secondaries`` is given, as build_chain sets it), and their per-query difference."""
+    chain = Chain([tier], cache_size=0, log=log, secondaries=secondaries)
 
     def bare(text: str) -> list[dict]:
         return tier.run([text])
@@ -112,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     sample = texts[:: max(1, len(texts) // args.model_queries)][: args.model_queries]
     paired(model, sample[:3], 1)  # warm-up
     rows.append(row(f"{BUNDLED} (model)", len(sample), paired(model, sample, 1)))
+    second = {"secondaries": keyword.run}  # the keyword tier's second opinion, as in the default chain
+    rows.append(row(f"{BUNDLED}, second opinion", len(sample), paired(model, sample, 1, **second)))
+    encoder = encoder_tier(0.0, None, combine=True)  # e5-small blended with the keyword tier (the default chain)
+    encoder.load()
+    paired(encoder, sample[:3], 1, **second)  # warm-up
+    rows.append(row("e5-small blend, second opinion", len(sample), paired(encoder, sample, 1, **second)))
 
     hits = cache_hits(texts, args.repeats)
     load_after = loadavg()

@@ -678,22 +678,28 @@ class Chain:
         if tier.loads_model and self.secondaries is not None:
             passed = set(left)
             answered = [i for i in todo if i not in passed]
-            left = sorted(left + self._second_opinion(tier, texts, answered, results, fallbacks))
+            read = {i: raw["keyword"] for i, raw in zip(todo, answers) if isinstance(raw, dict) and "keyword" in raw}
+            left = sorted(left + self._second_opinion(tier, texts, answered, results, fallbacks, read))
         return left
 
-    def _second_opinion(self, tier: Tier, texts, answered: list[int], results, fallbacks) -> list[int]:
-        """Check model answers against the keyword tier's reading; return the texts passed over.
+    def _second_opinion(self, tier: Tier, texts, answered: list[int], results, fallbacks, read=None) -> list[int]:
+        """Check model answers against the keyword tier's reading (``read``: the readings the tier had already,
+        the encoder's blend; the others are read now); return the texts passed over.
 
         Where the keyword tier names the model's primary among its intents, its other intents
         join the answer (up to 3).  Where the model calls a text social talk but the keyword tier
         reads social words and a request, rule 1 of the guide says the request decides, so the
         model is passed over and the tiers below answer."""
+        read = read or {}
+        unread = [i for i in answered if i not in read]
         try:
-            others = self.secondaries([texts[i] for i in answered]) if answered else []
+            fresh = self.secondaries([texts[i] for i in unread]) if unread else []
         except Exception:  # a second opinion is optional: the model's answers stand
             return []
+        others = {**read, **dict(zip(unread, fresh))}
         declined = []
-        for i, other in zip(answered, others):
+        for i in (i for i in answered if i in others):  # a short reply reads fewer texts, as zip would
+            other = others[i]
             res, named = results[i], [n for n in other.get("all_intents", []) if n in INTENTS]
             request = other.get("primary_intent")
             social = tier.veto and res["primary_intent"] == SOCIAL_INTENT and SOCIAL_INTENT in named

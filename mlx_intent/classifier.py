@@ -25,8 +25,8 @@ from mlx_intent import calibration
 from mlx_intent.models import cache as kv
 from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
-from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children, write_answer
-from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
+from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children
+from mlx_intent.schema import INTENTS, MAX_INTENTS
 from mlx_intent.settings import MODES
 
 CALIBRATION = "calibration.json"
@@ -290,19 +290,23 @@ class IntentClassifier:
     ) -> list[dict[str, float]]:
         """P(intent) for each text (after its earlier turns, ``contexts``): the constrained sampler's probability
         of writing each name."""
-        return self._rebuilt(lambda: self._distributions(texts, contexts))
+        queries = self._queries(texts, contexts)
+        return self._rebuilt(lambda: self._distributions([ids for ids, _ in queries]))
 
-    def _distributions(
+    def _queries(
         self, texts: list[str], contexts: Sequence[Sequence[str]] | None = None
-    ) -> list[dict[str, float]]:
+    ) -> list[tuple[list[int], bool]]:
+        """Each text's query ids (after its earlier turns) and whether it was truncated: tokenized once a query."""
+        return [self.query_ids(t, c) for t, c in zip(texts, contexts or [()] * len(texts))]
+
+    def _distributions(self, queries: list[list[int]]) -> list[dict[str, float]]:
         # Names that share a first token need the model's next-token distribution deeper in
         # the trie.  The longest such path rides along at the end of every row (causal
         # attention leaves the earlier positions untouched), so one pass serves it and its
         # ancestors; any other branch point gets a small second pass, and only where the
         # first token left it real mass (elsewhere its share is split evenly).
         tail = self._tail
-        contexts = contexts or [()] * len(texts)
-        rows = [self.query_ids(t, c)[0] + self.suffix_ids + self._chain + tail for t, c in zip(texts, contexts)]
+        rows = [ids + self.suffix_ids + self._chain + tail for ids in queries]
         cache = self._batch_cache(len(rows))
         h = self._hidden(rows, cache, back=len(tail))
         allowed = frozenset(INTENTS)
@@ -341,15 +345,13 @@ class IntentClassifier:
         if mode == "generate":
             return [self.classify(t, mode="generate", context=c) for t, c in zip(texts, contexts)]
         start = time.perf_counter()
-        truncated = [self.query_ids(t)[1] for t in texts]
-        dists = self.distributions(list(texts), contexts)
+        queries = self._queries(list(texts), contexts)  # the truncation flag does not depend on the context
+        dists = self._rebuilt(lambda: self._distributions([ids for ids, _ in queries]))
         elapsed = (time.perf_counter() - start) * 1000
-        results = []
-        for dist, trunc in zip(dists, truncated):
-            primary, conf, all_intents = self._answer(dist)
-            machine = write_answer(self.vocab, primary, conf, all_intents)
-            results.append(self._result(machine, dist, elapsed, trunc, "score"))
-        return results
+        return [
+            self._result(*self._answer(dist), dist, elapsed, truncated, "score")
+            for dist, (_, truncated) in zip(dists, queries)
+        ]
 
     def classify(self, text: str, mode: str | None = None, context: Sequence[str] = ()) -> dict:
         mode = mode or self.mode
@@ -414,19 +416,35 @@ class IntentClassifier:
         elapsed = (time.perf_counter() - start) * 1000
         if len(machine.text) > len(written):
             yield machine.text[len(written) :]
-        yield self._result(machine, dist, elapsed, truncated, "generate")
+        answer = (machine.primary, machine.confidence, machine.all_intents)
+        yield self._result(*answer, dist, elapsed, truncated, "generate")
 
-    def _result(self, machine: JSONMachine, dist: dict, elapsed_ms: float, truncated: bool, mode: str) -> dict:
-        answer = validate(json.loads(machine.text))
+    def _result(
+        self,
+        primary: str,
+        confidence: float,
+        all_intents: list[str],
+        dist: dict,
+        elapsed_ms: float,
+        truncated: bool,
+        mode: str,
+    ) -> dict:
+        """The result of an answer the grammar allows (valid by construction: the chain validates it once), with
+        ``json``, the text the machine writes for it (``AnswerVocab.answer_text``: no machine walked, nothing
+        parsed back)."""
+        text = self.vocab.answer_text(primary, confidence, all_intents)
+        written = round(min(max(float(confidence), 0.0), 1.0), 4)  # the confidence as the text says it
         top = sorted(dist.items(), key=lambda kv: kv[1], reverse=True)[:5]
         return {
-            **answer,
+            "primary_intent": primary,
+            "confidence": written,
+            "all_intents": list(all_intents),
             "model": self.name,
             "tier": self.name,
             "mode": mode,
             "latency_ms": round(elapsed_ms, 2),
             "truncated": truncated,
-            "json": machine.text,
+            "json": text,
             "top": [[name, round(float(p), 4)] for name, p in top],
         }
 

@@ -315,12 +315,18 @@ class EncoderClassifier:
     def answer_distributions(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(the distribution the tier answers with, before any LLM: blended with the keyword tier's where it has
         a fit; sigmoid) for each text."""
+        probs, multi, _ = self._blended(texts)
+        return probs, multi
+
+    def _blended(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[dict] | None]:
+        """``answer_distributions`` and the keyword tier's readings it blended in (None: it blends none)."""
         if self.keyword is not None:  # the blend was fitted on the head's T = 1 probabilities (calibrate_head)
             probs, multi = self.distributions(texts, temperature=1.0)
-            probs = blend(probs, [self.keyword.classify(t) for t in texts], *self.config.combination)
-            return by_language(probs, texts, dict(self.config.blend_lang_temperature)), multi
+            readings = [self.keyword.classify(t) for t in texts]
+            probs = blend(probs, readings, *self.config.combination)
+            return by_language(probs, texts, dict(self.config.blend_lang_temperature)), multi, readings
         probs, multi = self.distributions(texts)
-        return by_language(probs, texts, dict(self.config.lang_temperature)), multi
+        return by_language(probs, texts, dict(self.config.lang_temperature)), multi, None
 
     def classify_batch(
         self,
@@ -332,29 +338,30 @@ class EncoderClassifier:
         """``mode`` and ``contexts`` are accepted for the chain's sake (``chain.Classifier``): an encoder has one way
         to answer, and reads the text alone.  With an ``llm`` (the
         chain's blend place) its distribution joins at ``llm_weight``; when it cannot answer, the blend answers.
-        ``with_llm=False`` answers without it, loading nothing more (the server's answers while the LLM loads)."""
+        ``with_llm=False`` answers without it, loading nothing more (the server's answers while the LLM loads).
+        A blended answer carries the keyword tier's reading it blended (``keyword``): the chain's second opinion
+        reads it there instead of running the keyword tier again."""
         if not texts:
             return []
         start = time.perf_counter()
         texts = list(texts)
-        probs, multi = self.answer_distributions(texts)
+        probs, multi, readings = self._blended(texts)
         if with_llm and self.llm is not None and self.llm_weight > 0 and (llm := self.llm(texts)) is not None:
             probs = mix(probs, llm, self.llm_weight)
         elapsed = (time.perf_counter() - start) * 1000 / len(texts)
         results = []
-        for p, m in zip(probs, multi):
+        for p, m, reading in zip(probs, multi, readings or [None] * len(texts)):
             primary, confidence, names = answer(p, m, self.config.threshold)
             top = np.argsort(-p)[:TOP]
-            results.append(
-                {
-                    "primary_intent": primary,
-                    "confidence": round(confidence, 4),
-                    "all_intents": names,
-                    "top": [[INTENTS[i], round(float(p[i]), 4)] for i in top],
-                    "model": NAME,
-                    "latency_ms": round(elapsed, 2),
-                }
-            )
+            result = {
+                "primary_intent": primary,
+                "confidence": round(confidence, 4),
+                "all_intents": names,
+                "top": [[INTENTS[i], round(float(p[i]), 4)] for i in top],
+                "model": NAME,
+                "latency_ms": round(elapsed, 2),
+            }
+            results.append(result if reading is None else {**result, "keyword": reading})
         return results
 
     def classify(self, text: str, mode: str | None = None) -> dict:

@@ -8,6 +8,7 @@ metrics, the log, and the peak memory a loaded model leaves in its stamp for ``m
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import shutil
@@ -738,3 +739,52 @@ def test_build_chain_returns_a_finished_chain(tmp_path):
     sentinel = object()
     chain.pool.adopt("smollm2-135m", sentinel)
     assert chain.pool.get("smollm2-135m") is sentinel
+
+
+def counting(monkeypatch, owner, name: str, calls: collections.Counter) -> None:
+    """Count the calls of ``owner.name`` in ``calls[name]``, calling through."""
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+def test_an_llm_query_is_tokenized_validated_and_written_once(smol, monkeypatch):
+    """Each query's work once: tokenized once (query_ids), validated once (by the chain), its JSON never
+    written out and parsed back (no json.loads in the classifier); the keyword tier read once (second opinion)."""
+    import mlx_intent.chain as chain_module
+    import mlx_intent.classifier as classifier_module
+    from mlx_intent.keyword import KeywordClassifier
+
+    chain, _ = smol
+    calls: collections.Counter = collections.Counter()
+    counting(monkeypatch, classifier_module.IntentClassifier, "query_ids", calls)
+    counting(monkeypatch, KeywordClassifier, "classify", calls)
+    counting(monkeypatch, chain_module, "validate", calls)
+    counting(monkeypatch, classifier_module.json, "loads", calls)
+    texts = ["ferry to Kadıköy?", "is it going to rain tomorrow", "best baklava near Karaköy"]
+    results = Chain(chain.tiers, cache_size=0, pool=chain.pool, secondaries=chain.secondaries).classify_batch(texts)
+    assert [r["tier"] for r in results] == [BUNDLED] * 3
+    assert calls == {"query_ids": 3, "classify": 3, "validate": 3}
+    for mode in ("score", "generate"):  # the text it would write is still given, and says the same answer
+        own = chain.pool.loaded[BUNDLED].classify(texts[0], mode=mode)
+        assert json.loads(own["json"]) == {k: own[k] for k in ANSWER_KEYS}
+
+
+def test_the_blend_hands_the_second_opinion_its_keyword_reading(monkeypatch):
+    """e5-small blended with the keyword tier reads each text with the keyword tier once: the chain's second
+    opinion takes the reading the blend used instead of running the keyword tier again."""
+    from mlx_intent.keyword import KeywordClassifier
+
+    chain = build_chain(Settings(chain=("e5-small", KEYWORD), min_confidence=0.0, latency_budget_ms=600_000))
+    chain.tiers[0].load()
+    calls: collections.Counter = collections.Counter()
+    counting(monkeypatch, KeywordClassifier, "classify", calls)
+    texts = ["hi! where can I eat fish near Galata?", "tram from Sultanahmet to Kabataş", "merhaba"]
+    results = Chain(chain.tiers, cache_size=0, secondaries=chain.secondaries).classify_batch(texts)
+    assert [r["tier"] for r in results] == ["e5-small"] * 3
+    assert calls == {"classify": 3}
+    assert all("keyword" not in r for r in results)  # the reading stays inside the chain
