@@ -10,9 +10,9 @@ table drives migrations.
 Results are recorded at classify time, and only where the user asked for it: ``mlx-intent serve`` records
 by default (feedback is what its ``/v1/feedback`` route is for; ``--no-record`` turns it off),
 ``mlx-intent classify`` only with ``--record``, the Python API when a store is attached
-(``chain.store = open_store(home)``).  The store is self-contained (a correction joins its result by id in
-one indexed lookup), while the JSONL classification log (``MLX_INTENT_LOG``) carries the same ``id`` on every
-line, so log and store join on it too.  Travellers' texts are personal: the database file is created
+(``build_chain(settings, store=open_store(home))``).  The store is self-contained (a correction joins its
+result by id in one indexed lookup), while the JSONL classification log (``MLX_INTENT_LOG``) carries the same
+``id`` on every line, so log and store join on it too.  Travellers' texts are personal: the database file is created
 owner-only (0600; SQLite gives its -wal and -shm files the same mode) and nothing leaves the machine.
 
 The rows have room for ``user`` (per-user thresholds: ``users``) and ``context`` (the earlier turns of a
