@@ -721,7 +721,7 @@ def test_each_tier_says_its_kind_and_model_tiers_share_one_call():
 def test_build_chain_returns_a_finished_chain(tmp_path):
     """What callers once set afterwards (the store, sampling, recording, the mode, the server's load hook) is
     given to build_chain; the pool adopts a model loaded already instead of being written into."""
-    from mlx_intent.feedback import open_store
+    from mlx_intent.feedback.store import open_store
     from mlx_intent.settings import Settings
 
     wrapped = []
