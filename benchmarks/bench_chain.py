@@ -30,6 +30,7 @@ from mlx_intent.chain import Chain, ModelPool, Tier, encoder_tier, keyword_tier,
 from mlx_intent.metrics import ClassificationLog
 from mlx_intent.models import backend
 from mlx_intent.models.registry import BUNDLED
+from mlx_intent.settings import load_settings
 
 backend.use_openblas()
 import mlx.core  # noqa: E402, F401  (see the docstring: the metrics' per-record MLX read is part of the cost)
@@ -70,7 +71,7 @@ def paired(
 
 def cache_hits(texts: list[str], repeats: int) -> list[float]:
     """µs per classify() that the cache answers (every text was classified once before)."""
-    chain = Chain([keyword_tier()], cache_size=len(texts) + 1)
+    chain = Chain([keyword_tier(load_settings().home)], cache_size=len(texts) + 1)
     chain.classify_batch(texts)
     timings = []
     for _ in range(repeats):
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
     load_before = loadavg()
 
-    keyword = keyword_tier()
+    home = load_settings().home
+    keyword = keyword_tier(home)
     constant = Tier("constant", lambda batch: [dict(CONSTANT) for _ in batch])
     paired(keyword, texts[:50], 1)  # warm-up: lexicon, langid tables, first-call costs
     fast = {"keyword": paired(keyword, texts, args.repeats), "constant (fake)": paired(constant, texts, args.repeats)}
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, ClassificationLog(Path(tmp) / "bench.log") as log:
         rows.append(row("constant, log on", len(texts), paired(constant, texts, 1, log=log)))
 
-    pool = ModelPool(max_loaded=1)
+    pool = ModelPool(max_loaded=1, home=home)
     model = llm_tier(BUNDLED, pool, threshold=0.0, budget_ms=None)
     model.load()
     sample = texts[:: max(1, len(texts) // args.model_queries)][: args.model_queries]

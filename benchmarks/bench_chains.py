@@ -53,7 +53,7 @@ def main() -> None:
     configs = [c for c in args.configs.split(",") if c]
     sets = [s for s in args.sets.split(",") if s]
     base = load_settings()
-    data = {s: read_labelled(data_path(s)) for s in sets}
+    data = {s: read_labelled(data_path(s, base.home)) for s in sets}
     table: dict[tuple[str, str], dict] = {}
     started = time.time()
     for name in configs:

@@ -63,15 +63,17 @@ def worker(repeats: int) -> dict:
     from mlx_intent.models import registry
     from mlx_intent.models.gguf import convert_gguf
     from mlx_intent.models.loading import load
+    from mlx_intent.settings import load_settings
 
     gguf = registry.bundled_gguf(registry.get_spec(MODEL))
-    out = registry.model_dir(MODEL)
+    home = load_settings().home
+    out = registry.model_dir(MODEL, home)
     convert_gguf(gguf, out)
     times = {"convert": timed(lambda: convert_gguf(gguf, out), repeats)}
     for weights, dequantize in (("4-bit", False), ("float32", True)):
-        load(MODEL, dequantize=dequantize)
-        times[f"load {weights}"] = timed(lambda d=dequantize: load(MODEL, dequantize=d), repeats)
-        model, tokenizer = load(MODEL, dequantize=dequantize)
+        load(MODEL, dequantize=dequantize, home=home)
+        times[f"load {weights}"] = timed(lambda d=dequantize: load(MODEL, dequantize=d, home=home), repeats)
+        model, tokenizer = load(MODEL, dequantize=dequantize, home=home)
         ids = tokenizer.encode(PROMPT * 2)[:PROMPT_TOKENS]
         assert len(ids) == PROMPT_TOKENS
         x = mx.array([ids])

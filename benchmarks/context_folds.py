@@ -32,13 +32,13 @@ def author(row: dict) -> str:
     return row["id"].split("-")[1]
 
 
-def fold_rows(conversations: list[dict], held: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def fold_rows(conversations: list[dict], held: str, home: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(training rows without author ``held``, calibration rows), as the train command builds them."""
-    rows = [{**r, "_source": n} for n in ("train", "public-train") for r in read_labelled(data_path(n))]
+    rows = [{**r, "_source": n} for n in ("train", "public-train") for r in read_labelled(data_path(n, home))]
     rows = with_request_pairs(
         rows + [{**r, "_source": "context-train"} for r in conversations if author(r) != held], seed
     )
-    calib = [{**r, "_source": n} for n in ("calib", "public-calib") for r in read_labelled(data_path(n))]
+    calib = [{**r, "_source": n} for n in ("calib", "public-calib") for r in read_labelled(data_path(n, home))]
     return rows, calib
 
 
@@ -47,7 +47,8 @@ def fold_rows(conversations: list[dict], held: str, seed: int = 0) -> tuple[list
 @click.option("--work", type=click.Path(path_type=Path), default=Path("models/context-folds"), show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write the tables here.")
 def main(held: tuple[str, ...], work: Path, report: Path | None) -> None:
-    conversations = read_labelled(data_path("context-train"))
+    home = load_settings().home
+    conversations = read_labelled(data_path("context-train", home))
     lines = [
         "# Conversations: each training author held out in turn",
         "",
@@ -57,8 +58,8 @@ def main(held: tuple[str, ...], work: Path, report: Path | None) -> None:
     for x in held:
         head = work / f"without-{x}"
         if not (head / encoder.HEAD_CONFIG).exists():  # a fold trained before is reused
-            train_rows, calib = fold_rows(conversations, x)
-            train_encoder(train_rows, calib, out_dir=head, report=lambda m: click.echo(m, err=True))
+            train_rows, calib = fold_rows(conversations, x, home)
+            train_encoder(train_rows, calib, out_dir=head, home=home, report=lambda m: click.echo(m, err=True))
         rows = [r for r in conversations if author(r) == x]
         with mock.patch.object(encoder, "HEAD_DIR", head):  # the tier loads the fold's head, not the shipped one
             chain = build_chain(load_settings(), names=["e5-small", "keyword", "general"])

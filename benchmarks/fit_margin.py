@@ -43,9 +43,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "reports" / "ambiguity-fit.md")
     args = parser.parse_args()
-    chain = build_chain(load_settings())
+    settings = load_settings()
+    chain = build_chain(settings)
     tiers = [replace(t, run=memo(t.run)) for t in chain.tiers]
-    rows = {name: read_labelled(data_path(name)) for name in SETS}
+    rows = {name: read_labelled(data_path(name, settings.home)) for name in SETS}
     table: dict[str, dict[float, tuple[float, int, int]]] = {name: {} for name in SETS}
     for margin in GRID:
         variant = chain.derive(tiers=[replace(t, margin=margin) for t in tiers], cache_size=0)

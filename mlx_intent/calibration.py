@@ -46,11 +46,10 @@ class Loaded:
         return "; ".join([used, *(f"IGNORED {p}" for p in self.problems)])
 
 
-def home_file(name: str, home: Path | None = None) -> Path:
+def home_file(name: str, home: Path) -> Path:
     """Where ``mlx-intent calibrate`` keeps the fit of tier ``name``: under the models home, never the package."""
-    from mlx_intent.models import registry
 
-    return registry.home(home) / FOLDER / f"{name}.json"
+    return home / FOLDER / f"{name}.json"
 
 
 def read_record(path: Path) -> dict | None:
@@ -179,11 +178,11 @@ class Place:
         return f"{self.name} (accuracy on the calibration split: {shown}; {self.source.path})"
 
 
-def place_file(model: str, home: Path | None = None) -> Path:
+def place_file(model: str, home: Path) -> Path:
     return home_file(f"{model}.place", home)
 
 
-def read_place(model: str, home: Path | None = None) -> Place:
+def read_place(model: str, home: Path) -> Place:
     """``model``'s measured place, else the default (cascade); a file that cannot be used is warned about once
     and ignored."""
     path = place_file(model, home)

@@ -119,7 +119,7 @@ class Tier:
         return self.load()
 
 
-def keyword_tier(home: Path | None = None) -> Tier:
+def keyword_tier(home: Path) -> Tier:
     """The keyword tier, with the fit of ``home`` (the models folder) or the packaged one."""
     from mlx_intent.keyword import KeywordClassifier
 
@@ -142,7 +142,7 @@ class ModelPool:
     retry_after_s: float = 60.0
     mode: str = "score"
     memory: int | None = None  # bytes the device can give; None = ask the device
-    home: Path | None = None  # the models folder (Settings.home); None = the registry default
+    home: Path = field(kw_only=True)  # the models folder (Settings.home)
     sample: bool = False  # generate mode samples at each model's ModelSpec.temperature (classify --sample)
     loaded: OrderedDict = field(default_factory=OrderedDict)
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
@@ -188,7 +188,7 @@ class ModelPool:
             return None
         if not loading.is_available(name, self.home):
             return PassOver(Reason.NOT_INSTALLED, f"not downloaded (get it with: {registry.how_to_get(name)})")
-        if not loading.fits(name, self.memory, self.home):
+        if not loading.fits(name, self.memory, home=self.home):
             need = loading.budget(name, self.home)
             why = f"does not fit in memory (needs {need.bytes / registry.GB:.1f} GB: {need.source})"
             return PassOver(Reason.TOO_LARGE, why)
@@ -257,7 +257,8 @@ def encoder_tier(
     budget_ms: float | None,
     retry_after_s: float = 60.0,
     combine: bool = False,
-    home: Path | None = None,
+    *,
+    home: Path,
     llm: Callable[[list[str]], list[list[float]] | None] | None = None,
     llm_weight: float = 0.0,
     llm_load: Callable[[], object] | None = None,
@@ -797,7 +798,9 @@ def build_chain(
                     llm = llm_distributions(mixed, pool)
                 budget, retry = settings.latency_budget_ms, settings.retry_after_s
                 llm_load = (lambda m=mixed: pool.get(m)) if mixed else None
-                tier = encoder_tier(threshold, budget, retry, blended, settings.home, llm, weight, llm_load)
+                tier = encoder_tier(
+                    threshold, budget, retry, blended, home=settings.home, llm=llm, llm_weight=weight, llm_load=llm_load
+                )
                 followup = followup or learned_detector(tier.load)
             else:
                 tier = llm_tier(name, pool, threshold, settings.latency_budget_ms)

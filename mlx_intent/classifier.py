@@ -27,7 +27,7 @@ from mlx_intent.models import loading, registry
 from mlx_intent.prompts import PROMPT_STYLES, chat_prompt, clean_user_text, special_strings
 from mlx_intent.sampler import AnswerVocab, JSONMachine, Node, branch_probs, valid_children
 from mlx_intent.schema import INTENTS, MAX_INTENTS
-from mlx_intent.settings import MODES
+from mlx_intent.settings import MODES, settings_home
 
 CALIBRATION = "calibration.json"
 DEFAULT_THRESHOLD = 0.2  # a second intent joins all_intents at this probability
@@ -66,7 +66,7 @@ def load_calibration(folder: Path | None, name: str = "LLM", home_fit: Path | No
     return calibration.load([home_fit, folder / CALIBRATION], parse, name)
 
 
-def shipped_adapter_fit(name: str, adapter: Path | None, home: Path | None) -> Path | None:
+def shipped_adapter_fit(name: str, adapter: Path | None, home: Path) -> Path | None:
     """Where `mlx-intent calibrate` keeps the fit for ``adapter`` when it is one the package ships (under the
     models home: never written into the package); None for an adapter trained into the home, or none."""
     if adapter is None or registry.PACKAGED_ADAPTERS not in Path(adapter).resolve().parents:
@@ -74,7 +74,7 @@ def shipped_adapter_fit(name: str, adapter: Path | None, home: Path | None) -> P
     return calibration.home_file(name, home)
 
 
-def model_calibration(name: str, home: Path | None = None) -> calibration.Loaded | None:
+def model_calibration(name: str, home: Path) -> calibration.Loaded | None:
     """The fit model ``name`` reads as it would load now (its adapter's, else its folder's); None when it is
     not on disk.  For `models list`."""
     adapter = registry.find_adapter(name, home)
@@ -93,8 +93,8 @@ class IntentClassifier:
 
     ``IntentClassifier()`` picks the best available model, honouring LLM_MODEL and
     LLM_FALLBACK_MODEL (see ``loading.select_from_settings``); pass ``model_name`` to choose one, or an already
-    loaded ``model``/``tokenizer`` pair.  ``home`` is the models folder (``Settings.home``; None: the
-    registry default).  ``temperature`` is the calibration temperature of the confidence; ``sample`` makes
+    loaded ``model``/``tokenizer`` pair.  ``home`` is the models folder (``Settings.home``; None:
+    ``settings_home()``).  ``temperature`` is the calibration temperature of the confidence; ``sample`` makes
     generate mode sample at the model's recommended sampling temperature (``ModelSpec.temperature``)
     instead of decoding greedily.
     """
@@ -115,6 +115,7 @@ class IntentClassifier:
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        home = settings_home() if home is None else Path(home).expanduser()  # a library call: as the settings
         self.name = model_name or loading.select_from_settings(home=home)
         self.spec = registry.get_spec(self.name)
         self.home = home

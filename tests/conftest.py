@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlx_intent.models import backend
+from mlx_intent.settings import settings_home
 
 # Before any test module imports mlx.core: OpenBLAS can only take over MLX's BLAS if it is
 # loaded first, and the float32 forward passes in the tests are ~20x slower without it.
@@ -46,7 +47,7 @@ def bundled(models_home):
     """(model, tokenizer) of the bundled SmolLM2-135M, converted and loaded once."""
     from mlx_intent.models.loading import load
 
-    return load("smollm2-135m")
+    return load("smollm2-135m", home=settings_home())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ from mlx_intent.cli.main import main
 from mlx_intent.errors import EXIT_INPUT, EXIT_MODEL
 from mlx_intent.evaluation import bench
 from mlx_intent.models import loading, registry
-from mlx_intent.settings import ENV_VARS
+from mlx_intent.settings import ENV_VARS, settings_home
 
 TINY = ["--repeats", "1", "--queries", "2", "--prompt-tokens", "16", "--generation-tokens", "4"]
 LLM_FIGURES = (
@@ -131,7 +131,7 @@ def test_steps_counts_every_step_of_an_llm(llm, monkeypatch):
     monkeypatch.setattr(bench, "naive_answer", lambda clf, text: "{}")
     config = bench.BenchConfig(repeats=2, queries=2, prompt_tokens=8, generation_tokens=2, naive_queries=2)
     phases = []
-    figures = bench.bench_llm(registry.BUNDLED, _texts(config), config, None, phases.append)
+    figures = bench.bench_llm(registry.BUNDLED, _texts(config), config, settings_home(), phases.append)
     assert len(phases) == bench.steps(registry.BUNDLED, config)
     assert phases.count("naive generation") == figures["naive_queries"] == 2 and figures["naive_valid_json"] == 0
 
@@ -139,7 +139,7 @@ def test_steps_counts_every_step_of_an_llm(llm, monkeypatch):
 def test_steps_counts_every_step_of_the_encoder():
     config = bench.BenchConfig(repeats=2, queries=9)
     phases = []
-    bench.bench_encoder(_texts(config), config, True, phases.append)
+    bench.bench_encoder(_texts(config), config, True, phases.append, home=settings_home())
     assert len(phases) == bench.steps(bench.ENCODER, config)
     assert phases.count("batch of 8") == 2  # 9 queries: batches of 8 and 1, once
 
@@ -159,7 +159,7 @@ def test_only_missing_models_print_the_report_and_exit_3(llm):
 def test_by_default_every_registry_llm_present_runs_and_the_others_are_skipped(llm):
     """Issue 24, part 6: by default the e5-small tier and the chain run too (it benchmarked only SmolLM2, not the
     tier that answers)."""
-    run, skipped = bench.select_models(())
+    run, skipped = bench.select_models((), home=settings_home())
     assert run == [registry.BUNDLED, bench.ENCODER, bench.CHAIN]  # the only LLM in the session's models folder
     assert set(skipped) == set(registry.REGISTRY) - {registry.BUNDLED}
     assert all("not downloaded" in why or "does not fit" in why for why in skipped.values())

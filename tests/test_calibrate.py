@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mlx_intent.calibration import PLACES, place_file, read_place
 from mlx_intent.chain import ENCODER, default_chain_names
 from mlx_intent.schema import INTENTS
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 from mlx_intent.tuner.calibrate import (
     every_branch,
     fit_platt,
@@ -140,12 +140,12 @@ def restored_calibration(models_home, bundled):
     from mlx_intent.classifier import CALIBRATION
     from mlx_intent.models import registry
 
-    path = registry.resolve_dir("smollm2-135m") / CALIBRATION
+    path = registry.resolve_dir("smollm2-135m", home=settings_home()) / CALIBRATION
     before = path.read_bytes() if path.exists() else None
     try:
         yield path
     finally:
-        place_file("smollm2-135m").unlink(missing_ok=True)
+        place_file("smollm2-135m", home=settings_home()).unlink(missing_ok=True)
         if before is None:
             path.unlink(missing_ok=True)
         else:
@@ -170,7 +170,7 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(
     args = ["calibrate", "smollm2-135m", "--data", str(data), "--batch-size", "6", "--force"]  # 12 rows < 50
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    written = json.loads((registry.resolve_dir("smollm2-135m") / CALIBRATION).read_text())
+    written = json.loads((registry.resolve_dir("smollm2-135m", home=settings_home()) / CALIBRATION).read_text())
     assert set(written) >= {"temperature", "threshold", "fitted_on", "n", "ece_before", "ece_after"}
     assert written["n"] == 12 and written["fitted_on"].endswith("labelled.jsonl")
     assert 0.05 <= written["temperature"] <= 20 and written["temperature"] != 1.0
@@ -183,13 +183,13 @@ def test_calibrate_writes_calibration_json_that_the_classifier_reads(
     clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer)
     assert clf.temperature == written["temperature"] and clf.threshold == written["threshold"]
     # where it goes in the chain: the three places measured through the chain on the same rows, the best kept
-    place = json.loads(place_file("smollm2-135m").read_text())
+    place = json.loads(place_file("smollm2-135m", home=settings_home()).read_text())
     assert set(place["figures"]) == set(PLACES) and place["n"] == 12
     best = max(f["accuracy"] for f in place["figures"].values())
     assert place["figures"][place["place"]]["accuracy"] == best
     assert place["figures"]["first"]["llm_read"] == 1.0  # first, it reads every text
     assert place["figures"]["cascade"]["llm_read"] <= 1.0
-    assert 0 <= place["llm_weight"] <= 2 and read_place("smollm2-135m").name == place["place"]
+    assert 0 <= place["llm_weight"] <= 2 and read_place("smollm2-135m", home=settings_home()).name == place["place"]
     assert "where smollm2-135m goes" in result.output
     names = default_chain_names(Settings(model="smollm2-135m", fallback_model="smollm2-135m"))
     expected = {"first": ["smollm2-135m", ENCODER], "cascade": [ENCODER, "smollm2-135m"]}
@@ -291,16 +291,16 @@ def test_calibrate_never_writes_into_the_shipped_adapter(models_home, bundled, t
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert {p.name: p.read_bytes() for p in (packaged / "smollm2-135m").iterdir()} == before  # untouched
-    home_fit = calibration.home_file("smollm2-135m", models_home)
+    home_fit = calibration.home_file("smollm2-135m", Path(models_home))
     written = json.loads(home_fit.read_text())
     assert written["n"] == 12 and written["weights"]
     model, tokenizer = bundled
-    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=models_home)
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=Path(models_home))
     assert clf.calibration.path == home_fit and clf.temperature == written["temperature"]
     # other adapter weights: the home fit is stale, named, and the adapter's own calibration answers
     config = packaged / "smollm2-135m" / "adapter_config.json"
     config.write_text(config.read_text() + " ")
-    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=models_home)
+    clf = IntentClassifier("smollm2-135m", model=model, tokenizer=tokenizer, home=Path(models_home))
     assert clf.calibration.path == packaged / "smollm2-135m" / CALIBRATION
     assert any("other weights" in p for p in clf.calibration.problems)
     home_fit.unlink()

@@ -41,7 +41,7 @@ from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.models import loading, registry
 from mlx_intent.models.registry import BUNDLED, FALLBACK, GB, PRIMARY
 from mlx_intent.results import PassOver, Reason
-from mlx_intent.settings import ENV_VARS, Settings, load_settings
+from mlx_intent.settings import ENV_VARS, Settings, load_settings, settings_home
 
 ANSWER_KEYS = {"primary_intent", "confidence", "all_intents"}
 RESULT_KEYS = ANSWER_KEYS | {"tier", "model", "fallbacks", "cached", "latency_ms", "lang"}
@@ -352,7 +352,8 @@ def test_model_that_does_not_fit_is_not_loaded(models_home, loads):
     chain = build_chain(Settings(chain=(BUNDLED, KEYWORD)), memory=100 * MB)
     result = chain.classify(FISH)
     assert result["tier"] == KEYWORD
-    need = loading.budget(BUNDLED)  # measured once converted by an earlier test, else the registry's estimate
+    # measured once converted by an earlier test, else the registry's estimate
+    need = loading.budget(BUNDLED, home=settings_home())
     assert result["fallbacks"] == [
         {
             "tier": BUNDLED,
@@ -361,7 +362,7 @@ def test_model_that_does_not_fit_is_not_loaded(models_home, loads):
         }
     ]
     with pytest.raises(PassOver, match="does not fit"):
-        ModelPool(memory=GB // 2).get(BUNDLED)
+        ModelPool(memory=GB // 2, home=settings_home()).get(BUNDLED)
     assert loads == []
 
 
@@ -395,7 +396,7 @@ def fake_models(monkeypatch, models_home) -> type[FakeClassifier]:
 
 def test_failed_load_backs_off_then_retries(fake_models, clock):
     fake_models.fail = [MemoryError("no room"), MemoryError("no room")]
-    pool = ModelPool(retry_after_s=60)
+    pool = ModelPool(retry_after_s=60, home=settings_home())
     chain = Chain([llm_tier(PRIMARY, pool, 0.0, None), const_tier("backup")], pool=pool)
 
     first = chain.classify("Blue Mosque hours?")
@@ -425,7 +426,7 @@ def test_no_back_off_retries_every_query(fake_models):
 
 
 def test_at_most_max_loaded_models_stay_loaded(fake_models):
-    pool = ModelPool(max_loaded=2)
+    pool = ModelPool(max_loaded=2, home=settings_home())
     for name in (PRIMARY, FALLBACK, PRIMARY, "llama-3.1-8b"):  # the third load evicts the least recent
         pool.get(name)
     assert list(pool.loaded) == [PRIMARY, "llama-3.1-8b"]
@@ -469,8 +470,8 @@ def test_bundled_model_answers_through_the_pool(smol):
 
 def test_peak_memory_is_stamped_and_listed(smol):
     chain, _ = smol
-    path = registry.resolve_dir(BUNDLED)
-    peak = registry.read_stamp(path).get("peak_memory")
+    path = registry.resolve_dir(BUNDLED, home=settings_home())
+    peak = registry.read_stamp(path, home=settings_home()).get("peak_memory")
     assert isinstance(peak, int) and peak > 0
     assert not chain.pool.unstamped  # written once, after the first run
     out = CliRunner().invoke(main, ["models", "list"]).output
@@ -480,7 +481,7 @@ def test_peak_memory_is_stamped_and_listed(smol):
 
 def test_bundled_model_below_the_threshold_falls_to_keyword(smol):
     chain, _ = smol
-    strict = Chain([llm_tier(BUNDLED, chain.pool, 1.0, None), keyword_tier()], pool=chain.pool)
+    strict = Chain([llm_tier(BUNDLED, chain.pool, 1.0, None), keyword_tier(home=settings_home())], pool=chain.pool)
     result = strict.classify("Is the Hagia Sophia open on Mondays?")
     assert result["tier"] == KEYWORD
     (fallback,) = result["fallbacks"]
@@ -499,7 +500,7 @@ def test_bundled_classify_batch_raising_falls_to_keyword(smol, monkeypatch):
 
 def corrupt_home(tmp_path: Path, how: str) -> Path:
     """A models folder holding a damaged copy of the converted bundled model."""
-    good, bad = registry.resolve_dir(BUNDLED), tmp_path / BUNDLED
+    good, bad = registry.resolve_dir(BUNDLED, home=settings_home()), tmp_path / BUNDLED
     bad.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(good / name, bad / name)
@@ -599,11 +600,11 @@ def test_absent_tiers_are_not_runtime_fallbacks(models_home):
     """A tier not downloaded here is a configuration fact: listed once, apart; only tiers passed over while
     running (here one unsure) count as fallbacks."""
     unsure = const_tier("unsure", confidence=0.2, threshold=0.5)
-    chain = Chain([llm_tier(FALLBACK, ModelPool(), 0.5, 1e9), unsure, const_tier()], cache_size=0)
+    chain = Chain([llm_tier(FALLBACK, ModelPool(home=settings_home()), 0.5, 1e9), unsure, const_tier()], cache_size=0)
     first = chain.classify("fish?")
     assert [f["kind"] for f in first["fallbacks"]] == ["not_installed", "low_confidence"]
     assert first["runtime_fallback"] is True
-    absent_only = Chain([llm_tier(FALLBACK, ModelPool(), 0.5, 1e9), const_tier()], cache_size=0)
+    absent_only = Chain([llm_tier(FALLBACK, ModelPool(home=settings_home()), 0.5, 1e9), const_tier()], cache_size=0)
     absent_only.metrics = chain.metrics
     second = absent_only.classify_batch(["fish?", "more fish?"])
     assert all(r["runtime_fallback"] is False and r["fallbacks"][0]["kind"] == "not_installed" for r in second)
@@ -693,8 +694,8 @@ def test_the_encoders_first_run_counts_as_its_load_not_a_query(monkeypatch):
 
     monkeypatch.setattr(encoder, "EncoderClassifier", FirstRunSlow)
     monkeypatch.setattr(encoder, "available", lambda home=None: None)
-    tier = encoder_tier(threshold=0.0, budget_ms=800.0)
-    result = Chain([tier, keyword_tier()]).classify("Where can I eat fish near Galata?")
+    tier = encoder_tier(threshold=0.0, budget_ms=800.0, home=settings_home())
+    result = Chain([tier, keyword_tier(home=settings_home())]).classify("Where can I eat fish near Galata?")
     assert result["tier"] == "e5-small" and result["fallbacks"] == []
     assert result["latency_ms"] == pytest.approx(10.0)
 

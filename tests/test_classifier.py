@@ -19,6 +19,7 @@ from mlx_intent.classifier import MAX_QUERY_TOKENS, EmptyTextError, IntentClassi
 from mlx_intent.models import registry
 from mlx_intent.sampler import AnswerVocab, Node, branch_probs
 from mlx_intent.schema import INTENTS
+from mlx_intent.settings import settings_home
 
 TEXTS = [
     "Hi",
@@ -241,7 +242,7 @@ def test_long_text_is_truncated_and_flagged(clf):
 
 
 def test_system_prompt_cache_is_saved_and_reused(clf, bundled, monkeypatch):
-    files = list(registry.resolve_dir("smollm2-135m").glob("prompt_cache_*.safetensors"))
+    files = list(registry.resolve_dir("smollm2-135m", home=settings_home()).glob("prompt_cache_*.safetensors"))
     assert files  # one per prompt and adapter: tests run earlier in the session may have saved others
 
     def no_prefill(*args, **kwargs):

@@ -27,7 +27,7 @@ from mlx_intent.feedback.store import Store
 from mlx_intent.normalize import MAX_TEXT_CHARS
 from mlx_intent.serve.app import create_app
 from mlx_intent.serve.sessions import Sessions
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 from mlx_intent.tuner.augment import encoder_text, request_pairs
 
 KEYWORD = Settings(chain=("keyword",))
@@ -267,7 +267,7 @@ def test_train_e5_reads_a_conversation_set_as_pairs(monkeypatch, clean_settings,
     assert "stop here" in out.output
     from mlx_intent.evaluation.data import data_path, read_labelled
 
-    conversation = read_labelled(data_path("context-train"))
+    conversation = read_labelled(data_path("context-train", home=settings_home()))
     assert {encoder_text(r) for r in conversation} <= set(seen["texts"])
     assert sum(" </s> " in t for t in seen["texts"]) >= len(conversation) + 100  # and requests after a context
 

@@ -15,6 +15,7 @@ from mlx_intent.chain import ENCODER, Chain, Kind, encoder_tier, keyword_tier
 from mlx_intent.encoder import EncoderClassifier, HeadConfig, HeadError, answer, blend, fit_blend
 from mlx_intent.evaluation.data import DATA_DIR, read_labelled
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
+from mlx_intent.settings import settings_home
 from mlx_intent.tuner.encoder import LANG_MIN_ROWS, fit_lang_temperatures, length_batches, row_weights, train_encoder
 
 TEXTS = [
@@ -33,7 +34,9 @@ def tiny_head(tmp_path_factory) -> Path:
     train = read_labelled(DATA_DIR / "train.jsonl")[::20][:150]
     calib = read_labelled(DATA_DIR / "calib.jsonl")[::12]
     out = tmp_path_factory.mktemp("head") / encoder.NAME
-    summary = train_encoder(train, calib, tuned_layers=1, epochs=1, batch_size=16, out_dir=out, report=lambda m: None)
+    summary = train_encoder(
+        train, calib, tuned_layers=1, epochs=1, batch_size=16, out_dir=out, report=lambda m: None, home=settings_home()
+    )
     assert summary["rows"] == 150 and summary["calibration"]["n"] == len(calib)
     return out
 
@@ -140,8 +143,8 @@ def test_corrupt_head_weights_pass_the_tier_over(tiny_head, tmp_path):
     bad.mkdir()
     (bad / encoder.HEAD_CONFIG).write_text((tiny_head / encoder.HEAD_CONFIG).read_text())
     (bad / encoder.HEAD_WEIGHTS).write_bytes(b"not safetensors")
-    tier = encoder_tier(0.0, None)
-    chain = Chain([tier, keyword_tier()], cache_size=0)
+    tier = encoder_tier(0.0, None, home=settings_home())
+    chain = Chain([tier, keyword_tier(home=settings_home())], cache_size=0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(encoder, "HEAD_DIR", bad)
         result = chain.classify("Wann fährt die letzte Fähre?")
@@ -153,7 +156,7 @@ def test_corrupt_head_weights_pass_the_tier_over(tiny_head, tmp_path):
 
 def test_an_untrained_tier_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(encoder, "HEAD_DIR", tmp_path / "none")
-    chain = Chain([encoder_tier(0.0, None), keyword_tier()], cache_size=0)
+    chain = Chain([encoder_tier(0.0, None, home=settings_home()), keyword_tier(home=settings_home())], cache_size=0)
     result = chain.classify("Hello!")
     assert result["fallbacks"][0]["reason"].startswith("not trained")
     assert result["fallbacks"][0]["kind"] == "not_installed"
@@ -339,7 +342,7 @@ def test_a_blended_tier_is_not_vetoed_again_but_still_gets_the_second_intents():
     def food(texts):
         return [{"primary_intent": "restaurant", "confidence": 0.9, "all_intents": ["restaurant"]} for _ in texts]
 
-    kw = keyword_tier()
+    kw = keyword_tier(home=settings_home())
     text = "Hi! Where can I eat fish near Galata Tower?"
     for veto, tier in ((True, "keyword"), (False, "m")):
         chain = Chain([Tier("m", social, model="m", kind=Kind.LLM, veto=veto), kw], cache_size=0, secondaries=kw.run)

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mlx_intent.cli.main import main
 from mlx_intent.evaluation import scores
+from mlx_intent.settings import settings_home
 
 # ---- scores -------------------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ def test_eval_bad_data_and_unknown_model(tmp_path, tiny):
 def test_eval_resolves_data_names():
     from mlx_intent.evaluation.data import DATA_DIR, data_path
 
-    assert data_path("dev") == DATA_DIR / "dev.jsonl"
+    assert data_path("dev", home=settings_home()) == DATA_DIR / "dev.jsonl"
 
 
 def test_compare_keyword_vs_general(tiny, tmp_path):

@@ -33,7 +33,7 @@ from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT, UserError
 from mlx_intent.models import gguf, hub, registry
 from mlx_intent.models.gguf import GGUFError
 from mlx_intent.normalize import MAX_TEXT_CHARS, text_problem
-from mlx_intent.settings import SettingsError, load_settings
+from mlx_intent.settings import SettingsError, load_settings, settings_home
 
 ROOT = Path(mlx_intent.__file__).resolve().parent.parent
 KEYWORD = ["--chain", "keyword"]
@@ -279,7 +279,7 @@ def test_train_adapter_refuses_batch_size_0_before_loading_the_model(monkeypatch
 
     monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     with pytest.raises(InputError, match="batch size must be at least 1"):
-        train_adapter("smollm2-135m", labelled(tmp_path / "t.jsonl"), batch_size=0)
+        train_adapter("smollm2-135m", labelled(tmp_path / "t.jsonl"), batch_size=0, home=settings_home())
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from mlx_intent.chain import Chain, build_chain, keyword_tier
 from mlx_intent.cli.main import main
 from mlx_intent.metrics import ClassificationLog, read_log
 from mlx_intent.schema import INTENTS
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 
 SURROGATE = json.loads('"where is \\ud800 Taksim?"')  # valid JSON, and a str that UTF-8 cannot encode
 ANSWER = ("primary_intent", "confidence", "all_intents", "tier")
@@ -68,7 +68,7 @@ def runtime_warnings(caught) -> list[str]:
 def test_a_lone_surrogate_is_answered_and_logged_as_its_json_escape(tmp_path):
     path = tmp_path / "log.jsonl"
     with ClassificationLog(path) as log:
-        chain = Chain([keyword_tier()], log=log)
+        chain = Chain([keyword_tier(home=settings_home())], log=log)
         result = chain.classify(SURROGATE)
         assert result["primary_intent"] in INTENTS
         assert log.failures == 0 and chain.metrics.log_write_failures == 0
@@ -102,14 +102,16 @@ def test_a_full_disk_is_counted_warned_once_and_leaves_whole_lines(tmp_path, ful
     path = tmp_path / "log.jsonl"
     texts = ["hello", "where can I eat fish?", "will it rain?"]
     with ClassificationLog(path) as log:
-        chain = Chain([keyword_tier()], cache_size=0, log=log)
+        chain = Chain([keyword_tier(home=settings_home())], cache_size=0, log=log)
         chain.classify_batch(texts)  # written
         full_disk.fds.add(log._fd)
         full_disk.room = 7  # the disk fills up mid-line
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lost = [chain.classify_batch(texts) for _ in range(3)]
-        assert answers(lost[0]) == answers(Chain([keyword_tier()], cache_size=0).classify_batch(texts))
+        assert answers(lost[0]) == answers(
+            Chain([keyword_tier(home=settings_home())], cache_size=0).classify_batch(texts)
+        )
         assert all(answers(batch) == answers(lost[0]) for batch in lost)
         assert log.failures == 9 and chain.metrics.log_write_failures == 9
         assert chain.metrics.snapshot()["log_write_failures"] == 9
@@ -145,7 +147,7 @@ def test_the_server_answers_through_a_full_disk_and_counts_it(tmp_path, full_dis
 
     with ClassificationLog(tmp_path / "log.jsonl") as log:
         full_disk.fds.add(log._fd)
-        chain = Chain([keyword_tier()], cache_size=0, log=log)
+        chain = Chain([keyword_tier(home=settings_home())], cache_size=0, log=log)
         with TestClient(create_app(Settings(chain=("keyword",)), chain), base_url="http://127.0.0.1") as client:
             for text in ("hello", "will it rain?"):
                 response = client.post("/v1/classify", json={"text": text})
@@ -164,12 +166,12 @@ PAIRS = [("🙂🙂", "☔☔☔"), ("Wie komme ich zum ist?", "Wie komme ich zu
 
 @pytest.mark.parametrize("pair", PAIRS)
 def test_a_cached_answer_is_the_answer_to_that_text(pair):
-    uncached = Chain([keyword_tier()], cache_size=0)
+    uncached = Chain([keyword_tier(home=settings_home())], cache_size=0)
     expected = answers(uncached.classify_batch(list(pair)))
     if pair != PAIRS[-1]:
         assert expected[0] != expected[1]  # so a shared cache entry would show
     for order in (pair, pair[::-1]):
-        chain = Chain([keyword_tier()])
+        chain = Chain([keyword_tier(home=settings_home())])
         got = {text: answers([chain.classify(text)])[0] for text in order}
         assert [got[t] for t in pair] == expected
 
@@ -192,7 +194,10 @@ TEXTS = st.lists(
 @given(TEXTS, TEXTS)
 @settings(max_examples=200, deadline=None)
 def test_any_text_cached_after_any_other_answers_as_uncached(first, second):
-    chain, uncached = Chain([keyword_tier()]), Chain([keyword_tier()], cache_size=0)
+    chain, uncached = (
+        Chain([keyword_tier(home=settings_home())]),
+        Chain([keyword_tier(home=settings_home())], cache_size=0),
+    )
     chain.classify(first)
     assert answers([chain.classify(second)]) == answers([uncached.classify(second)])
 
@@ -222,7 +227,7 @@ def test_a_bad_keyword_calibration_is_ignored_warned_and_named(tmp_path, monkeyp
     monkeypatch.setattr(keyword, "CALIBRATION_PATH", bad)
     with pytest.warns(RuntimeWarning, match="keyword tier: ignoring the calibration"):
         clf = keyword.KeywordClassifier()
-    assert clf.platt is None and keyword.calibrated_accuracy() is None
+    assert clf.platt is None and keyword.calibrated_accuracy(home=settings_home()) is None
     assert clf.calibration.problems[0].startswith(str(bad))
     raw = keyword.classify_keywords("where can I eat fish?")
     assert clf.classify("where can I eat fish?")["confidence"] == raw["confidence"]
@@ -252,7 +257,7 @@ def test_no_keyword_calibration_file_crashes_the_loader(tmp_path, value):
     write_json(path, value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = keyword.load_fit(path)
+        loaded = keyword.load_fit(path, home=settings_home())
     if loaded.fit is not None:
         a, b = loaded.fit["platt"]
         assert 0 < a <= 100 and math.isfinite(b)
@@ -312,7 +317,7 @@ def test_a_temperature_of_zero_no_longer_makes_every_confidence_one(models_home,
     from mlx_intent.classifier import CALIBRATION, IntentClassifier
     from mlx_intent.models import registry
 
-    path = registry.resolve_dir("smollm2-135m") / CALIBRATION
+    path = registry.resolve_dir("smollm2-135m", home=settings_home()) / CALIBRATION
     before = path.read_bytes() if path.exists() else None
     try:
         path.write_text(json.dumps({"temperature": 0, "threshold": 0.2}))

@@ -22,6 +22,7 @@ from test_faults_cli import assert_clean_error, invoke, write_jsonl
 from mlx_intent import batch_io
 from mlx_intent.errors import EXIT_ERROR, EXIT_INPUT
 from mlx_intent.metrics import ClassificationLog, LogError
+from mlx_intent.settings import settings_home
 
 WAIT_S = 180  # a cap on waiting for a state, never an assertion about speed
 
@@ -436,7 +437,7 @@ def test_a_diverged_encoder_head_is_not_installed(tmp_path):
     with pytest.raises(TrainingError, match="NaN or infinity"):
         train_encoder(
             _rows(1), [], tuned_layers=0, epochs=1, batch_size=1, learning_rate=1e30, out_dir=head, report=print
-        )
+        , home=settings_home())
     assert (head / "head.json").read_text() == '{"the": "good head"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e5-small"]  # no staging folder, no .previous
 
@@ -457,7 +458,7 @@ def test_a_diverged_adapter_is_not_installed(bundled, tmp_path, monkeypatch):
     (out / "adapters.safetensors").write_text("the good adapter")
     data = write_jsonl(tmp_path / "rows.jsonl", _rows(1))
     with pytest.raises(TrainingError, match="NaN or infinity"):
-        train_adapter("smollm2-135m", data, iters=1, batch_size=2, out_dir=out, report=print)
+        train_adapter("smollm2-135m", data, iters=1, batch_size=2, out_dir=out, report=print, home=settings_home())
     assert (out / "adapters.safetensors").read_text() == "the good adapter"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "rows.jsonl"]
 
@@ -543,7 +544,8 @@ def test_a_huge_load_failure_reason_is_bounded_in_the_answer():
     def load():
         raise PassOver(Reason.LOAD_FAILED, "load failed: ValueError: Missing 8730 parameters: " + "x." * 190_000)
 
-    chain = Chain([Tier("crafted", lambda texts: [], load, model="crafted", kind=Kind.LLM), keyword_tier()])
+    crafted = Tier("crafted", lambda texts: [], load, model="crafted", kind=Kind.LLM)
+    chain = Chain([crafted, keyword_tier(home=settings_home())])
     result = chain.classify("Where can I eat fish?")
     [entry] = result["fallbacks"]
     assert entry["kind"] == "load_failed" and len(entry["reason"]) <= MAX_REASON_CHARS
@@ -681,7 +683,7 @@ def model_app(model: Model, log: Path | None = None):
     from mlx_intent.settings import Settings
 
     tier = Tier("llm", lambda texts: model.classify_batch(texts), lambda: model, model="llm", kind=Kind.LLM)
-    chain = Chain([tier, keyword_tier()], log=ClassificationLog(log) if log else None)
+    chain = Chain([tier, keyword_tier(home=settings_home())], log=ClassificationLog(log) if log else None)
     return create_app(Settings(chain=("keyword",)), chain, request_timeout_ms=600_000)
 
 

@@ -30,7 +30,7 @@ from mlx_intent.serve.app import create_app
 from mlx_intent.serve.batcher import Batcher, Expired, Job, QueueFull
 from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.middleware import FIRST_BYTE_TIMEOUT_S, SHUTDOWN_GRACE_S, allowed_hosts, server_config
-from mlx_intent.settings import QUEUE_SIZE, Settings
+from mlx_intent.settings import QUEUE_SIZE, Settings, settings_home
 from mlx_intent.stats import check, summarize
 
 SETTINGS = Settings(latency_budget_ms=600_000.0, cache_size=0, batch_size=8)
@@ -108,7 +108,7 @@ def test_work_past_its_deadline_is_dropped_between_chunks(mode, max_batch, first
 def test_cancelled_jobs_leave_the_queue_count_at_once():
     """The queue bound counts jobs still wanted: cancelled ones (requests that timed out) free their slot
     before the worker reaches them."""
-    batcher = Batcher(Chain([keyword_tier()]), "score", queue_size=2)  # not started: nothing taken
+    batcher = Batcher(Chain([keyword_tier(home=settings_home())]), "score", queue_size=2)  # not started: nothing taken
     for job in [batcher.submit(Job([t], "score")) for t in "ab"]:
         assert job.future.cancel()
     assert batcher.waiting() == 0
@@ -121,7 +121,9 @@ def test_cancelled_jobs_leave_the_queue_count_at_once():
 
 
 def test_shutdown_does_not_wait_for_a_worker_held_by_abandoned_work(hold):
-    app = create_app(SETTINGS, Chain([hold.tier(), keyword_tier()], cache_size=0), request_timeout_ms=50)
+    app = create_app(
+        SETTINGS, Chain([hold.tier(), keyword_tier(home=settings_home())], cache_size=0), request_timeout_ms=50
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(server_config(app, log_level="warning"))
@@ -158,7 +160,7 @@ def test_health_follows_the_primary_tier_after_the_warm_up():
             raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
     tier = Tier("flaky", lambda texts: [reply() for _ in texts], load, model="flaky", kind=Kind.LLM)
-    with running(create_app(SETTINGS, Chain([tier, keyword_tier()], cache_size=0))) as (base, _):
+    with running(create_app(SETTINGS, Chain([tier, keyword_tier(home=settings_home())], cache_size=0))) as (base, _):
         ready(base)
         assert httpx.get(f"{base}/healthz").json()["primary"] == "flaky"
         broken.set()
@@ -181,7 +183,7 @@ def test_a_request_during_the_warm_up_is_answered_at_once_by_the_tiers_that_are_
     loading = Tier(
         "loading", lambda texts: [reply() for _ in texts], lambda: gate.wait(WAIT_S), model="loading", kind=Kind.LLM
     )
-    chain = Chain([absent_tier(), loading, keyword_tier()], cache_size=0)
+    chain = Chain([absent_tier(), loading, keyword_tier(home=settings_home())], cache_size=0)
     try:
         with running(create_app(SETTINGS, chain, request_timeout_ms=600_000)) as (base, _):
             r = httpx.get(f"{base}/healthz")
@@ -218,7 +220,7 @@ def test_the_warm_up_is_honest(tmp_path):
         budget_ms=1e-9,
     )
     log = tmp_path / "log.jsonl"
-    chain = Chain([llm, cold, encoder, keyword_tier()], cache_size=0, log=ClassificationLog(log))
+    chain = Chain([llm, cold, encoder, keyword_tier(home=settings_home())], cache_size=0, log=ClassificationLog(log))
     app = create_app(SETTINGS, chain, request_timeout_ms=600_000)
     states = app.state.batcher.states
     try:
@@ -245,7 +247,9 @@ def test_the_warm_up_is_honest(tmp_path):
 
 def test_a_timed_out_request_is_logged_once_with_its_own_latency_and_absent_tiers_as_absent(hold, tmp_path):
     log = tmp_path / "log.jsonl"
-    chain = Chain([absent_tier(), hold.tier(), keyword_tier()], cache_size=0, log=ClassificationLog(log))
+    chain = Chain(
+        [absent_tier(), hold.tier(), keyword_tier(home=settings_home())], cache_size=0, log=ClassificationLog(log)
+    )
     app = create_app(SETTINGS, chain, request_timeout_ms=100)
     text = "how do I get to the airport from Taksim"
     with running(app) as (base, _):
@@ -272,7 +276,7 @@ def test_a_timed_out_request_is_logged_once_with_its_own_latency_and_absent_tier
 def test_backing_off_words_and_metric_labels_do_not_grow_with_the_seconds(monkeypatch):
     """The pool's back-off words are the same at any second of it (stats counts reasons by their words);
     the Prometheus labels are reason kinds whatever the words."""
-    pool = ModelPool(retry_after_s=60)
+    pool = ModelPool(retry_after_s=60, home=settings_home())
     words = []
     for ago in (5, 17):
         pool.failed["tinyllama"] = (time.monotonic() - ago, "OSError: damaged")
@@ -286,7 +290,10 @@ def test_backing_off_words_and_metric_labels_do_not_grow_with_the_seconds(monkey
     def load():
         raise PassOver(Reason.LOAD_FAILED, f"load failed {next(seconds)}s ago, backing off")
 
-    chain = Chain([Tier("flaky", lambda texts: [], load, model="flaky", kind=Kind.LLM), keyword_tier()], cache_size=0)
+    chain = Chain(
+        [Tier("flaky", lambda texts: [], load, model="flaky", kind=Kind.LLM), keyword_tier(home=settings_home())],
+        cache_size=0,
+    )
     with running(create_app(SETTINGS, chain)) as (base, _):
         until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
         for text in ("hello", "rain?", "fish?"):
@@ -308,7 +315,7 @@ def test_the_timeout_fallback_does_not_stall_the_event_loop(hold):
         below_release.wait(CAP_S * 2)
         return [reply("restaurant") for _ in texts]
 
-    chain = Chain([hold.tier(), Tier("below", slow_below), keyword_tier()], cache_size=0)
+    chain = Chain([hold.tier(), Tier("below", slow_below), keyword_tier(home=settings_home())], cache_size=0)
     app = create_app(SETTINGS, chain, request_timeout_ms=50)
     with running(app) as (base, _):
         ready(base)
@@ -440,7 +447,7 @@ def test_serve_ends_the_process_rather_than_tear_down_under_a_worker_inside_mlx(
     from mlx_intent.cli import serve
 
     release, ended = threading.Event(), []
-    batcher = Batcher(Chain([keyword_tier()]), "score")
+    batcher = Batcher(Chain([keyword_tier(home=settings_home())]), "score")
     batcher.thread = threading.Thread(target=release.wait, daemon=True)
     batcher.thread.start()
     monkeypatch.setattr(os, "_exit", ended.append)
@@ -492,7 +499,10 @@ def test_models_lists_every_tier_that_answers():
     gone = PassOver(Reason.NOT_INSTALLED, ABSENT)
     cold = Tier("cold", lambda texts: [], lambda: raise_(gone), model="cold", kind=Kind.LLM, absent=lambda: gone)
     encoder = Tier("enc", lambda texts: [reply() for _ in texts], model="enc", kind=Kind.ENCODER, early=True)
-    with running(create_app(SETTINGS, Chain([cold, encoder, keyword_tier()], cache_size=0))) as (base, _):
+    with running(create_app(SETTINGS, Chain([cold, encoder, keyword_tier(home=settings_home())], cache_size=0))) as (
+        base,
+        _,
+    ):
         ready(base)
         models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()["models"]}
     assert models["llama-3.2-3b"]["tier"] is None  # the registry, as before

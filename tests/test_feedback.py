@@ -29,7 +29,7 @@ from mlx_intent.feedback import data as fb_data
 from mlx_intent.feedback import store as fb_store
 from mlx_intent.results import FeedbackError
 from mlx_intent.schema import INTENTS, MAX_INTENTS, validate
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 from mlx_intent.tuner import recalibrate
 
 KEYWORD = Settings(chain=("keyword",))
@@ -381,7 +381,7 @@ def test_a_short_llm_training_run_takes_the_feedback(bundled, models_home, tmp_p
     judged = [{**written[0], "primary_intent": "general", "all_intents": ["general"]}, labelled()[10]]
     summary = train_adapter(
         "smollm2-135m", data, iters=1, batch_size=2, num_layers=1, rank=2, out_dir=tmp_path / "a", feedback=judged
-    )
+    , home=settings_home())
     expected = sum(len(answers_for(r)) for r in written[1:]) + 3 * sum(len(answers_for(r)) for r in judged)
     assert summary["examples"] == expected and summary["feedback"] == 2
 

@@ -13,6 +13,7 @@ import pytest
 
 from mlx_intent.classifier import IntentClassifier
 from mlx_intent.models import backend, loading, registry
+from mlx_intent.settings import settings_home
 
 WORKING_SET = 5_726_623_744  # an 8 GB Mac's recommended working set
 
@@ -44,7 +45,7 @@ def test_loading_an_llm_wires_the_recommended_working_set(monkeypatch, bundled):
     wired = fake_mac(monkeypatch)
     monkeypatch.setattr(mlx_lm, "load", lambda path, adapter_path=None: (nn.Linear(2, 2), "tokenizer"))
     monkeypatch.setattr(loading, "write_stamp", lambda *args, **kwargs: None)
-    loading.load(registry.BUNDLED, dequantize=False)
+    loading.load(registry.BUNDLED, dequantize=False, home=settings_home())
     assert wired == [WORKING_SET]
 
 

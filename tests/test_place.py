@@ -29,7 +29,7 @@ from mlx_intent.chain import (
 from mlx_intent.models.registry import FALLBACK, PRIMARY
 from mlx_intent.schema import INTENTS
 from mlx_intent.serve.app import create_app
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 
 
 def store(home, model: str, place: str, weight: float = 0.7, **extra) -> None:
@@ -182,8 +182,10 @@ def test_the_blended_llms_load_counts_as_load_not_as_the_first_querys_time(model
         llm=weather_llm(calls),
         llm_weight=5.0,
         llm_load=lambda: (loads.append(1), time.sleep(0.5)),
+        home=settings_home(),
     )
-    result = Chain([tier, keyword_tier(), general_tier()], cache_size=0).classify("where can I eat fish near Galata?")
+    chain = Chain([tier, keyword_tier(home=settings_home()), general_tier()], cache_size=0)
+    result = chain.classify("where can I eat fish near Galata?")
     assert loads == [1] and calls and result["tier"] == ENCODER and result["fallbacks"] == []
     assert result["primary_intent"] == "weather"  # the LLM's say, weighted 5: it was blended in
 
@@ -194,9 +196,15 @@ def test_while_a_blended_llm_loads_the_encoder_answers_alone(models_home):
     load); once loaded, the blend answers with it."""
     gate, calls = threading.Event(), []
     tier = encoder_tier(
-        0.0, 800.0, combine=True, llm=weather_llm(calls), llm_weight=5.0, llm_load=lambda: gate.wait(WAIT_S)
+        0.0,
+        800.0,
+        combine=True,
+        llm=weather_llm(calls),
+        llm_weight=5.0,
+        llm_load=lambda: gate.wait(WAIT_S),
+        home=settings_home(),
     )
-    chain = Chain([tier, keyword_tier(), general_tier()], cache_size=0)
+    chain = Chain([tier, keyword_tier(home=settings_home()), general_tier()], cache_size=0)
     app = create_app(Settings(latency_budget_ms=800.0, cache_size=0, batch_size=8), chain, request_timeout_ms=600_000)
     text = {"text": "where can I eat fish near Galata?"}
     try:

@@ -13,6 +13,7 @@ import pytest
 from fakehub import FakeHub, hub_cache_of, run_cli, run_python
 
 from mlx_intent.models import registry
+from mlx_intent.settings import settings_home
 
 MLX_REPO = registry.get_spec("tinyllama").mlx_repo
 SOURCE_REPO = registry.get_spec("tinyllama").source_repo
@@ -21,7 +22,7 @@ SOURCE_REPO = registry.get_spec("tinyllama").source_repo
 @pytest.fixture(scope="module")
 def mlx_repo(models_home, tmp_path_factory) -> Path:
     """A fake ``mlx-community`` repo: the bundled model converted to MLX, plus files a pull must skip."""
-    converted = registry.require_dir("smollm2-135m")
+    converted = registry.require_dir("smollm2-135m", home=settings_home())
     repo = tmp_path_factory.mktemp("mlx_repo")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(converted / name, repo / name)
@@ -128,12 +129,12 @@ def test_pull_downloads_ready_model_and_second_pull_is_cached(hub, tmp_path):
 
 def test_pulled_model_loads_in_process(hub, in_process):
     assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
-    assert registry.state("tinyllama") == "converted"
+    assert registry.state("tinyllama", home=settings_home()) == "converted"
     from mlx_intent.models.loading import load
 
-    model, tokenizer = load("tinyllama")
+    model, tokenizer = load("tinyllama", home=settings_home())
     assert tokenizer.encode("hello")
-    assert registry.state("tinyllama") == "ready"
+    assert registry.state("tinyllama", home=settings_home()) == "ready"
 
 
 def test_the_pull_is_a_standard_hub_cache_entry(hub, tmp_path):
@@ -174,13 +175,13 @@ def test_nothing_the_project_writes_lands_in_the_snapshot(hub, in_process):
     from mlx_intent.classifier import IntentClassifier
 
     assert run_cli("models", "pull", "tinyllama", home=in_process, endpoint=hub.url).returncode == 0
-    snapshot = registry.resolve_dir("tinyllama")
+    snapshot = registry.resolve_dir("tinyllama", home=settings_home())
     before = tree(snapshot)
     clf = IntentClassifier("tinyllama", home=in_process, use_adapter=False)
     assert clf.classify("where is my hotel")["primary_intent"]
     own = in_process / registry.STATE_FOLDER / MLX_REPO.replace("/", "--") / COMMIT
     assert tree(snapshot) == before
-    assert registry.state("tinyllama") == "ready"
+    assert registry.state("tinyllama", home=settings_home()) == "ready"
     assert (own / registry.STAMP).is_file()
     assert list(own.glob("prompt_cache_*.safetensors"))
     assert clf.calibration_file == own / "calibration.json"  # where `mlx-intent calibrate tinyllama` writes

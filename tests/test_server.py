@@ -42,7 +42,7 @@ from mlx_intent.serve.client import ClientError, IntentClient
 from mlx_intent.serve.client import events as sse_events
 from mlx_intent.serve.middleware import server_config
 from mlx_intent.serve.schemas import MAX_BATCH_TEXTS, MAX_BODY_BYTES
-from mlx_intent.settings import Settings
+from mlx_intent.settings import Settings, settings_home
 
 MODEL = "smollm2-135m"
 # A budget no run reaches, so answers never depend on the machine's speed; no cache, so every answer is computed.
@@ -304,7 +304,8 @@ def test_health_stays_503_when_the_primary_tier_fails_to_load(models_home):
     def broken():
         raise PassOver(Reason.LOAD_FAILED, "load failed: OSError: damaged weights")
 
-    chain = Chain([Tier(MODEL, lambda texts: [], broken, model=MODEL, kind=Kind.LLM), keyword_tier()])
+    tier = Tier(MODEL, lambda texts: [], broken, model=MODEL, kind=Kind.LLM)
+    chain = Chain([tier, keyword_tier(home=settings_home())])
     with running(create_app(SETTINGS, chain)) as (base, _):
         until(lambda: httpx.get(f"{base}/healthz").json()["status"] != "warming", "warm-up done")
         r = httpx.get(f"{base}/healthz")
@@ -389,7 +390,7 @@ def test_metrics_and_results_tell_absent_tiers_from_runtime_fallbacks():
         [
             Tier("big", lambda texts: [], absent, model="big", kind=Kind.LLM),
             Tier("picky", picky, threshold=0.5),
-            keyword_tier(),
+            keyword_tier(home=settings_home()),
         ],
         cache_size=0,
     )
@@ -743,7 +744,7 @@ def test_the_server_holds_one_chain_and_names_the_mode_per_call():
         modes.append(mode)
         return [{"primary_intent": "weather", "confidence": 0.9, "all_intents": ["weather"]} for _ in texts]
 
-    chain = Chain([Tier("llm", run, model="llm", kind=Kind.LLM), keyword_tier()], cache_size=8)
+    chain = Chain([Tier("llm", run, model="llm", kind=Kind.LLM), keyword_tier(home=settings_home())], cache_size=8)
     states: dict = {}
     served = watched(chain, states)
     batcher = Batcher(served, "score", max_wait_s=0.0)

@@ -13,6 +13,7 @@ from mlx_intent.settings import (
     ENV_VARS,
     Settings,
     SettingsError,
+    default_home,
     load_settings,
     read_dotenv,
 )
@@ -32,10 +33,10 @@ def write_env(tmp_path: Path, text: str) -> Path:
 
 def test_defaults():
     s = load_settings(environ={})
-    assert s == Settings()
+    assert s == Settings(home=default_home())  # Settings() alone: the home setting of .env and the environment
     assert (s.mode, s.latency_budget_ms, s.min_confidence, s.cache_size) == ("score", 800.0, 0.5, 1024)
     assert (s.max_loaded_models, s.retry_after_s, s.batch_size) == (2, 60.0, 8)
-    assert s.home is s.model is s.fallback_model is s.chain is s.log is None
+    assert s.model is s.fallback_model is s.chain is s.log is None and s.home == default_home()
     assert set(s.sources.values()) == {"default"} and set(s.sources) == set(ENV_VARS)
     assert CONFIDENCE_LEVELS == {"high": 0.85, "medium": 0.70, "low": 0.50}
     assert s.min_confidence == CONFIDENCE_LEVELS["low"]
@@ -144,7 +145,7 @@ def test_settings_are_frozen_and_hashable():
     s = load_settings(environ={})
     with pytest.raises(AttributeError):
         s.mode = "generate"  # type: ignore[misc]
-    assert hash(s) == hash(Settings())
+    assert hash(s) == hash(Settings(home=default_home()))
 
 
 def test_as_rows():

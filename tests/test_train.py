@@ -9,6 +9,7 @@ import pytest
 
 from mlx_intent import schema
 from mlx_intent.models import registry
+from mlx_intent.settings import settings_home
 from mlx_intent.tuner.train import answers_for, build_examples, lr_schedule, train_adapter
 
 
@@ -66,7 +67,7 @@ def test_short_training_run_writes_an_adapter_that_classify_loads(bundled, model
     out = tmp_path / "adapter"
     summary = train_adapter(
         "smollm2-135m", write_rows(tmp_path / "tiny.jsonl"), iters=2, batch_size=4, num_layers=2, rank=4, out_dir=out
-    )
+    , home=settings_home())
     assert summary["iters"] == 2 and summary["examples"] == len(ROWS) + 2
     assert {p.name for p in out.iterdir()} == {"adapters.safetensors", "adapter_config.json"}
     config = json.loads((out / "adapter_config.json").read_text())
@@ -93,5 +94,12 @@ def test_interrupted_training_leaves_no_adapter(bundled, models_home, tmp_path, 
     monkeypatch.setattr(trainer, "train", interrupted)
     out = tmp_path / "adapter"
     with pytest.raises(KeyboardInterrupt):
-        train_adapter("smollm2-135m", write_rows(tmp_path / "tiny.jsonl"), iters=1, batch_size=2, out_dir=out)
+        train_adapter(
+            "smollm2-135m",
+            write_rows(tmp_path / "tiny.jsonl"),
+            iters=1,
+            batch_size=2,
+            out_dir=out,
+            home=settings_home(),
+        )
     assert not out.exists() and not list(tmp_path.glob(".*.partial"))

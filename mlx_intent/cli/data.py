@@ -28,7 +28,7 @@ class BadInput(click.ClickException):
     exit_code = 2
 
 
-def _home(home: Path | None) -> Path:
+def _home(home: Path) -> Path:
     return corpora_home(home).parent
 
 

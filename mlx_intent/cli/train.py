@@ -179,7 +179,7 @@ def _check_rows_per_intent(rows: list[dict]) -> None:
         )
 
 
-def _train_target(model: str, home: Path | None) -> Path:
+def _train_target(model: str, home: Path) -> Path:
     """The folder ``train MODEL`` writes: the e5-small head shipped in the package, else MODEL's adapter."""
     if model == ENCODER:
         from mlx_intent.encoder import HEAD_DIR

@@ -33,12 +33,8 @@ class IncompleteDownload(OSError):
     """The connection ended before the whole file came; nothing was kept."""
 
 
-def corpora_home(home: Path | None = None) -> Path:
-    """<models home>/corpora: $MLX_INTENT_HOME (or the registry default) unless given."""
-    if home is None:
-        from mlx_intent.models.registry import home as models_home
-
-        home = models_home()
+def corpora_home(home: Path) -> Path:
+    """<models home>/corpora (``home``: Settings.home)."""
     return Path(home) / "corpora"
 
 
@@ -90,7 +86,7 @@ def _download(url: str, dest: Path, spec: RemoteFile, bar: tqdm, timeout: float)
 
 def fetch_corpus(
     name: str,
-    home: Path | None = None,
+    home: Path,
     *,
     base_url: str = BASE_URL,
     files: Sequence[RemoteFile] | None = None,
@@ -122,14 +118,14 @@ def fetch_corpus(
     return root
 
 
-def fetched(name: str, home: Path | None = None) -> Path | None:
+def fetched(name: str, home: Path) -> Path | None:
     """The corpus folder if a fetch completed there, else None."""
     root = corpora_home(home) / name
     return root if (root / MARKER).is_file() else None
 
 
 def fetch_archive(
-    name: str, archive: Archive, home: Path | None = None, *, progress: bool = True, timeout: float = 60.0
+    name: str, archive: Archive, home: Path, *, progress: bool = True, timeout: float = 60.0
 ) -> Path:
     """Download a released tarball (checked against its pinned digest) and unpack only ``archive.members``.
 

@@ -111,7 +111,7 @@ def device_info() -> dict:
     }
 
 
-def select_models(names: tuple[str, ...], home: Path | None = None) -> tuple[list[str], dict[str, str]]:
+def select_models(names: tuple[str, ...], home: Path) -> tuple[list[str], dict[str, str]]:
     """(models to run, {model: why it is skipped}).  No names: every registry LLM present (downloaded, or
     bundled and convertible), the e5-small tier and the chain, the others listed as skipped.  An unknown name
     is a ModelError (exit 3)."""
@@ -129,7 +129,7 @@ def select_models(names: tuple[str, ...], home: Path | None = None) -> tuple[lis
             why = encoder.available(home=home)
         elif not loading.is_available(name, home):
             why = f"not downloaded (get it with: {registry.how_to_get(name)})"
-        elif not loading.fits(name):
+        elif not loading.fits(name, home=home):
             why = f"does not fit in memory (needs {registry.get_spec(name).memory_gb[1]:g} GB)"
         else:
             why = None
@@ -209,7 +209,7 @@ def _scoring(clf, texts: list[str], repeats: int, step: Step, answer_json: Calla
     return figures, sum(valid_json(answer_json(a))[1] for a in answers)
 
 
-def bench_llm(name: str, texts: list[str], config: BenchConfig, home: Path | None, step: Step) -> dict:
+def bench_llm(name: str, texts: list[str], config: BenchConfig, home: Path, step: Step) -> dict:
     """Every figure of one registry LLM, loaded as ``classify`` loads it."""
     import mlx.core as mx
 
@@ -254,7 +254,7 @@ def bench_llm(name: str, texts: list[str], config: BenchConfig, home: Path | Non
     return figures
 
 
-def bench_encoder(texts: list[str], config: BenchConfig, combine: bool, step: Step, home: Path | None = None) -> dict:
+def bench_encoder(texts: list[str], config: BenchConfig, combine: bool, step: Step, home: Path) -> dict:
     """The e5-small tier as the default chain runs it (``combine``: blended with the keyword tier).  An encoder
     neither prefills a prompt nor decodes: those figures, generation's and the naive baseline's are None."""
     import mlx.core as mx
@@ -321,7 +321,8 @@ def steps(name: str, config: BenchConfig) -> int:
 def run_bench(
     names: tuple[str, ...] = (),
     config: BenchConfig = BenchConfig(),
-    home: Path | None = None,
+    *,
+    home: Path,
     combine: bool = True,
     progress: bool = True,
     settings=None,

@@ -14,17 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = ROOT / "benchmarks" / "data"
 
 
-def data_path(data: str, home: Path | None = None) -> Path:
+def data_path(data: str, home: Path) -> Path:
     """A JSONL file, or a bare name of one under benchmarks/data (``dev``, ``train``, ``calib``) or
     under <models home>/data, where ``mlx-intent data build`` writes the public corpora
     (``public-train``, ``public-heldout-clinc150``, ``reserved-xsid``...); ``home`` is the models folder
-    (``Settings.home``; None: the registry default)."""
-    from mlx_intent.models import registry
+    (``Settings.home``)."""
 
     path = Path(data)
     if path.is_file():
         return path
-    places = [DATA_DIR / f"{data}.jsonl", registry.home(home) / "data" / f"{data}.jsonl"]
+    places = [DATA_DIR / f"{data}.jsonl", home / "data" / f"{data}.jsonl"]
     for named in places:
         if not path.suffix and named.is_file():
             return named

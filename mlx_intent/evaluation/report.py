@@ -52,7 +52,7 @@ def reproduce(words: list[str], settings: Settings, report: Path) -> str:
     parts = ["mlx-intent", *words, "--mode", settings.mode, "--min-confidence", f"{settings.min_confidence:g}"]
     parts += ["--keyword-floor", "on" if settings.keyword_floor else "off"]
     parts += ["--latency-budget-ms", f"{settings.latency_budget_ms:g}", "--batch-size", str(settings.batch_size)]
-    if settings.home is not None:
+    if settings.sources.get("home", "default") != "default":  # set, not default_home()
         parts += ["--home", str(settings.home)]
     return shlex.join([*parts, "--report", shown(report)])
 

@@ -74,7 +74,7 @@ def feedback_rows(store: Store | None, part: str | None = None) -> list[dict[str
     ]
 
 
-def training_rows(home: Path | None = None) -> list[dict[str, Any]]:
+def training_rows(home: Path) -> list[dict[str, Any]]:
     """The training part of the records, for ``train --with-feedback``; an InputError when there is none."""
     path = db_path(home)
     rows = feedback_rows(open_store(home, create=False), "train")
@@ -93,7 +93,7 @@ def calibration_part(store: Store | None) -> list[dict[str, Any]]:
     return [r for r in feedback_rows(store, "calib") if not r.get("context")]
 
 
-def calibration_rows(home: Path | None = None, minimum: int | None = None) -> list[dict[str, Any]]:
+def calibration_rows(home: Path, minimum: int | None = None) -> list[dict[str, Any]]:
     """The calibration part of the records (``calibration_part``), for ``calibrate --from-feedback``; an
     InputError below ``minimum`` (default MIN_CALIBRATION_RECORDS)."""
     minimum = MIN_CALIBRATION_RECORDS if minimum is None else minimum

@@ -102,10 +102,9 @@ class StoreError(UserError):
     """The database cannot be opened or used: a corrupt file, a newer schema, a read-only folder."""
 
 
-def db_path(home: Path | None = None) -> Path:
-    from mlx_intent.models import registry
+def db_path(home: Path) -> Path:
 
-    return registry.home(home) / DB_NAME
+    return home / DB_NAME
 
 
 class Store:
@@ -197,8 +196,8 @@ class Store:
             self.conn.close()
 
 
-def open_store(home: Path | None = None, create: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store | None:
-    """The store of the models folder ``home`` (None: the registry default); None where there is none and
+def open_store(home: Path, create: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Store | None:
+    """The store of the models folder ``home`` (``Settings.home``); None where there is none and
     ``create`` is off (commands that only read never create one)."""
     path = db_path(home)
     if not create and not path.is_file():

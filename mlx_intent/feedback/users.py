@@ -116,7 +116,7 @@ def learn_user_thresholds(store: Store, user: str, minimum: int = MIN_USER_RECOR
     }
 
 
-def user_thresholds(home: Path | None = None) -> Callable[[str], dict[str, float] | None]:
+def user_thresholds(home: Path) -> Callable[[str], dict[str, float] | None]:
     """A lookup for the chain: a user's overrides {min_confidence?, margin?} from the store of ``home``, or None
     for an unknown user (the defaults apply).  The store is opened on first need, once it exists."""
     opened: list[Store] = []

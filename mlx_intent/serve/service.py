@@ -202,7 +202,7 @@ class Service:
         """/v1/models' list: the registry's models, then the chain's other tiers."""
         chain, served, states = self.chain, self.served, self.states
         loaded = chain.pool.loaded if chain.pool is not None else {}
-        home = chain.pool.home if chain.pool is not None else None
+        home = chain.pool.home if chain.pool is not None else self.settings.home
         listed = [
             {
                 "name": name,

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import click
 import numpy as np
@@ -150,7 +151,7 @@ def cross_validated_ece(confidence: np.ndarray, correct: np.ndarray, folds: int 
     return scores.ece(out, correct)
 
 
-def calibrate_keyword(path, rows: list[dict], home=None) -> None:
+def calibrate_keyword(path, rows: list[dict], home: Path) -> None:
     """Platt scaling of the keyword tier's confidence, saved under the models home (``home``) with the
     fingerprint of the lexicons it was fitted for; the tier prefers it to the packaged fit."""
     from mlx_intent import keyword

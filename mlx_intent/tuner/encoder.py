@@ -118,7 +118,7 @@ def train_encoder(
     seed: int = 0,
     sources: dict[str, int] | None = None,
     out_dir: Path | None = None,
-    home: Path | None = None,
+    home: Path,
     report: Callable[[str], None] = print,
 ) -> dict:
     """Train and calibrate; write head.safetensors and head.json atomically into ``out_dir``; a summary.
@@ -142,7 +142,7 @@ def train_encoder(
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    model, tokenizer = e5.load(e5.default_weights())  # the weights the tier will serve with
+    model, tokenizer = e5.load(e5.default_weights(home))  # the weights the tier will serve with
     first = model.config.layers - tuned_layers
     ids = encode_ids(tokenizer, [encoder_text(r) for r in train_rows])  # a turn with earlier turns: the pair
     labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
@@ -323,7 +323,7 @@ def fit_lang_temperatures(probs: np.ndarray, gold: list[int], langs: list[str | 
 
 
 def recalibrate(
-    rows: list[dict], head_dir: Path | None = None, home: Path | None = None, report: Callable[[str], None] = print
+    rows: list[dict], head_dir: Path | None = None, *, home: Path, report: Callable[[str], None] = print
 ) -> dict:
     """Refit a trained head's calibration and blend on ``rows``; write them, with the head's fingerprint, to
     ``<models home>/calibration/e5-small.json`` (atomically; never into the head's folder, which may be the

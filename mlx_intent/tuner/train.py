@@ -124,13 +124,14 @@ def train_adapter(
     seed: int = 0,
     out_dir: Path | None = None,
     report: Callable[[str], None] = print,
-    home: Path | None = None,
+    *,
+    home: Path,
     feedback: list[dict] | None = None,
 ) -> dict:
     """Train, then write adapters.safetensors and adapter_config.json atomically; return a summary.
     ``feedback`` rows (``mlx_intent.feedback.data.training_rows``) are folded into the training rows, outweighing them.
     An adapter already in ``out_dir`` is kept aside as ``<name>.previous/`` (``mlx-intent train`` asks for --force).
-    ``home`` is the models folder the model loads from and the adapter goes to (None: the registry default)."""
+    ``home`` is the models folder the model loads from and the adapter goes to (``Settings.home``)."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, evaluate, train
