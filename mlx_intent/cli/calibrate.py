@@ -17,7 +17,7 @@ from mlx_intent.feedback.store import db_path
 from mlx_intent.models import registry
 from mlx_intent.schema import MAX_INTENTS
 from mlx_intent.settings import Settings
-from mlx_intent.tuner.calibrate import _SHOWN, _figures, calibrate_keyword, fit_scoring, set_match
+from mlx_intent.tuner.calibrate import SHOWN_FIGURES, calibrate_keyword, fit_scoring, scoring_figures, set_match
 
 
 @click.command("calibrate")
@@ -96,7 +96,7 @@ def calibrate_command(
         recalibrate(rows, home=settings.home, report=click.echo)
         return
     if model == "keyword":
-        return calibrate_keyword(path, rows, settings.home)
+        return calibrate_keyword(path, rows, settings.home, click.echo)
     try:  # T = 1 whatever an earlier calibration.json says: the fit starts from the raw model
         clf = IntentClassifier(model, temperature=1.0, threshold=DEFAULT_THRESHOLD, home=settings.home)
     except (registry.UnknownModelError, registry.ModelNotAvailableError) as e:
@@ -107,7 +107,7 @@ def calibrate_command(
     temperature, threshold, raw, fitted, gold, gold_sets = (
         fit[k] for k in ("temperature", "threshold", "raw", "fitted", "gold", "gold_sets")
     )
-    before, after = _figures(raw, gold), _figures(fitted, gold)
+    before, after = scoring_figures(raw, gold), scoring_figures(fitted, gold)
     record = {
         "temperature": temperature,
         "threshold": threshold,
@@ -121,7 +121,7 @@ def calibrate_command(
         record["weights"] = clf.calibration_weights
     calibration.write(clf.calibration_file, record)
     click.echo(f"{'':<24}{'T = 1':>10}{f'T = {temperature:.3f}':>12}")
-    for label, key, show in _SHOWN:
+    for label, key, show in SHOWN_FIGURES:
         click.echo(f"{label:<24}{show(before[key]):>10}{show(after[key]):>12}")
     default_match = set_match(fitted, gold_sets, DEFAULT_THRESHOLD, MAX_INTENTS)
     click.echo(
@@ -142,7 +142,7 @@ def _place(clf, rows: list[dict], fitted, path: Path, temperature: float, thresh
         click.echo(f"place not measured ({encoder.NAME}: {why}); {clf.name} runs as the cascade tier", err=True)
         return
     clf.temperature, clf.threshold = temperature, threshold
-    record = {**measure_places(clf, rows, fitted, settings), "fitted_on": shown(path)}
+    record = {**measure_places(clf, rows, fitted, settings, click.echo), "fitted_on": shown(path)}
     written = calibration.write(calibration.place_file(clf.name, settings.home), record)
     click.echo(f"wrote {written}: the default chain puts {clf.name} at its place {record['place']!r}")
 

@@ -10,12 +10,11 @@ adapter (else in its folder), which IntentClassifier reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import click
 import numpy as np
 
 from mlx_intent import calibration
@@ -151,9 +150,10 @@ def cross_validated_ece(confidence: np.ndarray, correct: np.ndarray, folds: int 
     return scores.ece(out, correct)
 
 
-def calibrate_keyword(path, rows: list[dict], home: Path) -> None:
+def calibrate_keyword(path, rows: list[dict], home: Path, report: Callable[[str], None]) -> None:
     """Platt scaling of the keyword tier's confidence, saved under the models home (``home``) with the
-    fingerprint of the lexicons it was fitted for; the tier prefers it to the packaged fit."""
+    fingerprint of the lexicons it was fitted for; the tier prefers it to the packaged fit.  ``report`` says
+    the figures (the CLI: click.echo); the library prints nothing itself."""
     from mlx_intent import keyword
 
     results = [keyword.classify_keywords(r["text"]) for r in rows]
@@ -173,14 +173,14 @@ def calibrate_keyword(path, rows: list[dict], home: Path) -> None:
     }
     written = calibration.write(calibration.home_file(keyword.FIT_NAME, home), record)
     accuracy = pct(float(correct.mean()))
-    click.echo(f"keyword tier on {len(rows)} rows: accuracy {accuracy}, Platt a = {a:.4f}, b = {b:.4f}")
-    click.echo(f"{'':<24}{'raw':>10}{'fitted':>10}")
-    click.echo(f"{'ECE (15 bins)':<24}{num(record['ece_before']):>10}{num(record['ece_after']):>10}")
+    report(f"keyword tier on {len(rows)} rows: accuracy {accuracy}, Platt a = {a:.4f}, b = {b:.4f}")
+    report(f"{'':<24}{'raw':>10}{'fitted':>10}")
+    report(f"{'ECE (15 bins)':<24}{num(record['ece_before']):>10}{num(record['ece_after']):>10}")
     before, after = num(scores.brier_binary(conf, correct)), num(scores.brier_binary(fitted, correct))
-    click.echo(f"{'Brier (binary)':<24}{before:>10}{after:>10}")
-    click.echo(f"{'mean confidence':<24}{num(conf.mean()):>10}{num(fitted.mean()):>10}")
-    click.echo(f"ECE of a fit on the other 4 of 5 folds: {num(record['ece_after_5fold'])}")
-    click.echo(f"wrote {written}")
+    report(f"{'Brier (binary)':<24}{before:>10}{after:>10}")
+    report(f"{'mean confidence':<24}{num(conf.mean()):>10}{num(fitted.mean()):>10}")
+    report(f"ECE of a fit on the other 4 of 5 folds: {num(record['ece_after_5fold'])}")
+    report(f"wrote {written}")
 
 
 @contextmanager
@@ -248,7 +248,7 @@ def fit_scoring(clf, rows: list[dict], batch_size: int = 8, verify: bool = False
     }
 
 
-def _figures(probs: np.ndarray, gold: list[int]) -> dict[str, float]:
+def scoring_figures(probs: np.ndarray, gold: list[int]) -> dict[str, float]:
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == np.asarray(gold)
     return {
@@ -260,7 +260,7 @@ def _figures(probs: np.ndarray, gold: list[int]) -> dict[str, float]:
     }
 
 
-_SHOWN = (
+SHOWN_FIGURES = (
     ("accuracy", "accuracy", pct),
     ("NLL", "nll", num),
     ("ECE (15 bins)", "ece", num),
@@ -285,7 +285,7 @@ def _chain_figures(chain, texts: list[str], gold: list[int], llm: str, batch_siz
     }
 
 
-def measure_places(clf, rows: list[dict], fitted: np.ndarray, settings, report=click.echo) -> dict:
+def measure_places(clf, rows: list[dict], fitted: np.ndarray, settings, report: Callable[[str], None]) -> dict:
     """Where the LLM ``clf`` (at its fitted temperature) should go in the default chain, measured on the
     calibration split ``rows``, each place through the chain itself: (a) first,
     (b) a cascade tier after the blend, for the texts the blend is unsure of, (c) inside the blend, at a weight
