@@ -120,7 +120,7 @@ def _switch(value: object) -> bool:
     return _SWITCH[text]
 
 
-def _number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable:
+def number_parser(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable:
     """A parser for an int or float in [low, high] (or (low, high] when low_open); text or a number."""
     what = "an integer" if kind is int else "a number"
     bound = f"> {low:g}" if low_open else f">= {low:g}"
@@ -162,17 +162,17 @@ SPECS: dict[str, _Spec] = {
     "mode": _Spec("MLX_INTENT_MODE", _mode, "", "MODE", f"LLM decoding: {'|'.join(MODES)}"),
     "latency_budget_ms": _Spec(
         "MLX_INTENT_LATENCY_BUDGET_MS",
-        _number(float, 0, low_open=True),
+        number_parser(float, 0, low_open=True),
         "",
         "MS",
         "latency budget per query (ms)",
     ),
     "min_confidence": _Spec(
-        "MLX_INTENT_MIN_CONFIDENCE", _number(float, 0, 1), "", "P", "below this the chain tries the next tier"
+        "MLX_INTENT_MIN_CONFIDENCE", number_parser(float, 0, 1), "", "P", "below this the chain tries the next tier"
     ),
     "margin": _Spec(
         "MLX_INTENT_MARGIN",
-        _number(float, 0, 1),
+        number_parser(float, 0, 1),
         "",
         "M",
         "a tier whose top two intents are closer than this passes over as ambiguous (0: off)",
@@ -191,16 +191,16 @@ SPECS: dict[str, _Spec] = {
         "on|off",
         "the e5-small tier answers with its calibrated combination with the keyword tier when it comes before it",
     ),
-    "cache_size": _Spec("MLX_INTENT_CACHE_SIZE", _number(int, 0), "", "N", "result cache entries (0: off)"),
-    "max_loaded_models": _Spec("MLX_INTENT_MAX_LOADED", _number(int, 1), "", "N", "models kept in memory"),
+    "cache_size": _Spec("MLX_INTENT_CACHE_SIZE", number_parser(int, 0), "", "N", "result cache entries (0: off)"),
+    "max_loaded_models": _Spec("MLX_INTENT_MAX_LOADED", number_parser(int, 1), "", "N", "models kept in memory"),
     "retry_after_s": _Spec(
         "MLX_INTENT_RETRY_AFTER_S",
-        _number(float, 0),
+        number_parser(float, 0),
         "",
         "S",
         "back-off before retrying a tier that failed to load",
     ),
-    "batch_size": _Spec("MLX_INTENT_BATCH_SIZE", _number(int, 1), "", "N", "queries per batch"),
+    "batch_size": _Spec("MLX_INTENT_BATCH_SIZE", number_parser(int, 1), "", "N", "queries per batch"),
     "log": _Spec("MLX_INTENT_LOG", _optional(_path), "(off)", "FILE", "JSON-lines classification log"),
 }
 

@@ -13,6 +13,7 @@ from typing import Any
 from mlx_intent.errors import InputError
 from mlx_intent.feedback.store import Store, open_store
 from mlx_intent.results import FeedbackError, check_user
+from mlx_intent.settings import number_parser
 
 MIN_USER_RECORDS = 20  # judged records of a user before their thresholds are learned
 THRESHOLDS = ("min_confidence", "margin")
@@ -20,9 +21,7 @@ THRESHOLDS = ("min_confidence", "margin")
 
 def check_thresholds(min_confidence: object = None, margin: object = None) -> dict[str, float | None]:
     """``min_confidence`` in (0, 1] and ``margin`` in [0, 1] (None: unset), parsed as the settings parse them."""
-    from mlx_intent.settings import _number
-
-    parsers = {"min_confidence": _number(float, 0, 1, low_open=True), "margin": _number(float, 0, 1)}
+    parsers = {"min_confidence": number_parser(float, 0, 1, low_open=True), "margin": number_parser(float, 0, 1)}
     out: dict[str, float | None] = {}
     for name, value in zip(THRESHOLDS, (min_confidence, margin)):
         try:
