@@ -183,10 +183,11 @@ def converted_home(tmp_path, monkeypatch):
     """The bundled model converted by ``models convert --home X`` into X, with MLX_INTENT_HOME unset and the
     registry's default folder an empty one (a home dropped on the way would find no model, and no GGUF is
     converted again)."""
+    from mlx_intent import settings
     from mlx_intent.models import gguf, registry
 
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
-    monkeypatch.setattr(registry, "settings_home", lambda: tmp_path / "default")
+    monkeypatch.setattr(settings, "default_home", lambda: tmp_path / "default")
     home = tmp_path / "x"
     gguf_path = registry.bundled_gguf(registry.get_spec("smollm2-135m"))
     made = CliRunner().invoke(

@@ -299,8 +299,10 @@ def test_cli_convert_and_list_agree_on_the_home_they_are_given(tmp_path, monkeyp
     with MLX_INTENT_HOME unset; neither writes it into the environment."""
     import os
 
+    from mlx_intent import settings
+
     monkeypatch.delenv("MLX_INTENT_HOME", raising=False)
-    monkeypatch.setattr(registry, "settings_home", lambda: tmp_path / "default")
+    monkeypatch.setattr(settings, "default_home", lambda: tmp_path / "default")
     monkeypatch.chdir(tmp_path)
     home = tmp_path / "x"
     before = {k: v for k, v in os.environ.items() if k.startswith("MLX_INTENT")}  # mlx-lm sets others

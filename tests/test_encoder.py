@@ -134,7 +134,7 @@ def test_a_bad_head_record_is_refused(tiny_head, tmp_path, change, message):
     change(record)
     (tmp_path / encoder.HEAD_CONFIG).write_text(json.dumps(record))
     with pytest.raises(HeadError, match=message):
-        HeadConfig.read(tmp_path)
+        HeadConfig.read(tmp_path, tmp_path / "home")
 
 
 def test_corrupt_head_weights_pass_the_tier_over(tiny_head, tmp_path):
