@@ -737,6 +737,7 @@ def test_the_server_holds_one_chain_and_names_the_mode_per_call():
     """The worker asks its one chain for a job's mode (the LLM tier's own run, so nothing is re-implemented and
     its memory stamp kept); the chain below the model tiers, for a request that timed out, is made once."""
     from mlx_intent.serve.batcher import fallback_chain
+    from mlx_intent.serve.service import WARMING_UP, Service
 
     modes = []
 
@@ -756,8 +757,12 @@ def test_the_server_holds_one_chain_and_names_the_mode_per_call():
         batcher.stop(WAIT_S)
     assert modes == [None, "generate"]  # the second generate answer came from the cache, kept apart per mode
     assert not served.recording  # the server keeps each request's answers itself
+    service = Service(Settings(), chain, timeout_ms=1000, max_wait_ms=0, queue_size=4, batching=False, sessions=None)
+    assert set(service.chains_below) == {WARMING_UP, service.timed_out}  # made once, at start-up
+    made = dict(service.chains_below)
+    assert service.below(["rain?"], service.timed_out)[0]["fallbacks"][0]["kind"] == "timeout"
+    assert service.chains_below == made and service.chains_below[service.timed_out] is made[service.timed_out]
     below = fallback_chain(served, Reason.TIMEOUT, "timeout", states)
-    assert fallback_chain(served, Reason.TIMEOUT, "timeout", states) is below
     assert below.classify("rain?")["fallbacks"][0]["kind"] == "timeout"
     states["llm"] = TierState(ABSENT_STATE, Reason.NOT_INSTALLED, "gone")  # decided at each call, from the states
     assert below.classify("rain?")["fallbacks"][0]["kind"] == "not_installed"

@@ -18,7 +18,7 @@ time anyway): work whose request was already answered by the tiers below is drop
 Every load of a model tier is recorded (``watched``), so /healthz and the answers given without the
 worker (during the warm-up, after a timeout) know each tier's state without loading anything.  The worker holds
 one chain and names each batch's mode in the call (``Chain.classify_batch(mode=)``); the chain below the model
-tiers (``fallback_chain``) is made once per reason and decides per call from the tiers' states.
+tiers (``fallback_chain``) decides per call from the tiers' states, so the server makes it once per reason.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import math
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -114,10 +113,6 @@ def watched(chain: Chain, states: dict[str, TierState]) -> Chain:
     return chain.derive(tiers=[watch(t) if t.loads_model else t for t in chain.tiers], recording=False)
 
 
-_BELOW: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # chain -> {(kind, reason, states): its chain below}
-_BELOW_LOCK = threading.Lock()  # requests that time out together ask for it on several threads
-
-
 def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, TierState] | None = None) -> Chain:
     """The chain below its model tiers, each of those passed over for ``reason`` (of ``kind``), or for being
     absent here when its last load (in ``states``) or a look at the disk (``Tier.absent``) says so: the answer
@@ -125,15 +120,9 @@ def fallback_chain(chain: Chain, kind: Reason, reason: str, states: dict[str, Ti
     early tier that is loaded (the e5-small encoder) answers too, on the caller's thread and without a latency
     budget (its runs wait on one another, beside a load), and without the LLM it may blend in (``Tier.alone``:
     that LLM may be the load under way); else no model runs.
-    Uncached; made once per chain, reason and states (each of its tiers decides at every call, from the states
-    then), so a request that timed out builds nothing."""
-    with _BELOW_LOCK:
-        made = _BELOW.setdefault(chain, {})
-        key = (kind, reason, id(states))
-        if key not in made:
-            tiers = [_below(t, kind, reason, states) if t.loads_model else t for t in chain.tiers]
-            made[key] = _uncached(tiers, chain)
-        return made[key]
+    Uncached.  Each of its tiers decides at every call, from the states then, so one made at start-up serves
+    every request that timed out (serve/service.py: ``Service.chains_below``)."""
+    return _uncached([_below(t, kind, reason, states) if t.loads_model else t for t in chain.tiers], chain)
 
 
 def _below(tier: Tier, kind: Reason, reason: str, states: dict[str, TierState] | None) -> Tier:

@@ -87,6 +87,9 @@ class Service:
         self.sessions = sessions if sessions is not None else Sessions()
         self.up, self.probe, self.stopping = Job([], WARM), None, False  # the warm-up; a degraded tier's retry
         self.timed_out = (Reason.TIMEOUT, f"timeout: no answer within {timeout_ms:g} ms")
+        # The chain below the model tiers for each reason a request is answered without the worker, made once.
+        whys = (WARMING_UP, self.timed_out)
+        self.chains_below = {why: fallback_chain(self.served, *why, self.states) for why in whys}
 
     def start(self) -> None:
         self.batcher.start()
@@ -114,8 +117,7 @@ class Service:
         """The answers of the tiers below the model tiers (those absent here said so; during the warm-up the
         encoder too, once loaded): for a request that timed out or came during the warm-up, ``why`` (kind,
         words).  Called on a thread: its log and fsync stay off the loop."""
-        chain_below = fallback_chain(self.served, *why, self.states)
-        return chain_below.classify_batch(texts, users=[user] * len(texts), contexts=contexts)
+        return self.chains_below[why].classify_batch(texts, users=[user] * len(texts), contexts=contexts)
 
     def shown(self, result: dict, start: float, texts: int = 1) -> dict:
         """The result as answered: the request's own latency, counted in /metrics."""
