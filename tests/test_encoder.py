@@ -175,6 +175,28 @@ def test_row_weights_balance_each_language_apart():
 
 
 @given(
+    st.lists(st.tuples(st.sampled_from(["en", "tr", "ar"]), st.integers(0, 14), st.booleans()), min_size=2),
+    st.floats(0.01, 0.99),
+)
+def test_pair_share_sets_the_conversations_share_of_the_loss(rows, share):
+    langs, labels, paired = (list(x) for x in zip(*rows))
+    w = row_weights(labels, langs, paired=paired, pair_share=share)
+    balanced = row_weights(labels, langs)
+    mask = np.array(paired)
+    if mask.any() and not mask.all():
+        assert np.isclose(w[mask].sum() / w.sum(), share, atol=1e-4)
+        assert np.allclose(w[~mask], balanced[~mask])  # only the pairs are scaled
+    else:
+        assert np.allclose(w, balanced)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.2, 1.5])
+def test_pair_share_out_of_range_is_refused(share):
+    with pytest.raises(ValueError, match="pair-share"):
+        row_weights([0, 1], ["en", "en"], paired=[True, False], pair_share=share)
+
+
+@given(
     st.lists(st.lists(st.floats(0.001, 1.0), min_size=15, max_size=15), min_size=1, max_size=6),
     st.floats(0.05, 20.0),
 )

@@ -13,6 +13,7 @@ from mlx_intent.errors import InputError, ModelError
 from mlx_intent.feedback.data import FEEDBACK_WEIGHT, fold_feedback, training_rows
 from mlx_intent.models import registry
 from mlx_intent.settings import Settings
+from mlx_intent.tuner.encoder import PAIR_SHARE
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -56,6 +57,13 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 @click.option(
     "--tune-layers", default=4, show_default=True, type=click.IntRange(0, 12), help="e5-small: top layers fine-tuned."
 )
+@click.option(
+    "--pair-share",
+    default=PAIR_SHARE,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="e5-small: the share of the loss carried by turns read after earlier turns (conversations, request pairs).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--force", is_flag=True, help="Replace an existing adapter (e5-small: head); the old one is kept as NAME.previous/."
@@ -78,6 +86,7 @@ def train(
     num_layers,
     rank,
     tune_layers,
+    pair_share,
     seed,
     force,
     with_feedback,
@@ -128,6 +137,7 @@ def train(
                 epochs=int(epochs or 5),
                 batch_size=batch_size or 32,
                 learning_rate=learning_rate,
+                pair_share=pair_share,
                 seed=seed,
                 sources=sources,
                 home=settings.home,

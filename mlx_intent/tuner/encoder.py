@@ -40,16 +40,37 @@ THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 20))  # 0.10 .. 0.95
 CACHE_BATCH = 64
 
 
-def row_weights(labels: list[int], langs: list[str], power: float = 0.5) -> np.ndarray:
+PAIR_SHARE = 0.25  # the conversation rows' share of the loss before MASSIVE (9k rows, 2.4k of them pairs)
+
+
+def row_weights(
+    labels: list[int],
+    langs: list[str],
+    power: float = 0.5,
+    *,
+    paired: list[bool] | None = None,
+    pair_share: float | None = None,
+) -> np.ndarray:
     """Per-row loss weights balanced per (language, intent): (n_total / (groups n_group)) ** power.
 
     Balancing per language, not only per intent, keeps a language whose rows of an intent are few (our
     off-topic text outside English before MASSIVE) from being outvoted by English rows of the same intent.
+    With ``pair_share``, the rows ``paired`` (a turn read after earlier turns) are then scaled to carry that
+    share of the total weight: MASSIVE's 13k single requests would otherwise shrink the conversations,
+    which teach the encoder to read a turn in its conversation, to a ninth of the loss.
     """
     groups = list(zip(langs, labels))
     counts = Counter(groups)
     w = {g: (len(groups) / (len(counts) * n)) ** power for g, n in counts.items()}
-    return np.array([w[g] for g in groups], dtype=np.float32)
+    out = np.array([w[g] for g in groups], dtype=np.float32)
+    if pair_share is not None and not 0 < pair_share < 1:
+        raise ValueError(f"--pair-share must be between 0 and 1, got {pair_share}")
+    if pair_share is None or paired is None or not any(paired) or all(paired):
+        return out
+    mask = np.array(paired, dtype=bool)
+    now = out[mask].sum() / out.sum()
+    out[mask] *= pair_share * (1 - now) / (now * (1 - pair_share))
+    return out
 
 
 def multi_hot(rows: list[dict]) -> np.ndarray:
@@ -115,6 +136,7 @@ def train_encoder(
     epochs: int = 5,
     batch_size: int = 32,
     learning_rate: float = 3e-4,
+    pair_share: float | None = PAIR_SHARE,
     seed: int = 0,
     sources: dict[str, int] | None = None,
     out_dir: Path | None = None,
@@ -147,7 +169,12 @@ def train_encoder(
     ids = encode_ids(tokenizer, [encoder_text(r) for r in train_rows])  # a turn with earlier turns: the pair
     labels = np.array([INTENTS.index(r["primary_intent"]) for r in train_rows], dtype=np.int32)
     targets = multi_hot(train_rows)
-    weights = row_weights(labels.tolist(), [r.get("lang") or "?" for r in train_rows])
+    weights = row_weights(
+        labels.tolist(),
+        [r.get("lang") or "?" for r in train_rows],
+        paired=[bool(r.get("context")) for r in train_rows],
+        pair_share=pair_share,
+    )
     cache = cache_lower(model, tokenizer, ids, first, report)
     cache_seconds = time.perf_counter() - start
 
@@ -221,6 +248,7 @@ def train_encoder(
                 "epochs": epochs,
                 "batch_size": batch_size,
                 "learning_rate": learning_rate,
+                "pair_share": pair_share,
                 "seed": seed,
                 "loss_per_epoch": losses,
                 "cache_seconds": round(cache_seconds, 1),
