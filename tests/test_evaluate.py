@@ -50,6 +50,20 @@ def test_ece_of_calibrated_data_is_near_zero_and_of_overconfident_is_the_gap():
     assert scores.ece([], []) is None
 
 
+def test_ece_floor_is_what_a_calibrated_model_shows_and_shrinks_with_more_rows():
+    """The floor matches scores.ece on simulated calibrated answers, is 0 for certain ones, and a small
+    set's floor is higher than a large one's at the same confidences."""
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.6, 1.0, 200)
+    mean, p95 = scores.ece_floor(conf)
+    simulated = [scores.ece(conf, rng.uniform(0, 1, conf.size) < conf) for _ in range(300)]
+    assert mean == pytest.approx(np.mean(simulated), rel=0.1)
+    assert mean < p95 == pytest.approx(np.percentile(simulated, 95), rel=0.15)
+    assert scores.ece_floor(np.tile(conf, 20))[0] < mean / 3  # ~ 1 / sqrt(n)
+    assert scores.ece_floor([1.0] * 50) == (0.0, 0.0)
+    assert scores.ece_floor([]) is None
+
+
 def test_reliability_bins_are_right_closed():
     table = scores.reliability([0.0, 1 / 15, 1 / 15 + 1e-9, 1.0], [True, False, True, True])
     assert len(table) == 15

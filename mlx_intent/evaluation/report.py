@@ -29,6 +29,10 @@ def num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def floor(x: tuple[float, float] | None) -> str:
+    return "-" if x is None else f"{x[0]:.3f} / {x[1]:.3f}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table, first column left-aligned and the rest right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -127,6 +131,7 @@ def render(
             ["mean Jaccard of all_intents, all rows", num(s["jaccard_all"])],
             ["valid JSON (schema.validate)", pct(s["valid_json_rate"])],
             ["ECE (15 equal-width bins)", num(s["ece"])],
+            ["ECE a perfectly calibrated model shows on this many rows (mean / 95th pct)", floor(s.get("ece_floor"))],
             ["Brier (binary, primary's confidence)", num(s["brier"])],
             ["mean confidence", num(s["mean_confidence"])],
             ["**latency per query** p50 / p95 / p99 (ms)", " / ".join(num(lat[q], 1) for q in (50, 95, 99))],
@@ -149,7 +154,7 @@ def render(
     ]
     out += ["## Per language", ""]
     out += table(
-        ["language", "n", "correct", "accuracy", "ECE", "greeting precision", "greeting recall"],
+        ["language", "n", "correct", "accuracy", "ECE", "ECE if calibrated", "greeting precision", "greeting recall"],
         [
             [
                 k,
@@ -157,12 +162,19 @@ def render(
                 str(g["correct"]),
                 pct(g["accuracy"]),
                 num(g.get("ece")),
+                floor(g.get("ece_floor")),
                 f"{pct(g.get('greeting_precision'))} (of {g.get('greeting_predicted', 0)})",
                 f"{pct(g.get('greeting_recall'))} (of {g.get('greeting_n', 0)})",
             ]
             for k, g in ((k, s["per_lang"][k]) for k in lang_order(s["per_lang"]))
         ],
     )
+    out += [
+        "ECE if calibrated: the mean (and 95th percentile) ECE of a perfectly calibrated model with the same",
+        "confidences on as many rows (scores.ece_floor). ECE is biased upward on small sets; an ECE under the",
+        "95th percentile is what perfect calibration looks like at that size.",
+        "",
+    ]
     out += _figure(figures, "languages", "Accuracy per language")
     if s.get("per_kind_lang"):
         out += kind_table(s["per_kind_lang"])

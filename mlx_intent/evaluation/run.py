@@ -182,6 +182,7 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
     for lang, g in per_lang.items():
         idx = [i for i, k in enumerate(langs) if k == lang]
         g["ece"] = scores.ece([conf[i] for i in idx], [correct[i] for i in idx])
+        g["ece_floor"] = scores.ece_floor([conf[i] for i in idx])
         g["greeting_n"] = sum(gold[i] == "greeting" for i in idx)
         g["greeting_predicted"] = sum(pred[i] == "greeting" for i in idx)
         hits = sum(gold[i] == pred[i] == "greeting" for i in idx)
@@ -212,6 +213,7 @@ def summarize(rows: list[dict], outcome: dict[str, Any], first_tier: str) -> dic
         "jaccard_all": sum(jac) / len(jac),
         "valid_json_rate": sum(map(_valid, results)) / len(results),
         "ece": scores.ece(conf, correct),
+        "ece_floor": scores.ece_floor(conf),
         "brier": scores.brier_binary(conf, correct),
         "reliability": scores.reliability(conf, correct),
         "mean_confidence": sum(conf) / len(conf),
