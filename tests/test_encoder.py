@@ -224,6 +224,19 @@ def test_fit_lang_temperatures_needs_enough_rows_and_cools_an_overconfident_lang
     assert set(fitted) == {"tr"} and fitted["tr"] > 1.5
 
 
+def test_fit_lang_temperatures_leaves_a_calibrated_language_alone():
+    """A language whose confidence already matches its accuracy gets no temperature of its own: on held-out
+    folds one fitted to its noise does worse than none."""
+    rng = np.random.default_rng(1)
+    n = 4 * LANG_MIN_ROWS
+    gold = rng.integers(0, 15, n).tolist()
+    probs = np.full((n, 15), 0.1 / 14)
+    for i, g in enumerate(gold):  # 90% sure, right 9 times in 10
+        probs[i, g if i % 10 else (g + 1) % 15] = 0.9
+    fitted = fit_lang_temperatures(probs, gold, ["fr"] * n)
+    assert fitted == {}
+
+
 def test_a_language_temperature_is_served_and_a_bad_one_ignored(tiny_head, tmp_path):
     import shutil
 
