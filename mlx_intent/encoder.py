@@ -201,8 +201,9 @@ def fit_llm_weight(p: np.ndarray, llm: np.ndarray, gold: list[int]) -> float:
 
 def by_language(probs: np.ndarray, texts: list[str], temperatures: dict[str, float]) -> np.ndarray:
     """Each row at its text's language's temperature (p ** (1 / T) renormalised); rows of a language without
-    one, or whose language is not detected, unchanged.  Per language because the calibration split showed
-    the tier over- or under-confident by language, not as a whole."""
+    one, or whose language is not detected, unchanged.  Per language because a tier can be over- or
+    under-confident in one language and not as a whole; a language gets one only where the calibration
+    split shows it helps (tuner/encoder.py: fit_lang_temperatures)."""
     if not temperatures:
         return probs
     t = np.array([temperatures.get(detect_language(x) or "", 1.0) for x in texts])[:, None]

@@ -53,8 +53,8 @@ def test_the_default_chain_answers_with_the_blend_of_the_shipped_calibrations(mo
     probs, _ = clf.distributions(texts, temperature=1.0)  # the blend was fitted on the T = 1 probabilities
     calibrated = [keyword.KeywordClassifier().classify(t) for t in texts]
     mixed = encoder.blend(probs, calibrated, *clf.config.combination)
-    # then each language's own temperature, fitted on the calibration split over the blend
-    assert clf.config.blend_lang_temperature
+    # then each language's own temperature where the calibration split says one helps (none does for the
+    # shipped head: benchmarks/reports/calibration-cv.md), so the blend is served as it is
     expected = encoder.by_language(mixed, texts, dict(clf.config.blend_lang_temperature)).max(axis=1)
     assert np.allclose([r["confidence"] for r in results], expected, atol=1e-4)
     raw = keyword.KeywordClassifier(platt=None)
