@@ -14,8 +14,9 @@ from mlx_intent.keyword import LEXICON_DIR, KeywordClassifier, _parse_line
 
 DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
 # Primary accuracy of the keyword tier (raw confidences; calibration never changes the primary),
-# measured at the frozen lexicons of this commit.
-RECORDED = {"train": 0.9463, "dev": 0.9278}
+# measured at the frozen lexicons.  train grew by 377 rows of rule-7 noise and short greetings (36194ac),
+# on which the tier is right 88.3%: 0.9463 on the 3,258 rows before (0.9466 now, lexicons unchanged).
+RECORDED = {"train": 0.9400, "dev": 0.9278}
 
 
 @pytest.mark.parametrize("split", sorted(RECORDED))
