@@ -73,9 +73,9 @@ def main() -> None:
         perm = rng.permutation(len(rows))
         halves = perm[: len(rows) // 2], perm[len(rows) // 2 :]
         for a, b in (halves, halves[::-1]):
-            weights = fit_blend(raw[a], [readings[i] for i in a], gold[a].tolist())
-            fit = blend(raw[a], [readings[i] for i in a], *weights)
-            test = blend(raw[b], [readings[i] for i in b], *weights)
+            read_a, read_b = [readings[i] for i in a], [readings[i] for i in b]
+            weights = fit_blend(raw[a], read_a, gold[a].tolist())
+            fit, test = blend(raw[a], read_a, *weights), blend(raw[b], read_b, *weights)
             right = test.argmax(axis=1) == gold[b]
             for method in METHODS:
                 p = served(method, fit, test, gold[a], [texts[i] for i in b], langs[a].tolist())

@@ -46,13 +46,18 @@ def jaccard(a: Collection[str], b: Collection[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def bin_index(conf: np.ndarray, bins: int) -> np.ndarray:
+    """Each confidence's equal-width bin: bin i holds (i/bins, (i+1)/bins], and 0 goes to the first."""
+    return np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+
+
 def reliability(confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> list[dict]:
     """Per equal-width confidence bin: edges, count, mean confidence and accuracy (None when empty).
 
     Bin i holds (i/bins, (i+1)/bins]; a confidence of exactly 0 goes to the first bin."""
     conf = np.asarray(confidence, dtype=np.float64)
     hit = np.asarray(correct, dtype=np.float64)
-    index = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    index = bin_index(conf, bins)
     rows = []
     for i in range(bins):
         mask = index == i
@@ -90,7 +95,7 @@ def ece_floor(
     n = len(conf)
     if not n:
         return None
-    index = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    index = bin_index(conf, bins)
     conf_sum = np.bincount(index, weights=conf, minlength=bins)
     hits = np.random.default_rng(seed).random((draws, n)) < conf
     hit_sum = np.stack([np.bincount(index, weights=h, minlength=bins) for h in hits])
